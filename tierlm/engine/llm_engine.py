@@ -1,0 +1,182 @@
+"""LLMEngine: the synchronous core. add_request / abort_request / step.
+
+Owns the loaded model, the KV cache manager, the scheduler and one detokenizer per
+sequence. A request with `n > 1` fans out into n sequences (seeds seed, seed+1, ...)
+that are scheduled independently and reported together under the caller's id.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tierlm.config import EngineConfig
+from tierlm.engine.detokenizer import IncrementalDetokenizer
+from tierlm.kv_cache.manager import KVCacheManager
+from tierlm.loader import model_loader
+from tierlm.outputs import CompletionOutput, RequestOutput
+from tierlm.request import Request, RequestStatus
+from tierlm.runner.model_runner import ModelRunner, num_kv_blocks
+from tierlm.sampling_params import SamplingParams, SamplingParamsError
+from tierlm.scheduler.scheduler import Scheduler
+
+Prompt = str | list[int] | dict
+
+
+class InvalidRequest(ValueError):
+    """The request cannot be served as given; `param` and `code` follow OpenAI's error shape."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.param, self.code = param, code
+
+
+@dataclass
+class _Parent:
+    prompt: str | None
+    prompt_token_ids: list[int]
+    children: list[str]
+    requests: dict[str, Request]
+    detoks: dict[str, IncrementalDetokenizer]
+    finished: set[str] = field(default_factory=set)
+    new_tokens: dict[str, list[int]] = field(default_factory=dict)
+
+
+def default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "tierlm"
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, *, cache_dir: Path | None = None, progress: bool = False) -> None:
+        self.config = config
+        t0 = time.perf_counter()
+        self.loaded = model_loader.load(config.model, dtype=config.torch_dtype, block_size=config.cache.block_size,
+                                        deterministic=config.deterministic,
+                                        cache_dir=cache_dir or default_cache_dir(), progress=progress)
+        self.load_seconds = time.perf_counter() - t0
+        self.model_config = self.loaded.config
+        self.tokenizer = self.loaded.tokenizer
+        ctx = self.model_config.max_position_embeddings
+        self.max_model_len = min(config.scheduler.max_model_len or ctx, ctx)
+        blocks = num_kv_blocks(self.model_config, config.cache, config.torch_dtype)
+        self.kv = KVCacheManager(blocks, config.cache.block_size)
+        self.scheduler = Scheduler(config.scheduler, self.kv, self.model_config.eos_token_ids)
+        self.runner = ModelRunner(self.loaded.model, self.model_config, blocks, config.cache.block_size,
+                                  config.torch_dtype)
+        self._rng = random.Random(config.seed)
+        self._seq = 0
+        self._parents: dict[str, _Parent] = {}
+        self._child_parent: dict[str, str] = {}
+
+    # ---- requests --------------------------------------------------------------------
+    def tokenize_prompt(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            prompt = prompt.get("prompt", "")
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        return None, list(prompt)
+
+    def validate(self, ids: list[int], params: SamplingParams) -> int:
+        """Check a tokenized request against the model; returns its total-token cap."""
+        vocab = self.model_config.vocab_size
+        if not ids:
+            raise InvalidRequest("the prompt is empty", param="prompt")
+        if any(not isinstance(t, int) or t < 0 or t >= vocab for t in ids):
+            raise InvalidRequest(f"prompt token ids must be integers in [0, {vocab})", param="prompt")
+        for name, tokens in (("logit_bias", params.logit_bias.keys()), ("stop_token_ids", params.stop_token_ids)):
+            if any(not isinstance(t, int) or t < 0 or t >= vocab for t in tokens):
+                raise InvalidRequest(f"{name} token ids must be integers in [0, {vocab})", param=name)
+        if len(ids) >= self.max_model_len:
+            raise InvalidRequest(f"the prompt has {len(ids)} tokens; this model's context is {self.max_model_len} "
+                                 "tokens, which must also hold at least one generated token",
+                                 param="prompt", code="context_length_exceeded")
+        total = self.max_model_len if params.max_tokens is None else len(ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise InvalidRequest(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+                                 f"context length of {self.max_model_len}", param="max_tokens",
+                                 code="context_length_exceeded")
+        if -(-total // self.kv.block_size) > self.kv.pool.num_usable:
+            raise InvalidRequest(f"the request needs {total} tokens of KV cache; the cache holds "
+                                 f"{self.kv.pool.num_usable * self.kv.block_size}", param="max_tokens")
+        return total
+
+    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None,
+                    priority: int = 0) -> None:
+        params = params or SamplingParams()
+        if request_id in self._parents:
+            raise InvalidRequest(f"request id {request_id!r} is already in use")
+        text, ids = self.tokenize_prompt(prompt)
+        total = self.validate(ids, params)
+        seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+        children = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
+        parent = _Parent(text, ids, children, {}, {})
+        for i, child in enumerate(children):
+            self._seq += 1
+            req = Request(child, ids, params, seed=seed + i, arrival_seq=self._seq, priority=priority,
+                          max_total_tokens=total)
+            parent.detoks[child] = IncrementalDetokenizer(self.tokenizer, ids, params.stop,
+                                                          params.skip_special_tokens,
+                                                          params.include_stop_str_in_output)
+            self._child_parent[child] = request_id
+            parent.requests[child] = req
+            self.scheduler.add(req)
+        self._parents[request_id] = parent
+
+    def abort_request(self, request_id: str) -> None:
+        parent = self._parents.pop(request_id, None)
+        if parent is None:
+            return
+        for child in parent.children:
+            self.scheduler.abort(child)
+            self._child_parent.pop(child, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._parents)
+
+    # ---- stepping ----------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduler step; returns outputs for every request that changed."""
+        out = self.scheduler.schedule()
+        result = self.runner.execute(out)
+        self.scheduler.update(out, result)
+        touched: dict[str, None] = {}
+        for tok in result.sampled:
+            pid = self._child_parent.get(tok.request_id)
+            if pid is None:
+                continue
+            parent = self._parents[pid]
+            detok = parent.detoks[tok.request_id]
+            detok.add(tok.token_id)
+            parent.new_tokens.setdefault(tok.request_id, []).append(tok.token_id)
+            if detok.stopped_on is not None and tok.request_id in self.scheduler.requests:
+                self.scheduler.finish(tok.request_id, RequestStatus.FINISHED_STOPPED, detok.stopped_on)
+            touched[pid] = None
+        return [self._output(pid) for pid in touched]
+
+    def _output(self, pid: str) -> RequestOutput:
+        parent = self._parents[pid]
+        outs = []
+        for i, child in enumerate(parent.children):
+            req = parent.requests[child]
+            detok = parent.detoks[child]
+            done = req.status.finished
+            delta = detok.delta(final=done)
+            lps = req.sampling_params.logprobs is not None
+            outs.append(CompletionOutput(
+                index=i, text=detok.text[: detok.emitted], token_ids=list(req.output_token_ids),
+                logprobs=list(req.output_logprobs) if lps else None,
+                finish_reason=req.finish_reason, stop_reason=req.stop_reason,
+                cumulative_logprob=sum(lp.logprob for lp in req.output_logprobs) if lps else None,
+                delta_text=delta, delta_token_ids=parent.new_tokens.pop(child, [])))
+            if done:
+                parent.finished.add(child)
+        finished = len(parent.finished) == len(parent.children)
+        if finished:
+            del self._parents[pid]
+            for child in parent.children:
+                self._child_parent.pop(child, None)
+        return RequestOutput(pid, parent.prompt, parent.prompt_token_ids, outs, finished)

@@ -1,0 +1,73 @@
+"""LLM: the offline API, shaped like vLLM's.
+
+    llm = LLM("smollm2-135m")
+    outs = llm.generate(["Hello"], SamplingParams(max_tokens=32))
+    print(outs[0].outputs[0].text)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from tierlm.config import CacheConfig, EngineConfig, SchedulerConfig
+from tierlm.engine.llm_engine import LLMEngine, Prompt
+from tierlm.outputs import RequestOutput
+from tierlm.sampling_params import SamplingParams
+
+
+class LLM:
+    def __init__(self, model: str = "smollm2-135m", *, dtype: str = "bfloat16", deterministic: bool = True,
+                 max_num_seqs: int = 32, max_num_batched_tokens: int = 512, max_model_len: int | None = None,
+                 block_size: int = 16, kv_cache_gb: float = 1.0, num_kv_blocks: int | None = None,
+                 seed: int = 0, cache_dir: str | Path | None = None, progress: bool = False,
+                 config: EngineConfig | None = None) -> None:
+        if config is None:
+            config = EngineConfig(
+                model=model, dtype=dtype, deterministic=deterministic, seed=seed,
+                cache=CacheConfig(block_size=block_size, num_blocks=num_kv_blocks, kv_cache_gb=kv_cache_gb),
+                scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                                          max_model_len=max_model_len))
+        self.engine = LLMEngine(config, cache_dir=Path(cache_dir) if cache_dir else None, progress=progress)
+        self.tokenizer = self.engine.tokenizer
+        self._counter = 0
+
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """Run prompts to completion; outputs come back in prompt order."""
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params if isinstance(sampling_params, Sequence) else [sampling_params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError("sampling_params must be one SamplingParams or one per prompt")
+        ids = []
+        for prompt, p in zip(prompts, params):
+            self._counter += 1
+            rid = f"offline-{self._counter}"
+            self.engine.add_request(rid, prompt, p)
+            ids.append(rid)
+        return self._run(ids, use_tqdm)
+
+    def chat(self, messages: list[dict] | list[list[dict]],
+             sampling_params: SamplingParams | None = None, use_tqdm: bool = False) -> list[RequestOutput]:
+        """One conversation (list of messages) or a batch of them, rendered with the model's template."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [{"prompt_token_ids": self.tokenizer.encode(self.tokenizer.apply_chat_template(c),
+                                                             add_special_tokens=False)} for c in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        from tqdm import tqdm
+
+        final: dict[str, RequestOutput] = {}
+        with tqdm(total=len(ids), desc="generating", disable=not use_tqdm) as bar:
+            while len(final) < len(ids):
+                for out in self.engine.step():
+                    if out.finished:
+                        final[out.request_id] = out
+                        bar.update(1)
+        return [final[i] for i in ids]
+
+
+__all__ = ["LLM"]

@@ -1,0 +1,45 @@
+"""Typed results: StepResult (runner -> scheduler) and RequestOutput (engine -> caller)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tierlm.request import TokenLogprob
+
+
+@dataclass(frozen=True)
+class SampledToken:
+    request_id: str
+    token_id: int
+    logprob: TokenLogprob | None  # None unless the request asked for logprobs
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one model step produced: a token for each request that reached its end."""
+
+    sampled: list[SampledToken] = field(default_factory=list)
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None
+    finish_reason: str | None
+    stop_reason: int | str | None = None
+    cumulative_logprob: float | None = None
+    # Text added since the previous RequestOutput for this request (for streaming).
+    delta_text: str = ""
+    delta_token_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    num_cached_tokens: int = 0

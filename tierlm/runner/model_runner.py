@@ -1,0 +1,56 @@
+"""ModelRunner: owns the model's KV cache tensors and runs one scheduled step.
+
+SchedulerOutput -> forward_batch.build -> model forward -> sampler -> StepResult.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tierlm.config import CacheConfig, ModelConfig
+from tierlm.outputs import SampledToken, StepResult
+from tierlm.runner import forward_batch
+from tierlm.sampling import sampler
+from tierlm.scheduler.output import SchedulerOutput
+
+
+def kv_block_bytes(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes of K and V for one block across all layers."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * elem
+
+
+def num_kv_blocks(cfg: ModelConfig, cache: CacheConfig, dtype: torch.dtype) -> int:
+    if cache.num_blocks is not None:
+        return cache.num_blocks
+    return max(2, int(cache.kv_cache_gb * 2**30) // kv_block_bytes(cfg, cache.block_size, dtype))
+
+
+class ModelRunner:
+    def __init__(self, model: nn.Module, cfg: ModelConfig, num_blocks: int, block_size: int,
+                 dtype: torch.dtype) -> None:
+        self.model = model
+        self.cfg = cfg
+        self.block_size = block_size
+        shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        # Zero-filled: padding reads of never-written slots must be finite (they are masked).
+        self.kv_caches = [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
+                          for _ in range(cfg.num_layers)]
+
+    @torch.inference_mode()
+    def compute_logits(self, out: SchedulerOutput) -> tuple[torch.Tensor, list[str]]:
+        batch = forward_batch.build(out, self.block_size)
+        logits = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.attn, batch.logits_indices)
+        return logits, batch.sample_request_ids
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> StepResult:
+        if not out.scheduled:
+            return StepResult()
+        logits, ids = self.compute_logits(out)
+        by_id = {s.request_id: s for s in out.scheduled}
+        rows = [sampler.SamplingRow(by_id[i].sampling_params, by_id[i].seed, by_id[i].prompt_token_ids,
+                                    by_id[i].output_token_ids) for i in ids]
+        drawn = sampler.sample(logits, rows, self.cfg.eos_token_ids)
+        return StepResult([SampledToken(i, tok, lp) for i, (tok, lp) in zip(ids, drawn)])

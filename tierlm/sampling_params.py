@@ -1,0 +1,65 @@
+"""SamplingParams: the user's generation knobs, validated on construction. No torch here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class SamplingParamsError(ValueError):
+    """A sampling parameter is out of range; `param` names it."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    max_tokens: int | None = 16  # None = up to the context length
+    min_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1 = off
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None  # top-N alternatives per token (0 = chosen token only)
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = [s for s in self.stop if s]
+        if self.top_k == -1:
+            self.top_k = 0
+        checks = [
+            ("n", self.n >= 1, "n must be >= 1"),
+            ("max_tokens", self.max_tokens is None or self.max_tokens >= 1, "max_tokens must be >= 1"),
+            ("min_tokens", self.min_tokens >= 0, "min_tokens must be >= 0"),
+            ("min_tokens", self.max_tokens is None or self.min_tokens <= self.max_tokens,
+             "min_tokens must be <= max_tokens"),
+            ("temperature", self.temperature >= 0.0, "temperature must be >= 0"),
+            ("top_p", 0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
+            ("top_k", self.top_k >= 0, "top_k must be -1, 0 (off) or a positive integer"),
+            ("min_p", 0.0 <= self.min_p <= 1.0, "min_p must be in [0, 1]"),
+            ("presence_penalty", -2.0 <= self.presence_penalty <= 2.0, "presence_penalty must be in [-2, 2]"),
+            ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty must be in [-2, 2]"),
+            ("repetition_penalty", self.repetition_penalty > 0.0, "repetition_penalty must be > 0"),
+            ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]"),
+            ("stop_token_ids", all(t >= 0 for t in self.stop_token_ids), "stop_token_ids must be >= 0"),
+        ]
+        for param, ok, message in checks:
+            if not ok:
+                raise SamplingParamsError(param, message)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0

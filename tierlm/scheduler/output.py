@@ -1,0 +1,36 @@
+"""SchedulerOutput: the behaviour-free contract from scheduler to model runner."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tierlm.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class ScheduledRequest:
+    """Compute `token_ids` at positions start..start+len-1 for one request.
+
+    `sample` is set when these tokens reach the end of the request's known tokens, so
+    the last one's logits produce its next token (draw index `num_output_tokens`).
+    """
+
+    request_id: str
+    token_ids: list[int]
+    start: int
+    block_table: list[int]
+    sample: bool
+    sampling_params: SamplingParams
+    seed: int
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    preempted: list[str] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(s.token_ids) for s in self.scheduled)

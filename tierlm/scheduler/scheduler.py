@@ -1,0 +1,149 @@
+"""Scheduler: continuous batching under a per-step token budget.
+
+Each step, running requests advance first (decode: one token; prefill: a chunk),
+then waiting requests are admitted in policy order while the budget, `max_num_seqs`
+and free KV blocks allow. When a running request cannot get blocks, the request that
+sorts last under the policy is preempted: its blocks are freed and it recomputes later
+from scratch (its sampled tokens are kept, and draws depend only on seed and index, so
+the output is unchanged). The scheduler never touches tensors: it is tested with
+fabricated StepResults.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+from tierlm.config import SchedulerConfig
+from tierlm.kv_cache.manager import KVCacheManager
+from tierlm.outputs import StepResult
+from tierlm.request import Request, RequestStatus
+from tierlm.scheduler.output import ScheduledRequest, SchedulerOutput
+from tierlm.scheduler.policy import POLICIES
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, eos_token_ids: tuple[int, ...]) -> None:
+        self.config = config
+        self.kv = kv
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.key = POLICIES[config.policy]
+        self.chunk = config.long_prefill_chunk or config.max_num_batched_tokens
+        self.waiting: list[Request] = []  # sorted by policy key
+        self.running: list[Request] = []  # in admission order
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+
+    # ---- queue management ------------------------------------------------------------
+    def add(self, req: Request) -> None:
+        self.requests[req.request_id] = req
+        bisect.insort(self.waiting, req, key=self.key)
+
+    def abort(self, request_id: str) -> Request | None:
+        return self.finish(request_id, RequestStatus.FINISHED_ABORTED)
+
+    def finish(self, request_id: str, status: RequestStatus, stop_reason: int | str | None = None) -> Request | None:
+        """End a request (stop string, abort...) and free its blocks. Unknown ids are ignored."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self.kv.free(request_id)
+        req.status = status
+        if stop_reason is not None:
+            req.stop_reason = stop_reason
+        return req
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # ---- one step ----------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        plan: list[tuple[Request, int]] = []
+        preempted: list[str] = []
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget, self.chunk)
+            while not self.kv.allocate(req.request_id, req.num_computed_tokens + n):
+                victim = max(self.running[i:], key=self.key)
+                self._preempt(victim)
+                preempted.append(victim.request_id)
+                if victim is req:
+                    break
+            else:
+                plan.append((req, n))
+                budget -= n
+                i += 1
+        while not preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            n = min(req.num_tokens - req.num_computed_tokens, budget, self.chunk)
+            if not self.kv.allocate(req.request_id, req.num_computed_tokens + n):
+                break  # head-of-line waits: admitting later requests first would starve it
+            self.waiting.pop(0)
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            plan.append((req, n))
+            budget -= n
+        return SchedulerOutput([self._scheduled(r, n) for r, n in plan], preempted)
+
+    def _scheduled(self, req: Request, n: int) -> ScheduledRequest:
+        start = req.num_computed_tokens
+        tokens = req.all_token_ids[start : start + n]
+        return ScheduledRequest(req.request_id, tokens, start, list(self.kv.block_table(req.request_id)),
+                                sample=start + n == req.num_tokens, sampling_params=req.sampling_params,
+                                seed=req.seed, prompt_token_ids=req.prompt_token_ids,
+                                output_token_ids=list(req.output_token_ids))
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.kv.free(req.request_id)
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        req.status = RequestStatus.WAITING
+        self.num_preemptions += 1
+        bisect.insort(self.waiting, req, key=self.key)
+
+    def update(self, out: SchedulerOutput, result: StepResult) -> list[Request]:
+        """Advance computed counts, append sampled tokens, apply stop rules.
+
+        Returns the requests that finished in this step (their blocks already freed).
+        """
+        for s in out.scheduled:
+            req = self.requests.get(s.request_id)
+            if req is not None:
+                req.num_computed_tokens += len(s.token_ids)
+        finished = []
+        for tok in result.sampled:
+            req = self.requests.get(tok.request_id)
+            if req is None:
+                continue
+            req.output_token_ids.append(tok.token_id)
+            if tok.logprob is not None:
+                req.output_logprobs.append(tok.logprob)
+            status, reason = self._stop_check(req, tok.token_id)
+            if status is not None:
+                finished.append(self.finish(req.request_id, status, reason))
+        return finished
+
+    def _stop_check(self, req: Request, token: int) -> tuple[RequestStatus | None, int | None]:
+        p = req.sampling_params
+        n_out = req.num_output_tokens
+        if n_out >= p.min_tokens:
+            if token in self.eos_token_ids and not p.ignore_eos:
+                return RequestStatus.FINISHED_STOPPED, None
+            if token in p.stop_token_ids:
+                return RequestStatus.FINISHED_STOPPED, token
+        if (p.max_tokens is not None and n_out >= p.max_tokens) or req.num_tokens >= req.max_total_tokens:
+            return RequestStatus.FINISHED_LENGTH, None
+        return None, None
+
+    def check_integrity(self) -> None:
+        self.kv.check_integrity()
+        assert set(self.kv.tables) <= {r.request_id for r in self.running}
+        assert len(self.running) + len(self.waiting) == len(self.requests)
+        for r in self.running:
+            assert len(self.kv.block_table(r.request_id)) * self.kv.block_size >= r.num_computed_tokens
