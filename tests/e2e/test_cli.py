@@ -1,0 +1,46 @@
+"""The `tierlm` CLI as a user runs it: real subprocesses."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def tierlm(*args, stdin: str | None = None, cache_dir=None):
+    env = dict(os.environ, HOME=str(cache_dir)) if cache_dir else None
+    return subprocess.run([sys.executable, "-m", "tierlm.cli", *args], capture_output=True, text=True,
+                          input=stdin, timeout=300, env=env)
+
+
+def test_generate_streams_text(cache_dir):
+    r = tierlm("generate", "--chat", "--temperature", "0", "--max-tokens", "12", "What is 2+2?", cache_dir=cache_dir)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() and "Traceback" not in r.stderr
+
+
+def test_chat_reads_turns(cache_dir):
+    r = tierlm("chat", "--temperature", "0", "--max-tokens", "8", stdin="Hi there\nAnd again\n", cache_dir=cache_dir)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("> ") >= 2
+
+
+def test_models_lists_bundled():
+    r = tierlm("models")
+    assert r.returncode == 0 and "smollm2-135m" in r.stdout and "gemma3-270m" in r.stdout
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["generate", "--model", "no-such-model", "hi"], "unknown model"),
+    (["generate", "--temperature", "-1", "hi"], "temperature"),
+    (["generate", "--max-tokens", "abc", "hi"], "invalid int"),
+    (["frobnicate"], "invalid choice"),
+    (["generate", "--max-tokens", "100000", "hi"], "context"),
+])
+def test_bad_arguments_one_line_error(args, needle):
+    r = tierlm(*args)
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and lines[0].startswith("tierlm: error:"), r.stderr

@@ -1,0 +1,39 @@
+"""Bundled SmolLM2 GGUF: greedy output identical to transformers loading the same file (fp32)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tierlm import LLM, SamplingParams
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a land far away,",
+           "The three laws of thermodynamics are", "Translate to French: I love reading books."]
+
+
+@pytest.fixture(scope="module")
+def hf_model(smollm2_path):
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        str(smollm2_path.parent), gguf_file=smollm2_path.name, dtype=torch.float32).eval()
+
+
+def test_greedy_matches_transformers(hf_model, cache_dir):
+    llm = LLM("smollm2-135m", dtype="float32", cache_dir=cache_dir)
+    prompts = [llm.tokenizer.encode(p) for p in PROMPTS]
+    ours = llm.generate([{"prompt_token_ids": ids} for ids in prompts],
+                        SamplingParams(temperature=0, max_tokens=48, ignore_eos=True))
+    for ids, out in zip(prompts, ours):
+        assert out.outputs[0].token_ids == hf_greedy(hf_model, ids, 48)
+
+
+def hf_greedy(model, ids: list[int], n: int) -> list[int]:
+    """Argmax decoding with transformers' KV cache, ignoring EOS (as ignore_eos does)."""
+    out_ids = []
+    with torch.no_grad():
+        out = model(torch.tensor([ids]), use_cache=True)
+        for _ in range(n):
+            tok = int(out.logits[0, -1].argmax())
+            out_ids.append(tok)
+            out = model(torch.tensor([[tok]]), past_key_values=out.past_key_values, use_cache=True)
+    return out_ids
