@@ -6,22 +6,6 @@ import pytest
 import torch
 
 from tierlm import LLM, SamplingParams
-from tierlm.runner import forward_batch
-from tierlm.scheduler.output import ScheduledRequest, SchedulerOutput
-
-
-def all_position_logits(llm: LLM, ids: list[int]) -> torch.Tensor:
-    """Logits at every prompt position through the paged path (one request, one step)."""
-    engine = llm.engine
-    kv = engine.kv
-    assert kv.allocate("probe", len(ids))
-    sched = ScheduledRequest("probe", ids, 0, kv.block_table("probe"), True, SamplingParams(), 0, ids, [])
-    batch = forward_batch.build(SchedulerOutput([sched]), kv.block_size)
-    with torch.inference_mode():
-        logits = engine.runner.model(batch.input_ids, batch.positions, engine.runner.kv_caches, batch.attn,
-                                     torch.arange(len(ids)))
-    kv.free("probe")
-    return logits
 
 
 def hf_greedy(hf, ids: list[int], n: int) -> list[int]:
@@ -40,7 +24,7 @@ def test_logits_and_greedy_match_transformers(fixture, request):
     llm = LLM(str(path), dtype="float32", max_num_batched_tokens=256)
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits[0]
-    ours = all_position_logits(llm, ids)
+    ours = llm.engine.prompt_logits(ids)
     diff = (ours - ref).abs().max().item()
     assert diff <= 1e-4, f"max |logit diff| {diff}"
 

@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from tierlm.config import EngineConfig
 from tierlm.engine.detokenizer import IncrementalDetokenizer
 from tierlm.kv_cache.manager import KVCacheManager
@@ -136,6 +138,20 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._parents)
+
+    def prompt_logits(self, ids: list[int]) -> torch.Tensor:
+        """float32 logits at every position of `ids` (one paged forward, outside the scheduler).
+
+        Used for scoring (perplexity, numerics checks); the blocks are borrowed and returned.
+        """
+        probe = f"__score-{self._seq}"
+        self.validate(ids, SamplingParams(max_tokens=1))
+        if not self.kv.allocate(probe, len(ids)):
+            raise InvalidRequest("not enough free KV cache to score this prompt now")
+        try:
+            return self.runner.all_logits(ids, self.kv.block_table(probe))
+        finally:
+            self.kv.free(probe)
 
     # ---- stepping ----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

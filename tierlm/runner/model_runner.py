@@ -12,7 +12,8 @@ from tierlm.config import CacheConfig, ModelConfig
 from tierlm.outputs import SampledToken, StepResult
 from tierlm.runner import forward_batch
 from tierlm.sampling import sampler
-from tierlm.scheduler.output import SchedulerOutput
+from tierlm.sampling_params import SamplingParams
+from tierlm.scheduler.output import ScheduledRequest, SchedulerOutput
 
 
 def kv_block_bytes(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -43,6 +44,13 @@ class ModelRunner:
         batch = forward_batch.build(out, self.block_size)
         logits = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.attn, batch.logits_indices)
         return logits, batch.sample_request_ids
+
+    @torch.inference_mode()
+    def all_logits(self, ids: list[int], block_table: list[int]) -> torch.Tensor:
+        """Logits [len(ids), vocab] for a whole sequence computed from position 0."""
+        sched = ScheduledRequest("score", ids, 0, block_table, False, SamplingParams(), 0, ids, [])
+        batch = forward_batch.build(SchedulerOutput([sched]), self.block_size)
+        return self.model(batch.input_ids, batch.positions, self.kv_caches, batch.attn, torch.arange(len(ids)))
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> StepResult:
