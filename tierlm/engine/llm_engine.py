@@ -20,6 +20,7 @@ from tierlm.kv_cache.manager import KVCacheManager
 from tierlm.loader import model_loader
 from tierlm.outputs import CompletionOutput, RequestOutput
 from tierlm.request import Request, RequestStatus
+from tierlm.runner import kernel_probe
 from tierlm.runner.model_runner import ModelRunner, num_kv_blocks
 from tierlm.sampling_params import SamplingParams, SamplingParamsError
 from tierlm.scheduler.scheduler import Scheduler
@@ -54,9 +55,11 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, *, cache_dir: Path | None = None, progress: bool = False) -> None:
         self.config = config
         t0 = time.perf_counter()
+        cache_dir = cache_dir or default_cache_dir()
         self.loaded = model_loader.load(config.model, dtype=config.torch_dtype, block_size=config.cache.block_size,
-                                        deterministic=config.deterministic,
-                                        cache_dir=cache_dir or default_cache_dir(), progress=progress)
+                                        deterministic=config.deterministic, cache_dir=cache_dir, progress=progress)
+        if config.deterministic:
+            kernel_probe.ensure_probed(self.loaded.model, config.torch_dtype, cache_dir)
         self.load_seconds = time.perf_counter() - t0
         self.model_config = self.loaded.config
         self.tokenizer = self.loaded.tokenizer
