@@ -49,13 +49,13 @@ class TorchPagedAttention:
         m = torch.full((qt * hkv, tq * g, 1), float("-inf"))
         l = torch.zeros((qt * hkv, tq * g, 1))
         acc = torch.zeros((qt * hkv, tq * g, d))
-        bpt = self.blocks_per_tile
+        # Whole visible context once per layer: [Qt * Hkv, key tiles * KEY_TILE, D].
+        blocks = meta.tile_blocks[:, : meta.num_key_tiles * self.blocks_per_tile]
+        keys, values = self._gather(k_cache, blocks), self._gather(v_cache, blocks)
         key_offsets = torch.arange(KEY_TILE)
         for j in range(meta.num_key_tiles):
-            blocks = meta.tile_blocks[:, j * bpt : (j + 1) * bpt]
-            kt = self._gather(k_cache, blocks).transpose(1, 2)  # [Qt*Hkv, D, Bk]
-            vt = self._gather(v_cache, blocks)  # [Qt*Hkv, Bk, D]
-            s = torch.bmm(qtiles, kt)
+            span = slice(j * KEY_TILE, (j + 1) * KEY_TILE)
+            s = torch.bmm(qtiles, keys[:, span].transpose(1, 2))
             visible = (j * KEY_TILE + key_offsets).view(1, 1, 1, 1, KEY_TILE) <= qpos
             visible = visible.expand(qt, hkv, tq, g, KEY_TILE).reshape(qt * hkv, tq * g, KEY_TILE)
             s = s.masked_fill(~visible, float("-inf"))
@@ -63,13 +63,16 @@ class TorchPagedAttention:
             alpha = torch.exp(m - m_new)
             p = torch.exp(s - m_new)
             l = l * alpha + p.sum(dim=-1, keepdim=True)
-            acc = acc * alpha + torch.bmm(p, vt)
+            acc = acc * alpha + torch.bmm(p, values[:, span])
             m = m_new
         out = (acc / l).view(qt, hkv, tq, g, d).permute(0, 2, 1, 3, 4).reshape(qt * tq, hkv * g * d)
         return out[meta.token_tile_index].to(q.dtype)
 
     def _gather(self, cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-        """Blocks [Qt, bpt] -> keys/values [Qt * Hkv, KEY_TILE, D] in float32."""
-        qt = blocks.shape[0]
-        x = cache[blocks].view(qt, KEY_TILE, self.hkv, self.d).float()
-        return x.permute(0, 2, 1, 3).reshape(qt * self.hkv, KEY_TILE, self.d)
+        """Blocks [Qt, nb] -> keys/values [Qt * Hkv, nb * block_size, D] in float32 (one copy)."""
+        qt, nb = blocks.shape
+        length = nb * self.block_size
+        x = cache[blocks].view(qt, length, self.hkv, self.d).permute(0, 2, 1, 3)
+        out = torch.empty((qt, self.hkv, length, self.d), dtype=torch.float32)
+        out.copy_(x)  # cast and head-major reorder in a single pass
+        return out.view(qt * self.hkv, length, self.d)
