@@ -54,8 +54,10 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--no-deterministic", action="store_true", help="plain F.linear (batch-variant) kernels")
     args = ap.parse_args()
-    llm = LLM("smollm2-135m", dtype=args.dtype, max_num_seqs=max(args.concurrency), max_num_batched_tokens=512)
+    llm = LLM("smollm2-135m", dtype=args.dtype, max_num_seqs=max(args.concurrency), max_num_batched_tokens=512,
+              deterministic=not args.no_deterministic)
     peer = None
     if not args.no_peer:
         peer = llama_cpp_model(resolve("smollm2-135m", default_cache_dir()), n_ctx=512, n_threads=torch.get_num_threads())
@@ -69,7 +71,8 @@ def main() -> None:
         rows.append(row)
         print(row, flush=True)
     cmd = "benchmarks/offline_throughput.py " + " ".join(sys.argv[1:])
-    print("recorded in", record(f"offline_throughput_{args.dtype}", cmd.strip(), {"rows": rows}))
+    name = f"offline_throughput_{args.dtype}" + ("_nondeterministic" if args.no_deterministic else "")
+    print("recorded in", record(name, cmd.strip(), {"rows": rows}))
 
 
 if __name__ == "__main__":
