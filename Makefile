@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 MODEL   ?= smollm2-135m
-PROMPT  ?= Write a haiku about small fast language models.
+PORT    ?= 8000
 
 .PHONY: install serve test test-all bench clean
 
@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 serve: $(STAMP)
-	$(BIN)/tierlm generate --model $(MODEL) --max-tokens 96 --chat "$(PROMPT)"
+	$(BIN)/tierlm serve --model $(MODEL) --port $(PORT)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

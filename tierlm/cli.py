@@ -1,4 +1,4 @@
-"""`tierlm` command line: generate | chat | models.
+"""`tierlm` command line: serve | generate | chat | models.
 
 Every failure a user can cause (bad flag, unknown model, bad value) ends in one line
 on stderr and a non-zero exit, never a traceback.
@@ -45,6 +45,19 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="tierlm", description="tierlm: a small, fast, deterministic LLM runtime")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    srv = sub.add_parser("serve", help="start the OpenAI-compatible HTTP server")
+    _engine_args(srv)
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    srv.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    srv.add_argument("--max-num-seqs", type=int, default=32, help="sequences decoded together per step")
+    srv.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget per step")
+    srv.add_argument("--api-key", action="append", default=[],
+                     help="require 'Authorization: Bearer KEY' on /v1/* (repeatable)")
+    srv.add_argument("--max-queued-requests", type=int, default=1024,
+                     help="waiting requests before new ones get 503 + Retry-After")
+    srv.add_argument("--shutdown-timeout", type=float, default=30.0,
+                     help="seconds in-flight requests may take to finish after SIGTERM")
+    srv.add_argument("--served-model-name", default=None, help="model id clients use (default: --model)")
     gen = sub.add_parser("generate", help="generate text for one prompt, streamed to the terminal")
     gen.add_argument("prompt", help="the prompt text")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
@@ -58,13 +71,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _config(args) -> EngineConfig:
+    sched = {k: getattr(args, k) for k in ("max_num_seqs", "max_num_batched_tokens") if hasattr(args, k)}
+    return EngineConfig(model=args.model, dtype=args.dtype, deterministic=not args.no_deterministic,
+                        cache=CacheConfig(kv_cache_gb=args.kv_cache_gb),
+                        scheduler=SchedulerConfig(max_model_len=args.max_model_len, **sched))
+
+
 def _engine(args):
     from tierlm.engine.llm_engine import LLMEngine
 
-    config = EngineConfig(model=args.model, dtype=args.dtype, deterministic=not args.no_deterministic,
-                          cache=CacheConfig(kv_cache_gb=args.kv_cache_gb),
-                          scheduler=SchedulerConfig(max_model_len=args.max_model_len))
-    return LLMEngine(config, progress=sys.stderr.isatty())
+    return LLMEngine(_config(args), progress=sys.stderr.isatty())
+
+
+def cmd_serve(args) -> None:
+    from tierlm.server.run import ServeOptions, serve
+
+    if not 0 <= args.port <= 65535:
+        raise CLIError(f"--port must be in [0, 65535], got {args.port}")
+    if args.max_queued_requests < 1 or args.shutdown_timeout < 0:
+        raise CLIError("--max-queued-requests must be >= 1 and --shutdown-timeout >= 0")
+    serve(_config(args), ServeOptions(host=args.host, port=args.port, api_keys=tuple(args.api_key),
+                                      max_queued_requests=args.max_queued_requests,
+                                      shutdown_timeout=args.shutdown_timeout,
+                                      served_model_name=args.served_model_name))
 
 
 def _params(args) -> SamplingParams:
@@ -138,12 +168,14 @@ def main(argv: list[str] | None = None) -> int:
     from tierlm.loader.tokenizer import TokenizerError
     from tierlm.loader.weights import WeightsError
     from tierlm.models.registry import UnsupportedArchitecture
+    from tierlm.server.run import StartupError
 
-    user_errors = (CLIError, ConfigError, SamplingParamsError, InvalidRequest, ModelNotFound, GGUFError,
+    user_errors = (CLIError, StartupError, ConfigError, SamplingParamsError, InvalidRequest, ModelNotFound, GGUFError,
                    TokenizerError, WeightsError, UnsupportedArchitecture, ChatTemplateError, OSError)
     try:
         args = build_parser().parse_args(argv)
-        {"generate": cmd_generate, "chat": cmd_chat, "models": cmd_models}[args.command](args)
+        commands = {"serve": cmd_serve, "generate": cmd_generate, "chat": cmd_chat, "models": cmd_models}
+        commands[args.command](args)
     except user_errors as e:
         print(f"tierlm: error: {e}", file=sys.stderr)
         return 2

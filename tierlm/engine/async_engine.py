@@ -1,0 +1,232 @@
+"""AsyncEngine: the one place with threads. Runs LLMEngine.step() on a dedicated thread
+and feeds each request's outputs to an asyncio queue on the caller's event loop.
+
+The event loop never waits for a step: adds and aborts are commands on a thread-safe
+queue that the engine thread applies between steps (so an abort takes effect within
+one step), and outputs come back through `loop.call_soon_threadsafe`. Torch releases
+the GIL inside its kernels, so HTTP handling proceeds while a step runs.
+
+If a step raises, every in-flight request receives an `EngineDeadError` and the engine
+is marked unhealthy instead of hanging its callers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from tierlm.engine.llm_engine import LLMEngine
+from tierlm.outputs import RequestOutput
+from tierlm.sampling_params import SamplingParams
+
+log = logging.getLogger("tierlm.engine")
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread failed; the server is unhealthy."""
+
+
+class QueueFullError(RuntimeError):
+    """Too many requests are waiting; retry later."""
+
+
+@dataclass
+class RequestTiming:
+    arrival: float
+    first_token: float | None = None
+    finished: float | None = None
+    num_output_tokens: int = 0
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    timing: RequestTiming
+    prompt_len: int
+    done: bool = False
+
+
+@dataclass
+class EngineStats:
+    """Snapshot taken by the engine thread after each step (read by /metrics)."""
+
+    running: int = 0
+    waiting: int = 0
+    kv_usage: float = 0.0
+    preemptions: int = 0
+
+
+@dataclass
+class _Add:
+    request_id: str
+    ids: list[int]
+    params: SamplingParams
+    priority: int
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+@dataclass
+class FinishedRequest:
+    """Handed to `on_finish` once per request (for metrics and request logs)."""
+
+    request_id: str
+    prompt_tokens: int
+    output: RequestOutput | None
+    timing: RequestTiming
+    aborted: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, *, max_queued_requests: int = 1024,
+                 on_finish: Callable[[FinishedRequest], None] | None = None,
+                 on_step: Callable[[EngineStats], None] | None = None) -> None:
+        self.engine = engine
+        self.max_queued = max_queued_requests
+        self.on_finish = on_finish or (lambda f: None)
+        self.on_step = on_step or (lambda s: None)
+        self.stats = EngineStats()
+        self.error: str | None = None
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._streams: dict[str, _Stream] = {}  # touched by the engine thread only
+        self._inflight = 0  # requests accepted and not yet finished
+        self._count_lock = threading.Lock()  # _inflight changes on both threads
+        self._thread = threading.Thread(target=self._run, name="tierlm-engine", daemon=True)
+
+    @property
+    def healthy(self) -> bool:
+        return self.error is None and self._thread.is_alive()
+
+    @property
+    def num_inflight(self) -> int:
+        return self._inflight
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    # ---- caller side (event loop) -------------------------------------------------------
+    def prepare(self, ids: list[int], params: SamplingParams) -> None:
+        """Validate a request against the model without touching engine state (thread-safe)."""
+        self.engine.validate(ids, params)
+
+    def check_admission(self) -> None:
+        """Raise if a new request would be refused now (engine dead or queue full)."""
+        if not self.healthy:
+            raise EngineDeadError(self.error or "the engine is not running")
+        if self._inflight - self.stats.running >= self.max_queued:
+            raise QueueFullError(f"{self.max_queued} requests are already queued")
+
+    async def generate(self, request_id: str, ids: list[int], params: SamplingParams,
+                       priority: int = 0) -> AsyncIterator[RequestOutput]:
+        """Submit a validated request and yield its outputs; aborts it if the caller goes away."""
+        self.check_admission()
+        loop = asyncio.get_running_loop()
+        stream = _Stream(loop, asyncio.Queue(), RequestTiming(time.perf_counter()), len(ids))
+        self._count(+1)
+        self._commands.put((_Add(request_id, ids, params, priority), stream))
+        self._wake.set()
+        finished = False
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self._commands.put((_Abort(request_id), None))
+                self._wake.set()
+
+    # ---- engine thread ------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._apply_commands()
+            if not self.engine.has_unfinished_requests():
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as e:  # noqa: BLE001 - any step failure must reach every caller
+                log.exception("engine step failed")
+                self.error = f"engine step failed: {type(e).__name__}: {e}"
+                self._fail_all(EngineDeadError(self.error))
+                return
+            self._snapshot()
+            now = time.perf_counter()
+            for out in outputs:
+                self._deliver(out, now)
+
+    def _apply_commands(self) -> None:
+        while True:
+            try:
+                cmd, stream = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(cmd, _Add):
+                try:
+                    self.engine.add_request(cmd.request_id, {"prompt_token_ids": cmd.ids}, cmd.params, cmd.priority)
+                except Exception as e:  # noqa: BLE001 - validated already; report, never crash the loop
+                    self._count(-1)
+                    stream.loop.call_soon_threadsafe(stream.queue.put_nowait, e)
+                    continue
+                self._streams[cmd.request_id] = stream
+            elif cmd.request_id in self._streams:
+                self.engine.abort_request(cmd.request_id)
+                stream = self._streams.pop(cmd.request_id)
+                self._count(-1)
+                stream.timing.finished = time.perf_counter()
+                self.on_finish(FinishedRequest(cmd.request_id, stream.prompt_len, None, stream.timing, aborted=True))
+        self._snapshot()
+
+    def _deliver(self, out: RequestOutput, now: float) -> None:
+        stream = self._streams.get(out.request_id)
+        if stream is None:
+            return
+        new = sum(len(c.delta_token_ids) for c in out.outputs)
+        if new and stream.timing.first_token is None:
+            stream.timing.first_token = now
+        stream.timing.num_output_tokens += new
+        if out.finished:
+            del self._streams[out.request_id]
+            self._count(-1)
+            stream.timing.finished = now
+            self.on_finish(FinishedRequest(out.request_id, stream.prompt_len, out, stream.timing))
+        stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
+
+    def _fail_all(self, err: BaseException) -> None:
+        for stream in self._streams.values():
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, err)
+        self._count(-len(self._streams))
+        self._streams.clear()
+
+    def _count(self, delta: int) -> None:
+        with self._count_lock:
+            self._inflight += delta
+
+    def _snapshot(self) -> None:
+        sched = self.engine.scheduler
+        self.stats = EngineStats(running=len(sched.running), waiting=len(sched.waiting),
+                                 kv_usage=self.engine.kv.usage, preemptions=sched.num_preemptions)
+        self.on_step(self.stats)

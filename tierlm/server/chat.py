@@ -1,0 +1,95 @@
+"""POST /v1/chat/completions: the model's chat template, n, logprobs + top_logprobs,
+streaming deltas (role first, then content) with optional usage chunk."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from tierlm.loader.chat_template import ChatTemplateError
+from tierlm.outputs import RequestOutput
+from tierlm.request import TokenLogprob
+from tierlm.server import common
+from tierlm.server.common import SSE_DONE, ServerState, sse
+from tierlm.server.errors import APIError, bad_request, sse_error
+from tierlm.server.protocol import ChatCompletionRequest, ChatMessage
+
+
+def render(state: ServerState, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
+    if not messages:
+        raise bad_request("messages must not be empty", "messages")
+    plain = [{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in messages]
+    try:
+        text = state.tokenizer.apply_chat_template(plain, add_generation_prompt=add_generation_prompt)
+    except ChatTemplateError as e:
+        raise bad_request(str(e), "messages") from None
+    return state.tokenizer.encode(text, add_special_tokens=False)
+
+
+def _logprobs(state: ServerState, token_ids: list[int], lps: list[TokenLogprob]) -> dict:
+    def entry(token: int, logprob: float) -> dict:
+        text = state.tokenizer.token_text(token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [{**entry(t, lp.logprob), "top_logprobs": [entry(i, v) for i, v in lp.top]}
+                        for t, lp in zip(token_ids, lps)]}
+
+
+async def create(request: Request, req: ChatCompletionRequest, state: ServerState):
+    common.check_model(state, req.model)
+    if req.top_logprobs is not None and not 0 <= req.top_logprobs <= 20:
+        raise bad_request("top_logprobs must be in [0, 20]", "top_logprobs")
+    if req.top_logprobs and not req.logprobs:
+        raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    if max_tokens is not None and max_tokens < 1:
+        raise bad_request("max_tokens must be >= 1", "max_completion_tokens" if req.max_completion_tokens else "max_tokens")
+    params = common.sampling_params(req, max_tokens=max_tokens,
+                                    logprobs=(req.top_logprobs or 0) if req.logprobs else None)
+    ids = render(state, req.messages, req.add_generation_prompt)
+    common.validate(state, ids, params)
+    common.admit(state)
+    rid = common.new_id("chatcmpl")
+    gen = common.merged(state, rid, [ids], params, req.priority)
+    base = {"id": rid, "object": "chat.completion", "created": common.now(), "model": state.model_name}
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return StreamingResponse(_stream(state, req, gen, {**base, "object": "chat.completion.chunk"}, len(ids),
+                                         include_usage), media_type="text/event-stream")
+    out = (await common.collect(request, gen))[0]
+    choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                "logprobs": _logprobs(state, c.token_ids, c.logprobs or []) if req.logprobs else None,
+                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason} for c in out.outputs]
+    completion_tokens = sum(len(c.token_ids) for c in out.outputs)
+    return JSONResponse({**base, "choices": choices, "usage": common.usage(len(ids), completion_tokens)})
+
+
+async def _stream(state: ServerState, req: ChatCompletionRequest, gen: AsyncIterator[tuple[int, RequestOutput]],
+                  base: dict, prompt_tokens: int, include_usage: bool):
+    completion_tokens = 0
+    try:
+        for k in range(req.n):
+            yield sse({**base, "choices": [{"index": k, "delta": {"role": "assistant", "content": ""},
+                                            "logprobs": None, "finish_reason": None}]})
+        async for _, out in gen:
+            for c in out.outputs:
+                if not (c.delta_text or c.delta_token_ids or c.finish_reason):
+                    continue
+                lp = None
+                if req.logprobs and c.delta_token_ids:
+                    lp = _logprobs(state, c.delta_token_ids, c.logprobs[len(c.logprobs) - len(c.delta_token_ids):])
+                delta = {"content": c.delta_text} if c.delta_text else {}
+                yield sse({**base, "choices": [{"index": c.index, "delta": delta, "logprobs": lp,
+                                                "finish_reason": c.finish_reason}]})
+                if c.finish_reason:
+                    completion_tokens += len(c.token_ids)
+        if include_usage:
+            yield sse({**base, "choices": [], "usage": common.usage(prompt_tokens, completion_tokens)})
+        yield SSE_DONE
+    except APIError as e:
+        yield sse_error(e)
+        yield SSE_DONE
+    finally:
+        await gen.aclose()

@@ -1,0 +1,179 @@
+"""Pieces shared by the completion and chat endpoints: sampling params from a request,
+running one or many engine requests, client-disconnect handling, SSE framing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from fastapi import Request
+
+from tierlm.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError
+from tierlm.engine.llm_engine import InvalidRequest
+from tierlm.loader.tokenizer import TextTokenizer
+from tierlm.outputs import RequestOutput
+from tierlm.sampling_params import SamplingParams, SamplingParamsError
+from tierlm.server.errors import APIError, bad_request
+from tierlm.server.protocol import _SamplingFields
+
+_DISCONNECT_POLL_S = 0.05
+
+
+@dataclass
+class ServerState:
+    """What handlers need; owned by the app factory."""
+
+    engine: AsyncEngine
+    tokenizer: TextTokenizer
+    model_name: str
+    max_model_len: int
+    vocab_size: int
+    ready: bool = False
+    draining: bool = False
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def check_model(state: ServerState, model: str) -> None:
+    if model != state.model_name:
+        raise APIError(404, f"the model '{model}' does not exist; this server serves '{state.model_name}'",
+                       param="model", code="model_not_found", type="not_found_error")
+
+
+def sampling_params(req: _SamplingFields, *, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    bias: dict[int, float] = {}
+    for key, value in (req.logit_bias or {}).items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise bad_request(f"logit_bias keys must be token ids, got {key!r}", "logit_bias") from None
+        if not -100.0 <= value <= 100.0:
+            raise bad_request("logit_bias values must be in [-100, 100]", "logit_bias")
+        bias[token] = value
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    try:
+        return SamplingParams(
+            n=req.n, max_tokens=max_tokens, min_tokens=req.min_tokens,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0,
+            min_p=req.min_p or 0.0, presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+            logit_bias=bias, seed=req.seed, stop=stop, stop_token_ids=list(req.stop_token_ids or []),
+            ignore_eos=req.ignore_eos, logprobs=logprobs)
+    except SamplingParamsError as e:
+        raise bad_request(str(e), e.param) from None
+
+
+def validate(state: ServerState, ids: list[int], params: SamplingParams) -> None:
+    try:
+        state.engine.prepare(ids, params)
+    except InvalidRequest as e:
+        raise bad_request(str(e), e.param, e.code) from None
+
+
+def admit(state: ServerState) -> None:
+    """Refuse up front (503 queue full / 500 engine dead) before any response starts."""
+    try:
+        state.engine.check_admission()
+    except (QueueFullError, EngineDeadError) as e:
+        raise _engine_error(e) from None
+
+
+def _engine_error(e: Exception) -> APIError:
+    if isinstance(e, QueueFullError):
+        return APIError(503, f"the server is busy: {e}", type="server_error", code="queue_full",
+                        headers={"Retry-After": "1"})
+    if isinstance(e, EngineDeadError):
+        return APIError(500, str(e), type="internal_error", code="engine_dead")
+    if isinstance(e, InvalidRequest):
+        return bad_request(str(e), e.param, e.code)
+    raise e
+
+
+async def merged(state: ServerState, request_id: str, prompts: list[list[int]], params: SamplingParams,
+                 priority: int) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Run one engine request per prompt; yield (prompt index, output) as they arrive.
+
+    Closing this generator (client gone) cancels every sub-request, which aborts it.
+    """
+    if len(prompts) == 1:
+        try:
+            async for out in state.engine.generate(request_id, prompts[0], params, priority):
+                yield 0, out
+        except (QueueFullError, EngineDeadError, InvalidRequest) as e:
+            raise _engine_error(e) from None
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, ids: list[int]) -> None:
+        try:
+            async for out in state.engine.generate(f"{request_id}-{i}", ids, params, priority):
+                await queue.put((i, out))
+        except Exception as e:  # noqa: BLE001 - forwarded to the consumer
+            await queue.put((i, e))
+
+    tasks = [asyncio.create_task(pump(i, ids)) for i, ids in enumerate(prompts)]
+    remaining = len(prompts)
+    try:
+        while remaining:
+            i, item = await queue.get()
+            if isinstance(item, Exception):
+                raise _engine_error(item) from None
+            if item.finished:
+                remaining -= 1
+            yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def collect(request: Request, gen: AsyncIterator[tuple[int, RequestOutput]]) -> dict[int, RequestOutput]:
+    """Final output per prompt; aborts everything if the client disconnects first."""
+    finals: dict[int, RequestOutput] = {}
+
+    async def consume() -> None:
+        async for i, out in gen:
+            if out.finished:
+                finals[i] = out
+
+    async def watch() -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(_DISCONNECT_POLL_S)
+
+    consumer, watcher = asyncio.create_task(consume()), asyncio.create_task(watch())
+    try:
+        done, _ = await asyncio.wait({consumer, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not consumer.done():
+            consumer.cancel()
+            await asyncio.gather(consumer, return_exceptions=True)
+            await gen.aclose()
+    if consumer not in done:
+        raise asyncio.CancelledError("client disconnected")
+    consumer.result()  # re-raise an APIError from the engine
+    return finals
+
+
+def sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def now() -> int:
+    return int(time.time())

@@ -1,0 +1,126 @@
+"""POST /v1/completions: string, list-of-strings and token-id prompts; echo, logprobs, n,
+streaming with optional usage chunk."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from tierlm.outputs import CompletionOutput, RequestOutput
+from tierlm.request import TokenLogprob
+from tierlm.server import common
+from tierlm.server.common import SSE_DONE, ServerState, sse
+from tierlm.server.errors import APIError, bad_request, sse_error
+from tierlm.server.protocol import CompletionRequest
+
+
+def _prompts(state: ServerState, req: CompletionRequest) -> tuple[list[list[int]], list[str]]:
+    p = req.prompt
+    if isinstance(p, str):
+        items: list = [p]
+    elif p and all(isinstance(x, int) for x in p):
+        items = [p]
+    else:
+        items = list(p)
+    if not items:
+        raise bad_request("the prompt is empty", "prompt")
+    ids, texts = [], []
+    for item in items:
+        if isinstance(item, str):
+            ids.append(state.tokenizer.encode(item))
+            texts.append(item)
+        else:
+            ids.append(list(item))
+            bad = [t for t in item if not 0 <= t < state.vocab_size]
+            if bad:
+                raise bad_request(f"prompt token ids must be in [0, {state.vocab_size}), got {bad[0]}", "prompt")
+            texts.append(state.tokenizer.decode(list(item)))
+    return ids, texts
+
+
+def _logprobs(state: ServerState, c: CompletionOutput, token_ids: list[int], lps: list[TokenLogprob],
+              offset: int) -> dict:
+    text = state.tokenizer.token_text
+    tokens = [text(t) for t in token_ids]
+    offsets, pos = [], offset
+    for t in tokens:
+        offsets.append(pos)
+        pos += len(t)
+    return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in lps],
+            "top_logprobs": [{text(i): v for i, v in lp.top} for lp in lps], "text_offset": offsets}
+
+
+async def create(request: Request, req: CompletionRequest, state: ServerState):
+    common.check_model(state, req.model)
+    if req.suffix:
+        raise bad_request("suffix is not supported", "suffix")
+    if req.best_of is not None and req.best_of != req.n:
+        raise bad_request("best_of is not supported yet (only best_of == n)", "best_of")
+    if req.echo and req.logprobs is not None:
+        raise bad_request("echo with logprobs (prompt logprobs) is not supported yet", "echo")
+    if req.max_tokens is not None and req.max_tokens < 1:
+        raise bad_request("max_tokens must be >= 1", "max_tokens")
+    params = common.sampling_params(req, max_tokens=req.max_tokens, logprobs=req.logprobs)
+    ids, texts = _prompts(state, req)
+    for p in ids:
+        common.validate(state, p, params)
+    common.admit(state)
+    rid = common.new_id("cmpl")
+    gen = common.merged(state, rid, ids, params, req.priority)
+    base = {"id": rid, "object": "text_completion", "created": common.now(), "model": state.model_name}
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return StreamingResponse(_stream(state, req, gen, base, ids, texts, include_usage),
+                                 media_type="text/event-stream")
+    finals = await common.collect(request, gen)
+    choices, completion_tokens = [], 0
+    for pi in range(len(ids)):
+        for c in finals[pi].outputs:
+            prefix = texts[pi] if req.echo else ""
+            lp = (_logprobs(state, c, c.token_ids, c.logprobs or [], len(prefix))
+                  if req.logprobs is not None else None)
+            choices.append({"index": pi * req.n + c.index, "text": prefix + c.text, "logprobs": lp,
+                            "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+            completion_tokens += len(c.token_ids)
+    prompt_tokens = sum(len(p) for p in ids)
+    return JSONResponse({**base, "choices": choices, "usage": common.usage(prompt_tokens, completion_tokens)})
+
+
+async def _stream(state: ServerState, req: CompletionRequest, gen: AsyncIterator[tuple[int, RequestOutput]],
+                  base: dict, ids: list[list[int]], texts: list[str], include_usage: bool):
+    sent_tokens: dict[int, int] = {}
+    offsets: dict[int, int] = {}
+    completion_tokens = 0
+    try:
+        if req.echo:
+            for pi, text in enumerate(texts):
+                for k in range(req.n):
+                    offsets[pi * req.n + k] = len(text)
+                    yield sse({**base, "choices": [{"index": pi * req.n + k, "text": text, "logprobs": None,
+                                                    "finish_reason": None}]})
+        async for pi, out in gen:
+            for c in out.outputs:
+                index = pi * req.n + c.index
+                if not (c.delta_text or c.delta_token_ids or c.finish_reason):
+                    continue
+                lp = None
+                if req.logprobs is not None and c.delta_token_ids:
+                    new = c.logprobs[len(c.logprobs) - len(c.delta_token_ids):]
+                    lp = _logprobs(state, c, c.delta_token_ids, new, offsets.get(index, 0))
+                offsets[index] = offsets.get(index, 0) + len(c.delta_text)
+                sent_tokens[index] = sent_tokens.get(index, 0) + len(c.delta_token_ids)
+                yield sse({**base, "choices": [{"index": index, "text": c.delta_text, "logprobs": lp,
+                                                "finish_reason": c.finish_reason,
+                                                "stop_reason": c.stop_reason if c.finish_reason else None}]})
+                if c.finish_reason:
+                    completion_tokens += len(c.token_ids)
+        if include_usage:
+            yield sse({**base, "choices": [], "usage": common.usage(sum(len(p) for p in ids), completion_tokens)})
+        yield SSE_DONE
+    except APIError as e:
+        yield sse_error(e)
+        yield SSE_DONE
+    finally:
+        await gen.aclose()

@@ -1,0 +1,61 @@
+"""Prometheus metrics. vLLM's names where one exists (dashboards keep working), tierlm's
+own under `tierlm:`. Engine gauges are set from the engine thread's per-step snapshot."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+
+from tierlm.engine.async_engine import EngineStats, FinishedRequest
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
+_TPOT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
+
+
+class Metrics:
+    def __init__(self, model_name: str) -> None:
+        disable_created_metrics()  # no *_created series: vLLM dashboards do not use them
+        self.registry = r = CollectorRegistry()
+        lbl = ["model_name"]
+        self.running = Gauge("vllm:num_requests_running", "Requests in the running batch", lbl, registry=r)
+        self.waiting = Gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled", lbl, registry=r)
+        self.kv_usage = Gauge("vllm:kv_cache_usage_perc", "Fraction of KV cache blocks in use (0-1)", lbl, registry=r)
+        self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens processed", lbl, registry=r)
+        self.generation_tokens = Counter("vllm:generation_tokens", "Tokens generated", lbl, registry=r)
+        self.success = Counter("vllm:request_success", "Finished requests", lbl + ["finished_reason"], registry=r)
+        self.ttft = Histogram("vllm:time_to_first_token_seconds", "Time to first token", lbl,
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("vllm:time_per_output_token_seconds", "Time per output token after the first",
+                              lbl, buckets=_TPOT_BUCKETS, registry=r)
+        self.e2e = Histogram("vllm:e2e_request_latency_seconds", "End-to-end request latency", lbl,
+                             buckets=_LATENCY_BUCKETS, registry=r)
+        self.preemptions = Gauge("tierlm:num_preemptions", "Preemptions since start", lbl, registry=r)
+        self.aborted = Counter("tierlm:requests_aborted", "Requests aborted (client went away)", lbl, registry=r)
+        self.rejected = Counter("tierlm:requests_rejected", "Requests refused before admission", lbl + ["reason"],
+                                registry=r)
+        self.healthy = Gauge("tierlm:engine_healthy", "1 while the engine thread is healthy", lbl, registry=r)
+        self.m = model_name
+        self.healthy.labels(self.m).set(1)
+
+    def on_step(self, s: EngineStats) -> None:
+        self.running.labels(self.m).set(s.running)
+        self.waiting.labels(self.m).set(s.waiting)
+        self.kv_usage.labels(self.m).set(s.kv_usage)
+        self.preemptions.labels(self.m).set(s.preemptions)
+
+    def on_finish(self, f: FinishedRequest) -> None:
+        t = f.timing
+        self.prompt_tokens.labels(self.m).inc(f.prompt_tokens)
+        self.generation_tokens.labels(self.m).inc(t.num_output_tokens)
+        if f.aborted:
+            self.aborted.labels(self.m).inc()
+            return
+        for c in f.output.outputs:
+            self.success.labels(self.m, c.finish_reason or "unknown").inc()
+        if t.first_token is not None:
+            self.ttft.labels(self.m).observe(t.first_token - t.arrival)
+            if t.num_output_tokens > 1:
+                self.tpot.labels(self.m).observe((t.finished - t.first_token) / (t.num_output_tokens - 1))
+        self.e2e.labels(self.m).observe(t.finished - t.arrival)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
