@@ -60,7 +60,8 @@ def main() -> None:
               deterministic=not args.no_deterministic)
     peer = None
     if not args.no_peer:
-        peer = llama_cpp_model(resolve("smollm2-135m", default_cache_dir()), n_ctx=512, n_threads=torch.get_num_threads())
+        path = resolve("smollm2-135m", default_cache_dir())
+        peer = llama_cpp_model(path, n_ctx=512, n_threads=torch.get_num_threads())
     rows = []
     for c in args.concurrency:
         prompts = [make_prompt_ids(llm.tokenizer, PROMPT_LEN, salt=i) for i in range(c)]

@@ -47,7 +47,7 @@ class TorchPagedAttention:
         qpos = meta.tile_positions.view(qt, 1, tq, 1, 1)
 
         m = torch.full((qt * hkv, tq * g, 1), float("-inf"))
-        l = torch.zeros((qt * hkv, tq * g, 1))
+        denom = torch.zeros((qt * hkv, tq * g, 1))
         acc = torch.zeros((qt * hkv, tq * g, d))
         # Whole visible context once per layer: [Qt * Hkv, key tiles * KEY_TILE, D].
         blocks = meta.tile_blocks[:, : meta.num_key_tiles * self.blocks_per_tile]
@@ -62,10 +62,10 @@ class TorchPagedAttention:
             m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
             alpha = torch.exp(m - m_new)
             p = torch.exp(s - m_new)
-            l = l * alpha + p.sum(dim=-1, keepdim=True)
+            denom = denom * alpha + p.sum(dim=-1, keepdim=True)
             acc = acc * alpha + torch.bmm(p, values[:, span])
             m = m_new
-        out = (acc / l).view(qt, hkv, tq, g, d).permute(0, 2, 1, 3, 4).reshape(qt * tq, hkv * g * d)
+        out = (acc / denom).view(qt, hkv, tq, g, d).permute(0, 2, 1, 3, 4).reshape(qt * tq, hkv * g * d)
         return out[meta.token_tile_index].to(q.dtype)
 
     def _gather(self, cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:

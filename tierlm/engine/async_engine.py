@@ -183,7 +183,7 @@ class AsyncEngine:
             try:
                 cmd, stream = self._commands.get_nowait()
             except queue.Empty:
-                return
+                break
             if isinstance(cmd, _Add):
                 try:
                     self.engine.add_request(cmd.request_id, {"prompt_token_ids": cmd.ids}, cmd.params, cmd.priority)

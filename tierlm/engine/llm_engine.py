@@ -22,7 +22,7 @@ from tierlm.outputs import CompletionOutput, RequestOutput
 from tierlm.request import Request, RequestStatus
 from tierlm.runner import kernel_probe
 from tierlm.runner.model_runner import ModelRunner, num_kv_blocks
-from tierlm.sampling_params import SamplingParams, SamplingParamsError
+from tierlm.sampling_params import SamplingParams
 from tierlm.scheduler.scheduler import Scheduler
 
 Prompt = str | list[int] | dict

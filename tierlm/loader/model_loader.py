@@ -56,7 +56,8 @@ def _fill(model: nn.Module, tensors, dtype: torch.dtype, progress: bool, total: 
         if name not in params:
             raise weights.WeightsError(f"checkpoint tensor {name!r} has no place in the model")
         if params[name].shape != t.shape:
-            raise weights.WeightsError(f"{name}: checkpoint shape {tuple(t.shape)} != model {tuple(params[name].shape)}")
+            raise weights.WeightsError(
+                f"{name}: checkpoint shape {tuple(t.shape)} != model {tuple(params[name].shape)}")
         params[name].data = t.to(dtype)
         seen.add(name)
     tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()

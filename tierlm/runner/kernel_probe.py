@@ -26,7 +26,8 @@ def fingerprint() -> str:
                 break
     except OSError:
         pass
-    return f"torch={torch.__version__}|threads={torch.get_num_threads()}|isa={torch.backends.cpu.get_cpu_capability()}|cpu={cpu}"
+    isa = torch.backends.cpu.get_cpu_capability()
+    return f"torch={torch.__version__}|threads={torch.get_num_threads()}|isa={isa}|cpu={cpu}"
 
 
 def ensure_probed(model: nn.Module, dtype: torch.dtype, cache_dir: Path | None) -> None:

@@ -89,7 +89,8 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, seed: int, index: i
     return int(torch.argmax(probs / noise))
 
 
-def sample(logits: torch.Tensor, rows: list[SamplingRow], eos_token_ids: tuple[int, ...]) -> list[tuple[int, TokenLogprob | None]]:
+def sample(logits: torch.Tensor, rows: list[SamplingRow],
+           eos_token_ids: tuple[int, ...]) -> list[tuple[int, TokenLogprob | None]]:
     """logits [R, V] float32 (modified in place) -> (token id, logprob info) per row."""
     want_logprobs = [r.params.logprobs is not None for r in rows]
     raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None

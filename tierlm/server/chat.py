@@ -45,7 +45,8 @@ async def create(request: Request, req: ChatCompletionRequest, state: ServerStat
         raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     if max_tokens is not None and max_tokens < 1:
-        raise bad_request("max_tokens must be >= 1", "max_completion_tokens" if req.max_completion_tokens else "max_tokens")
+        param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        raise bad_request("max_tokens must be >= 1", param)
     params = common.sampling_params(req, max_tokens=max_tokens,
                                     logprobs=(req.top_logprobs or 0) if req.logprobs else None)
     ids = render(state, req.messages, req.add_generation_prompt)
@@ -56,8 +57,8 @@ async def create(request: Request, req: ChatCompletionRequest, state: ServerStat
     base = {"id": rid, "object": "chat.completion", "created": common.now(), "model": state.model_name}
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return StreamingResponse(_stream(state, req, gen, {**base, "object": "chat.completion.chunk"}, len(ids),
-                                         include_usage), media_type="text/event-stream")
+        body = _stream(state, req, gen, {**base, "object": "chat.completion.chunk"}, len(ids), include_usage)
+        return StreamingResponse(common.until_disconnect(request, body), media_type="text/event-stream")
     out = (await common.collect(request, gen))[0]
     choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
                 "logprobs": _logprobs(state, c.token_ids, c.logprobs or []) if req.logprobs else None,

@@ -144,11 +144,7 @@ async def collect(request: Request, gen: AsyncIterator[tuple[int, RequestOutput]
             if out.finished:
                 finals[i] = out
 
-    async def watch() -> None:
-        while not await request.is_disconnected():
-            await asyncio.sleep(_DISCONNECT_POLL_S)
-
-    consumer, watcher = asyncio.create_task(consume()), asyncio.create_task(watch())
+    consumer, watcher = asyncio.create_task(consume()), asyncio.create_task(_disconnected(request))
     try:
         done, _ = await asyncio.wait({consumer, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -161,6 +157,39 @@ async def collect(request: Request, gen: AsyncIterator[tuple[int, RequestOutput]
         raise asyncio.CancelledError("client disconnected")
     consumer.result()  # re-raise an APIError from the engine
     return finals
+
+
+async def _disconnected(request: Request) -> None:
+    """Return once the client has gone away."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(_DISCONNECT_POLL_S)
+
+
+async def until_disconnect(request: Request, chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+    """Relay an SSE body, stopping (and so aborting the engine requests) when the client leaves.
+
+    The ASGI server does not reliably fail `send` after a disconnect, so the body would
+    otherwise keep generating until the request finished.
+    """
+    watcher = asyncio.create_task(_disconnected(request))
+    step: asyncio.Future | None = None
+    try:
+        while True:
+            step = asyncio.ensure_future(anext(chunks))
+            done, _ = await asyncio.wait({step, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if step not in done:
+                return
+            try:
+                chunk = step.result()
+            except StopAsyncIteration:
+                return
+            yield chunk
+    finally:
+        watcher.cancel()
+        if step is not None and not step.done():
+            step.cancel()  # cancels the engine wait, which sends the abort
+            await asyncio.gather(step, return_exceptions=True)
+        await chunks.aclose()
 
 
 def sse(payload: dict) -> str:

@@ -72,8 +72,8 @@ async def create(request: Request, req: CompletionRequest, state: ServerState):
     base = {"id": rid, "object": "text_completion", "created": common.now(), "model": state.model_name}
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return StreamingResponse(_stream(state, req, gen, base, ids, texts, include_usage),
-                                 media_type="text/event-stream")
+        body = _stream(state, req, gen, base, ids, texts, include_usage)
+        return StreamingResponse(common.until_disconnect(request, body), media_type="text/event-stream")
     finals = await common.collect(request, gen)
     choices, completion_tokens = [], 0
     for pi in range(len(ids)):

@@ -1,0 +1,34 @@
+"""Start llama-cpp-python's OpenAI-compatible server as a benchmark peer.
+
+    .venv/bin/python benchmarks/llama_cpp_server.py MODEL.gguf PORT
+
+Same workaround as benchmarks/common.py: llama.cpp's extra (AMX) buffer types crash in
+this VM, so they are switched off before the model loads. Needs the server extras:
+    .venv/bin/pip install sse-starlette starlette-context pydantic-settings
+"""
+
+import sys
+
+import llama_cpp
+import uvicorn
+
+_default = llama_cpp.llama_cpp.llama_model_default_params
+
+
+def _params():
+    p = _default()
+    p.use_extra_bufts = False
+    return p
+
+
+llama_cpp.llama_cpp.llama_model_default_params = _params
+
+from llama_cpp.server.app import create_app  # noqa: E402
+from llama_cpp.server.settings import ModelSettings, ServerSettings  # noqa: E402
+
+model, port = sys.argv[1], int(sys.argv[2])
+# interrupt_requests=False: by default a new request cuts off the streams in flight.
+app = create_app(server_settings=ServerSettings(host="127.0.0.1", port=port, interrupt_requests=False),
+                 model_settings=[ModelSettings(model=model, model_alias="smollm2-135m", n_ctx=4096,
+                                               n_threads=2, n_batch=512, verbose=False)])
+uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")

@@ -1,0 +1,125 @@
+"""Cancellation, metrics, queue limits, drain on SIGTERM and startup failures."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.server.conftest import API_KEY, MODEL, ServerProcess, metric
+
+LONG = {"model": MODEL, "prompt": "Write a very long story about the sea.", "max_tokens": 1500,
+        "ignore_eos": True, "temperature": 0.8}
+
+
+def wait_idle(http, timeout=15.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (metric(http, "vllm:num_requests_running") == 0 and metric(http, "vllm:num_requests_waiting") == 0
+                and metric(http, "vllm:kv_cache_usage_perc") == 0):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_disconnect_mid_stream_frees_kv(http):
+    with http.stream("POST", "/v1/completions", json={**LONG, "stream": True}) as r:
+        lines = r.iter_lines()
+        for _ in range(6):
+            next(lines)
+        assert metric(http, "vllm:kv_cache_usage_perc") > 0
+    assert wait_idle(http)
+
+
+def test_disconnect_mid_request_frees_kv(server, http):
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/completions", json=LONG, headers={"Authorization": f"Bearer {API_KEY}"},
+                   timeout=1.5)
+    assert wait_idle(http)
+
+
+def test_abandoned_storm_then_prompt_service(server, http):
+    def abandon():
+        try:
+            httpx.post(f"{server.url}/v1/completions", json=LONG, timeout=0.5,
+                       headers={"Authorization": f"Bearer {API_KEY}"})
+        except httpx.HTTPError:
+            pass
+
+    threads = [threading.Thread(target=abandon) for _ in range(24)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    t0 = time.time()
+    r = http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 4})
+    assert r.status_code == 200
+    assert time.time() - t0 < 10, "a short request waited behind abandoned work"
+    assert wait_idle(http)
+
+
+def test_metrics_parse_and_count(http):
+    before = metric(http, "vllm:generation_tokens_total")
+    http.post("/v1/completions", json={"model": MODEL, "prompt": "Hello", "max_tokens": 5, "ignore_eos": True})
+    families = {f.name: f for f in text_string_to_metric_families(http.get("/metrics").text)}
+    for name in ("vllm:time_to_first_token_seconds", "vllm:time_per_output_token_seconds",
+                 "vllm:e2e_request_latency_seconds", "vllm:num_requests_running", "vllm:num_requests_waiting",
+                 "vllm:kv_cache_usage_perc", "vllm:prompt_tokens", "vllm:generation_tokens"):
+        assert name in families, name
+    assert metric(http, "vllm:generation_tokens_total") == before + 5
+    assert metric(http, "vllm:e2e_request_latency_seconds_count") >= 1
+
+
+def test_queue_full_and_sigterm_drain(cache_dir):
+    srv = ServerProcess(cache_dir, "--max-num-seqs", "1", "--max-queued-requests", "1", "--shutdown-timeout", "60")
+    try:
+        results = {}
+
+        def run(name, body):
+            results[name] = httpx.post(f"{srv.url}/v1/completions", json=body, timeout=120)
+
+        body = {"model": MODEL, "prompt": "Tell me about rivers.", "max_tokens": 40, "ignore_eos": True}
+        first = threading.Thread(target=run, args=("first", body))
+        first.start()
+        time.sleep(0.5)
+        second = threading.Thread(target=run, args=("second", body))
+        second.start()
+        time.sleep(0.5)
+        full = httpx.post(f"{srv.url}/v1/completions", json=body, timeout=30)
+        assert full.status_code == 503 and full.headers.get("retry-after")
+        assert full.json()["error"]["code"] == "queue_full"
+
+        srv.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert httpx.get(f"{srv.url}/ready").status_code == 503
+        refused = httpx.post(f"{srv.url}/v1/completions", json=body, timeout=30)
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutting_down"
+        first.join()
+        second.join()
+        assert results["first"].status_code == 200 and results["second"].status_code == 200
+        assert results["second"].json()["usage"]["completion_tokens"] == 40
+        assert srv.proc.wait(timeout=60) == 0
+        log = srv.output()
+        assert '"event": "request"' in log and "Tell me about rivers" not in log  # no prompt text logged
+    finally:
+        srv.stop()
+
+
+def test_startup_failures_one_line(cache_dir):
+    r = subprocess.run([sys.executable, "-m", "tierlm.cli", "serve", "--model", "no-such-model", "--port", "0"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1 and "unknown model" in r.stderr
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "tierlm.cli", "serve", "--port", str(port)],
+                           capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1 and "cannot listen" in r.stderr
