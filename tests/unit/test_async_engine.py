@@ -18,7 +18,7 @@ def engine(tiny_llama):
 
 def test_streams_outputs_and_counts(engine):
     finished = []
-    ae = AsyncEngine(engine, on_finish=finished.append)
+    ae = AsyncEngine(lambda: engine, on_finish=finished.append)
     ae.start()
 
     async def run():
@@ -36,7 +36,7 @@ def test_streams_outputs_and_counts(engine):
 
 
 def test_step_failure_fails_callers_and_marks_unhealthy(engine, monkeypatch):
-    ae = AsyncEngine(engine)
+    ae = AsyncEngine(lambda: engine)
 
     def boom():
         raise RuntimeError("kernel exploded")
@@ -55,3 +55,11 @@ def test_step_failure_fails_callers_and_marks_unhealthy(engine, monkeypatch):
         ae.check_admission()
     monkeypatch.undo()
     engine.abort_request("r2")
+
+
+def test_load_failure_surfaces_in_start():
+    def broken():
+        raise ValueError("unknown model 'x'")
+
+    with pytest.raises(ValueError, match="unknown model"):
+        AsyncEngine(broken).start()

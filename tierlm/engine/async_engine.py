@@ -6,6 +6,10 @@ queue that the engine thread applies between steps (so an abort takes effect wit
 one step), and outputs come back through `loop.call_soon_threadsafe`. Torch releases
 the GIL inside its kernels, so HTTP handling proceeds while a step runs.
 
+The engine is also built on that thread: torch keeps a thread pool per calling thread,
+and loading on one thread then computing on another ran decode steps ~60% slower here
+(two OpenMP teams on two cores).
+
 If a step raises, every in-flight request receives an `EngineDeadError` and the engine
 is marked unhealthy instead of hanging its callers.
 """
@@ -88,10 +92,13 @@ class FinishedRequest:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, *, max_queued_requests: int = 1024,
+    def __init__(self, engine_factory: Callable[[], LLMEngine], *, max_queued_requests: int = 1024,
                  on_finish: Callable[[FinishedRequest], None] | None = None,
                  on_step: Callable[[EngineStats], None] | None = None) -> None:
-        self.engine = engine
+        self._factory = engine_factory
+        self.engine: LLMEngine | None = None
+        self._loaded = threading.Event()
+        self._load_error: BaseException | None = None
         self.max_queued = max_queued_requests
         self.on_finish = on_finish or (lambda f: None)
         self.on_step = on_step or (lambda s: None)
@@ -113,8 +120,13 @@ class AsyncEngine:
     def num_inflight(self) -> int:
         return self._inflight
 
-    def start(self) -> None:
+    def start(self) -> LLMEngine:
+        """Start the engine thread, build the engine on it, and return it (load errors re-raised here)."""
         self._thread.start()
+        self._loaded.wait()
+        if self._load_error is not None:
+            raise self._load_error
+        return self.engine
 
     def shutdown(self) -> None:
         self._stop.set()
@@ -160,6 +172,13 @@ class AsyncEngine:
 
     # ---- engine thread ------------------------------------------------------------------
     def _run(self) -> None:
+        try:
+            self.engine = self._factory()
+        except BaseException as e:  # noqa: BLE001 - handed to start() on the caller's thread
+            self._load_error = e
+            return
+        finally:
+            self._loaded.set()
         while not self._stop.is_set():
             self._apply_commands()
             if not self.engine.has_unfinished_requests():

@@ -27,6 +27,7 @@ class IncrementalDetokenizer:
         self.text = ""  # all output text so far (stop string excluded unless asked)
         self.emitted = 0  # chars of `text` already handed out as deltas
         self.stopped_on: str | None = None
+        self._stop_at = 0  # index in `text` where `stopped_on` begins
 
     def add(self, token_id: int) -> None:
         """Append one output token; sets `stopped_on` when a stop string appears."""

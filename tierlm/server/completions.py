@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from tierlm.outputs import CompletionOutput, RequestOutput
+from tierlm.outputs import RequestOutput
 from tierlm.request import TokenLogprob
 from tierlm.server import common
 from tierlm.server.common import SSE_DONE, ServerState, sse
@@ -40,8 +40,7 @@ def _prompts(state: ServerState, req: CompletionRequest) -> tuple[list[list[int]
     return ids, texts
 
 
-def _logprobs(state: ServerState, c: CompletionOutput, token_ids: list[int], lps: list[TokenLogprob],
-              offset: int) -> dict:
+def _logprobs(state: ServerState, token_ids: list[int], lps: list[TokenLogprob], offset: int) -> dict:
     text = state.tokenizer.token_text
     tokens = [text(t) for t in token_ids]
     offsets, pos = [], offset
@@ -79,7 +78,7 @@ async def create(request: Request, req: CompletionRequest, state: ServerState):
     for pi in range(len(ids)):
         for c in finals[pi].outputs:
             prefix = texts[pi] if req.echo else ""
-            lp = (_logprobs(state, c, c.token_ids, c.logprobs or [], len(prefix))
+            lp = (_logprobs(state, c.token_ids, c.logprobs or [], len(prefix))
                   if req.logprobs is not None else None)
             choices.append({"index": pi * req.n + c.index, "text": prefix + c.text, "logprobs": lp,
                             "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
@@ -108,7 +107,7 @@ async def _stream(state: ServerState, req: CompletionRequest, gen: AsyncIterator
                 lp = None
                 if req.logprobs is not None and c.delta_token_ids:
                     new = c.logprobs[len(c.logprobs) - len(c.delta_token_ids):]
-                    lp = _logprobs(state, c, c.delta_token_ids, new, offsets.get(index, 0))
+                    lp = _logprobs(state, c.delta_token_ids, new, offsets.get(index, 0))
                 offsets[index] = offsets.get(index, 0) + len(c.delta_text)
                 sent_tokens[index] = sent_tokens.get(index, 0) + len(c.delta_token_ids)
                 yield sse({**base, "choices": [{"index": index, "text": c.delta_text, "logprobs": lp,

@@ -111,7 +111,6 @@ class _Server(uvicorn.Server):
 def serve(config: EngineConfig, opts: ServeOptions) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     sock = _bind(opts.host, opts.port)  # before loading: a busy port fails in milliseconds
-    engine = LLMEngine(config, progress=sys.stderr.isatty())
     name = opts.served_model_name or config.model
     metrics = Metrics(name)
 
@@ -119,15 +118,20 @@ def serve(config: EngineConfig, opts: ServeOptions) -> None:
         metrics.on_finish(f)
         _log_request(f)
 
-    async_engine = AsyncEngine(engine, max_queued_requests=opts.max_queued_requests,
+    async_engine = AsyncEngine(lambda: LLMEngine(config, progress=sys.stderr.isatty()),
+                               max_queued_requests=opts.max_queued_requests,
                                on_finish=on_finish, on_step=metrics.on_step)
+    try:
+        engine = async_engine.start()
+    except BaseException:
+        sock.close()
+        raise
     state = ServerState(async_engine, engine.tokenizer, name, engine.max_model_len,
                         engine.model_config.vocab_size)
     app = create_app(state, metrics, list(opts.api_keys))
     uv_config = uvicorn.Config(app, host=opts.host, port=opts.port, log_level="warning", access_log=False,
                                timeout_graceful_shutdown=2, lifespan="off")
     server = _Server(uv_config, state, opts.shutdown_timeout)
-    async_engine.start()
     try:
         server.run(sockets=[sock])
     finally:
