@@ -22,7 +22,7 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from tierlm.engine.llm_engine import LLMEngine
 from tierlm.outputs import RequestOutput
@@ -88,7 +88,6 @@ class FinishedRequest:
     output: RequestOutput | None
     timing: RequestTiming
     aborted: bool = False
-    extra: dict = field(default_factory=dict)
 
 
 class AsyncEngine:
