@@ -10,18 +10,28 @@ from pathlib import Path
 import torch
 
 
-def llama_cpp_model(path: Path, n_ctx: int, n_threads: int):
-    """llama-cpp-python's Llama on `path`, with the extra (AMX) buffer types off: they crash in this VM."""
+def disable_llama_cpp_extra_bufts() -> None:
+    """llama.cpp's extra (AMX) buffer types crash inside this VM: switch them off for every model."""
     import llama_cpp
 
     default = llama_cpp.llama_cpp.llama_model_default_params
+    if getattr(default, "tierlm_patched", False):
+        return
 
     def params():
         p = default()
         p.use_extra_bufts = False
         return p
 
+    params.tierlm_patched = True
     llama_cpp.llama_cpp.llama_model_default_params = params
+
+
+def llama_cpp_model(path: Path, n_ctx: int, n_threads: int):
+    """llama-cpp-python's Llama on `path` (the benchmark peer)."""
+    import llama_cpp
+
+    disable_llama_cpp_extra_bufts()
     return llama_cpp.Llama(str(path), n_ctx=n_ctx, n_threads=n_threads, n_batch=512, verbose=False)
 
 

@@ -8,20 +8,14 @@ this VM, so they are switched off before the model loads. Needs the server extra
 """
 
 import sys
+from pathlib import Path
 
-import llama_cpp
 import uvicorn
 
-_default = llama_cpp.llama_cpp.llama_model_default_params
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import disable_llama_cpp_extra_bufts  # noqa: E402
 
-
-def _params():
-    p = _default()
-    p.use_extra_bufts = False
-    return p
-
-
-llama_cpp.llama_cpp.llama_model_default_params = _params
+disable_llama_cpp_extra_bufts()
 
 from llama_cpp.server.app import create_app  # noqa: E402
 from llama_cpp.server.settings import ModelSettings, ServerSettings  # noqa: E402

@@ -12,8 +12,8 @@ from tierlm.loader.chat_template import ChatTemplateError
 from tierlm.outputs import RequestOutput
 from tierlm.request import TokenLogprob
 from tierlm.server import common
-from tierlm.server.common import SSE_DONE, ServerState, sse
-from tierlm.server.errors import APIError, bad_request, sse_error
+from tierlm.server.common import ServerState, sse
+from tierlm.server.errors import bad_request
 from tierlm.server.protocol import ChatCompletionRequest, ChatMessage
 
 
@@ -57,7 +57,8 @@ async def create(request: Request, req: ChatCompletionRequest, state: ServerStat
     base = {"id": rid, "object": "chat.completion", "created": common.now(), "model": state.model_name}
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        body = _stream(state, req, gen, {**base, "object": "chat.completion.chunk"}, len(ids), include_usage)
+        events = _stream(state, req, gen, {**base, "object": "chat.completion.chunk"}, len(ids), include_usage)
+        body = common.framed(events, gen)
         return StreamingResponse(common.until_disconnect(request, body), media_type="text/event-stream")
     out = (await common.collect(request, gen))[0]
     choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
@@ -70,27 +71,20 @@ async def create(request: Request, req: ChatCompletionRequest, state: ServerStat
 async def _stream(state: ServerState, req: ChatCompletionRequest, gen: AsyncIterator[tuple[int, RequestOutput]],
                   base: dict, prompt_tokens: int, include_usage: bool):
     completion_tokens = 0
-    try:
-        for k in range(req.n):
-            yield sse({**base, "choices": [{"index": k, "delta": {"role": "assistant", "content": ""},
-                                            "logprobs": None, "finish_reason": None}]})
-        async for _, out in gen:
-            for c in out.outputs:
-                if not (c.delta_text or c.delta_token_ids or c.finish_reason):
-                    continue
-                lp = None
-                if req.logprobs and c.delta_token_ids:
-                    lp = _logprobs(state, c.delta_token_ids, c.logprobs[len(c.logprobs) - len(c.delta_token_ids):])
-                delta = {"content": c.delta_text} if c.delta_text else {}
-                yield sse({**base, "choices": [{"index": c.index, "delta": delta, "logprobs": lp,
-                                                "finish_reason": c.finish_reason}]})
-                if c.finish_reason:
-                    completion_tokens += len(c.token_ids)
-        if include_usage:
-            yield sse({**base, "choices": [], "usage": common.usage(prompt_tokens, completion_tokens)})
-        yield SSE_DONE
-    except APIError as e:
-        yield sse_error(e)
-        yield SSE_DONE
-    finally:
-        await gen.aclose()
+    for k in range(req.n):
+        yield sse({**base, "choices": [{"index": k, "delta": {"role": "assistant", "content": ""},
+                                        "logprobs": None, "finish_reason": None}]})
+    async for _, out in gen:
+        for c in out.outputs:
+            if not (c.delta_text or c.delta_token_ids or c.finish_reason):
+                continue
+            lp = None
+            if req.logprobs and c.delta_token_ids:
+                lp = _logprobs(state, c.delta_token_ids, c.logprobs[len(c.logprobs) - len(c.delta_token_ids):])
+            delta = {"content": c.delta_text} if c.delta_text else {}
+            yield sse({**base, "choices": [{"index": c.index, "delta": delta, "logprobs": lp,
+                                            "finish_reason": c.finish_reason}]})
+            if c.finish_reason:
+                completion_tokens += len(c.token_ids)
+    if include_usage:
+        yield sse({**base, "choices": [], "usage": common.usage(prompt_tokens, completion_tokens)})

@@ -17,7 +17,7 @@ from tierlm.engine.llm_engine import InvalidRequest
 from tierlm.loader.tokenizer import TextTokenizer
 from tierlm.outputs import RequestOutput
 from tierlm.sampling_params import SamplingParams, SamplingParamsError
-from tierlm.server.errors import APIError, bad_request
+from tierlm.server.errors import APIError, bad_request, sse_error
 from tierlm.server.protocol import _SamplingFields
 
 _DISCONNECT_POLL_S = 0.05
@@ -190,6 +190,20 @@ async def until_disconnect(request: Request, chunks: AsyncIterator[str]) -> Asyn
             step.cancel()  # cancels the engine wait, which sends the abort
             await asyncio.gather(step, return_exceptions=True)
         await chunks.aclose()
+
+
+async def framed(events: AsyncIterator[str], gen: AsyncIterator) -> AsyncIterator[str]:
+    """An SSE body: `events`, then [DONE]. An APIError raised mid-stream (the status line is
+    already sent) becomes an error event. Closes `events` and the engine generator `gen`."""
+    try:
+        async for event in events:
+            yield event
+    except APIError as e:
+        yield sse_error(e)
+    finally:
+        await events.aclose()
+        await gen.aclose()
+    yield SSE_DONE
 
 
 def sse(payload: dict) -> str:

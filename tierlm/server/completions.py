@@ -11,8 +11,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from tierlm.outputs import RequestOutput
 from tierlm.request import TokenLogprob
 from tierlm.server import common
-from tierlm.server.common import SSE_DONE, ServerState, sse
-from tierlm.server.errors import APIError, bad_request, sse_error
+from tierlm.server.common import ServerState, sse
+from tierlm.server.errors import bad_request
 from tierlm.server.protocol import CompletionRequest
 
 
@@ -71,7 +71,7 @@ async def create(request: Request, req: CompletionRequest, state: ServerState):
     base = {"id": rid, "object": "text_completion", "created": common.now(), "model": state.model_name}
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        body = _stream(state, req, gen, base, ids, texts, include_usage)
+        body = common.framed(_stream(state, req, gen, base, ids, texts, include_usage), gen)
         return StreamingResponse(common.until_disconnect(request, body), media_type="text/event-stream")
     finals = await common.collect(request, gen)
     choices, completion_tokens = [], 0
@@ -89,37 +89,28 @@ async def create(request: Request, req: CompletionRequest, state: ServerState):
 
 async def _stream(state: ServerState, req: CompletionRequest, gen: AsyncIterator[tuple[int, RequestOutput]],
                   base: dict, ids: list[list[int]], texts: list[str], include_usage: bool):
-    sent_tokens: dict[int, int] = {}
     offsets: dict[int, int] = {}
     completion_tokens = 0
-    try:
-        if req.echo:
-            for pi, text in enumerate(texts):
-                for k in range(req.n):
-                    offsets[pi * req.n + k] = len(text)
-                    yield sse({**base, "choices": [{"index": pi * req.n + k, "text": text, "logprobs": None,
-                                                    "finish_reason": None}]})
-        async for pi, out in gen:
-            for c in out.outputs:
-                index = pi * req.n + c.index
-                if not (c.delta_text or c.delta_token_ids or c.finish_reason):
-                    continue
-                lp = None
-                if req.logprobs is not None and c.delta_token_ids:
-                    new = c.logprobs[len(c.logprobs) - len(c.delta_token_ids):]
-                    lp = _logprobs(state, c.delta_token_ids, new, offsets.get(index, 0))
-                offsets[index] = offsets.get(index, 0) + len(c.delta_text)
-                sent_tokens[index] = sent_tokens.get(index, 0) + len(c.delta_token_ids)
-                yield sse({**base, "choices": [{"index": index, "text": c.delta_text, "logprobs": lp,
-                                                "finish_reason": c.finish_reason,
-                                                "stop_reason": c.stop_reason if c.finish_reason else None}]})
-                if c.finish_reason:
-                    completion_tokens += len(c.token_ids)
-        if include_usage:
-            yield sse({**base, "choices": [], "usage": common.usage(sum(len(p) for p in ids), completion_tokens)})
-        yield SSE_DONE
-    except APIError as e:
-        yield sse_error(e)
-        yield SSE_DONE
-    finally:
-        await gen.aclose()
+    if req.echo:
+        for pi, text in enumerate(texts):
+            for k in range(req.n):
+                offsets[pi * req.n + k] = len(text)
+                yield sse({**base, "choices": [{"index": pi * req.n + k, "text": text, "logprobs": None,
+                                                "finish_reason": None}]})
+    async for pi, out in gen:
+        for c in out.outputs:
+            index = pi * req.n + c.index
+            if not (c.delta_text or c.delta_token_ids or c.finish_reason):
+                continue
+            lp = None
+            if req.logprobs is not None and c.delta_token_ids:
+                new = c.logprobs[len(c.logprobs) - len(c.delta_token_ids):]
+                lp = _logprobs(state, c.delta_token_ids, new, offsets.get(index, 0))
+            offsets[index] = offsets.get(index, 0) + len(c.delta_text)
+            yield sse({**base, "choices": [{"index": index, "text": c.delta_text, "logprobs": lp,
+                                            "finish_reason": c.finish_reason,
+                                            "stop_reason": c.stop_reason if c.finish_reason else None}]})
+            if c.finish_reason:
+                completion_tokens += len(c.token_ids)
+    if include_usage:
+        yield sse({**base, "choices": [], "usage": common.usage(sum(len(p) for p in ids), completion_tokens)})
