@@ -53,7 +53,6 @@ class _Stream:
     queue: asyncio.Queue
     timing: RequestTiming
     prompt_len: int
-    done: bool = False
 
 
 @dataclass

@@ -16,7 +16,8 @@ from tierlm.server.errors import bad_request
 from tierlm.server.protocol import CompletionRequest
 
 
-def _prompts(state: ServerState, req: CompletionRequest) -> tuple[list[list[int]], list[str]]:
+def _prompt_items(req: CompletionRequest) -> list[str | list[int]]:
+    """The request's prompts as a list: each a string or a list of token ids."""
     p = req.prompt
     if isinstance(p, str):
         items: list = [p]
@@ -26,18 +27,7 @@ def _prompts(state: ServerState, req: CompletionRequest) -> tuple[list[list[int]
         items = list(p)
     if not items:
         raise bad_request("the prompt is empty", "prompt")
-    ids, texts = [], []
-    for item in items:
-        if isinstance(item, str):
-            ids.append(state.tokenizer.encode(item))
-            texts.append(item)
-        else:
-            ids.append(list(item))
-            bad = [t for t in item if not 0 <= t < state.vocab_size]
-            if bad:
-                raise bad_request(f"prompt token ids must be in [0, {state.vocab_size}), got {bad[0]}", "prompt")
-            texts.append(state.tokenizer.decode(list(item)))
-    return ids, texts
+    return items
 
 
 def _logprobs(state: ServerState, token_ids: list[int], lps: list[TokenLogprob], offset: int) -> dict:
@@ -62,9 +52,11 @@ async def create(request: Request, req: CompletionRequest, state: ServerState):
     if req.max_tokens is not None and req.max_tokens < 1:
         raise bad_request("max_tokens must be >= 1", "max_tokens")
     params = common.sampling_params(req, max_tokens=req.max_tokens, logprobs=req.logprobs)
-    ids, texts = _prompts(state, req)
+    items = _prompt_items(req)
+    ids = [state.tokenizer.encode(i) if isinstance(i, str) else list(i) for i in items]
     for p in ids:
-        common.validate(state, p, params)
+        common.validate(state, p, params)  # checks token ids too, so decoding below is safe
+    texts = [i if isinstance(i, str) else state.tokenizer.decode(p) for i, p in zip(items, ids)]
     common.admit(state)
     rid = common.new_id("cmpl")
     gen = common.merged(state, rid, ids, params, req.priority)
