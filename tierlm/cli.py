@@ -164,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     from tierlm.engine.llm_engine import InvalidRequest
     from tierlm.loader.bundled import ModelNotFound
     from tierlm.loader.chat_template import ChatTemplateError
+    from tierlm.loader.configs import ConfigReadError
     from tierlm.loader.gguf import GGUFError
     from tierlm.loader.tokenizer import TokenizerError
     from tierlm.loader.weights import WeightsError
@@ -171,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     from tierlm.server.run import StartupError
 
     user_errors = (CLIError, StartupError, ConfigError, SamplingParamsError, InvalidRequest, ModelNotFound, GGUFError,
-                   TokenizerError, WeightsError, UnsupportedArchitecture, ChatTemplateError, OSError)
+                   TokenizerError, WeightsError, ConfigReadError, UnsupportedArchitecture, ChatTemplateError,
+                   OSError)
     try:
         args = build_parser().parse_args(argv)
         commands = {"serve": cmd_serve, "generate": cmd_generate, "chat": cmd_chat, "models": cmd_models}

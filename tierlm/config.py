@@ -22,6 +22,27 @@ def _require(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+FULL_ATTENTION = "full_attention"
+SLIDING_ATTENTION = "sliding_attention"
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """Sparse feed-forward blocks (Mixtral, Qwen2-MoE, Qwen3-MoE)."""
+
+    num_experts: int
+    top_k: int
+    intermediate_size: int  # per routed expert
+    norm_topk_prob: bool  # renormalise the top-k probabilities to sum to 1
+    shared_intermediate_size: int = 0  # Qwen2-MoE's sigmoid-gated shared expert; 0 = none
+    sparse_layers: tuple[int, ...] | None = None  # None = every layer is sparse
+
+    def __post_init__(self) -> None:
+        _require(self.num_experts > 0 and 0 < self.top_k <= self.num_experts,
+                 "model config: MoE top_k must be in [1, num_experts]")
+        _require(self.intermediate_size > 0, "model config: MoE intermediate_size must be > 0")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Architecture hyper-parameters, filled from GGUF metadata or an HF config.json."""
@@ -42,6 +63,16 @@ class ModelConfig:
     attention_bias: bool = False  # q/k/v projections carry a bias (Qwen2)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    hidden_act: str = "silu"  # gated-MLP activation: "silu" (SwiGLU) or "gelu_tanh" (GeGLU)
+    qk_norm: bool = False  # RMSNorm over each q/k head before RoPE (Qwen3, Gemma 3)
+    # Per layer FULL_ATTENTION or SLIDING_ATTENTION; () = every layer full.
+    layer_types: tuple[str, ...] = ()
+    sliding_window: int | None = None  # a sliding layer's query at p sees keys in (p - window, p]
+    rope_local_theta: float | None = None  # RoPE base of sliding layers when it differs (Gemma 3)
+    attn_scale: float | None = None  # None = head_dim ** -0.5
+    attn_logit_softcap: float | None = None  # tanh soft-capping of attention scores
+    final_logit_softcap: float | None = None  # tanh soft-capping of output logits
+    moe: MoEConfig | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
@@ -50,6 +81,23 @@ class ModelConfig:
         _require(self.num_heads % self.num_kv_heads == 0,
                  "model config: num_heads must be a multiple of num_kv_heads")
         _require(self.head_dim % 2 == 0, "model config: head_dim must be even (RoPE)")
+        _require(self.hidden_act in ("silu", "gelu_tanh"),
+                 f"model config: unsupported activation {self.hidden_act!r} (supported: silu, gelu_tanh)")
+        _require(not self.layer_types or len(self.layer_types) == self.num_layers,
+                 "model config: layer_types must name every layer")
+        _require(set(self.layer_types) <= {FULL_ATTENTION, SLIDING_ATTENTION},
+                 f"model config: layer types must be {FULL_ATTENTION!r} or {SLIDING_ATTENTION!r}")
+        _require(SLIDING_ATTENTION not in self.layer_types or (self.sliding_window or 0) > 0,
+                 "model config: sliding layers need sliding_window > 0")
+
+    def layer_window(self, layer: int) -> int | None:
+        """Keys a layer's query can see back (itself included); None = the whole context."""
+        if self.layer_types and self.layer_types[layer] == SLIDING_ATTENTION:
+            return self.sliding_window
+        return None
+
+    def is_sparse_layer(self, layer: int) -> bool:
+        return self.moe is not None and (self.moe.sparse_layers is None or layer in self.moe.sparse_layers)
 
 
 @dataclass(frozen=True)

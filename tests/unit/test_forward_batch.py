@@ -8,20 +8,40 @@ from tierlm.sampling_params import SamplingParams
 from tierlm.scheduler.output import ScheduledRequest, SchedulerOutput
 
 
-def sched(rid, tokens, start, table, sample):
-    return ScheduledRequest(rid, tokens, start, table, sample, SamplingParams(), 0, tokens, [])
+def sched(rid, tokens, start, tables, sample):
+    """`tables`: one block table, or a list of them (one per KV group)."""
+    tables = tables if tables and isinstance(tables[0], list) else [tables]
+    return ScheduledRequest(rid, tokens, start, tables, sample, SamplingParams(), 0, tokens, [])
 
 
 def test_flatten_two_requests():
     out = SchedulerOutput([sched("a", [5, 6, 7, 8, 9], 0, [3, 4], False), sched("b", [42], 17, [1, 2], True)])
     b = build(out, block_size=16)
+    (attn,) = b.attn
     assert b.input_ids.tolist() == [5, 6, 7, 8, 9, 42]
     assert b.positions.tolist() == [0, 1, 2, 3, 4, 17]
-    assert b.attn.slot_mapping.tolist() == [48, 49, 50, 51, 52, 2 * 16 + 1]
+    assert attn.slot_mapping.tolist() == [48, 49, 50, 51, 52, 2 * 16 + 1]
     assert b.logits_indices.tolist() == [5] and b.sample_request_ids == ["b"]
-    rows = b.attn.tile_rows.tolist()
+    rows = attn.tile_rows.tolist()
     assert len(rows) == 2 + 1 and all(len(r) == QUERY_TILE for r in rows)
     # every token maps back to its own row through the tiles
     flat = [r for tile in rows for r in tile]
-    assert [flat[i] for i in b.attn.token_tile_index.tolist()] == list(range(6))
-    assert b.attn.tile_blocks[-1, :2].tolist() == [1, 2] and b.attn.num_key_tiles == 1
+    assert [flat[i] for i in attn.token_tile_index.tolist()] == list(range(6))
+    assert attn.tile_blocks[-1, :2].tolist() == [1, 2] and attn.num_key_tiles == 1
+
+
+def test_groups_get_their_own_slots_and_a_window_skips_dead_tiles():
+    """Two KV groups (full, window 130): own slot mappings; tiles behind every window skipped."""
+    full = list(range(1, 22))  # 21 blocks of 16 -> positions up to 335
+    sliding = [0] * 8 + list(range(30, 43))  # blocks 0..7 released (positions < 128)
+    out = SchedulerOutput([sched("a", [7, 8], 300, [full, sliding], True)])
+    b = build(out, block_size=16, windows=(None, 130))
+    f, w = b.attn
+    assert f.window is None and w.window == 130
+    assert f.slot_mapping.tolist() == [full[300 // 16] * 16 + 300 % 16, full[301 // 16] * 16 + 301 % 16]
+    assert w.slot_mapping.tolist() == [sliding[300 // 16] * 16 + 300 % 16, sliding[301 // 16] * 16 + 301 % 16]
+    assert f.num_key_tiles == w.num_key_tiles == 3  # context 302 -> key tiles 0..2
+    # position 300 sees keys > 170: tile 0 (0..127) is dead for every query, tile 1 is not
+    assert f.first_key_tile == 0 and w.first_key_tile == 1
+    assert w.tile_blocks.shape[1] == 2 * (128 // 16)
+    assert w.tile_blocks[0].tolist() == sliding[8:24] + [0] * (16 - len(sliding[8:24]))

@@ -16,7 +16,10 @@ import torch
 
 @dataclass(frozen=True)
 class AttentionMetadata:
-    """Per-step attention inputs, built by runner/forward_batch.py (pure, CPU-side).
+    """Per-step attention inputs of one KV group, built by runner/forward_batch.py (pure).
+
+    The tile fields are shared by every group of a step; the slots and tables are the
+    group's own (see kv_cache/layout.py).
 
     slot_mapping:  [T] flat cache slot (block * block_size + offset) of each token's K/V.
     tile_rows:     [Qt, Tq] token row of each query in each query tile (padded rows repeat
@@ -26,6 +29,9 @@ class AttentionMetadata:
                    block 0 (always masked out).
     token_tile_index: [T] index of each token in the flattened [Qt * Tq] tile rows.
     num_key_tiles: key tiles to visit, enough for the longest context in the step.
+    first_key_tile: the first key tile any query of the step can see (sliding windows
+                   skip tiles wholly behind every window; their blocks may be freed).
+    window:        sliding window of the group's layers (None = full causal attention).
     """
 
     slot_mapping: torch.Tensor
@@ -34,6 +40,8 @@ class AttentionMetadata:
     tile_blocks: torch.Tensor
     token_tile_index: torch.Tensor
     num_key_tiles: int
+    first_key_tile: int = 0
+    window: int | None = None
 
 
 class AttentionBackend(Protocol):

@@ -7,6 +7,11 @@ the softmax is accumulated online over key tiles in order. A key tile lying whol
 beyond a query's position is an exact no-op for that query (max unchanged, scale
 exp(0) = 1, zero weights), so a query's result depends only on its own context, not
 on how many tokens share its step or chunk.
+
+Sliding windows mask keys at or before `position - window`; a tile a query cannot see
+at all stays an exact no-op for it (a running max of -inf is shifted by 0 instead,
+so nothing becomes NaN), which is why tiles behind every window are simply skipped.
+Soft-capping (Gemma 2 style) squashes scores with cap * tanh(score / cap) before masking.
 """
 
 from __future__ import annotations
@@ -21,12 +26,13 @@ KEY_TILE = 128
 
 class TorchPagedAttention:
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
-                 block_size: int) -> None:
+                 block_size: int, softcap: float | None = None) -> None:
         if KEY_TILE % block_size:
             raise ValueError(f"block_size {block_size} must divide the key tile {KEY_TILE}")
         self.h, self.hkv, self.d = num_heads, num_kv_heads, head_dim
         self.group = num_heads // num_kv_heads
         self.scale = scale
+        self.softcap = softcap
         self.block_size = block_size
         self.blocks_per_tile = KEY_TILE // block_size
 
@@ -49,19 +55,28 @@ class TorchPagedAttention:
         m = torch.full((qt * hkv, tq * g, 1), float("-inf"))
         denom = torch.zeros((qt * hkv, tq * g, 1))
         acc = torch.zeros((qt * hkv, tq * g, d))
-        # Whole visible context once per layer: [Qt * Hkv, key tiles * KEY_TILE, D].
-        blocks = meta.tile_blocks[:, : meta.num_key_tiles * self.blocks_per_tile]
-        keys, values = self._gather(k_cache, blocks), self._gather(v_cache, blocks)
+        # Visible context once per layer: [Qt * Hkv, key tiles * KEY_TILE, D] (tile_blocks
+        # starts at first_key_tile).
+        first, window = meta.first_key_tile, meta.window
+        keys, values = self._gather(k_cache, meta.tile_blocks), self._gather(v_cache, meta.tile_blocks)
         key_offsets = torch.arange(KEY_TILE)
-        for j in range(meta.num_key_tiles):
-            span = slice(j * KEY_TILE, (j + 1) * KEY_TILE)
+        for j in range(first, meta.num_key_tiles):
+            span = slice((j - first) * KEY_TILE, (j - first + 1) * KEY_TILE)
             s = torch.bmm(qtiles, keys[:, span].transpose(1, 2))
-            visible = (j * KEY_TILE + key_offsets).view(1, 1, 1, 1, KEY_TILE) <= qpos
+            if self.softcap is not None:
+                s = torch.tanh(s / self.softcap) * self.softcap
+            key_pos = (j * KEY_TILE + key_offsets).view(1, 1, 1, 1, KEY_TILE)
+            visible = key_pos <= qpos
+            if window is not None:
+                visible = visible & (key_pos > qpos - window)
             visible = visible.expand(qt, hkv, tq, g, KEY_TILE).reshape(qt * hkv, tq * g, KEY_TILE)
             s = s.masked_fill(~visible, float("-inf"))
             m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
-            alpha = torch.exp(m - m_new)
-            p = torch.exp(s - m_new)
+            shift = m_new
+            if window is not None:  # rows that have seen no key yet: exp(-inf - 0) = 0, not NaN
+                shift = torch.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = torch.exp(m - shift)
+            p = torch.exp(s - shift)
             denom = denom * alpha + p.sum(dim=-1, keepdim=True)
             acc = acc * alpha + torch.bmm(p, values[:, span])
             m = m_new

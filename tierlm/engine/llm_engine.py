@@ -21,7 +21,7 @@ from tierlm.loader import model_loader
 from tierlm.outputs import CompletionOutput, RequestOutput
 from tierlm.request import Request, RequestStatus
 from tierlm.runner import kernel_probe
-from tierlm.runner.model_runner import ModelRunner, num_kv_blocks
+from tierlm.runner.model_runner import ModelRunner, layout_for, num_kv_blocks
 from tierlm.sampling_params import SamplingParams
 from tierlm.scheduler.scheduler import Scheduler
 
@@ -66,7 +66,7 @@ class LLMEngine:
         ctx = self.model_config.max_position_embeddings
         self.max_model_len = min(config.scheduler.max_model_len or ctx, ctx)
         blocks = num_kv_blocks(self.model_config, config.cache, config.torch_dtype)
-        self.kv = KVCacheManager(blocks, config.cache.block_size)
+        self.kv = KVCacheManager(blocks, config.cache.block_size, layout_for(self.model_config).windows)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.model_config.eos_token_ids)
         self.runner = ModelRunner(self.loaded.model, self.model_config, blocks, config.cache.block_size,
                                   config.torch_dtype)
@@ -104,9 +104,10 @@ class LLMEngine:
             raise InvalidRequest(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
                                  f"context length of {self.max_model_len}", param="max_tokens",
                                  code="context_length_exceeded")
-        if -(-total // self.kv.block_size) > self.kv.pool.num_usable:
-            raise InvalidRequest(f"the request needs {total} tokens of KV cache; the cache holds "
-                                 f"{self.kv.pool.num_usable * self.kv.block_size}", param="max_tokens")
+        need = self.kv.max_blocks(total, self.scheduler.chunk)
+        if need > self.kv.pool.num_usable:
+            raise InvalidRequest(f"the request needs {need} blocks of KV cache ({total} tokens); the cache "
+                                 f"holds {self.kv.pool.num_usable}", param="max_tokens")
         return total
 
     def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None,
@@ -152,7 +153,7 @@ class LLMEngine:
         if not self.kv.allocate(probe, len(ids)):
             raise InvalidRequest("not enough free KV cache to score this prompt now")
         try:
-            return self.runner.all_logits(ids, self.kv.block_table(probe))
+            return self.runner.all_logits(ids, self.kv.block_tables(probe))
         finally:
             self.kv.free(probe)
 

@@ -1,37 +1,92 @@
-"""KVCacheManager: per-request block tables on top of the BlockPool.
+"""KVCacheManager: per-request block tables (one per KV group) on top of one BlockPool.
 
-A request owns `ceil(tokens_with_kv / block_size)` blocks, allocated as its
-`num_computed_tokens` advances and all released on finish, abort or preemption.
+A request's table in a group covers `ceil(tokens_with_kv / block_size)` positions'
+blocks, allocated as its `num_computed_tokens` advances and all released on finish,
+abort or preemption. In a sliding-window group, blocks whose positions no future query
+can see (all below `num_computed - window + 1`) are released as the request advances and
+their table entries become the null block, so table index = position // block_size
+holds in every group. Preemption recomputes from position 0 with fresh blocks.
 """
 
 from __future__ import annotations
 
-from tierlm.kv_cache.block_pool import BlockPool
+from dataclasses import dataclass, field
+
+from tierlm.kv_cache.block_pool import NULL_BLOCK, BlockPool
+
+
+@dataclass
+class _Tables:
+    tables: list[list[int]]
+    dropped: list[int] = field(default_factory=list)  # leading entries released, per group
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, windows: tuple[int | None, ...] = (None,)) -> None:
         self.pool = BlockPool(num_blocks)
         self.block_size = block_size
-        self.tables: dict[str, list[int]] = {}
+        self.windows = windows
+        self._requests: dict[str, _Tables] = {}
 
-    def blocks_needed(self, request_id: str, total_tokens: int) -> int:
-        have = len(self.tables.get(request_id, ()))
-        return max(0, -(-total_tokens // self.block_size) - have)
+    @property
+    def tables(self) -> dict[str, list[list[int]]]:
+        return {rid: t.tables for rid, t in self._requests.items()}
 
-    def allocate(self, request_id: str, total_tokens: int) -> bool:
-        """Ensure blocks for `total_tokens` KV entries; False (nothing taken) if the pool is short."""
-        need = self.blocks_needed(request_id, total_tokens)
-        if need > self.pool.num_free:
+    def _needed(self, t: _Tables | None, total_tokens: int) -> int:
+        want = -(-total_tokens // self.block_size)
+        if t is None:
+            return want * len(self.windows)
+        return sum(max(0, want - len(table)) for table in t.tables)
+
+    def allocate(self, request_id: str, total_tokens: int, num_computed: int = 0) -> bool:
+        """Ensure blocks for `total_tokens` KV entries, the next query being at `num_computed`.
+
+        Returns False (nothing new taken) if the pool is short; blocks out of every future
+        query's window are released first either way.
+        """
+        t = self._requests.get(request_id)
+        if t is not None:
+            self._release_out_of_window(t, num_computed)
+        if self._needed(t, total_tokens) > self.pool.num_free:
             return False
-        self.tables.setdefault(request_id, []).extend(self.pool.allocate(need))
+        if t is None:
+            t = self._requests[request_id] = _Tables([[] for _ in self.windows], [0] * len(self.windows))
+        want = -(-total_tokens // self.block_size)
+        for table in t.tables:
+            if want > len(table):
+                table.extend(self.pool.allocate(want - len(table)))
         return True
 
-    def free(self, request_id: str) -> None:
-        self.pool.free(self.tables.pop(request_id, []))
+    def _release_out_of_window(self, t: _Tables, num_computed: int) -> None:
+        for g, window in enumerate(self.windows):
+            if window is None:
+                continue
+            # Block i is dead when its last position (i+1)*bs - 1 < num_computed - window + 1.
+            dead = max(0, num_computed - window + 1) // self.block_size
+            table = t.tables[g]
+            dead = min(dead, len(table))
+            if dead > t.dropped[g]:
+                self.pool.free(table[t.dropped[g] : dead])
+                table[t.dropped[g] : dead] = [NULL_BLOCK] * (dead - t.dropped[g])
+                t.dropped[g] = dead
 
-    def block_table(self, request_id: str) -> list[int]:
-        return self.tables.get(request_id, [])
+    def free(self, request_id: str) -> None:
+        t = self._requests.pop(request_id, None)
+        if t is not None:
+            for g, table in enumerate(t.tables):
+                self.pool.free(table[t.dropped[g]:])
+
+    def block_tables(self, request_id: str) -> list[list[int]]:
+        t = self._requests.get(request_id)
+        return [list(table) for table in t.tables] if t else [[] for _ in self.windows]
+
+    def max_blocks(self, total_tokens: int, chunk: int) -> int:
+        """Most blocks one request of `total_tokens` can hold at once (prefill chunks <= chunk)."""
+        full = -(-total_tokens // self.block_size)
+        need = 0
+        for window in self.windows:
+            need += full if window is None else min(full, -(-(window + chunk) // self.block_size) + 1)
+        return need
 
     @property
     def usage(self) -> float:
@@ -39,7 +94,12 @@ class KVCacheManager:
 
     def check_integrity(self) -> None:
         self.pool.check_integrity()
-        owned = [b for t in self.tables.values() for b in t]
+        owned = []
+        for t in self._requests.values():
+            for g, table in enumerate(t.tables):
+                assert all(b == NULL_BLOCK for b in table[: t.dropped[g]]), "a released block is still listed"
+                assert NULL_BLOCK not in table[t.dropped[g]:], "a live table entry is the null block"
+                owned.extend(table[t.dropped[g]:])
         assert len(owned) == len(set(owned)), "a KV block is in two block tables"
         assert all(self.pool.ref_counts[b] == 1 for b in owned)
         assert len(owned) == self.pool.num_usable - self.pool.num_free

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from tierlm.config import ModelConfig
-from tierlm.loader import bundled, tokenizer, weights
+from tierlm.loader import bundled, configs, tokenizer, weights
 from tierlm.loader.gguf import GGUFFile
 from tierlm.models.registry import model_class
 
@@ -24,13 +24,24 @@ class LoadedModel:
     gguf: GGUFFile | None = None
 
 
-# Checkpoint tensors fused into one of our parameters: target -> ordered sources.
+# Checkpoint tensors fused into one of our parameters, by the last two name parts
+# (so experts and shared experts fuse like a dense MLP): target -> ordered sources.
 _FUSED = {
-    "self_attn.qkv_proj.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
-    "self_attn.qkv_proj.bias": ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),
-    "mlp.gate_up_proj.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+    "qkv_proj.weight": ("q_proj.weight", "k_proj.weight", "v_proj.weight"),
+    "qkv_proj.bias": ("q_proj.bias", "k_proj.bias", "v_proj.bias"),
+    "gate_up_proj.weight": ("gate_proj.weight", "up_proj.weight"),
 }
 _SOURCE_TO_FUSED = {src: (dst, i) for dst, srcs in _FUSED.items() for i, src in enumerate(srcs)}
+
+
+def _fusion_target(name: str) -> tuple[str, str, int] | None:
+    """'layers.0.mlp.experts.3.up_proj.weight' -> (fused name, its leaf, source index)."""
+    stem, _, leaf_head = name.rpartition(".")[0].rpartition(".")
+    leaf = f"{leaf_head}.{name.rpartition('.')[2]}"
+    if leaf not in _SOURCE_TO_FUSED:
+        return None
+    dst, i = _SOURCE_TO_FUSED[leaf]
+    return f"{stem}.{dst}", dst, i
 
 
 def _fill(model: nn.Module, tensors, dtype: torch.dtype, progress: bool, total: int) -> None:
@@ -41,18 +52,15 @@ def _fill(model: nn.Module, tensors, dtype: torch.dtype, progress: bool, total: 
 
     for name, t in tqdm(tensors, total=total, desc="loading weights", unit="tensor",
                         disable=not progress, leave=False):
-        prefix, _, rest = name.partition(".")
-        if prefix == "layers":
-            idx, _, local = rest.partition(".")
-            if local in _SOURCE_TO_FUSED:
-                dst, i = _SOURCE_TO_FUSED[local]
-                parts = pending.setdefault(f"layers.{idx}.{dst}", {})
-                parts[i] = t
-                if len(parts) == len(_FUSED[dst]):
-                    name, t = f"layers.{idx}.{dst}", torch.cat([parts[j] for j in range(len(parts))])
-                    del pending[name]
-                else:
-                    continue
+        fused = _fusion_target(name)
+        if fused is not None:
+            target, leaf, i = fused
+            parts = pending.setdefault(target, {})
+            parts[i] = t
+            if len(parts) < len(_FUSED[leaf]):
+                continue
+            name, t = target, torch.cat([parts[j] for j in range(len(parts))])
+            del pending[target]
         if name not in params:
             raise weights.WeightsError(f"checkpoint tensor {name!r} has no place in the model")
         if params[name].shape != t.shape:
@@ -73,12 +81,12 @@ def load(model: str, *, dtype: torch.dtype, block_size: int, deterministic: bool
     path = bundled.resolve(model, cache_dir)
     if path.is_file():
         g = GGUFFile(path)
-        cfg = weights.gguf_config(g)
+        cfg = configs.gguf_config(g)
         cls = model_class(cfg.architecture)
         tok = tokenizer.from_gguf(g, cache_dir)
         tensors, total, source = weights.gguf_weights(g, cfg), len(g.tensors), g
     else:
-        cfg = weights.hf_config(path)
+        cfg = configs.hf_config(path)
         cls = model_class(cfg.architecture)
         tok = tokenizer.from_hf_dir(path, cfg.eos_token_ids, cfg.bos_token_id)
         tensors, total, source = weights.hf_weights(path), None, None

@@ -1,8 +1,12 @@
-"""Llama-family decoder (Llama 2/3, SmolLM2, Qwen2): RoPE, RMSNorm, SwiGLU, GQA.
+"""Llama-family decoder: Llama 2/3, SmolLM2, Mistral, Qwen2, Qwen3, Mixtral, Qwen2/3-MoE.
 
-Plain PyTorch over a flat batch: a step's tokens from every request are one [T] row
-of ids, positions give each its place, and the attention backend reads the paged KV
-cache through the metadata. Quantization and kernel choice live in the layers.
+These share one structure (pre-norm blocks of RoPE attention with GQA and a gated MLP)
+and differ only in switches read from the config: q/k/v bias (Qwen2), per-head q/k
+RMSNorm before RoPE (Qwen3), sliding-window layers (Mistral, Qwen2/3 when enabled;
+the window arrives in the attention metadata) and sparse MoE feed-forward blocks
+(layers/moe.py). Plain PyTorch over a flat batch: a step's tokens from every request
+are one [T] row of ids, positions give each its place, and the attention backend
+reads the paged KV cache through per-layer metadata.
 """
 
 from __future__ import annotations
@@ -13,8 +17,9 @@ from torch import nn
 from tierlm.attention.base import AttentionMetadata
 from tierlm.attention.torch_ref import TorchPagedAttention
 from tierlm.config import ModelConfig
-from tierlm.layers.activation import silu_and_mul
 from tierlm.layers.linear import Linear
+from tierlm.layers.mlp import GatedMLP
+from tierlm.layers.moe import SparseMoE
 from tierlm.layers.norm import RMSNorm
 from tierlm.layers.rotary import RotaryEmbedding
 
@@ -27,6 +32,8 @@ class LlamaAttention(nn.Module):
         qkv_out = (self.h + 2 * self.hkv) * self.d
         self.qkv_proj = Linear(cfg.hidden_size, qkv_out, bias=cfg.attention_bias, deterministic=deterministic)
         self.o_proj = Linear(self.h * self.d, cfg.hidden_size, deterministic=deterministic)
+        self.q_norm = RMSNorm(self.d, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.d, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.rope = rope
         self.backend = backend
 
@@ -37,28 +44,23 @@ class LlamaAttention(nn.Module):
         q = q.view(-1, self.h, self.d)
         k = k.view(-1, self.hkv, self.d)
         v = v.view(-1, self.hkv, self.d)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rope(positions, q, k)
         return self.o_proj(self.backend.forward(q, k, v, kv[0], kv[1], meta))
 
 
-class LlamaMLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, deterministic: bool) -> None:
-        super().__init__()
-        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, deterministic=deterministic)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, deterministic=deterministic)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
-
-
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding, backend: TorchPagedAttention,
+    def __init__(self, cfg: ModelConfig, layer: int, rope: RotaryEmbedding, backend: TorchPagedAttention,
                  deterministic: bool) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = LlamaAttention(cfg, rope, backend, deterministic)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = LlamaMLP(cfg, deterministic)
+        if cfg.is_sparse_layer(layer):
+            self.mlp = SparseMoE(cfg.hidden_size, cfg.moe, cfg.hidden_act, deterministic)
+        else:
+            self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, deterministic)
 
     def forward(self, x, positions, kv, meta):
         x = x + self.self_attn(self.input_layernorm(x), positions, kv, meta)
@@ -73,24 +75,27 @@ class LlamaForCausalLM(nn.Module):
         self.config = cfg
         rope = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
         backend = TorchPagedAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                                      cfg.head_dim ** -0.5, block_size)
+                                      cfg.attn_scale or cfg.head_dim ** -0.5, block_size)
         # _weight=empty skips the random init: the loader fills every parameter.
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
                                          _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
         self.embed_tokens.weight.requires_grad_(False)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, rope, backend, deterministic)
-                                    for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i, rope, backend, deterministic)
+                                    for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, deterministic=deterministic)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata,
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], metas: list[AttentionMetadata],
                 logits_indices: torch.Tensor) -> torch.Tensor:
-        """Run one step; returns float32 logits [len(logits_indices), vocab] for the rows asked."""
+        """Run one step; returns float32 logits [len(logits_indices), vocab] for the rows asked.
+
+        `kv_caches[i]` and `metas[i]` are layer i's cache pages and attention metadata.
+        """
         x = self.embed_tokens(input_ids)
-        for layer, kv in zip(self.layers, kv_caches):
+        for layer, kv, meta in zip(self.layers, kv_caches, metas):
             x = layer(x, positions, kv, meta)
         x = self.norm(x[logits_indices])
         return self.lm_head(x).float()

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from tierlm.config import CacheConfig, ModelConfig
+from tierlm.kv_cache import layout as kv_layout
 from tierlm.outputs import SampledToken, StepResult
 from tierlm.runner import forward_batch
 from tierlm.sampling import sampler
@@ -16,10 +17,14 @@ from tierlm.sampling_params import SamplingParams
 from tierlm.scheduler.output import ScheduledRequest, SchedulerOutput
 
 
+def layout_for(cfg: ModelConfig) -> kv_layout.KVLayout:
+    return kv_layout.plan([cfg.layer_window(i) for i in range(cfg.num_layers)])
+
+
 def kv_block_bytes(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    """Bytes of K and V for one block across all layers."""
+    """Bytes of K and V for one block: one page in each slot of a KV group."""
     elem = torch.empty((), dtype=dtype).element_size()
-    return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * elem
+    return 2 * layout_for(cfg).group_size * block_size * cfg.num_kv_heads * cfg.head_dim * elem
 
 
 def num_kv_blocks(cfg: ModelConfig, cache: CacheConfig, dtype: torch.dtype) -> int:
@@ -34,23 +39,30 @@ class ModelRunner:
         self.model = model
         self.cfg = cfg
         self.block_size = block_size
+        self.layout = layout_for(cfg)
         shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
         # Zero-filled: padding reads of never-written slots must be finite (they are masked).
-        self.kv_caches = [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
-                          for _ in range(cfg.num_layers)]
+        slots = [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
+                 for _ in range(self.layout.group_size)]
+        places = [self.layout.place(i) for i in range(cfg.num_layers)]
+        self.kv_caches = [slots[slot] for _, slot in places]
+        self.layer_group = [group for group, _ in places]
+
+    def _forward(self, batch: forward_batch.ForwardBatch, logits_indices: torch.Tensor) -> torch.Tensor:
+        metas = [batch.attn[g] for g in self.layer_group]
+        return self.model(batch.input_ids, batch.positions, self.kv_caches, metas, logits_indices)
 
     @torch.inference_mode()
     def compute_logits(self, out: SchedulerOutput) -> tuple[torch.Tensor, list[str]]:
-        batch = forward_batch.build(out, self.block_size)
-        logits = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.attn, batch.logits_indices)
-        return logits, batch.sample_request_ids
+        batch = forward_batch.build(out, self.block_size, self.layout.windows)
+        return self._forward(batch, batch.logits_indices), batch.sample_request_ids
 
     @torch.inference_mode()
-    def all_logits(self, ids: list[int], block_table: list[int]) -> torch.Tensor:
+    def all_logits(self, ids: list[int], block_tables: list[list[int]]) -> torch.Tensor:
         """Logits [len(ids), vocab] for a whole sequence computed from position 0."""
-        sched = ScheduledRequest("score", ids, 0, block_table, False, SamplingParams(), 0, ids, [])
-        batch = forward_batch.build(SchedulerOutput([sched]), self.block_size)
-        return self.model(batch.input_ids, batch.positions, self.kv_caches, batch.attn, torch.arange(len(ids)))
+        sched = ScheduledRequest("score", ids, 0, block_tables, False, SamplingParams(), 0, ids, [])
+        batch = forward_batch.build(SchedulerOutput([sched]), self.block_size, self.layout.windows)
+        return self._forward(batch, torch.arange(len(ids)))
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> StepResult:

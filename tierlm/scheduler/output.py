@@ -11,6 +11,7 @@ from tierlm.sampling_params import SamplingParams
 class ScheduledRequest:
     """Compute `token_ids` at positions start..start+len-1 for one request.
 
+    `block_tables` holds one table per KV group (see kv_cache/layout.py).
     `sample` is set when these tokens reach the end of the request's known tokens, so
     the last one's logits produce its next token (draw index `num_output_tokens`).
     """
@@ -18,7 +19,7 @@ class ScheduledRequest:
     request_id: str
     token_ids: list[int]
     start: int
-    block_table: list[int]
+    block_tables: list[list[int]]
     sample: bool
     sampling_params: SamplingParams
     seed: int

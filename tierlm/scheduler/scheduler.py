@@ -68,7 +68,7 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             n = min(req.num_tokens - req.num_computed_tokens, budget, self.chunk)
-            while not self.kv.allocate(req.request_id, req.num_computed_tokens + n):
+            while not self.kv.allocate(req.request_id, req.num_computed_tokens + n, req.num_computed_tokens):
                 victim = max(self.running[i:], key=self.key)
                 self._preempt(victim)
                 preempted.append(victim.request_id)
@@ -81,7 +81,7 @@ class Scheduler:
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
             n = min(req.num_tokens - req.num_computed_tokens, budget, self.chunk)
-            if not self.kv.allocate(req.request_id, req.num_computed_tokens + n):
+            if not self.kv.allocate(req.request_id, req.num_computed_tokens + n, req.num_computed_tokens):
                 break  # head-of-line waits: admitting later requests first would starve it
             self.waiting.pop(0)
             req.status = RequestStatus.RUNNING
@@ -93,7 +93,7 @@ class Scheduler:
     def _scheduled(self, req: Request, n: int) -> ScheduledRequest:
         start = req.num_computed_tokens
         tokens = req.all_token_ids[start : start + n]
-        return ScheduledRequest(req.request_id, tokens, start, list(self.kv.block_table(req.request_id)),
+        return ScheduledRequest(req.request_id, tokens, start, self.kv.block_tables(req.request_id),
                                 sample=start + n == req.num_tokens, sampling_params=req.sampling_params,
                                 seed=req.seed, prompt_token_ids=req.prompt_token_ids,
                                 output_token_ids=list(req.output_token_ids))
@@ -146,4 +146,5 @@ class Scheduler:
         assert set(self.kv.tables) <= {r.request_id for r in self.running}
         assert len(self.running) + len(self.waiting) == len(self.requests)
         for r in self.running:
-            assert len(self.kv.block_table(r.request_id)) * self.kv.block_size >= r.num_computed_tokens
+            for table in self.kv.block_tables(r.request_id):
+                assert len(table) * self.kv.block_size >= r.num_computed_tokens
