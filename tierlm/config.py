@@ -70,7 +70,6 @@ class ModelConfig:
     sliding_window: int | None = None  # a sliding layer's query at p sees keys in (p - window, p]
     rope_local_theta: float | None = None  # RoPE base of sliding layers when it differs (Gemma 3)
     attn_scale: float | None = None  # None = head_dim ** -0.5
-    attn_logit_softcap: float | None = None  # tanh soft-capping of attention scores
     final_logit_softcap: float | None = None  # tanh soft-capping of output logits
     moe: MoEConfig | None = None
 

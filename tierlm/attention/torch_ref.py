@@ -11,7 +11,6 @@ on how many tokens share its step or chunk.
 Sliding windows mask keys at or before `position - window`; a tile a query cannot see
 at all stays an exact no-op for it (a running max of -inf is shifted by 0 instead,
 so nothing becomes NaN), which is why tiles behind every window are simply skipped.
-Soft-capping (Gemma 2 style) squashes scores with cap * tanh(score / cap) before masking.
 """
 
 from __future__ import annotations
@@ -26,13 +25,12 @@ KEY_TILE = 128
 
 class TorchPagedAttention:
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
-                 block_size: int, softcap: float | None = None) -> None:
+                 block_size: int) -> None:
         if KEY_TILE % block_size:
             raise ValueError(f"block_size {block_size} must divide the key tile {KEY_TILE}")
         self.h, self.hkv, self.d = num_heads, num_kv_heads, head_dim
         self.group = num_heads // num_kv_heads
         self.scale = scale
-        self.softcap = softcap
         self.block_size = block_size
         self.blocks_per_tile = KEY_TILE // block_size
 
@@ -63,8 +61,6 @@ class TorchPagedAttention:
         for j in range(first, meta.num_key_tiles):
             span = slice((j - first) * KEY_TILE, (j - first + 1) * KEY_TILE)
             s = torch.bmm(qtiles, keys[:, span].transpose(1, 2))
-            if self.softcap is not None:
-                s = torch.tanh(s / self.softcap) * self.softcap
             key_pos = (j * KEY_TILE + key_offsets).view(1, 1, 1, 1, KEY_TILE)
             visible = key_pos <= qpos
             if window is not None:

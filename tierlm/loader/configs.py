@@ -52,7 +52,6 @@ def gguf_config(g: GGUFFile) -> ModelConfig:
             # llama.cpp: the 27B model (62 layers) scales by hidden/heads, the others by head_dim.
             attn_scale=(hidden / heads if layers == 62 else head_dim) ** -0.5,
             final_logit_softcap=g.arch_get("final_logit_softcapping"),
-            attn_logit_softcap=g.arch_get("attn_logit_softcapping"),
         )
     return ModelConfig(
         architecture=arch,
@@ -91,7 +90,7 @@ def _moe(c: dict, model_type: str) -> MoEConfig | None:
         n, step = c["num_layers"], c.get("decoder_sparse_step", 1)
         skip = set(c.get("mlp_only_layers") or ())
         sparse = tuple(i for i in range(n) if i not in skip and (i + 1) % step == 0)
-        return MoEConfig(num_experts=c["num_experts"], top_k=c["num_experts_per_tok"],
+        return MoEConfig(num_experts=c.get("num_experts") or c["num_local_experts"], top_k=c["num_experts_per_tok"],
                          intermediate_size=c["moe_intermediate_size"],
                          norm_topk_prob=bool(c.get("norm_topk_prob", False)),
                          shared_intermediate_size=c.get("shared_expert_intermediate_size") or 0,
@@ -140,9 +139,10 @@ def _hf_config(c: dict) -> ModelConfig:
     if model_type == "gemma3_text":
         theta, scaling = _rope(rope.get(FULL_ATTENTION))
         local_theta, _ = _rope(rope.get(SLIDING_ATTENTION))
+        # Gemma 3 keeps Gemma 2's attn_logit_softcapping field but no longer applies it
+        # (neither the reference nor llama.cpp does), so it is not read.
         extra = dict(hidden_act="gelu_tanh", qk_norm=True, rope_local_theta=local_theta,
                      attn_scale=c.get("query_pre_attn_scalar", 256) ** -0.5,
-                     attn_logit_softcap=c.get("attn_logit_softcapping"),
                      final_logit_softcap=c.get("final_logit_softcapping"))
     else:
         theta, scaling = _rope(rope)

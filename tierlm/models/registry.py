@@ -5,15 +5,23 @@ from __future__ import annotations
 
 from torch import nn
 
+from tierlm.models.gemma3 import Gemma3ForCausalLM
 from tierlm.models.llama import LlamaForCausalLM
 
 _BY_NAME: dict[str, type[nn.Module]] = {
     # HF config.json "architectures"
     "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
+    "Qwen3ForCausalLM": LlamaForCausalLM,
+    "MixtralForCausalLM": LlamaForCausalLM,
+    "Qwen2MoeForCausalLM": LlamaForCausalLM,
+    "Qwen3MoeForCausalLM": LlamaForCausalLM,
+    "Gemma3ForCausalLM": Gemma3ForCausalLM,
     # GGUF general.architecture
     "llama": LlamaForCausalLM,
     "qwen2": LlamaForCausalLM,
+    "gemma3": Gemma3ForCausalLM,
 }
 
 

@@ -1,0 +1,101 @@
+"""Gemma 3 text decoder (Gemma-3-270M and up, GGUF or HF `Gemma3ForCausalLM`).
+
+Differs from the Llama family in ways that are the architecture, not switches:
+embeddings scaled by sqrt(hidden) (rounded to the weight dtype, as the reference
+does), RMSNorms that scale by (1 + weight), a norm after attention and around the
+MLP as well as before, q/k RMSNorm per head, GeGLU with tanh GELU, and interleaved
+sliding-window (local RoPE base) and global (global base, optional scaling) layers.
+The window itself arrives in each layer's attention metadata.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from tierlm.attention.base import AttentionMetadata
+from tierlm.attention.torch_ref import TorchPagedAttention
+from tierlm.config import ModelConfig
+from tierlm.layers.linear import Linear
+from tierlm.layers.mlp import GatedMLP
+from tierlm.layers.norm import GemmaRMSNorm
+from tierlm.layers.rotary import RotaryEmbedding
+
+
+class Gemma3Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding, backend: TorchPagedAttention,
+                 deterministic: bool) -> None:
+        super().__init__()
+        self.h, self.hkv, self.d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.qkv_proj = Linear(cfg.hidden_size, (self.h + 2 * self.hkv) * self.d, bias=cfg.attention_bias,
+                               deterministic=deterministic)
+        self.o_proj = Linear(self.h * self.d, cfg.hidden_size, deterministic=deterministic)
+        self.q_norm = GemmaRMSNorm(self.d, cfg.rms_norm_eps)
+        self.k_norm = GemmaRMSNorm(self.d, cfg.rms_norm_eps)
+        self.rope = rope
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
+                meta: AttentionMetadata) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).split([self.h * self.d, self.hkv * self.d, self.hkv * self.d], dim=-1)
+        q = self.q_norm(q.reshape(-1, self.h, self.d))
+        k = self.k_norm(k.reshape(-1, self.hkv, self.d))
+        q, k = self.rope(positions, q, k)
+        return self.o_proj(self.backend.forward(q, k, v.reshape(-1, self.hkv, self.d), kv[0], kv[1], meta))
+
+
+class Gemma3DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding, backend: TorchPagedAttention,
+                 deterministic: bool) -> None:
+        super().__init__()
+        dim, eps = cfg.hidden_size, cfg.rms_norm_eps
+        self.input_layernorm = GemmaRMSNorm(dim, eps)
+        self.self_attn = Gemma3Attention(cfg, rope, backend, deterministic)
+        self.post_attention_layernorm = GemmaRMSNorm(dim, eps)
+        self.pre_feedforward_layernorm = GemmaRMSNorm(dim, eps)
+        self.mlp = GatedMLP(dim, cfg.intermediate_size, cfg.hidden_act, deterministic)
+        self.post_feedforward_layernorm = GemmaRMSNorm(dim, eps)
+
+    def forward(self, x, positions, kv, meta):
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), positions, kv, meta))
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+
+
+class Gemma3ForCausalLM(nn.Module):
+    """Parameters are named after HF's (with fused qkv_proj / gate_up_proj)."""
+
+    def __init__(self, cfg: ModelConfig, block_size: int, deterministic: bool = True) -> None:
+        super().__init__()
+        self.config = cfg
+        ctx = cfg.max_position_embeddings
+        global_rope = RotaryEmbedding(cfg.head_dim, ctx, cfg.rope_theta, cfg.rope_scaling)
+        local_rope = RotaryEmbedding(cfg.head_dim, ctx, cfg.rope_local_theta or cfg.rope_theta, None)
+        backend = TorchPagedAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                                      cfg.attn_scale or cfg.head_dim ** -0.5, block_size)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
+                                         _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
+        self.embed_tokens.weight.requires_grad_(False)
+        self.embed_scale = math.sqrt(cfg.hidden_size)
+        self.layers = nn.ModuleList(
+            Gemma3DecoderLayer(cfg, local_rope if cfg.layer_window(i) else global_rope, backend, deterministic)
+            for i in range(cfg.num_layers))
+        self.norm = GemmaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, deterministic=deterministic)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], metas: list[AttentionMetadata],
+                logits_indices: torch.Tensor) -> torch.Tensor:
+        """One step -> float32 logits [len(logits_indices), vocab] (see LlamaForCausalLM.forward)."""
+        weight = self.embed_tokens.weight
+        x = self.embed_tokens(input_ids) * torch.tensor(self.embed_scale, dtype=weight.dtype)
+        for layer, kv, meta in zip(self.layers, kv_caches, metas):
+            x = layer(x, positions, kv, meta)
+        logits = self.lm_head(self.norm(x[logits_indices])).float()
+        if self.config.final_logit_softcap is not None:
+            cap = self.config.final_logit_softcap
+            logits = torch.tanh(logits / cap) * cap
+        return logits
