@@ -1,10 +1,12 @@
-"""Perplexity of the bundled SmolLM2 on a fixed text, 512-token windows, tierlm vs transformers.
+"""Perplexity of a bundled model on a fixed text, in fixed windows, tierlm vs transformers.
 
-    .venv/bin/python benchmarks/perplexity.py [--text benchmarks/data/gfdl-1.3.txt]
+    .venv/bin/python benchmarks/perplexity.py [--model smollm2-135m] [--window 512]
+        [--text benchmarks/data/gfdl-1.3.txt]
 
 The text is the GNU Free Documentation License 1.3 (verbatim copying permitted), 23 KB.
 Both engines score the same token ids (tierlm's tokenizer, which matches llama.cpp's):
-non-overlapping 512-token windows, every token after a window's first is predicted.
+non-overlapping windows (512 tokens by default), every token after a window's first is
+predicted. Windows longer than a model's sliding window exercise its local layers.
 transformers loads the same GGUF (dequantised to fp32).
 """
 
@@ -23,11 +25,8 @@ from tierlm import LLM  # noqa: E402
 from tierlm.engine.llm_engine import default_cache_dir  # noqa: E402
 from tierlm.loader.bundled import resolve  # noqa: E402
 
-WINDOW = 512
-
-
-def windows(ids: list[int]) -> list[list[int]]:
-    return [ids[i : i + WINDOW] for i in range(0, len(ids) - 1, WINDOW) if len(ids[i : i + WINDOW]) > 1]
+def windows(ids: list[int], size: int) -> list[list[int]]:
+    return [ids[i : i + size] for i in range(0, len(ids) - 1, size) if len(ids[i : i + size]) > 1]
 
 
 def nll(logits: torch.Tensor, ids: list[int]) -> tuple[float, int]:
@@ -47,27 +46,31 @@ def perplexity(score, chunks) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--text", default=str(Path(__file__).with_name("data") / "gfdl-1.3.txt"))
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--no-peer", action="store_true")
     args = ap.parse_args()
     text = Path(args.text).read_text()
-    results = {"text": Path(args.text).name, "text_bytes": len(text.encode()), "window": WINDOW}
+    results = {"model": args.model, "text": Path(args.text).name, "text_bytes": len(text.encode()),
+               "window": args.window}
     for dtype in ("float32", "bfloat16"):
-        llm = LLM("smollm2-135m", dtype=dtype, max_num_batched_tokens=WINDOW)
+        llm = LLM(args.model, dtype=dtype, max_num_batched_tokens=args.window)
         ids = llm.tokenizer.encode(text)
-        chunks = windows(ids)
+        chunks = windows(ids, args.window)
         results["tokens"], results["windows"] = len(ids), len(chunks)
         results[f"tierlm_{dtype}"] = round(perplexity(llm.engine.prompt_logits, chunks), 4)
         print(dtype, results[f"tierlm_{dtype}"], flush=True)
     if not args.no_peer:
         from transformers import AutoModelForCausalLM
 
-        path = resolve("smollm2-135m", default_cache_dir())
+        path = resolve(args.model, default_cache_dir())
         hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
         with torch.no_grad():
             results["transformers_float32"] = round(perplexity(lambda c: hf(torch.tensor([c])).logits[0], chunks), 4)
         print("transformers", results["transformers_float32"])
     cmd = "benchmarks/perplexity.py " + " ".join(sys.argv[1:])
-    print("recorded in", record("perplexity", cmd.strip(), results))
+    name = "perplexity" if args.model == "smollm2-135m" else f"perplexity_{args.model}"
+    print("recorded in", record(f"{name}_w{args.window}" if args.window != 512 else name, cmd.strip(), results))
 
 
 if __name__ == "__main__":

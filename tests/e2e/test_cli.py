@@ -44,3 +44,16 @@ def test_bad_arguments_one_line_error(args, needle):
     assert r.returncode != 0
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0] and lines[0].startswith("tierlm: error:"), r.stderr
+
+
+def test_chat_with_gemma3_matches_offline_api(cache_dir):
+    """`tierlm chat --model gemma3-270m`: Gemma's built-in template, same reply as LLM.chat."""
+    from tierlm import LLM, SamplingParams
+
+    question = "What is the capital of France?"
+    r = tierlm("chat", "--model", "gemma3-270m", "--temperature", "0", "--max-tokens", "8",
+               stdin=question + "\n", cache_dir=cache_dir)
+    assert r.returncode == 0, r.stderr
+    llm = LLM("gemma3-270m", cache_dir=cache_dir)
+    expected = llm.chat([{"role": "user", "content": question}], SamplingParams(temperature=0, max_tokens=8))
+    assert expected[0].outputs[0].text.strip() and expected[0].outputs[0].text.strip() in r.stdout

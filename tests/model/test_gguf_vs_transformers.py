@@ -1,4 +1,5 @@
-"""Bundled SmolLM2 GGUF: greedy output identical to transformers loading the same file (fp32)."""
+"""Bundled GGUFs (SmolLM2: Llama arch, byte-level BPE; Gemma 3: sliding/global layers,
+SentencePiece vocab): greedy output identical to transformers loading the same file (fp32)."""
 
 from __future__ import annotations
 
@@ -6,20 +7,20 @@ import pytest
 import torch
 
 from tierlm import LLM, SamplingParams
+from tierlm.loader.bundled import resolve
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a land far away,",
            "The three laws of thermodynamics are", "Translate to French: I love reading books."]
 
 
-@pytest.fixture(scope="module")
-def hf_model(smollm2_path):
-    transformers = pytest.importorskip("transformers")
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        str(smollm2_path.parent), gguf_file=smollm2_path.name, dtype=torch.float32).eval()
+@pytest.mark.parametrize("model", ["smollm2-135m", "gemma3-270m"])
+def test_greedy_matches_transformers(model, cache_dir):
+    import transformers
 
-
-def test_greedy_matches_transformers(hf_model, cache_dir):
-    llm = LLM("smollm2-135m", dtype="float32", cache_dir=cache_dir)
+    path = resolve(model, cache_dir)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    llm = LLM(model, dtype="float32", cache_dir=cache_dir)
     prompts = [llm.tokenizer.encode(p) for p in PROMPTS]
     ours = llm.generate([{"prompt_token_ids": ids} for ids in prompts],
                         SamplingParams(temperature=0, max_tokens=48, ignore_eos=True))

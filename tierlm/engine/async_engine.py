@@ -22,7 +22,7 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tierlm.engine.llm_engine import LLMEngine
 from tierlm.outputs import RequestOutput
@@ -63,6 +63,7 @@ class EngineStats:
     waiting: int = 0
     kv_usage: float = 0.0
     preemptions: int = 0
+    moe_expert_tokens: dict[int, list[int]] = field(default_factory=dict)  # layer -> tokens per expert
 
 
 @dataclass
@@ -245,5 +246,6 @@ class AsyncEngine:
     def _snapshot(self) -> None:
         sched = self.engine.scheduler
         self.stats = EngineStats(running=len(sched.running), waiting=len(sched.waiting),
-                                 kv_usage=self.engine.kv.usage, preemptions=sched.num_preemptions)
+                                 kv_usage=self.engine.kv.usage, preemptions=sched.num_preemptions,
+                                 moe_expert_tokens=self.engine.moe_expert_tokens())
         self.on_step(self.stats)

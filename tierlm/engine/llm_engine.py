@@ -16,6 +16,7 @@ import torch
 
 from tierlm.config import EngineConfig
 from tierlm.engine.detokenizer import IncrementalDetokenizer
+from tierlm.layers.moe import SparseMoE
 from tierlm.kv_cache.manager import KVCacheManager
 from tierlm.loader import model_loader
 from tierlm.outputs import CompletionOutput, RequestOutput
@@ -70,6 +71,9 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, self.kv, self.model_config.eos_token_ids)
         self.runner = ModelRunner(self.loaded.model, self.model_config, blocks, config.cache.block_size,
                                   config.torch_dtype)
+        # (layer index, block) of every sparse MoE block, for per-expert load statistics.
+        self._moe = [(int(name.split(".")[1]), m) for name, m in self.loaded.model.named_modules()
+                     if isinstance(m, SparseMoE)]
         self._rng = random.Random(config.seed)
         self._seq = 0
         self._parents: dict[str, _Parent] = {}
@@ -156,6 +160,10 @@ class LLMEngine:
             return self.runner.all_logits(ids, self.kv.block_tables(probe))
         finally:
             self.kv.free(probe)
+
+    def moe_expert_tokens(self) -> dict[int, list[int]]:
+        """Tokens routed to each expert since load, per MoE layer (empty for dense models)."""
+        return {layer: m.expert_tokens.tolist() for layer, m in self._moe}
 
     # ---- stepping ----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

@@ -90,10 +90,11 @@ def load(model: str, *, dtype: torch.dtype, block_size: int, deterministic: bool
         cls = model_class(cfg.architecture)
         tok = tokenizer.from_hf_dir(path, cfg.eos_token_ids, cfg.bos_token_id)
         tensors, total, source = weights.hf_weights(path), None, None
-    if not cfg.eos_token_ids and tok.eos_token_ids:
+    stops = tuple(sorted(set(cfg.eos_token_ids) | set(tok.eos_token_ids)))
+    if stops != cfg.eos_token_ids:  # the tokenizer knows end-of-turn tokens the config omits
         from dataclasses import replace
 
-        cfg = replace(cfg, eos_token_ids=tok.eos_token_ids)
+        cfg = replace(cfg, eos_token_ids=stops)
     net = cls(cfg, block_size=block_size, deterministic=deterministic)
     _fill(net, tensors, dtype, progress, total)
     net.eval()

@@ -1,9 +1,10 @@
 """Tokenizers for GGUF files and HF checkpoint directories, plus the chat template.
 
-GGUF: a `tokenizers` byte-level BPE is built from the file's vocabulary and merges,
-with the pre-tokenizer regexes llama.cpp uses for `tokenizer.ggml.pre`, so ids match
-llama.cpp's. Building takes ~1 s, so the result is cached as tokenizer.json under the
-cache dir, keyed by a hash of the file's metadata section (where the vocabulary lives).
+GGUF: a `tokenizers` model is built from the file's vocabulary so ids match llama.cpp's:
+a byte-level BPE with the pre-tokenizer regexes llama.cpp uses for `tokenizer.ggml.pre`
+("gpt2" vocabularies), or a score-ranked BPE for SentencePiece ones ("llama", see
+spm.py). Building takes 1-5 s, so the result is cached as tokenizer.json under the
+cache dir, keyed by a hash of the vocabulary metadata.
 HF directories use their own tokenizer.json and tokenizer_config.json.
 """
 
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
-from tierlm.loader import chat_template
+from tierlm.loader import chat_template, spm
 from tierlm.loader.gguf import GGUFFile
 
 _GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
@@ -35,6 +36,10 @@ PRE_TOKENIZERS: dict[str, list[str]] = {
     "qwen2": [_QWEN2],
 }
 _CONTROL, _USER_DEFINED = 3, 4
+# Control tokens that end a turn: generation stops on them as on EOS (llama.cpp does the same).
+_END_OF_TURN = ("<end_of_turn>", "<|eot_id|>", "<|im_end|>", "<|end|>")
+_VOCAB_KEYS = ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.merges",
+               "tokenizer.ggml.token_type", "tokenizer.ggml.scores", "tokenizer.ggml.add_space_prefix")
 
 
 class TokenizerError(ValueError):
@@ -99,9 +104,17 @@ def _build_bpe(g: GGUFFile) -> Tokenizer:
     return tok
 
 
+def _build_spm(g: GGUFFile) -> Tokenizer:
+    tokens: list[str] = g.get("tokenizer.ggml.tokens")
+    unk = g.get("tokenizer.ggml.unknown_token_id")
+    return spm.build(tokens, g.get("tokenizer.ggml.scores"), g.get("tokenizer.ggml.token_type"),
+                     add_space_prefix=bool(g.get("tokenizer.ggml.add_space_prefix", True)),
+                     unk_token=tokens[unk] if unk is not None else None)
+
+
 def _metadata_hash(g: GGUFFile) -> str:
     h = hashlib.blake2b(digest_size=16)
-    for key in ("tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type"):
+    for key in _VOCAB_KEYS:
         h.update(key.encode())
         h.update(json.dumps(g.get(key)).encode())
     return h.hexdigest()
@@ -109,20 +122,23 @@ def _metadata_hash(g: GGUFFile) -> str:
 
 def from_gguf(g: GGUFFile, cache_dir: Path | None) -> TextTokenizer:
     kind = g.get("tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise TokenizerError(f"GGUF tokenizer model {kind!r} is not supported yet (supported: gpt2 byte-level BPE)")
+    if kind not in ("gpt2", "llama"):
+        raise TokenizerError(f"GGUF tokenizer model {kind!r} is not supported "
+                             "(supported: gpt2 byte-level BPE, llama SentencePiece)")
     tok = None
     cached = cache_dir / "tokenizers" / f"{_metadata_hash(g)}.json" if cache_dir else None
     if cached and cached.exists():
         tok = Tokenizer.from_file(str(cached))
     if tok is None:
-        tok = _build_bpe(g)
+        tok = _build_bpe(g) if kind == "gpt2" else _build_spm(g)
         if cached:
             cached.parent.mkdir(parents=True, exist_ok=True)
             tmp = cached.with_suffix(".tmp")
             tok.save(str(tmp))
             tmp.replace(cached)  # atomic: concurrent loaders never read a half-written file
     eos = [g.get(k) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")]
+    tokens, types = g.get("tokenizer.ggml.tokens"), g.get("tokenizer.ggml.token_type") or []
+    eos += [i for i, (t, ty) in enumerate(zip(tokens, types)) if ty == _CONTROL and t in _END_OF_TURN]
     template = g.get("tokenizer.chat_template") or chat_template.BUILTIN_TEMPLATES.get(
         g.architecture, chat_template.CHATML_TEMPLATE)
     return TextTokenizer(tok, bos_token_id=g.get("tokenizer.ggml.bos_token_id"),

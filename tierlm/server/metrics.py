@@ -32,6 +32,9 @@ class Metrics:
         self.aborted = Counter("tierlm:requests_aborted", "Requests aborted (client went away)", lbl, registry=r)
         self.rejected = Counter("tierlm:requests_rejected", "Requests refused before admission", lbl + ["reason"],
                                 registry=r)
+        self.moe_tokens = Counter("tierlm:moe_expert_tokens", "Tokens routed to each expert of each MoE layer",
+                                  lbl + ["layer", "expert"], registry=r)
+        self._moe_seen: dict[tuple[int, int], int] = {}
         self.healthy = Gauge("tierlm:engine_healthy", "1 while the engine thread is healthy", lbl, registry=r)
         self.m = model_name
         self.healthy.labels(self.m).set(1)
@@ -41,6 +44,12 @@ class Metrics:
         self.waiting.labels(self.m).set(s.waiting)
         self.kv_usage.labels(self.m).set(s.kv_usage)
         self.preemptions.labels(self.m).set(s.preemptions)
+        for layer, counts in s.moe_expert_tokens.items():
+            for expert, total in enumerate(counts):
+                new = total - self._moe_seen.get((layer, expert), 0)
+                if new:
+                    self.moe_tokens.labels(self.m, str(layer), str(expert)).inc(new)
+                    self._moe_seen[layer, expert] = total
 
     def on_finish(self, f: FinishedRequest) -> None:
         t = f.timing
