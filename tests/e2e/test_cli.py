@@ -57,3 +57,13 @@ def test_chat_with_gemma3_matches_offline_api(cache_dir):
     llm = LLM("gemma3-270m", cache_dir=cache_dir)
     expected = llm.chat([{"role": "user", "content": question}], SamplingParams(temperature=0, max_tokens=8))
     assert expected[0].outputs[0].text.strip() and expected[0].outputs[0].text.strip() in r.stdout
+
+
+def test_unsupported_architecture_fails_fast_listing_supported(tmp_path):
+    (tmp_path / "config.json").write_text('{"architectures": ["FalconForCausalLM"], "model_type": "falcon", '
+                                          '"vocab_size": 10}')
+    r = tierlm("generate", "--model", str(tmp_path), "hi")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    (line,) = r.stderr.strip().splitlines()
+    assert "unsupported architecture 'FalconForCausalLM'" in line
+    assert all(a in line for a in ("Gemma3ForCausalLM", "MixtralForCausalLM", "Qwen3ForCausalLM", "gemma3"))

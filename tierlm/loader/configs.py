@@ -112,12 +112,27 @@ def _layer_types(c: dict, model_type: str, num_layers: int) -> tuple[str, ...]:
     return ()
 
 
-def hf_config(model_dir: Path) -> ModelConfig:
+def _read_json(model_dir: Path) -> dict:
     path = model_dir / "config.json"
     try:
         c = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ConfigReadError(f"cannot read {path}: {e}") from e
+    if not isinstance(c, dict):
+        raise ConfigReadError(f"{path} is not a JSON object")
+    return c
+
+
+def hf_architecture(model_dir: Path) -> str:
+    """The checkpoint's architecture name, read before anything else so an unsupported
+    one fails with the supported list rather than a missing-field error."""
+    c = _read_json(model_dir)
+    return (c.get("architectures") or [c.get("model_type", "?")])[0]
+
+
+def hf_config(model_dir: Path) -> ModelConfig:
+    path = model_dir / "config.json"
+    c = _read_json(model_dir)
     try:
         return _hf_config(c)
     except KeyError as e:

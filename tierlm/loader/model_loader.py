@@ -81,13 +81,13 @@ def load(model: str, *, dtype: torch.dtype, block_size: int, deterministic: bool
     path = bundled.resolve(model, cache_dir)
     if path.is_file():
         g = GGUFFile(path)
+        cls = model_class(g.architecture)
         cfg = configs.gguf_config(g)
-        cls = model_class(cfg.architecture)
         tok = tokenizer.from_gguf(g, cache_dir)
         tensors, total, source = weights.gguf_weights(g, cfg), len(g.tensors), g
     else:
+        cls = model_class(configs.hf_architecture(path))
         cfg = configs.hf_config(path)
-        cls = model_class(cfg.architecture)
         tok = tokenizer.from_hf_dir(path, cfg.eos_token_ids, cfg.bos_token_id)
         tensors, total, source = weights.hf_weights(path), None, None
     stops = tuple(sorted(set(cfg.eos_token_ids) | set(tok.eos_token_ids)))
