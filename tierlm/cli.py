@@ -29,6 +29,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="allow faster kernels whose results depend on batch composition")
     p.add_argument("--max-model-len", type=int, default=None, help="context length cap (default: the model's)")
     p.add_argument("--kv-cache-gb", type=float, default=1.0, help="KV cache size in GiB")
+    p.add_argument("--no-prefix-caching", action="store_true",
+                   help="do not reuse the KV of prompt prefixes shared with earlier requests")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -74,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _config(args) -> EngineConfig:
     sched = {k: getattr(args, k) for k in ("max_num_seqs", "max_num_batched_tokens") if hasattr(args, k)}
     return EngineConfig(model=args.model, dtype=args.dtype, deterministic=not args.no_deterministic,
-                        cache=CacheConfig(kv_cache_gb=args.kv_cache_gb),
+                        cache=CacheConfig(kv_cache_gb=args.kv_cache_gb,
+                                          enable_prefix_caching=not args.no_prefix_caching),
                         scheduler=SchedulerConfig(max_model_len=args.max_model_len, **sched))
 
 

@@ -101,11 +101,16 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class CacheConfig:
-    """Paged KV cache geometry. `num_blocks=None` sizes the pool from `kv_cache_gb`."""
+    """Paged KV cache geometry. `num_blocks=None` sizes the pool from `kv_cache_gb`.
+
+    `enable_prefix_caching` reuses the KV of full blocks shared with earlier requests
+    (same tokens from position 0, same `cache_salt`); outputs are bitwise the same either way.
+    """
 
     block_size: int = 16
     num_blocks: int | None = None
     kv_cache_gb: float = 1.0
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         _require(self.block_size > 0 and self.block_size & (self.block_size - 1) == 0,

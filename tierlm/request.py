@@ -47,6 +47,8 @@ class Request:
     num_preemptions: int = 0
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None
+    cache_root: bytes = b""  # prefix-hash chain start: model identity + tenant salt
+    block_hashes: list[bytes] = field(default_factory=list)  # chained hashes of full blocks so far
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -123,3 +123,25 @@ def test_startup_failures_one_line(cache_dir):
         r = subprocess.run([sys.executable, "-m", "tierlm.cli", "serve", "--port", str(port)],
                            capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1 and "cannot listen" in r.stderr
+
+
+def test_prefix_cache_hits_counted_and_salted(http):
+    """A repeated prompt hits the prefix cache (vLLM's counters); another cache_salt does not."""
+    prompt = "Shared context for the cache test. " * 12  # several full blocks
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 1}
+    http.post("/v1/completions", json=body)
+    hits = metric(http, "vllm:prefix_cache_hits_total")
+    queries = metric(http, "vllm:prefix_cache_queries_total")
+    first = http.post("/v1/completions", json={**body, "max_tokens": 3, "temperature": 0}).json()
+    deadline = time.time() + 10
+    while metric(http, "vllm:prefix_cache_hits_total") == hits and time.time() < deadline:
+        time.sleep(0.05)  # the engine thread publishes after its step
+    prompt_tokens = first["usage"]["prompt_tokens"]
+    assert metric(http, "vllm:prefix_cache_hits_total") - hits >= prompt_tokens - 16
+    assert metric(http, "vllm:prefix_cache_queries_total") - queries == prompt_tokens
+    hits = metric(http, "vllm:prefix_cache_hits_total")
+    salted = http.post("/v1/completions", json={**body, "max_tokens": 3, "temperature": 0,
+                                                 "cache_salt": "tenant-b"}).json()
+    time.sleep(0.3)
+    assert metric(http, "vllm:prefix_cache_hits_total") == hits  # other salt: no sharing
+    assert salted["choices"][0]["text"] == first["choices"][0]["text"]  # and the same output

@@ -64,6 +64,9 @@ class EngineStats:
     kv_usage: float = 0.0
     preemptions: int = 0
     moe_expert_tokens: dict[int, list[int]] = field(default_factory=dict)  # layer -> tokens per expert
+    prefix_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_hits: int = 0  # of which found there
+    kv_evictions: int = 0  # cached blocks whose memory was reused
 
 
 @dataclass
@@ -72,6 +75,7 @@ class _Add:
     ids: list[int]
     params: SamplingParams
     priority: int
+    cache_salt: str | None = None
 
 
 @dataclass
@@ -145,13 +149,13 @@ class AsyncEngine:
             raise QueueFullError(f"{self.max_queued} requests are already queued")
 
     async def generate(self, request_id: str, ids: list[int], params: SamplingParams,
-                       priority: int = 0) -> AsyncIterator[RequestOutput]:
+                       priority: int = 0, cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
         """Submit a validated request and yield its outputs; aborts it if the caller goes away."""
         self.check_admission()
         loop = asyncio.get_running_loop()
         stream = _Stream(loop, asyncio.Queue(), RequestTiming(time.perf_counter()), len(ids))
         self._count(+1)
-        self._commands.put((_Add(request_id, ids, params, priority), stream))
+        self._commands.put((_Add(request_id, ids, params, priority, cache_salt), stream))
         self._wake.set()
         finished = False
         try:
@@ -204,7 +208,8 @@ class AsyncEngine:
                 break
             if isinstance(cmd, _Add):
                 try:
-                    self.engine.add_request(cmd.request_id, {"prompt_token_ids": cmd.ids}, cmd.params, cmd.priority)
+                    self.engine.add_request(cmd.request_id, {"prompt_token_ids": cmd.ids}, cmd.params, cmd.priority,
+                                            cmd.cache_salt)
                 except Exception as e:  # noqa: BLE001 - validated already; report, never crash the loop
                     self._count(-1)
                     stream.loop.call_soon_threadsafe(stream.queue.put_nowait, e)
@@ -247,5 +252,7 @@ class AsyncEngine:
         sched = self.engine.scheduler
         self.stats = EngineStats(running=len(sched.running), waiting=len(sched.waiting),
                                  kv_usage=self.engine.kv.usage, preemptions=sched.num_preemptions,
-                                 moe_expert_tokens=self.engine.moe_expert_tokens())
+                                 moe_expert_tokens=self.engine.moe_expert_tokens(),
+                                 prefix_queries=sched.prefix_queries, prefix_hits=sched.prefix_hits,
+                                 kv_evictions=self.engine.kv.pool.num_evictions)
         self.on_step(self.stats)

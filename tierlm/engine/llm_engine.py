@@ -17,6 +17,7 @@ import torch
 from tierlm.config import EngineConfig
 from tierlm.engine.detokenizer import IncrementalDetokenizer
 from tierlm.layers.moe import SparseMoE
+from tierlm.kv_cache import prefix_hash
 from tierlm.kv_cache.manager import KVCacheManager
 from tierlm.loader import model_loader
 from tierlm.outputs import CompletionOutput, RequestOutput
@@ -67,7 +68,10 @@ class LLMEngine:
         ctx = self.model_config.max_position_embeddings
         self.max_model_len = min(config.scheduler.max_model_len or ctx, ctx)
         blocks = num_kv_blocks(self.model_config, config.cache, config.torch_dtype)
-        self.kv = KVCacheManager(blocks, config.cache.block_size, layout_for(self.model_config).windows)
+        self.kv = KVCacheManager(blocks, config.cache.block_size, layout_for(self.model_config).windows,
+                                 enable_caching=config.cache.enable_prefix_caching)
+        # KV depends on the weights and the compute dtype: both are part of every block hash.
+        self._model_key = f"{self.loaded.path.resolve()}|{self.loaded.path.stat().st_size}|{config.dtype}"
         self.scheduler = Scheduler(config.scheduler, self.kv, self.model_config.eos_token_ids)
         self.runner = ModelRunner(self.loaded.model, self.model_config, blocks, config.cache.block_size,
                                   config.torch_dtype)
@@ -115,7 +119,8 @@ class LLMEngine:
         return total
 
     def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None,
-                    priority: int = 0) -> None:
+                    priority: int = 0, cache_salt: str | None = None) -> None:
+        """Queue a request. Requests share prefix-cache entries only with equal `cache_salt`."""
         params = params or SamplingParams()
         if request_id in self._parents:
             raise InvalidRequest(f"request id {request_id!r} is already in use")
@@ -124,10 +129,11 @@ class LLMEngine:
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
         children = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
         parent = _Parent(text, ids, children, {}, {})
+        root = prefix_hash.root_hash(self._model_key, cache_salt or "")
         for i, child in enumerate(children):
             self._seq += 1
             req = Request(child, ids, params, seed=seed + i, arrival_seq=self._seq, priority=priority,
-                          max_total_tokens=total)
+                          max_total_tokens=total, cache_root=root)
             parent.detoks[child] = IncrementalDetokenizer(self.tokenizer, ids, params.stop,
                                                           params.skip_special_tokens,
                                                           params.include_stop_str_in_output)

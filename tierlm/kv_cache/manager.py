@@ -6,10 +6,17 @@ abort or preemption. In a sliding-window group, blocks whose positions no future
 can see (all below `num_computed - window + 1`) are released as the request advances and
 their table entries become the null block, so table index = position // block_size
 holds in every group. Preemption recomputes from position 0 with fresh blocks.
+
+Prefix caching: a new (or recomputing) request adopts the longest run of cached blocks
+matching its block hashes that every group can supply (a sliding group only needs the
+blocks inside the window of the first position left to compute), sharing them by
+reference count; its full blocks are registered as their KV gets computed. At least
+one token is always left to compute, so a shared block is never written.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 from tierlm.kv_cache.block_pool import NULL_BLOCK, BlockPool
@@ -19,13 +26,16 @@ from tierlm.kv_cache.block_pool import NULL_BLOCK, BlockPool
 class _Tables:
     tables: list[list[int]]
     dropped: list[int] = field(default_factory=list)  # leading entries released, per group
+    registered: int = 0  # leading blocks already offered to the prefix cache
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, windows: tuple[int | None, ...] = (None,)) -> None:
+    def __init__(self, num_blocks: int, block_size: int, windows: tuple[int | None, ...] = (None,),
+                 enable_caching: bool = False) -> None:
         self.pool = BlockPool(num_blocks)
         self.block_size = block_size
         self.windows = windows
+        self.enable_caching = enable_caching
         self._requests: dict[str, _Tables] = {}
 
     @property
@@ -74,7 +84,54 @@ class KVCacheManager:
         t = self._requests.pop(request_id, None)
         if t is not None:
             for g, table in enumerate(t.tables):
-                self.pool.free(table[t.dropped[g]:])
+                self.pool.free(table[t.dropped[g]:][::-1])  # tail first: the shared head is evicted last
+
+    # ---- prefix caching ------------------------------------------------------------------
+    def _first_needed(self, window: int | None, num_computed: int) -> int:
+        """First block a query at position `num_computed` (or later) can read in a group."""
+        return 0 if window is None else max(0, num_computed - window + 1) // self.block_size
+
+    def lookup_prefix(self, hashes: list[bytes], max_blocks: int) -> int:
+        """How many leading blocks (of `hashes`) the cache can supply to every group."""
+        if not self.enable_caching:
+            return 0
+        k = min(len(hashes), max_blocks)
+        for g, window in enumerate(self.windows):
+            if window is None:
+                i = 0
+                while i < k and self.pool.lookup((g, hashes[i])) is not None:
+                    i += 1
+                k = i
+        while k > 0 and not all(
+                self.pool.lookup((g, hashes[i])) is not None
+                for g, window in enumerate(self.windows) if window is not None
+                for i in range(self._first_needed(window, k * self.block_size), k)):
+            k -= 1
+        return k
+
+    def adopt_prefix(self, request_id: str, hashes: list[bytes], k: int) -> None:
+        """Start a request's tables with k cached blocks (a `lookup_prefix` result)."""
+        assert request_id not in self._requests
+        t = _Tables([], [], registered=k)
+        for g, window in enumerate(self.windows):
+            first = self._first_needed(window, k * self.block_size)
+            blocks = [self.pool.lookup((g, h)) for h in hashes[first:k]]
+            for b in blocks:
+                self.pool.touch(b)
+            t.tables.append([NULL_BLOCK] * first + blocks)
+            t.dropped.append(first)
+        self._requests[request_id] = t
+
+    def cache_blocks(self, request_id: str, hashes: list[bytes], num_computed: int) -> None:
+        """Register the request's blocks whose every position's KV is now computed."""
+        t = self._requests.get(request_id)
+        if t is None or not self.enable_caching:
+            return
+        full = min(num_computed // self.block_size, len(hashes))
+        for g, table in enumerate(t.tables):
+            for i in range(max(t.registered, t.dropped[g]), full):
+                self.pool.register((g, hashes[i]), table[i])
+        t.registered = max(t.registered, full)
 
     def block_tables(self, request_id: str) -> list[list[int]]:
         t = self._requests.get(request_id)
@@ -93,13 +150,16 @@ class KVCacheManager:
         return 1.0 - self.pool.num_free / self.pool.num_usable
 
     def check_integrity(self) -> None:
+        """Pool invariants, and every reference is one live table entry (shared blocks
+        are referenced once per table holding them, never twice by one table)."""
         self.pool.check_integrity()
-        owned = []
+        owned: Counter[int] = Counter()
         for t in self._requests.values():
             for g, table in enumerate(t.tables):
                 assert all(b == NULL_BLOCK for b in table[: t.dropped[g]]), "a released block is still listed"
-                assert NULL_BLOCK not in table[t.dropped[g]:], "a live table entry is the null block"
-                owned.extend(table[t.dropped[g]:])
-        assert len(owned) == len(set(owned)), "a KV block is in two block tables"
-        assert all(self.pool.ref_counts[b] == 1 for b in owned)
+                live = table[t.dropped[g]:]
+                assert NULL_BLOCK not in live, "a live table entry is the null block"
+                assert len(set(live)) == len(live), "a block appears twice in one table"
+                owned.update(live)
+        assert all(self.pool.ref_counts[b] == n for b, n in owned.items()), "reference counts disagree"
         assert len(owned) == self.pool.num_usable - self.pool.num_free

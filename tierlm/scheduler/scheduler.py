@@ -5,8 +5,10 @@ then waiting requests are admitted in policy order while the budget, `max_num_se
 and free KV blocks allow. When a running request cannot get blocks, the request that
 sorts last under the policy is preempted: its blocks are freed and it recomputes later
 from scratch (its sampled tokens are kept, and draws depend only on seed and index, so
-the output is unchanged). The scheduler never touches tensors: it is tested with
-fabricated StepResults.
+the output is unchanged). A request admitted from the queue first adopts the longest
+cached prefix of its tokens (kv_cache/manager.py), so it starts with those counted as
+computed; blocks are offered to the cache as their KV is computed. The scheduler never
+touches tensors: it is tested with fabricated StepResults.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import bisect
 
 from tierlm.config import SchedulerConfig
+from tierlm.kv_cache import prefix_hash
 from tierlm.kv_cache.manager import KVCacheManager
 from tierlm.outputs import StepResult
 from tierlm.request import Request, RequestStatus
@@ -32,6 +35,8 @@ class Scheduler:
         self.running: list[Request] = []  # in admission order
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        self.prefix_queries = 0  # tokens looked up in the prefix cache at admission
+        self.prefix_hits = 0  # of which found cached
 
     # ---- queue management ------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -80,15 +85,34 @@ class Scheduler:
                 i += 1
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
+            hit = self._adopt_cached_prefix(req)
             n = min(req.num_tokens - req.num_computed_tokens, budget, self.chunk)
             if not self.kv.allocate(req.request_id, req.num_computed_tokens + n, req.num_computed_tokens):
+                if hit:  # give the adopted blocks back (they stay cached)
+                    self.kv.free(req.request_id)
+                    req.num_computed_tokens = 0
                 break  # head-of-line waits: admitting later requests first would starve it
+            if self.kv.enable_caching:
+                self.prefix_queries += req.num_tokens
+                self.prefix_hits += hit
             self.waiting.pop(0)
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             plan.append((req, n))
             budget -= n
         return SchedulerOutput([self._scheduled(r, n) for r, n in plan], preempted)
+
+    def _adopt_cached_prefix(self, req: Request) -> int:
+        """Start `req` (nothing computed yet) on its longest cached prefix; returns its tokens."""
+        if not self.kv.enable_caching:
+            return 0
+        bs = self.kv.block_size
+        prefix_hash.extend(req.block_hashes, req.all_token_ids, bs, req.cache_root)
+        k = self.kv.lookup_prefix(req.block_hashes, (req.num_tokens - 1) // bs)  # leave >= 1 to compute
+        if k:
+            self.kv.adopt_prefix(req.request_id, req.block_hashes, k)
+            req.num_computed_tokens = k * bs
+        return k * bs
 
     def _scheduled(self, req: Request, n: int) -> ScheduledRequest:
         start = req.num_computed_tokens
@@ -116,6 +140,10 @@ class Scheduler:
             req = self.requests.get(s.request_id)
             if req is not None:
                 req.num_computed_tokens += len(s.token_ids)
+                if self.kv.enable_caching:
+                    if req.num_tokens // self.kv.block_size > len(req.block_hashes):
+                        prefix_hash.extend(req.block_hashes, req.all_token_ids, self.kv.block_size, req.cache_root)
+                    self.kv.cache_blocks(req.request_id, req.block_hashes, req.num_computed_tokens)
         finished = []
         for tok in result.sampled:
             req = self.requests.get(tok.request_id)

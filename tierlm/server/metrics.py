@@ -32,6 +32,15 @@ class Metrics:
         self.aborted = Counter("tierlm:requests_aborted", "Requests aborted (client went away)", lbl, registry=r)
         self.rejected = Counter("tierlm:requests_rejected", "Requests refused before admission", lbl + ["reason"],
                                 registry=r)
+        self.prefix_queries = Counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                                      lbl, registry=r)
+        self.prefix_hits = Counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache", lbl,
+                                   registry=r)
+        self.kv_evictions = Counter("tierlm:kv_cache_evictions", "Cached KV blocks evicted for reuse", lbl,
+                                    registry=r)
+        self._totals = {"prefix_queries": 0, "prefix_hits": 0, "kv_evictions": 0}
+        for name in self._totals:  # exported from the start, at 0
+            getattr(self, name).labels(model_name)
         self.moe_tokens = Counter("tierlm:moe_expert_tokens", "Tokens routed to each expert of each MoE layer",
                                   lbl + ["layer", "expert"], registry=r)
         self._moe_seen: dict[tuple[int, int], int] = {}
@@ -44,6 +53,11 @@ class Metrics:
         self.waiting.labels(self.m).set(s.waiting)
         self.kv_usage.labels(self.m).set(s.kv_usage)
         self.preemptions.labels(self.m).set(s.preemptions)
+        for name, seen in self._totals.items():  # counters follow the engine's running totals
+            total = getattr(s, name)
+            if total > seen:
+                getattr(self, name).labels(self.m).inc(total - seen)
+                self._totals[name] = total
         for layer, counts in s.moe_expert_tokens.items():
             for expert, total in enumerate(counts):
                 new = total - self._moe_seen.get((layer, expert), 0)

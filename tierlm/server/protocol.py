@@ -40,6 +40,7 @@ class _SamplingFields(_Base):
     min_tokens: int = 0
     stop_token_ids: list[int] | None = None
     priority: int = 0
+    cache_salt: str | None = None  # prefix-cache entries are shared only between equal salts
 
 
 class CompletionRequest(_SamplingFields):
