@@ -111,12 +111,19 @@ class CacheConfig:
     num_blocks: int | None = None
     kv_cache_gb: float = 1.0
     enable_prefix_caching: bool = True
+    kv_warm_gb: float = 0.5  # host-memory tier for cached blocks the pool evicts
+    kv_cold_dir: str | None = None  # disk tier for warm evictions; survives restarts
+    kv_cold_gb: float = 4.0
+    session_ttl: float = 600.0  # seconds a finished session request's KV stays pinned in warm
 
     def __post_init__(self) -> None:
         _require(self.block_size > 0 and self.block_size & (self.block_size - 1) == 0,
                  "cache config: block_size must be a power of two")
         _require(self.num_blocks is None or self.num_blocks > 0, "cache config: num_blocks must be > 0")
         _require(self.kv_cache_gb > 0, "cache config: kv_cache_gb must be > 0")
+        _require(self.kv_warm_gb >= 0, "cache config: kv_warm_gb must be >= 0")
+        _require(self.kv_cold_gb > 0, "cache config: kv_cold_gb must be > 0")
+        _require(self.session_ttl >= 0, "cache config: session_ttl must be >= 0")
 
 
 @dataclass(frozen=True)

@@ -20,13 +20,16 @@ class LLM:
     def __init__(self, model: str = "smollm2-135m", *, dtype: str = "bfloat16", deterministic: bool = True,
                  max_num_seqs: int = 32, max_num_batched_tokens: int = 512, max_model_len: int | None = None,
                  block_size: int = 16, kv_cache_gb: float = 1.0, num_kv_blocks: int | None = None,
-                 enable_prefix_caching: bool = True, seed: int = 0, cache_dir: str | Path | None = None, progress: bool = False,
+                 enable_prefix_caching: bool = True, kv_warm_gb: float = 0.5, kv_cold_dir: str | None = None,
+                 kv_cold_gb: float = 4.0, session_ttl: float = 600.0, seed: int = 0, cache_dir: str | Path | None = None, progress: bool = False,
                  config: EngineConfig | None = None) -> None:
         if config is None:
             config = EngineConfig(
                 model=model, dtype=dtype, deterministic=deterministic, seed=seed,
                 cache=CacheConfig(block_size=block_size, num_blocks=num_kv_blocks, kv_cache_gb=kv_cache_gb,
-                                  enable_prefix_caching=enable_prefix_caching),
+                                  enable_prefix_caching=enable_prefix_caching, kv_warm_gb=kv_warm_gb,
+                                  kv_cold_dir=str(kv_cold_dir) if kv_cold_dir else None, kv_cold_gb=kv_cold_gb,
+                                  session_ttl=session_ttl),
                 scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                           max_model_len=max_model_len))
         self.engine = LLMEngine(config, cache_dir=Path(cache_dir) if cache_dir else None, progress=progress)

@@ -49,6 +49,7 @@ class Request:
     stop_reason: int | str | None = None
     cache_root: bytes = b""  # prefix-hash chain start: model identity + tenant salt
     block_hashes: list[bytes] = field(default_factory=list)  # chained hashes of full blocks so far
+    session_id: str | None = None  # its KV stays in the warm tier for the session TTL after it ends
 
     @property
     def all_token_ids(self) -> list[int]:

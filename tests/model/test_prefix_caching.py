@@ -85,3 +85,56 @@ def test_random_workload_never_reads_stale_kv(arch, blocks, tiny_checkpoint):
     assert aborted and len(done) == len(reqs) - len(aborted)
     mismatched = [i for i, r in done.items() if r != expected[i]]
     assert not mismatched, f"requests {mismatched} differ from the no-cache run"
+
+
+def test_outputs_identical_after_warm_and_cold_restores(cache_dir, tmp_path):
+    """A 12-block pool: other prompts push the first prompt's blocks to the warm tier, and
+    with no warm room to the cold tier on disk, read back after a restart. Same bits."""
+    prompt = SYSTEM + QUESTIONS[0]
+    fillers = [f"Filler request {i}: " + "describe a different subject at length. " * 8 for i in range(3)]
+    off = LLM("smollm2-135m", cache_dir=cache_dir, enable_prefix_caching=False)
+    expected = result(off.generate(prompt, PARAMS)[0])
+
+    warm = LLM("smollm2-135m", cache_dir=cache_dir, num_kv_blocks=12)
+    tiers = warm.engine.kv.tiers
+    assert result(warm.generate(prompt, PARAMS)[0]) == expected
+    warm.generate(fillers, SamplingParams(max_tokens=1))
+    assert tiers.stats.bytes_hot_to_warm > 0
+    assert result(warm.generate(prompt, PARAMS)[0]) == expected
+    assert tiers.stats.warm_hits > 0
+    warm.engine.kv.check_integrity()
+
+    cold_dir = tmp_path / "cold"
+    first = LLM("smollm2-135m", cache_dir=cache_dir, num_kv_blocks=12, kv_warm_gb=0, kv_cold_dir=cold_dir)
+    first.generate(prompt, PARAMS)
+    first.generate(fillers, SamplingParams(max_tokens=1))
+    assert first.engine.kv.tiers.stats.bytes_to_cold > 0
+    del first
+    restarted = LLM("smollm2-135m", cache_dir=cache_dir, num_kv_blocks=12, kv_warm_gb=0, kv_cold_dir=cold_dir)
+    assert result(restarted.generate(prompt, PARAMS)[0]) == expected
+    stats = restarted.engine.kv.tiers.stats
+    assert stats.cold_hits >= len(off.tokenizer.encode(SYSTEM)) // 16 - 1 and stats.warm_hits == 0
+
+
+@pytest.mark.parametrize("session", [None, "conv-1"])
+def test_session_keeps_a_conversation_prefix_warm(session, cache_dir):
+    """A warm tier of 8 blocks under pressure from fillers: the first turn's prefix survives
+    for the next turn only when the request carried a session id."""
+    block_bytes = 2 * 30 * 16 * 3 * 64 * 2  # K+V, 30 layers, 16 positions, 3 kv heads x 64, bf16
+    llm = LLM("smollm2-135m", cache_dir=cache_dir, num_kv_blocks=12, kv_warm_gb=8 * block_bytes / 2**30)
+    eng = llm.engine
+    assert eng.kv.tiers.warm_capacity == 8
+    turn1 = llm.tokenizer.encode(SYSTEM + QUESTIONS[0])
+    eng.add_request("t1", {"prompt_token_ids": turn1}, SamplingParams(max_tokens=4, temperature=0),
+                    session_id=session)
+    while eng.has_unfinished_requests():
+        eng.step()
+    full_blocks = len(turn1) // 16
+    assert len(eng.kv.tiers.pins) == (full_blocks if session else 0)
+    for i in range(4):  # pushes well over 8 blocks through the warm tier
+        llm.generate([f"Unrelated filler {i} " * 30], SamplingParams(max_tokens=1))
+    hits = eng.scheduler.prefix_hits
+    llm.generate({"prompt_token_ids": turn1 + [12, 13, 14]}, SamplingParams(max_tokens=1))
+    found = (eng.scheduler.prefix_hits - hits) // 16
+    assert found == full_blocks if session else found < full_blocks
+    eng.kv.check_integrity()

@@ -14,16 +14,18 @@ from pathlib import Path
 
 import torch
 
-from tierlm.config import EngineConfig
+from tierlm.config import CacheConfig, EngineConfig
 from tierlm.engine.detokenizer import IncrementalDetokenizer
-from tierlm.layers.moe import SparseMoE
 from tierlm.kv_cache import prefix_hash
+from tierlm.kv_cache.cold_store import ColdStore
 from tierlm.kv_cache.manager import KVCacheManager
+from tierlm.kv_cache.tiers import KVTiers
+from tierlm.layers.moe import SparseMoE
 from tierlm.loader import model_loader
 from tierlm.outputs import CompletionOutput, RequestOutput
 from tierlm.request import Request, RequestStatus
 from tierlm.runner import kernel_probe
-from tierlm.runner.model_runner import ModelRunner, layout_for, num_kv_blocks
+from tierlm.runner.model_runner import ModelRunner, kv_block_bytes, layout_for, num_kv_blocks
 from tierlm.sampling_params import SamplingParams
 from tierlm.scheduler.scheduler import Scheduler
 
@@ -53,6 +55,14 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "tierlm"
 
 
+def model_key(path: Path, config: EngineConfig) -> str:
+    """What a block's KV depends on besides its tokens: the weights (files by name, size
+    and mtime), the compute dtype and the kernel mode. Part of every prefix-cache hash."""
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
+    stamp = ";".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+    return f"{path.resolve()}|{stamp}|{config.dtype}|deterministic={config.deterministic}"
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, *, cache_dir: Path | None = None, progress: bool = False) -> None:
         self.config = config
@@ -70,11 +80,12 @@ class LLMEngine:
         blocks = num_kv_blocks(self.model_config, config.cache, config.torch_dtype)
         self.kv = KVCacheManager(blocks, config.cache.block_size, layout_for(self.model_config).windows,
                                  enable_caching=config.cache.enable_prefix_caching)
-        # KV depends on the weights and the compute dtype: both are part of every block hash.
-        self._model_key = f"{self.loaded.path.resolve()}|{self.loaded.path.stat().st_size}|{config.dtype}"
+        self._model_key = model_key(self.loaded.path, config)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.model_config.eos_token_ids)
         self.runner = ModelRunner(self.loaded.model, self.model_config, blocks, config.cache.block_size,
                                   config.torch_dtype)
+        if config.cache.enable_prefix_caching:
+            self._attach_tiers(config.cache)
         # (layer index, block) of every sparse MoE block, for per-expert load statistics.
         self._moe = [(int(name.split(".")[1]), m) for name, m in self.loaded.model.named_modules()
                      if isinstance(m, SparseMoE)]
@@ -82,6 +93,19 @@ class LLMEngine:
         self._seq = 0
         self._parents: dict[str, _Parent] = {}
         self._child_parent: dict[str, str] = {}
+
+    def _attach_tiers(self, cache: CacheConfig) -> None:
+        block_bytes = kv_block_bytes(self.model_config, cache.block_size, self.config.torch_dtype)
+        probe = self.runner.read_block(0)
+        cold = None
+        if cache.kv_cold_dir:
+            cold = ColdStore(Path(cache.kv_cold_dir), self._model_key, tuple(probe.shape), probe.dtype,
+                             int(cache.kv_cold_gb * 2**30))
+        tiers = KVTiers(self.runner.read_block, self.runner.write_block, block_bytes,
+                        int(cache.kv_warm_gb * 2**30), cold)
+        self.kv.tiers = tiers
+        self.kv.session_ttl = cache.session_ttl
+        self.kv.pool.on_evict = tiers.on_evict
 
     # ---- requests --------------------------------------------------------------------
     def tokenize_prompt(self, prompt: Prompt) -> tuple[str | None, list[int]]:
@@ -119,8 +143,9 @@ class LLMEngine:
         return total
 
     def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None,
-                    priority: int = 0, cache_salt: str | None = None) -> None:
-        """Queue a request. Requests share prefix-cache entries only with equal `cache_salt`."""
+                    priority: int = 0, cache_salt: str | None = None, session_id: str | None = None) -> None:
+        """Queue a request. Requests share prefix-cache entries only with equal `cache_salt`;
+        a `session_id` keeps the request's KV in the warm tier for the session TTL."""
         params = params or SamplingParams()
         if request_id in self._parents:
             raise InvalidRequest(f"request id {request_id!r} is already in use")
@@ -133,7 +158,7 @@ class LLMEngine:
         for i, child in enumerate(children):
             self._seq += 1
             req = Request(child, ids, params, seed=seed + i, arrival_seq=self._seq, priority=priority,
-                          max_total_tokens=total, cache_root=root)
+                          max_total_tokens=total, cache_root=root, session_id=session_id)
             parent.detoks[child] = IncrementalDetokenizer(self.tokenizer, ids, params.stop,
                                                           params.skip_special_tokens,
                                                           params.include_stop_str_in_output)

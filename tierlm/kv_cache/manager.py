@@ -11,7 +11,9 @@ Prefix caching: a new (or recomputing) request adopts the longest run of cached 
 matching its block hashes that every group can supply (a sliding group only needs the
 blocks inside the window of the first position left to compute), sharing them by
 reference count; its full blocks are registered as their KV gets computed. At least
-one token is always left to compute, so a shared block is never written.
+one token is always left to compute, so a shared block is never written. With
+`tiers` set (kv_cache/tiers.py), blocks evicted from the pool may still be found in
+the warm or cold tier; adopting them copies them into fresh hot blocks.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from tierlm.kv_cache.block_pool import NULL_BLOCK, BlockPool
+from tierlm.kv_cache.tiers import KVTiers
 
 
 @dataclass
@@ -36,6 +39,9 @@ class KVCacheManager:
         self.block_size = block_size
         self.windows = windows
         self.enable_caching = enable_caching
+        self.tiers: KVTiers | None = None
+        self.session_ttl = 0.0
+        self.hot_block_hits = 0  # blocks adopted straight from the pool
         self._requests: dict[str, _Tables] = {}
 
     @property
@@ -91,36 +97,74 @@ class KVCacheManager:
         """First block a query at position `num_computed` (or later) can read in a group."""
         return 0 if window is None else max(0, num_computed - window + 1) // self.block_size
 
+    def _prefix_blocks(self, k: int) -> list[tuple[int, int]]:
+        """(group, block index) pairs a request starting after k cached blocks must have."""
+        return [(g, i) for g, window in enumerate(self.windows)
+                for i in range(self._first_needed(window, k * self.block_size), k)]
+
+    def _findable(self, key) -> bool:
+        return self.pool.lookup(key) is not None or (self.tiers is not None and self.tiers.has(key))
+
     def lookup_prefix(self, hashes: list[bytes], max_blocks: int) -> int:
-        """How many leading blocks (of `hashes`) the cache can supply to every group."""
+        """How many leading blocks (of `hashes`) the cache tiers can supply to every group
+        (blocks restored from warm/cold need free pool blocks, which must be there)."""
         if not self.enable_caching:
             return 0
         k = min(len(hashes), max_blocks)
         for g, window in enumerate(self.windows):
             if window is None:
                 i = 0
-                while i < k and self.pool.lookup((g, hashes[i])) is not None:
+                while i < k and self._findable((g, hashes[i])):
                     i += 1
                 k = i
-        while k > 0 and not all(
-                self.pool.lookup((g, hashes[i])) is not None
-                for g, window in enumerate(self.windows) if window is not None
-                for i in range(self._first_needed(window, k * self.block_size), k)):
+        while k > 0:
+            keys = [(g, hashes[i]) for g, i in self._prefix_blocks(k)]
+            if all(self._findable(key) for key in keys):
+                hot = [self.pool.lookup(key) for key in keys]
+                restores = sum(b is None for b in hot)
+                idle_hot = sum(b is not None and self.pool.ref_counts[b] == 0 for b in hot)
+                if restores <= self.pool.num_free - idle_hot:
+                    return k
             k -= 1
-        return k
+        return 0
 
-    def adopt_prefix(self, request_id: str, hashes: list[bytes], k: int) -> None:
-        """Start a request's tables with k cached blocks (a `lookup_prefix` result)."""
+    def adopt_prefix(self, request_id: str, hashes: list[bytes], k: int) -> int:
+        """Start a request's tables with k cached blocks (a `lookup_prefix` result).
+
+        Returns k, or 0 (nothing adopted) if a warm/cold block could not be read back.
+        """
         assert request_id not in self._requests
+        needed = self._prefix_blocks(k)
+        missing = [(g, i) for g, i in needed if self.pool.lookup((g, hashes[i])) is None]
+        # Take restored pages out of warm/cold before allocating: allocation evicts into warm.
+        pages = {}
+        for g, i in missing:
+            data = self.tiers.take((g, hashes[i]))
+            if data is None:  # a cold file failed its checks: recompute instead
+                for (pg, pi), d in pages.items():
+                    self.tiers.put_warm((pg, hashes[pi]), d)
+                return 0
+            pages[g, i] = data
+        for g, i in needed:
+            b = self.pool.lookup((g, hashes[i]))
+            if b is not None:
+                self.pool.touch(b)
+                self.hot_block_hits += 1
+        for (g, i), data, b in zip(pages, pages.values(), self.pool.allocate(len(pages))):
+            self.tiers.write_block(b, data)
+            self.pool.register((g, hashes[i]), b)
         t = _Tables([], [], registered=k)
         for g, window in enumerate(self.windows):
             first = self._first_needed(window, k * self.block_size)
-            blocks = [self.pool.lookup((g, h)) for h in hashes[first:k]]
-            for b in blocks:
-                self.pool.touch(b)
-            t.tables.append([NULL_BLOCK] * first + blocks)
+            t.tables.append([NULL_BLOCK] * first + [self.pool.lookup((g, h)) for h in hashes[first:k]])
             t.dropped.append(first)
         self._requests[request_id] = t
+        return k
+
+    def pin(self, hashes: list[bytes]) -> None:
+        """Keep these blocks (every group) in the warm tier for `session_ttl` seconds."""
+        if self.tiers is not None and self.enable_caching:
+            self.tiers.pin([(g, h) for g in range(len(self.windows)) for h in hashes], self.session_ttl)
 
     def cache_blocks(self, request_id: str, hashes: list[bytes], num_computed: int) -> None:
         """Register the request's blocks whose every position's KV is now computed."""
@@ -163,3 +207,6 @@ class KVCacheManager:
                 owned.update(live)
         assert all(self.pool.ref_counts[b] == n for b, n in owned.items()), "reference counts disagree"
         assert len(owned) == self.pool.num_usable - self.pool.num_free
+        if self.tiers is not None:
+            assert not set(self.tiers.warm) & set(self.pool.cached), "a block is both hot and warm"
+            self.tiers.check_integrity()

@@ -47,6 +47,15 @@ class ModelRunner:
         places = [self.layout.place(i) for i in range(cfg.num_layers)]
         self.kv_caches = [slots[slot] for _, slot in places]
         self.layer_group = [group for group, _ in places]
+        self._pages = [t for pair in slots for t in pair]  # every tensor a block id indexes
+
+    def read_block(self, block: int) -> torch.Tensor:
+        """A copy of one block's K/V pages: [2 * group_size, block_size, kv_heads, head_dim]."""
+        return torch.stack([t[block] for t in self._pages])
+
+    def write_block(self, block: int, data: torch.Tensor) -> None:
+        for t, page in zip(self._pages, data):
+            t[block].copy_(page)
 
     def _forward(self, batch: forward_batch.ForwardBatch, logits_indices: torch.Tensor) -> torch.Tensor:
         metas = [batch.attn[g] for g in self.layer_group]

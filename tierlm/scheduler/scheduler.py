@@ -55,6 +55,8 @@ class Scheduler:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
+        if req.session_id is not None:  # the next turn starts from this KV
+            self.kv.pin(req.block_hashes[: req.num_computed_tokens // self.kv.block_size])
         self.kv.free(request_id)
         req.status = status
         if stop_reason is not None:
@@ -110,7 +112,7 @@ class Scheduler:
         prefix_hash.extend(req.block_hashes, req.all_token_ids, bs, req.cache_root)
         k = self.kv.lookup_prefix(req.block_hashes, (req.num_tokens - 1) // bs)  # leave >= 1 to compute
         if k:
-            self.kv.adopt_prefix(req.request_id, req.block_hashes, k)
+            k = self.kv.adopt_prefix(req.request_id, req.block_hashes, k)
             req.num_computed_tokens = k * bs
         return k * bs
 
