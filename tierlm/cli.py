@@ -31,6 +31,14 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-gb", type=float, default=1.0, help="KV cache size in GiB")
     p.add_argument("--no-prefix-caching", action="store_true",
                    help="do not reuse the KV of prompt prefixes shared with earlier requests")
+    p.add_argument("--kv-warm-gb", type=float, default=0.5,
+                   help="host-memory tier for cached KV blocks evicted from the KV cache (GiB)")
+    p.add_argument("--kv-cold-dir", default=None,
+                   help="directory for a disk tier of cached KV blocks (kept across restarts)")
+    p.add_argument("--kv-cold-gb", type=float, default=4.0, help="size limit of --kv-cold-dir (GiB)")
+    p.add_argument("--session-ttl", type=float, default=600.0,
+                   help="seconds a finished request's KV stays pinned in the warm tier when it "
+                        "carried a session_id")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -77,7 +85,9 @@ def _config(args) -> EngineConfig:
     sched = {k: getattr(args, k) for k in ("max_num_seqs", "max_num_batched_tokens") if hasattr(args, k)}
     return EngineConfig(model=args.model, dtype=args.dtype, deterministic=not args.no_deterministic,
                         cache=CacheConfig(kv_cache_gb=args.kv_cache_gb,
-                                          enable_prefix_caching=not args.no_prefix_caching),
+                                          enable_prefix_caching=not args.no_prefix_caching,
+                                          kv_warm_gb=args.kv_warm_gb, kv_cold_dir=args.kv_cold_dir,
+                                          kv_cold_gb=args.kv_cold_gb, session_ttl=args.session_ttl),
                         scheduler=SchedulerConfig(max_model_len=args.max_model_len, **sched))
 
 

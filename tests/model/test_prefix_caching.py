@@ -109,7 +109,7 @@ def test_outputs_identical_after_warm_and_cold_restores(cache_dir, tmp_path):
     first.generate(prompt, PARAMS)
     first.generate(fillers, SamplingParams(max_tokens=1))
     assert first.engine.kv.tiers.stats.bytes_to_cold > 0
-    del first
+    first.close()  # also flushes what is still hot
     restarted = LLM("smollm2-135m", cache_dir=cache_dir, num_kv_blocks=12, kv_warm_gb=0, kv_cold_dir=cold_dir)
     assert result(restarted.generate(prompt, PARAMS)[0]) == expected
     stats = restarted.engine.kv.tiers.stats

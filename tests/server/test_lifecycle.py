@@ -145,3 +145,8 @@ def test_prefix_cache_hits_counted_and_salted(http):
     time.sleep(0.3)
     assert metric(http, "vllm:prefix_cache_hits_total") == hits  # other salt: no sharing
     assert salted["choices"][0]["text"] == first["choices"][0]["text"]  # and the same output
+    families = {f.name: f for f in text_string_to_metric_families(http.get("/metrics").text)}
+    hot = [s for s in families["tierlm:prefix_cache_block_hits"].samples if s.labels["tier"] == "hot"]
+    assert hot and hot[0].value > 0
+    usage = {s.labels["tier"] for s in families["tierlm:kv_tier_usage_bytes"].samples}
+    assert usage == {"hot", "warm", "cold"}

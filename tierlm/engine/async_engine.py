@@ -67,6 +67,7 @@ class EngineStats:
     prefix_queries: int = 0  # prompt tokens looked up in the prefix cache
     prefix_hits: int = 0  # of which found there
     kv_evictions: int = 0  # cached blocks whose memory was reused
+    kv_tiers: dict[str, int] = field(default_factory=dict)  # see LLMEngine.kv_tier_stats
 
 
 @dataclass
@@ -76,6 +77,7 @@ class _Add:
     params: SamplingParams
     priority: int
     cache_salt: str | None = None
+    session_id: str | None = None
 
 
 @dataclass
@@ -134,7 +136,7 @@ class AsyncEngine:
     def shutdown(self) -> None:
         self._stop.set()
         self._wake.set()
-        self._thread.join(timeout=10)
+        self._thread.join(timeout=60)  # the engine thread may be flushing KV to the cold tier
 
     # ---- caller side (event loop) -------------------------------------------------------
     def prepare(self, ids: list[int], params: SamplingParams) -> None:
@@ -149,13 +151,14 @@ class AsyncEngine:
             raise QueueFullError(f"{self.max_queued} requests are already queued")
 
     async def generate(self, request_id: str, ids: list[int], params: SamplingParams,
-                       priority: int = 0, cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
+                       priority: int = 0, cache_salt: str | None = None,
+                       session_id: str | None = None) -> AsyncIterator[RequestOutput]:
         """Submit a validated request and yield its outputs; aborts it if the caller goes away."""
         self.check_admission()
         loop = asyncio.get_running_loop()
         stream = _Stream(loop, asyncio.Queue(), RequestTiming(time.perf_counter()), len(ids))
         self._count(+1)
-        self._commands.put((_Add(request_id, ids, params, priority, cache_salt), stream))
+        self._commands.put((_Add(request_id, ids, params, priority, cache_salt, session_id), stream))
         self._wake.set()
         finished = False
         try:
@@ -199,6 +202,7 @@ class AsyncEngine:
             now = time.perf_counter()
             for out in outputs:
                 self._deliver(out, now)
+        self.engine.close()
 
     def _apply_commands(self) -> None:
         while True:
@@ -209,7 +213,7 @@ class AsyncEngine:
             if isinstance(cmd, _Add):
                 try:
                     self.engine.add_request(cmd.request_id, {"prompt_token_ids": cmd.ids}, cmd.params, cmd.priority,
-                                            cmd.cache_salt)
+                                            cmd.cache_salt, cmd.session_id)
                 except Exception as e:  # noqa: BLE001 - validated already; report, never crash the loop
                     self._count(-1)
                     stream.loop.call_soon_threadsafe(stream.queue.put_nowait, e)
@@ -254,5 +258,6 @@ class AsyncEngine:
                                  kv_usage=self.engine.kv.usage, preemptions=sched.num_preemptions,
                                  moe_expert_tokens=self.engine.moe_expert_tokens(),
                                  prefix_queries=sched.prefix_queries, prefix_hits=sched.prefix_hits,
-                                 kv_evictions=self.engine.kv.pool.num_evictions)
+                                 kv_evictions=self.engine.kv.pool.num_evictions,
+                                 kv_tiers=self.engine.kv_tier_stats())
         self.on_step(self.stats)

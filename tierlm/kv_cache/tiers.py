@@ -89,6 +89,22 @@ class KVTiers:
             self.stats.bytes_from_cold += self.block_bytes
         return data
 
+    def flush_to_cold(self, hot: dict[CacheKey, int]) -> int:
+        """Copy every cached block (hot ones given as key -> block, and warm) to the cold
+        tier unless already there, so a restart can replay them. Returns blocks written."""
+        if self.cold is None:
+            return 0
+        written = 0
+        for key, block in hot.items():
+            if not self.cold.has(key):
+                self._to_cold(key, self.read_block(block))
+                written += 1
+        for key, data in self.warm.items():
+            if not self.cold.has(key):
+                self._to_cold(key, data)
+                written += 1
+        return written
+
     def pin(self, keys: list[CacheKey], ttl: float) -> None:
         now = self.clock()
         if len(self.pins) > 2 * self.warm_capacity + 1024:  # forget lapsed pins

@@ -53,7 +53,7 @@ async def create(request: Request, req: ChatCompletionRequest, state: ServerStat
     common.validate(state, ids, params)
     common.admit(state)
     rid = common.new_id("chatcmpl")
-    gen = common.merged(state, rid, [ids], params, req.priority, req.cache_salt)
+    gen = common.merged(state, rid, [ids], params, req.priority, req.cache_salt, req.session_id)
     base = {"id": rid, "object": "chat.completion", "created": common.now(), "model": state.model_name}
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)

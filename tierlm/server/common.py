@@ -98,14 +98,15 @@ def _engine_error(e: Exception) -> APIError:
 
 
 async def merged(state: ServerState, request_id: str, prompts: list[list[int]], params: SamplingParams,
-                 priority: int, cache_salt: str | None = None) -> AsyncIterator[tuple[int, RequestOutput]]:
+                 priority: int, cache_salt: str | None = None,
+                 session_id: str | None = None) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Run one engine request per prompt; yield (prompt index, output) as they arrive.
 
     Closing this generator (client gone) cancels every sub-request, which aborts it.
     """
     if len(prompts) == 1:
         try:
-            async for out in state.engine.generate(request_id, prompts[0], params, priority, cache_salt):
+            async for out in state.engine.generate(request_id, prompts[0], params, priority, cache_salt, session_id):
                 yield 0, out
         except (QueueFullError, EngineDeadError, InvalidRequest) as e:
             raise _engine_error(e) from None
@@ -114,7 +115,8 @@ async def merged(state: ServerState, request_id: str, prompts: list[list[int]], 
 
     async def pump(i: int, ids: list[int]) -> None:
         try:
-            async for out in state.engine.generate(f"{request_id}-{i}", ids, params, priority, cache_salt):
+            async for out in state.engine.generate(f"{request_id}-{i}", ids, params, priority, cache_salt,
+                                                  session_id):
                 await queue.put((i, out))
         except Exception as e:  # noqa: BLE001 - forwarded to the consumer
             await queue.put((i, e))

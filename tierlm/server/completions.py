@@ -59,7 +59,7 @@ async def create(request: Request, req: CompletionRequest, state: ServerState):
     texts = [i if isinstance(i, str) else state.tokenizer.decode(p) for i, p in zip(items, ids)]
     common.admit(state)
     rid = common.new_id("cmpl")
-    gen = common.merged(state, rid, ids, params, req.priority, req.cache_salt)
+    gen = common.merged(state, rid, ids, params, req.priority, req.cache_salt, req.session_id)
     base = {"id": rid, "object": "text_completion", "created": common.now(), "model": state.model_name}
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)

@@ -41,6 +41,12 @@ class Metrics:
         self._totals = {"prefix_queries": 0, "prefix_hits": 0, "kv_evictions": 0}
         for name in self._totals:  # exported from the start, at 0
             getattr(self, name).labels(model_name)
+        self.tier_hits = Counter("tierlm:prefix_cache_block_hits", "Cached KV blocks reused, by the tier found in",
+                                 lbl + ["tier"], registry=r)
+        self.tier_moved = Counter("tierlm:kv_tier_bytes_moved", "KV bytes copied between tiers", lbl + ["direction"],
+                                  registry=r)
+        self.tier_usage = Gauge("tierlm:kv_tier_usage_bytes", "KV bytes held per tier", lbl + ["tier"], registry=r)
+        self._tier_seen: dict[str, int] = {}
         self.moe_tokens = Counter("tierlm:moe_expert_tokens", "Tokens routed to each expert of each MoE layer",
                                   lbl + ["layer", "expert"], registry=r)
         self._moe_seen: dict[tuple[int, int], int] = {}
@@ -58,6 +64,16 @@ class Metrics:
             if total > seen:
                 getattr(self, name).labels(self.m).inc(total - seen)
                 self._totals[name] = total
+        for name, value in s.kv_tiers.items():
+            kind, _, label = name.partition("_")
+            if kind == "usage":
+                self.tier_usage.labels(self.m, label).set(value)
+                continue
+            new = value - self._tier_seen.get(name, 0)
+            if new > 0 or name not in self._tier_seen:
+                metric = self.tier_hits if kind == "hits" else self.tier_moved
+                metric.labels(self.m, label).inc(new)
+                self._tier_seen[name] = value
         for layer, counts in s.moe_expert_tokens.items():
             for expert, total in enumerate(counts):
                 new = total - self._moe_seen.get((layer, expert), 0)

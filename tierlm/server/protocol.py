@@ -41,6 +41,7 @@ class _SamplingFields(_Base):
     stop_token_ids: list[int] | None = None
     priority: int = 0
     cache_salt: str | None = None  # prefix-cache entries are shared only between equal salts
+    session_id: str | None = None  # keep this conversation's KV warm for the next turn
 
 
 class CompletionRequest(_SamplingFields):
