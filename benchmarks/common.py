@@ -37,8 +37,7 @@ def llama_cpp_model(path: Path, n_ctx: int, n_threads: int):
 
 def make_prompt_ids(tokenizer, n_tokens: int, salt: int) -> list[int]:
     """A prompt of exactly n_tokens ids from varied text (salted so prompts differ)."""
-    words = ("the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing "
-             "matches in distant valleys of ancient kingdoms near rivers").split()
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven", "wizards", "quietly", "judge", "boxing", "matches", "in", "distant", "valleys", "of", "ancient", "kingdoms", "near", "rivers"]
     text = " ".join(words[(i * 7 + salt) % len(words)] for i in range(n_tokens * 2))
     return tokenizer.encode(f"Story {salt}: {text}")[:n_tokens]
 

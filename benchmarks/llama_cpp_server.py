@@ -13,12 +13,12 @@ from pathlib import Path
 import uvicorn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import disable_llama_cpp_extra_bufts  # noqa: E402
+from benchmarks.common import disable_llama_cpp_extra_bufts
 
 disable_llama_cpp_extra_bufts()
 
-from llama_cpp.server.app import create_app  # noqa: E402
-from llama_cpp.server.settings import ModelSettings, ServerSettings  # noqa: E402
+from llama_cpp.server.app import create_app
+from llama_cpp.server.settings import ModelSettings, ServerSettings
 
 model, port = sys.argv[1], int(sys.argv[2])
 # interrupt_requests=False: by default a new request cuts off the streams in flight.

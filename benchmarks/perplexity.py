@@ -20,10 +20,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import record  # noqa: E402
-from tierlm import LLM  # noqa: E402
-from tierlm.engine.llm_engine import default_cache_dir  # noqa: E402
-from tierlm.loader.bundled import resolve  # noqa: E402
+from benchmarks.common import record
+from tierlm import LLM
+from tierlm.engine.llm_engine import default_cache_dir
+from tierlm.loader.bundled import resolve
+
 
 def windows(ids: list[int], size: int) -> list[list[int]]:
     return [ids[i : i + size] for i in range(0, len(ids) - 1, size) if len(ids[i : i + size]) > 1]

@@ -22,11 +22,11 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import make_prompt_ids, record  # noqa: E402
-from tierlm.engine.llm_engine import default_cache_dir  # noqa: E402
-from tierlm.loader.bundled import resolve  # noqa: E402
-from tierlm.loader.gguf import GGUFFile  # noqa: E402
-from tierlm.loader.tokenizer import from_gguf  # noqa: E402
+from benchmarks.common import make_prompt_ids, record
+from tierlm.engine.llm_engine import default_cache_dir
+from tierlm.loader.bundled import resolve
+from tierlm.loader.gguf import GGUFFile
+from tierlm.loader.tokenizer import from_gguf
 
 PROMPT_LEN, OUTPUT_LEN = 128, 128
 

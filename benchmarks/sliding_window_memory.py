@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import record  # noqa: E402
-from tierlm import LLM, SamplingParams  # noqa: E402
-from tierlm.runner.model_runner import kv_block_bytes  # noqa: E402
+from benchmarks.common import record
+from tierlm import LLM, SamplingParams
+from tierlm.runner.model_runner import kv_block_bytes
 
 
 def main() -> None:

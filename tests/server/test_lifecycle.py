@@ -150,3 +150,27 @@ def test_prefix_cache_hits_counted_and_salted(http):
     assert hot and hot[0].value > 0
     usage = {s.labels["tier"] for s in families["tierlm:kv_tier_usage_bytes"].samples}
     assert usage == {"hot", "warm", "cold"}
+
+
+def test_cold_tier_replays_a_prompt_after_restart(cache_dir, tmp_path):
+    """Shutdown flushes cached KV to --kv-cold-dir; the restarted server reuses it."""
+    args = ("--kv-cold-dir", str(tmp_path / "cold"), "--kv-warm-gb", "0")
+    body = {"model": MODEL, "prompt": "A long shared system prompt, repeated. " * 20, "max_tokens": 6,
+            "temperature": 0}
+    srv = ServerProcess(cache_dir, *args)
+    try:
+        before = httpx.post(f"{srv.url}/v1/completions", json=body, timeout=60).json()
+    finally:
+        srv.stop()
+    assert list((tmp_path / "cold").rglob("*.kvb"))
+    srv = ServerProcess(cache_dir, *args)
+    try:
+        with httpx.Client(base_url=srv.url, timeout=60) as c:
+            after = c.post("/v1/completions", json=body).json()
+            time.sleep(0.3)  # the engine thread publishes its counters after the step
+            families = {f.name: f for f in text_string_to_metric_families(c.get("/metrics").text)}
+    finally:
+        srv.stop()
+    cold = [s.value for s in families["tierlm:prefix_cache_block_hits"].samples if s.labels["tier"] == "cold"]
+    assert cold and cold[0] >= 8
+    assert after["choices"][0]["text"] == before["choices"][0]["text"]

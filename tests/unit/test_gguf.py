@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGUFReader, GGUFWriter, quants
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as Q
+from gguf.constants import GGML_QUANT_SIZES
+from gguf.constants import GGMLQuantizationType as Q
 
 from tierlm.loader.gguf import GGUFError, GGUFFile, dequantize
 from tierlm.loader.weights import _unpermute

@@ -33,7 +33,7 @@ def tiers(warm_blocks: int, cold=None, clock=None) -> tuple[KVTiers, dict[int, t
 
 def test_warm_is_bounded_lru_and_moves_pages_back(tmp_path):
     cold = ColdStore(tmp_path, "model-a", SHAPE, torch.bfloat16, max_bytes=10**6)
-    t, hot = tiers(3, cold)
+    t, _ = tiers(3, cold)
     for b in range(1, 9):
         t.on_evict((0, bytes([b])), b)
         assert t.warm_bytes_used <= 3 * BLOCK_BYTES

@@ -37,7 +37,7 @@ def test_hashes_chain_cover_full_blocks_only_and_depend_on_salt():
 def test_pool_keeps_freed_cached_blocks_until_needed_then_evicts_oldest_first():
     evicted = []
     pool = BlockPool(5, on_evict=lambda key, b: evicted.append((key, b)))
-    a, b, c = pool.allocate(3)
+    a, b, _ = pool.allocate(3)
     pool.register((0, b"a"), a)
     pool.register((0, b"b"), b)
     pool.free([b, a])  # b then a join the free list after block 4
@@ -59,7 +59,7 @@ def test_manager_adopts_and_shares_cached_prefix():
     kv.cache_blocks("a", h, 18)  # 4 full blocks computed
     assert kv.lookup_prefix(h, max_blocks=5) == 4
     assert kv.lookup_prefix(h, max_blocks=2) == 2
-    kv.adopt_prefix("b", h, 4)
+    assert kv.adopt_prefix("b", h, 4) == (4, 4)
     assert kv.block_tables("b")[0] == kv.block_tables("a")[0][:4]
     kv.check_integrity()  # shared blocks: reference count 2 each
     kv.free("a")
@@ -80,7 +80,7 @@ def test_sliding_group_needs_only_blocks_inside_the_window():
     kv.check_integrity()
     kv.free("a")
     assert kv.lookup_prefix(h, 6) == 6
-    kv.adopt_prefix("b", h, 5)  # next query at 20 sees keys > 14: sliding blocks 3, 4
+    assert kv.adopt_prefix("b", h, 5) == (5, 7)  # next query at 20 sees keys > 14: sliding blocks 3, 4
     full, sliding = kv.block_tables("b")
     assert len(full) == 5 and NULL_BLOCK not in full and sliding[:3] == [NULL_BLOCK] * 3
     kv.check_integrity()

@@ -18,7 +18,7 @@ def row(**kw) -> SamplingRow:
 
 def test_filters():
     logits = torch.log(torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05]))
-    keep = lambda x: torch.isfinite(x).nonzero().flatten().tolist()  # noqa: E731
+    keep = lambda x: torch.isfinite(x).nonzero().flatten().tolist()
     assert keep(filter_top_k_top_p_min_p(logits, 2, 1.0, 0.0)) == [0, 1]
     assert keep(filter_top_k_top_p_min_p(logits, 0, 0.6, 0.0)) == [0, 1]  # 0.5 < 0.6 -> need the 2nd
     assert keep(filter_top_k_top_p_min_p(logits, 0, 0.5, 0.0)) == [0]

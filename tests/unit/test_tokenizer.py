@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 
 from tierlm.loader import tokenizer
-from tierlm.loader.gguf import GGUFFile
-
 from tierlm.loader.bundled import resolve
+from tierlm.loader.gguf import GGUFFile
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
 MODELS = ("smollm2-135m", "gemma3-270m")  # byte-level BPE and SentencePiece vocabularies

@@ -193,7 +193,7 @@ class AsyncEngine:
                 continue
             try:
                 outputs = self.engine.step()
-            except Exception as e:  # noqa: BLE001 - any step failure must reach every caller
+            except Exception as e:
                 log.exception("engine step failed")
                 self.error = f"engine step failed: {type(e).__name__}: {e}"
                 self._fail_all(EngineDeadError(self.error))

@@ -41,7 +41,7 @@ class KVCacheManager:
         self.enable_caching = enable_caching
         self.tiers: KVTiers | None = None
         self.session_ttl = 0.0
-        self.hot_block_hits = 0  # blocks adopted straight from the pool
+        self.hot_block_hits = 0  # reused straight from the pool by admitted requests (the scheduler counts)
         self._requests: dict[str, _Tables] = {}
 
     @property
@@ -128,10 +128,11 @@ class KVCacheManager:
             k -= 1
         return 0
 
-    def adopt_prefix(self, request_id: str, hashes: list[bytes], k: int) -> int:
+    def adopt_prefix(self, request_id: str, hashes: list[bytes], k: int) -> tuple[int, int]:
         """Start a request's tables with k cached blocks (a `lookup_prefix` result).
 
-        Returns k, or 0 (nothing adopted) if a warm/cold block could not be read back.
+        Returns (k, blocks found hot), or (0, 0) with nothing adopted if a warm/cold block
+        could not be read back.
         """
         assert request_id not in self._requests
         needed = self._prefix_blocks(k)
@@ -143,13 +144,12 @@ class KVCacheManager:
             if data is None:  # a cold file failed its checks: recompute instead
                 for (pg, pi), d in pages.items():
                     self.tiers.put_warm((pg, hashes[pi]), d)
-                return 0
+                return 0, 0
             pages[g, i] = data
         for g, i in needed:
             b = self.pool.lookup((g, hashes[i]))
             if b is not None:
                 self.pool.touch(b)
-                self.hot_block_hits += 1
         for (g, i), data, b in zip(pages, pages.values(), self.pool.allocate(len(pages))):
             self.tiers.write_block(b, data)
             self.pool.register((g, hashes[i]), b)
@@ -159,7 +159,7 @@ class KVCacheManager:
             t.tables.append([NULL_BLOCK] * first + [self.pool.lookup((g, h)) for h in hashes[first:k]])
             t.dropped.append(first)
         self._requests[request_id] = t
-        return k
+        return k, len(needed) - len(pages)
 
     def pin(self, hashes: list[bytes]) -> None:
         """Keep these blocks (every group) in the warm tier for `session_ttl` seconds."""

@@ -87,7 +87,7 @@ class Scheduler:
                 i += 1
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
-            hit = self._adopt_cached_prefix(req)
+            hit, hot = self._adopt_cached_prefix(req)
             n = min(req.num_tokens - req.num_computed_tokens, budget, self.chunk)
             if not self.kv.allocate(req.request_id, req.num_computed_tokens + n, req.num_computed_tokens):
                 if hit:  # give the adopted blocks back (they stay cached)
@@ -97,6 +97,7 @@ class Scheduler:
             if self.kv.enable_caching:
                 self.prefix_queries += req.num_tokens
                 self.prefix_hits += hit
+                self.kv.hot_block_hits += hot
             self.waiting.pop(0)
             req.status = RequestStatus.RUNNING
             self.running.append(req)
@@ -104,17 +105,20 @@ class Scheduler:
             budget -= n
         return SchedulerOutput([self._scheduled(r, n) for r, n in plan], preempted)
 
-    def _adopt_cached_prefix(self, req: Request) -> int:
-        """Start `req` (nothing computed yet) on its longest cached prefix; returns its tokens."""
+    def _adopt_cached_prefix(self, req: Request) -> tuple[int, int]:
+        """Start `req` (nothing computed yet) on its longest cached prefix.
+
+        Returns (its tokens, blocks of it found in the hot pool)."""
         if not self.kv.enable_caching:
-            return 0
+            return 0, 0
         bs = self.kv.block_size
         prefix_hash.extend(req.block_hashes, req.all_token_ids, bs, req.cache_root)
         k = self.kv.lookup_prefix(req.block_hashes, (req.num_tokens - 1) // bs)  # leave >= 1 to compute
+        hot = 0
         if k:
-            k = self.kv.adopt_prefix(req.request_id, req.block_hashes, k)
+            k, hot = self.kv.adopt_prefix(req.request_id, req.block_hashes, k)
             req.num_computed_tokens = k * bs
-        return k * bs
+        return k * bs, hot
 
     def _scheduled(self, req: Request, n: int) -> ScheduledRequest:
         start = req.num_computed_tokens
