@@ -139,6 +139,7 @@ def cmd_generate(args) -> None:
     engine = _engine(args)
     prompt = _chat_prompt(engine, [{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
     _stream(engine, "cli", prompt, params)
+    engine.close()  # cached KV to --kv-cold-dir, if set
 
 
 def cmd_chat(args) -> None:
@@ -157,6 +158,7 @@ def cmd_chat(args) -> None:
         turn += 1
         reply = _stream(engine, f"chat-{turn}", _chat_prompt(engine, messages), params)
         messages.append({"role": "assistant", "content": reply})
+    engine.close()
 
 
 def cmd_models(args) -> None:
