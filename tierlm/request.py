@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 from tierlm.sampling_params import SamplingParams
 
@@ -50,6 +51,7 @@ class Request:
     cache_root: bytes = b""  # prefix-hash chain start: model identity + tenant salt
     block_hashes: list[bytes] = field(default_factory=list)  # chained hashes of full blocks so far
     session_id: str | None = None  # its KV stays in the warm tier for the session TTL after it ends
+    grammar: Any = None  # a GrammarState when the output is constrained (structured/grammar.py)
 
     @property
     def all_token_ids(self) -> list[int]:

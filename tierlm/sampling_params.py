@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tierlm.structured.spec import GuidedSpec
+
 
 class SamplingParamsError(ValueError):
     """A sampling parameter is out of range; `param` names it."""
@@ -33,6 +35,7 @@ class SamplingParams:
     logprobs: int | None = None  # top-N alternatives per token (0 = chosen token only)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    guided: GuidedSpec | None = None  # constrain the output (JSON schema, regex, choice, grammar)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

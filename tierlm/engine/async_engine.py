@@ -140,8 +140,11 @@ class AsyncEngine:
 
     # ---- caller side (event loop) -------------------------------------------------------
     def prepare(self, ids: list[int], params: SamplingParams) -> None:
-        """Validate a request against the model without touching engine state (thread-safe)."""
+        """Validate a request against the model without touching engine state (thread-safe):
+        limits, and its output constraint (compiled here, once, so errors are a 400 up front)."""
         self.engine.validate(ids, params)
+        if params.guided is not None:
+            self.engine.check_guided(params)
 
     def check_admission(self) -> None:
         """Raise if a new request would be refused now (engine dead or queue full)."""

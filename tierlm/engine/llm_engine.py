@@ -8,6 +8,7 @@ that are scheduled independently and reported together under the caller's id.
 from __future__ import annotations
 
 import random
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,6 +90,8 @@ class LLMEngine:
         # (layer index, block) of every sparse MoE block, for per-expert load statistics.
         self._moe = [(int(name.split(".")[1]), m) for name, m in self.loaded.model.named_modules()
                      if isinstance(m, SparseMoE)]
+        self._grammars = None  # built on the first constrained request
+        self._grammar_lock = threading.Lock()
         self._rng = random.Random(config.seed)
         self._seq = 0
         self._parents: dict[str, _Parent] = {}
@@ -151,6 +154,7 @@ class LLMEngine:
             raise InvalidRequest(f"request id {request_id!r} is already in use")
         text, ids = self.tokenize_prompt(prompt)
         total = self.validate(ids, params)
+        grammar = self._grammar_state(params) if params.guided is not None else None
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
         children = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
         parent = _Parent(text, ids, children, {}, {})
@@ -158,7 +162,8 @@ class LLMEngine:
         for i, child in enumerate(children):
             self._seq += 1
             req = Request(child, ids, params, seed=seed + i, arrival_seq=self._seq, priority=priority,
-                          max_total_tokens=total, cache_root=root, session_id=session_id)
+                          max_total_tokens=total, cache_root=root, session_id=session_id,
+                          grammar=grammar if i == 0 else self._grammar_state(params))
             parent.detoks[child] = IncrementalDetokenizer(self.tokenizer, ids, params.stop,
                                                           params.skip_special_tokens,
                                                           params.include_stop_str_in_output)
@@ -166,6 +171,24 @@ class LLMEngine:
             parent.requests[child] = req
             self.scheduler.add(req)
         self._parents[request_id] = parent
+
+    def check_guided(self, params: SamplingParams) -> None:
+        """Compile (and cache) a request's output constraint; InvalidRequest if it cannot."""
+        self._grammar_state(params)
+
+    def _grammar_state(self, params: SamplingParams):
+        """A fresh grammar state for a constrained request (compiled specs are cached)."""
+        from tierlm.structured.grammar import GrammarCompiler, GrammarError
+
+        with self._grammar_lock:  # the server compiles on its event loop, the engine thread on add
+            if self._grammars is None:  # the grammar engine's view of the tokenizer, built once per model
+                from tierlm.structured.llguidance_backend import LLGuidanceBackend
+
+                self._grammars = GrammarCompiler(LLGuidanceBackend(self.tokenizer, self.model_config.vocab_size))
+            try:
+                return self._grammars.state_for(params.guided)
+            except GrammarError as e:
+                raise InvalidRequest(str(e), param="response_format") from None
 
     def abort_request(self, request_id: str) -> None:
         parent = self._parents.pop(request_id, None)

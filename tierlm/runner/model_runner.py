@@ -80,6 +80,8 @@ class ModelRunner:
         logits, ids = self.compute_logits(out)
         by_id = {s.request_id: s for s in out.scheduled}
         rows = [sampler.SamplingRow(by_id[i].sampling_params, by_id[i].seed, by_id[i].prompt_token_ids,
-                                    by_id[i].output_token_ids) for i in ids]
+                                    by_id[i].output_token_ids,
+                                    by_id[i].grammar.allowed() if by_id[i].grammar is not None else None)
+                for i in ids]
         drawn = sampler.sample(logits, rows, self.cfg.eos_token_ids)
         return StepResult([SampledToken(i, tok, lp) for i, (tok, lp) in zip(ids, drawn)])

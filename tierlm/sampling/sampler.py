@@ -1,7 +1,8 @@
 """Sampling as pure tensor functions over a [R, V] float32 logits batch.
 
-Order: logit_bias -> min_tokens mask -> penalties -> (greedy | temperature -> top-k ->
-top-p -> min-p -> seeded draw). Every operation is row-wise, and each random request
+Order: grammar mask -> logit_bias -> min_tokens mask -> penalties -> (greedy |
+temperature -> top-k -> top-p -> min-p -> seeded draw). The grammar wins: if the other
+masks would leave a constrained row no token, it falls back to the grammar mask alone. Every operation is row-wise, and each random request
 draws from its own generator seeded by (request seed, output index), so a request's
 tokens never depend on its batch neighbours, on chunking, or on preemption.
 Reported logprobs are those of the model's raw distribution (before any processing).
@@ -25,6 +26,7 @@ class SamplingRow:
     seed: int
     prompt_token_ids: list[int]
     output_token_ids: list[int]
+    allowed: torch.Tensor | None = None  # bool [V] grammar mask, None = unconstrained
 
 
 def draw_seed(seed: int, index: int) -> int:
@@ -94,8 +96,16 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow],
     """logits [R, V] float32 (modified in place) -> (token id, logprob info) per row."""
     want_logprobs = [r.params.logprobs is not None for r in rows]
     raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
+    grammar_only = {}
+    for i, r in enumerate(rows):
+        if r.allowed is not None:
+            logits[i].masked_fill_(~r.allowed, float("-inf"))
+            grammar_only[i] = logits[i].clone()
     apply_logit_bias_and_min_tokens(logits, rows, eos_token_ids)
     apply_penalties(logits, rows)
+    for i, masked in grammar_only.items():
+        if torch.isneginf(logits[i]).all():
+            logits[i] = masked
     results = []
     for i, r in enumerate(rows):
         token = sample_row(logits[i], r.params, r.seed, len(r.output_token_ids))

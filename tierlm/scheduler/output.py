@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from tierlm.sampling_params import SamplingParams
 
@@ -25,6 +26,7 @@ class ScheduledRequest:
     seed: int
     prompt_token_ids: list[int]
     output_token_ids: list[int]
+    grammar: Any = None  # the request's GrammarState when its output is constrained
 
 
 @dataclass(frozen=True)

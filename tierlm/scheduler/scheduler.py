@@ -126,7 +126,7 @@ class Scheduler:
         return ScheduledRequest(req.request_id, tokens, start, self.kv.block_tables(req.request_id),
                                 sample=start + n == req.num_tokens, sampling_params=req.sampling_params,
                                 seed=req.seed, prompt_token_ids=req.prompt_token_ids,
-                                output_token_ids=list(req.output_token_ids))
+                                output_token_ids=list(req.output_token_ids), grammar=req.grammar)
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
@@ -159,6 +159,10 @@ class Scheduler:
             if tok.logprob is not None:
                 req.output_logprobs.append(tok.logprob)
             status, reason = self._stop_check(req, tok.token_id)
+            if status is None and req.grammar is not None:
+                req.grammar.accept(tok.token_id)  # the sampler only offered tokens it allows
+                if req.grammar.is_finished():  # nothing may follow: the output is complete
+                    status = RequestStatus.FINISHED_STOPPED
             if status is not None:
                 finished.append(self.finish(req.request_id, status, reason))
         return finished

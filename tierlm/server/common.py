@@ -19,6 +19,7 @@ from tierlm.outputs import RequestOutput
 from tierlm.sampling_params import SamplingParams, SamplingParamsError
 from tierlm.server.errors import APIError, bad_request, sse_error
 from tierlm.server.protocol import _SamplingFields
+from tierlm.structured.spec import GuidedSpec
 
 _DISCONNECT_POLL_S = 0.05
 
@@ -57,6 +58,7 @@ def sampling_params(req: _SamplingFields, *, max_tokens: int | None, logprobs: i
             raise bad_request("logit_bias values must be in [-100, 100]", "logit_bias")
         bias[token] = value
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    guided = guided_spec(req)
     try:
         return SamplingParams(
             n=req.n, max_tokens=max_tokens, min_tokens=req.min_tokens,
@@ -66,9 +68,37 @@ def sampling_params(req: _SamplingFields, *, max_tokens: int | None, logprobs: i
             frequency_penalty=req.frequency_penalty,
             repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
             logit_bias=bias, seed=req.seed, stop=stop, stop_token_ids=list(req.stop_token_ids or []),
-            ignore_eos=req.ignore_eos, logprobs=logprobs)
+            ignore_eos=req.ignore_eos, logprobs=logprobs, guided=guided)
     except SamplingParamsError as e:
         raise bad_request(str(e), e.param) from None
+
+
+def guided_spec(req: _SamplingFields) -> GuidedSpec | None:
+    """The output constraint from `response_format` or one of the guided_* extensions."""
+    specs = []
+    fmt = req.response_format
+    if fmt is not None and fmt.type == "json_object":
+        specs.append(GuidedSpec.json_schema(None))
+    elif fmt is not None and fmt.type == "json_schema":
+        if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+            raise bad_request("response_format json_schema needs json_schema.schema", "response_format")
+        specs.append(GuidedSpec.json_schema(fmt.json_schema.schema_))
+    if req.guided_json is not None:
+        try:
+            schema = json.loads(req.guided_json) if isinstance(req.guided_json, str) else req.guided_json
+        except json.JSONDecodeError as e:
+            raise bad_request(f"guided_json is not valid JSON: {e}", "guided_json") from None
+        specs.append(GuidedSpec.json_schema(schema))
+    if req.guided_regex is not None:
+        specs.append(GuidedSpec("regex", req.guided_regex))
+    if req.guided_choice is not None:
+        specs.append(GuidedSpec.choice(req.guided_choice))
+    if req.guided_grammar is not None:
+        specs.append(GuidedSpec("grammar", req.guided_grammar))
+    if len(specs) > 1:
+        raise bad_request("use only one of response_format, guided_json, guided_regex, guided_choice and "
+                          "guided_grammar", "response_format")
+    return specs[0] if specs else None
 
 
 def validate(state: ServerState, ids: list[int], params: SamplingParams) -> None:

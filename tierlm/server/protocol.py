@@ -19,6 +19,17 @@ class StreamOptions(_Base):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(_Base):
+    name: str | None = None
+    schema_: dict | bool | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Base):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class _SamplingFields(_Base):
     model: str
     n: int = 1
@@ -42,6 +53,11 @@ class _SamplingFields(_Base):
     priority: int = 0
     cache_salt: str | None = None  # prefix-cache entries are shared only between equal salts
     session_id: str | None = None  # keep this conversation's KV warm for the next turn
+    response_format: ResponseFormat | None = None
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None  # Lark (llguidance's dialect)
 
 
 class CompletionRequest(_SamplingFields):

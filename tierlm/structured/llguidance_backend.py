@@ -1,0 +1,73 @@
+"""llguidance adapter: GuidedSpec -> llguidance grammar, and per-request matchers.
+
+The llguidance tokenizer is built once per model from our `tokenizers` model (its JSON),
+with the model's stop tokens as EOS, so masks cover exactly the model's vocabulary.
+JSON is generated compactly (no free whitespace), so a small model cannot wander into
+endless blank space.
+"""
+
+from __future__ import annotations
+
+import json
+
+import llguidance
+import torch
+
+from tierlm.loader.tokenizer import TextTokenizer
+from tierlm.structured.grammar import GrammarError
+from tierlm.structured.spec import GuidedSpec
+
+_BITS = torch.arange(8, dtype=torch.uint8)
+
+
+class LLGuidanceBackend:
+    def __init__(self, tokenizer: TextTokenizer, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
+        self.tokenizer = llguidance.LLTokenizer(tokenizer.backend_json(), n_vocab=vocab_size,
+                                                eos_token=list(tokenizer.eos_token_ids))
+
+    def compile(self, spec: GuidedSpec) -> str:
+        try:
+            grammar = self._grammar(spec)
+        except (ValueError, TypeError) as e:
+            raise GrammarError(f"invalid {spec.kind} constraint: {e}") from None
+        error = llguidance.LLMatcher.validate_grammar(grammar, self.tokenizer)
+        if error:
+            raise GrammarError(f"invalid {spec.kind} constraint: {error.strip()}")
+        return grammar
+
+    @staticmethod
+    def _grammar(spec: GuidedSpec) -> str:
+        if spec.kind == "json":
+            return llguidance.LLMatcher.grammar_from_json_schema(
+                spec.source, defaults={"whitespace_flexible": False})
+        if spec.kind == "regex":
+            return llguidance.LLMatcher.grammar_from_regex(spec.source)
+        if spec.kind == "choice":
+            options = json.loads(spec.source)
+            if not options or not all(isinstance(o, str) for o in options):
+                raise ValueError("choices must be a non-empty list of strings")
+            return llguidance.LLMatcher.grammar_from_lark(
+                "start: " + " | ".join(json.dumps(o) for o in options))
+        if spec.kind == "grammar":
+            return llguidance.LLMatcher.grammar_from_lark(spec.source)
+        raise ValueError(f"unknown constraint kind {spec.kind!r}")
+
+    def new_state(self, compiled: str) -> LLGuidanceState:
+        return LLGuidanceState(llguidance.LLMatcher(self.tokenizer, compiled, log_level=0), self.vocab_size)
+
+
+class LLGuidanceState:
+    def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int) -> None:
+        self.matcher = matcher
+        self.vocab_size = vocab_size
+
+    def allowed(self) -> torch.Tensor:
+        packed = torch.frombuffer(bytearray(self.matcher.compute_bitmask()), dtype=torch.uint8)
+        return ((packed[:, None] >> _BITS) & 1).flatten()[: self.vocab_size].bool()
+
+    def accept(self, token_id: int) -> bool:
+        return self.matcher.consume_token(token_id)
+
+    def is_finished(self) -> bool:
+        return self.matcher.is_stopped()

@@ -1,0 +1,23 @@
+"""GuidedSpec: the output constraint a request asks for (plain data, no torch)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+KINDS = ("json", "regex", "choice", "grammar")
+
+
+@dataclass(frozen=True)
+class GuidedSpec:
+    kind: str  # one of KINDS
+    source: str  # JSON schema (canonical JSON), regex, JSON list of choices, or Lark grammar
+
+    @staticmethod
+    def json_schema(schema: dict | bool | None) -> GuidedSpec:
+        """None means any JSON object (`response_format: json_object`)."""
+        return GuidedSpec("json", json.dumps({"type": "object"} if schema is None else schema, sort_keys=True))
+
+    @staticmethod
+    def choice(options: list[str]) -> GuidedSpec:
+        return GuidedSpec("choice", json.dumps(list(options)))
