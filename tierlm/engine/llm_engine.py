@@ -154,7 +154,9 @@ class LLMEngine:
             raise InvalidRequest(f"request id {request_id!r} is already in use")
         text, ids = self.tokenize_prompt(prompt)
         total = self.validate(ids, params)
-        grammar = self._grammar_state(params) if params.guided is not None else None
+        # One grammar state per sample, all made before anything is queued (a bad constraint
+        # must leave no trace).
+        grammars = [self._grammar_state(params) if params.guided is not None else None for _ in range(params.n)]
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
         children = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
         parent = _Parent(text, ids, children, {}, {})
@@ -163,7 +165,7 @@ class LLMEngine:
             self._seq += 1
             req = Request(child, ids, params, seed=seed + i, arrival_seq=self._seq, priority=priority,
                           max_total_tokens=total, cache_root=root, session_id=session_id,
-                          grammar=grammar if i == 0 else self._grammar_state(params))
+                          grammar=grammars[i])
             parent.detoks[child] = IncrementalDetokenizer(self.tokenizer, ids, params.stop,
                                                           params.skip_special_tokens,
                                                           params.include_stop_str_in_output)
