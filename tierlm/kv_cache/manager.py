@@ -77,10 +77,9 @@ class KVCacheManager:
         for g, window in enumerate(self.windows):
             if window is None:
                 continue
-            # Block i is dead when its last position (i+1)*bs - 1 < num_computed - window + 1.
-            dead = max(0, num_computed - window + 1) // self.block_size
+            # Blocks before the first one a query at num_computed can read are dead.
             table = t.tables[g]
-            dead = min(dead, len(table))
+            dead = min(self._first_needed(window, num_computed), len(table))
             if dead > t.dropped[g]:
                 self.pool.free(table[t.dropped[g] : dead])
                 table[t.dropped[g] : dead] = [NULL_BLOCK] * (dead - t.dropped[g])
