@@ -67,7 +67,7 @@ class EngineStats:
     prefix_queries: int = 0  # prompt tokens looked up in the prefix cache
     prefix_hits: int = 0  # of which found there
     kv_evictions: int = 0  # cached blocks whose memory was reused
-    kv_tiers: dict[str, int] = field(default_factory=dict)  # see LLMEngine.kv_tier_stats
+    kv_tiers: dict[str, dict[str, int]] = field(default_factory=dict)  # see LLMEngine.kv_tier_stats
 
 
 @dataclass

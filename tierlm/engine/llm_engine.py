@@ -222,17 +222,18 @@ class LLMEngine:
         if self.kv.tiers is not None:
             self.kv.tiers.flush_to_cold(dict(self.kv.pool.cached))
 
-    def kv_tier_stats(self) -> dict[str, int]:
-        """Running totals and current sizes of the KV tiers (empty without prefix caching)."""
+    def kv_tier_stats(self) -> dict[str, dict[str, int]]:
+        """KV tiers: block hits and bytes moved (running totals) and bytes held now, keyed by
+        tier or direction (empty without prefix caching)."""
         tiers = self.kv.tiers
         if tiers is None:
             return {}
         s, used = tiers.stats, self.kv.pool.num_usable - self.kv.pool.num_free
-        return {"hits_hot": self.kv.hot_block_hits, "hits_warm": s.warm_hits, "hits_cold": s.cold_hits,
-                "moved_hot_to_warm": s.bytes_hot_to_warm, "moved_warm_to_hot": s.bytes_warm_to_hot,
-                "moved_to_cold": s.bytes_to_cold, "moved_from_cold": s.bytes_from_cold,
-                "usage_hot": used * tiers.block_bytes, "usage_warm": tiers.warm_bytes_used,
-                "usage_cold": tiers.cold.bytes_used if tiers.cold else 0}
+        return {"hits": {"hot": self.kv.hot_block_hits, "warm": s.warm_hits, "cold": s.cold_hits},
+                "moved": {"hot_to_warm": s.bytes_hot_to_warm, "warm_to_hot": s.bytes_warm_to_hot,
+                          "to_cold": s.bytes_to_cold, "from_cold": s.bytes_from_cold},
+                "usage": {"hot": used * tiers.block_bytes, "warm": tiers.warm_bytes_used,
+                          "cold": tiers.cold.bytes_used if tiers.cold else 0}}
 
     def moe_expert_tokens(self) -> dict[int, list[int]]:
         """Tokens routed to each expert since load, per MoE layer (empty for dense models)."""

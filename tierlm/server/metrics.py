@@ -38,18 +38,17 @@ class Metrics:
                                    registry=r)
         self.kv_evictions = Counter("tierlm:kv_cache_evictions", "Cached KV blocks evicted for reuse", lbl,
                                     registry=r)
-        self._totals = {"prefix_queries": 0, "prefix_hits": 0, "kv_evictions": 0}
-        for name in self._totals:  # exported from the start, at 0
-            getattr(self, name).labels(model_name)
+        for counter in (self.prefix_queries, self.prefix_hits, self.kv_evictions):  # exported from the start, at 0
+            counter.labels(model_name)
         self.tier_hits = Counter("tierlm:prefix_cache_block_hits", "Cached KV blocks reused, by the tier found in",
                                  lbl + ["tier"], registry=r)
         self.tier_moved = Counter("tierlm:kv_tier_bytes_moved", "KV bytes copied between tiers", lbl + ["direction"],
                                   registry=r)
         self.tier_usage = Gauge("tierlm:kv_tier_usage_bytes", "KV bytes held per tier", lbl + ["tier"], registry=r)
-        self._tier_seen: dict[str, int] = {}
         self.moe_tokens = Counter("tierlm:moe_expert_tokens", "Tokens routed to each expert of each MoE layer",
                                   lbl + ["layer", "expert"], registry=r)
-        self._moe_seen: dict[tuple[int, int], int] = {}
+        # Engine running totals already counted, per (counter, labels): counters advance by the difference.
+        self._seen: dict[tuple, float] = {}
         self.healthy = Gauge("tierlm:engine_healthy", "1 while the engine thread is healthy", lbl, registry=r)
         self.m = model_name
         self.healthy.labels(self.m).set(1)
@@ -59,27 +58,26 @@ class Metrics:
         self.waiting.labels(self.m).set(s.waiting)
         self.kv_usage.labels(self.m).set(s.kv_usage)
         self.preemptions.labels(self.m).set(s.preemptions)
-        for name, seen in self._totals.items():  # counters follow the engine's running totals
-            total = getattr(s, name)
-            if total > seen:
-                getattr(self, name).labels(self.m).inc(total - seen)
-                self._totals[name] = total
-        for name, value in s.kv_tiers.items():
-            kind, _, label = name.partition("_")
-            if kind == "usage":
-                self.tier_usage.labels(self.m, label).set(value)
-                continue
-            new = value - self._tier_seen.get(name, 0)
-            if new > 0 or name not in self._tier_seen:
-                metric = self.tier_hits if kind == "hits" else self.tier_moved
-                metric.labels(self.m, label).inc(new)
-                self._tier_seen[name] = value
+        self._follow(self.prefix_queries, (), s.prefix_queries)
+        self._follow(self.prefix_hits, (), s.prefix_hits)
+        self._follow(self.kv_evictions, (), s.kv_evictions)
+        for tier, total in s.kv_tiers.get("hits", {}).items():
+            self._follow(self.tier_hits, (tier,), total)
+        for direction, total in s.kv_tiers.get("moved", {}).items():
+            self._follow(self.tier_moved, (direction,), total)
+        for tier, held in s.kv_tiers.get("usage", {}).items():
+            self.tier_usage.labels(self.m, tier).set(held)
         for layer, counts in s.moe_expert_tokens.items():
             for expert, total in enumerate(counts):
-                new = total - self._moe_seen.get((layer, expert), 0)
-                if new:
-                    self.moe_tokens.labels(self.m, str(layer), str(expert)).inc(new)
-                    self._moe_seen[layer, expert] = total
+                self._follow(self.moe_tokens, (str(layer), str(expert)), total)
+
+    def _follow(self, counter: Counter, labels: tuple[str, ...], total: float) -> None:
+        """Advance a counter to an engine running total (the series exists from its first sight)."""
+        key = (counter, labels)
+        child = counter.labels(self.m, *labels)
+        if total > self._seen.get(key, 0):
+            child.inc(total - self._seen.get(key, 0))
+            self._seen[key] = total
 
     def on_finish(self, f: FinishedRequest) -> None:
         t = f.timing
