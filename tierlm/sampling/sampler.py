@@ -2,9 +2,10 @@
 
 Order: grammar mask -> logit_bias -> min_tokens mask -> penalties -> (greedy |
 temperature -> top-k -> top-p -> min-p -> seeded draw). The grammar wins: if the other
-masks would leave a constrained row no token, it falls back to the grammar mask alone. Every operation is row-wise, and each random request
-draws from its own generator seeded by (request seed, output index), so a request's
-tokens never depend on its batch neighbours, on chunking, or on preemption.
+masks would leave a constrained row no token, it falls back to the grammar mask alone.
+Every operation is row-wise, and each random request draws from its own generator seeded
+by (request seed, output index), so a request's tokens never depend on its batch
+neighbours, on chunking, or on preemption.
 Reported logprobs are those of the model's raw distribution (before any processing).
 """
 

@@ -112,13 +112,19 @@ class Scheduler:
         if not self.kv.enable_caching:
             return 0, 0
         bs = self.kv.block_size
-        prefix_hash.extend(req.block_hashes, req.all_token_ids, bs, req.cache_root)
+        self._hash_full_blocks(req)
         k = self.kv.lookup_prefix(req.block_hashes, (req.num_tokens - 1) // bs)  # leave >= 1 to compute
         hot = 0
         if k:
             k, hot = self.kv.adopt_prefix(req.request_id, req.block_hashes, k)
             req.num_computed_tokens = k * bs
         return k * bs, hot
+
+    def _hash_full_blocks(self, req: Request) -> None:
+        """Extend `req.block_hashes` to its full blocks (no token-list copy when nothing is new)."""
+        bs = self.kv.block_size
+        if req.num_tokens // bs > len(req.block_hashes):
+            prefix_hash.extend(req.block_hashes, req.all_token_ids, bs, req.cache_root)
 
     def _scheduled(self, req: Request, n: int) -> ScheduledRequest:
         start = req.num_computed_tokens
@@ -147,8 +153,7 @@ class Scheduler:
             if req is not None:
                 req.num_computed_tokens += len(s.token_ids)
                 if self.kv.enable_caching:
-                    if req.num_tokens // self.kv.block_size > len(req.block_hashes):
-                        prefix_hash.extend(req.block_hashes, req.all_token_ids, self.kv.block_size, req.cache_root)
+                    self._hash_full_blocks(req)
                     self.kv.cache_blocks(req.request_id, req.block_hashes, req.num_computed_tokens)
         finished = []
         for tok in result.sampled:
