@@ -16,9 +16,11 @@ class SampledToken:
 
 @dataclass(frozen=True)
 class StepResult:
-    """What one model step produced: a token for each request that reached its end."""
+    """What one model step produced: a token for each request that reached its end, and
+    the logprobs of scored prompt tokens: request id -> [(position, logprob)]."""
 
     sampled: list[SampledToken] = field(default_factory=list)
+    prompt_logprobs: dict[str, list[tuple[int, TokenLogprob]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -42,3 +44,5 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool
+    # Per prompt token (None for the first), when the request asked for prompt logprobs.
+    prompt_logprobs: list[TokenLogprob | None] | None = None

@@ -27,10 +27,12 @@ class RequestStatus(enum.Enum):
 
 @dataclass
 class TokenLogprob:
-    """Logprob of a sampled token and the top-N alternatives (token id, logprob), best first."""
+    """Logprob of a token, the top-N alternatives (token id, logprob), best first, and the
+    token's rank in its distribution (1 = most likely; set for prompt tokens)."""
 
     logprob: float
     top: list[tuple[int, float]] = field(default_factory=list)
+    rank: int | None = None
 
 
 @dataclass
@@ -52,6 +54,10 @@ class Request:
     block_hashes: list[bytes] = field(default_factory=list)  # chained hashes of full blocks so far
     session_id: str | None = None  # its KV stays in the warm tier for the session TTL after it ends
     grammar: Any = None  # a GrammarState when the output is constrained (structured/grammar.py)
+    # Logprob of each prompt token given the ones before it (entry 0 stays None), filled as
+    # prefill computes them; None when not asked for. Written by position, so a recompute
+    # after preemption rewrites the same values.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -18,7 +18,7 @@ class SamplingParamsError(ValueError):
 @dataclass
 class SamplingParams:
     n: int = 1
-    max_tokens: int | None = 16  # None = up to the context length
+    max_tokens: int | None = 16  # None = up to the context length; 0 only to score the prompt
     min_tokens: int = 0
     temperature: float = 1.0
     top_p: float = 1.0
@@ -33,6 +33,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # top-N alternatives per token (0 = chosen token only)
+    prompt_logprobs: int | None = None  # the same for each prompt token after the first
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     guided: GuidedSpec | None = None  # constrain the output (JSON schema, regex, choice, grammar)
@@ -45,7 +46,9 @@ class SamplingParams:
             self.top_k = 0
         checks = [
             ("n", self.n >= 1, "n must be >= 1"),
-            ("max_tokens", self.max_tokens is None or self.max_tokens >= 1, "max_tokens must be >= 1"),
+            ("max_tokens", self.max_tokens is None or self.max_tokens >= 1
+             or (self.max_tokens == 0 and self.prompt_logprobs is not None),
+             "max_tokens must be >= 1 (0 only when scoring the prompt with prompt logprobs)"),
             ("min_tokens", self.min_tokens >= 0, "min_tokens must be >= 0"),
             ("min_tokens", self.max_tokens is None or self.min_tokens <= self.max_tokens,
              "min_tokens must be <= max_tokens"),
@@ -57,6 +60,8 @@ class SamplingParams:
             ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty must be in [-2, 2]"),
             ("repetition_penalty", self.repetition_penalty > 0.0, "repetition_penalty must be > 0"),
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]"),
+            ("prompt_logprobs", self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
+             "prompt_logprobs must be in [0, 20]"),
             ("stop_token_ids", all(t >= 0 for t in self.stop_token_ids), "stop_token_ids must be >= 0"),
         ]
         for param, ok, message in checks:

@@ -165,7 +165,10 @@ class LLMEngine:
             self._seq += 1
             req = Request(child, ids, params, seed=seed + i, arrival_seq=self._seq, priority=priority,
                           max_total_tokens=total, cache_root=root, session_id=session_id,
-                          grammar=grammars[i])
+                          grammar=grammars[i],
+                          # the samples share the prompt: the first one scores it for all
+                          prompt_logprobs=[None] * len(ids) if params.prompt_logprobs is not None and i == 0
+                          else None)
             parent.detoks[child] = IncrementalDetokenizer(self.tokenizer, ids, params.stop,
                                                           params.skip_special_tokens,
                                                           params.include_stop_str_in_output)
@@ -244,8 +247,10 @@ class LLMEngine:
         """Run one scheduler step; returns outputs for every request that changed."""
         out = self.scheduler.schedule()
         result = self.runner.execute(out)
-        self.scheduler.update(out, result)
-        touched: dict[str, None] = {}
+        finished = self.scheduler.update(out, result)
+        # Requests that end without a token (max_tokens 0: the prompt is scored) report too.
+        touched: dict[str, None] = {self._child_parent[r.request_id]: None for r in finished
+                                    if r.request_id in self._child_parent}
         for tok in result.sampled:
             pid = self._child_parent.get(tok.request_id)
             if pid is None:
@@ -281,4 +286,6 @@ class LLMEngine:
             del self._parents[pid]
             for child in parent.children:
                 self._child_parent.pop(child, None)
-        return RequestOutput(pid, parent.prompt, parent.prompt_token_ids, outs, finished)
+        scored = parent.requests[parent.children[0]].prompt_logprobs
+        return RequestOutput(pid, parent.prompt, parent.prompt_token_ids, outs, finished,
+                             list(scored) if scored is not None else None)

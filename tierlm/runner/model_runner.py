@@ -11,6 +11,7 @@ from torch import nn
 from tierlm.config import CacheConfig, ModelConfig
 from tierlm.kv_cache import layout as kv_layout
 from tierlm.outputs import SampledToken, StepResult
+from tierlm.request import TokenLogprob
 from tierlm.runner import forward_batch
 from tierlm.sampling import sampler
 from tierlm.sampling_params import SamplingParams
@@ -77,11 +78,48 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput) -> StepResult:
         if not out.scheduled:
             return StepResult()
-        logits, ids = self.compute_logits(out)
+        batch = forward_batch.build(out, self.block_size, self.layout.windows)
+        rows, targets = _prompt_scoring_rows(out)
+        logits = self._forward(batch, torch.cat([batch.logits_indices, torch.tensor(rows, dtype=torch.long)]))
+        ids = batch.sample_request_ids
+        scored = _score_prompt(logits[len(ids):], targets)
+        logits = logits[: len(ids)]
         by_id = {s.request_id: s for s in out.scheduled}
         rows = [sampler.SamplingRow(by_id[i].sampling_params, by_id[i].seed, by_id[i].prompt_token_ids,
                                     by_id[i].output_token_ids,
                                     by_id[i].grammar.allowed() if by_id[i].grammar is not None else None)
                 for i in ids]
         drawn = sampler.sample(logits, rows, self.cfg.eos_token_ids)
-        return StepResult([SampledToken(i, tok, lp) for i, (tok, lp) in zip(ids, drawn)])
+        return StepResult([SampledToken(i, tok, lp) for i, (tok, lp) in zip(ids, drawn)], scored)
+
+
+def _prompt_scoring_rows(out: SchedulerOutput) -> tuple[list[int], list[tuple[str, int, int, int]]]:
+    """Rows whose logits score the next prompt token, and per row (request id, position of
+    the scored token, its id, top-N). Position p's logits score prompt token p + 1."""
+    rows: list[int] = []
+    targets: list[tuple[str, int, int, int]] = []
+    row0 = 0
+    for s in out.scheduled:
+        if s.prompt_logprobs is not None:
+            end = min(s.start + len(s.token_ids), len(s.prompt_token_ids) - 1)
+            for p in range(s.start, end):
+                rows.append(row0 + p - s.start)
+                targets.append((s.request_id, p + 1, s.prompt_token_ids[p + 1], s.prompt_logprobs))
+        row0 += len(s.token_ids)
+    return rows, targets
+
+
+def _score_prompt(logits: torch.Tensor, targets: list[tuple[str, int, int, int]]
+                  ) -> dict[str, list[tuple[int, TokenLogprob]]]:
+    if not targets:
+        return {}
+    lps = torch.log_softmax(logits.float(), dim=-1)
+    chosen = lps.gather(1, torch.tensor([t[2] for t in targets]).unsqueeze(1)).squeeze(1)
+    ranks = (lps > chosen.unsqueeze(1)).sum(1) + 1
+    top_n = max(t[3] for t in targets)
+    top_vals, top_idx = torch.topk(lps, top_n) if top_n else (None, None)
+    scored: dict[str, list[tuple[int, TokenLogprob]]] = {}
+    for r, (rid, pos, _, n) in enumerate(targets):
+        top = list(zip(top_idx[r, :n].tolist(), top_vals[r, :n].tolist())) if n else []
+        scored.setdefault(rid, []).append((pos, TokenLogprob(float(chosen[r]), top, int(ranks[r]))))
+    return scored

@@ -27,6 +27,7 @@ class ScheduledRequest:
     prompt_token_ids: list[int]
     output_token_ids: list[int]
     grammar: Any = None  # the request's GrammarState when its output is constrained
+    prompt_logprobs: int | None = None  # score the prompt tokens in this chunk (top-N alternatives)
 
 
 @dataclass(frozen=True)

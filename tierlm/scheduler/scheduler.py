@@ -109,7 +109,7 @@ class Scheduler:
         """Start `req` (nothing computed yet) on its longest cached prefix.
 
         Returns (its tokens, blocks of it found in the hot pool)."""
-        if not self.kv.enable_caching:
+        if not self.kv.enable_caching or req.prompt_logprobs is not None:  # scoring needs every position
             return 0, 0
         bs = self.kv.block_size
         self._hash_full_blocks(req)
@@ -129,10 +129,13 @@ class Scheduler:
     def _scheduled(self, req: Request, n: int) -> ScheduledRequest:
         start = req.num_computed_tokens
         tokens = req.all_token_ids[start : start + n]
+        scoring = req.prompt_logprobs is not None and start < len(req.prompt_token_ids) - 1
         return ScheduledRequest(req.request_id, tokens, start, self.kv.block_tables(req.request_id),
-                                sample=start + n == req.num_tokens, sampling_params=req.sampling_params,
-                                seed=req.seed, prompt_token_ids=req.prompt_token_ids,
-                                output_token_ids=list(req.output_token_ids), grammar=req.grammar)
+                                sample=start + n == req.num_tokens and req.sampling_params.max_tokens != 0,
+                                sampling_params=req.sampling_params, seed=req.seed,
+                                prompt_token_ids=req.prompt_token_ids, output_token_ids=list(req.output_token_ids),
+                                grammar=req.grammar,
+                                prompt_logprobs=req.sampling_params.prompt_logprobs if scoring else None)
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
@@ -148,14 +151,19 @@ class Scheduler:
 
         Returns the requests that finished in this step (their blocks already freed).
         """
+        finished = []
         for s in out.scheduled:
             req = self.requests.get(s.request_id)
-            if req is not None:
-                req.num_computed_tokens += len(s.token_ids)
-                if self.kv.enable_caching:
-                    self._hash_full_blocks(req)
-                    self.kv.cache_blocks(req.request_id, req.block_hashes, req.num_computed_tokens)
-        finished = []
+            if req is None:
+                continue
+            req.num_computed_tokens += len(s.token_ids)
+            if self.kv.enable_caching:
+                self._hash_full_blocks(req)
+                self.kv.cache_blocks(req.request_id, req.block_hashes, req.num_computed_tokens)
+            for pos, lp in result.prompt_logprobs.get(s.request_id, ()):
+                req.prompt_logprobs[pos] = lp
+            if req.sampling_params.max_tokens == 0 and req.num_computed_tokens == req.num_tokens:
+                finished.append(self.finish(req.request_id, RequestStatus.FINISHED_LENGTH))  # prompt scored
         for tok in result.sampled:
             req = self.requests.get(tok.request_id)
             if req is None:

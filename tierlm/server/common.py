@@ -47,7 +47,8 @@ def check_model(state: ServerState, model: str) -> None:
                        param="model", code="model_not_found", type="not_found_error")
 
 
-def sampling_params(req: _SamplingFields, *, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+def sampling_params(req: _SamplingFields, *, max_tokens: int | None, logprobs: int | None,
+                    prompt_logprobs: int | None = None) -> SamplingParams:
     bias: dict[int, float] = {}
     for key, value in (req.logit_bias or {}).items():
         try:
@@ -68,7 +69,7 @@ def sampling_params(req: _SamplingFields, *, max_tokens: int | None, logprobs: i
             frequency_penalty=req.frequency_penalty,
             repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
             logit_bias=bias, seed=req.seed, stop=stop, stop_token_ids=list(req.stop_token_ids or []),
-            ignore_eos=req.ignore_eos, logprobs=logprobs, guided=guided)
+            ignore_eos=req.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs, guided=guided)
     except SamplingParamsError as e:
         raise bad_request(str(e), e.param) from None
 

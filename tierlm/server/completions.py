@@ -1,5 +1,7 @@
 """POST /v1/completions: string, list-of-strings and token-id prompts; echo, logprobs, n,
-streaming with optional usage chunk."""
+streaming with optional usage chunk. `echo` with `logprobs` scores the prompt too (its
+first token has no logprob), and `max_tokens: 0` then scores without generating: the
+request shape evaluation harnesses use for log-likelihoods."""
 
 from __future__ import annotations
 
@@ -30,15 +32,22 @@ def _prompt_items(req: CompletionRequest) -> list[str | list[int]]:
     return items
 
 
-def _logprobs(state: ServerState, token_ids: list[int], lps: list[TokenLogprob], offset: int) -> dict:
+def _logprobs(state: ServerState, token_ids: list[int], lps: list[TokenLogprob | None], offset: int) -> dict:
+    """OpenAI's legacy logprobs object; a None entry (the first prompt token) stays null."""
     text = state.tokenizer.token_text
     tokens = [text(t) for t in token_ids]
     offsets, pos = [], offset
     for t in tokens:
         offsets.append(pos)
         pos += len(t)
-    return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in lps],
-            "top_logprobs": [{text(i): v for i, v in lp.top} for lp in lps], "text_offset": offsets}
+    return {"tokens": tokens, "token_logprobs": [lp.logprob if lp else None for lp in lps],
+            "top_logprobs": [{text(i): v for i, v in lp.top} if lp else None for lp in lps],
+            "text_offset": offsets}
+
+
+def _merge(a: dict, b: dict) -> dict:
+    """Two logprobs objects, b's text following a's."""
+    return {k: a[k] + b[k] for k in a}
 
 
 async def create(request: Request, req: CompletionRequest, state: ServerState):
@@ -47,11 +56,12 @@ async def create(request: Request, req: CompletionRequest, state: ServerState):
         raise bad_request("suffix is not supported", "suffix")
     if req.best_of is not None and req.best_of != req.n:
         raise bad_request("best_of is not supported yet (only best_of == n)", "best_of")
-    if req.echo and req.logprobs is not None:
-        raise bad_request("echo with logprobs (prompt logprobs) is not supported yet", "echo")
-    if req.max_tokens is not None and req.max_tokens < 1:
-        raise bad_request("max_tokens must be >= 1", "max_tokens")
-    params = common.sampling_params(req, max_tokens=req.max_tokens, logprobs=req.logprobs)
+    scoring = req.echo and req.logprobs is not None
+    if req.max_tokens is not None and req.max_tokens < (0 if scoring else 1):
+        raise bad_request("max_tokens must be >= 1 (0 is allowed with echo and logprobs, to score the prompt)",
+                          "max_tokens")
+    params = common.sampling_params(req, max_tokens=req.max_tokens, logprobs=req.logprobs,
+                                    prompt_logprobs=req.logprobs if scoring else None)
     items = _prompt_items(req)
     ids = [state.tokenizer.encode(i) if isinstance(i, str) else list(i) for i in items]
     for p in ids:
@@ -70,8 +80,12 @@ async def create(request: Request, req: CompletionRequest, state: ServerState):
     for pi in range(len(ids)):
         for c in finals[pi].outputs:
             prefix = texts[pi] if req.echo else ""
-            lp = (_logprobs(state, c.token_ids, c.logprobs or [], len(prefix))
-                  if req.logprobs is not None else None)
+            lp = None
+            if req.logprobs is not None:
+                lp = _logprobs(state, c.token_ids, c.logprobs or [], len(prefix))
+                if scoring:
+                    head = _logprobs(state, ids[pi], finals[pi].prompt_logprobs, 0)
+                    lp = _merge(head, _logprobs(state, c.token_ids, c.logprobs or [], len(prefix)))
             choices.append({"index": pi * req.n + c.index, "text": prefix + c.text, "logprobs": lp,
                             "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
             completion_tokens += len(c.token_ids)
@@ -83,13 +97,22 @@ async def _stream(state: ServerState, req: CompletionRequest, gen: AsyncIterator
                   base: dict, ids: list[list[int]], texts: list[str], include_usage: bool):
     offsets: dict[int, int] = {}
     completion_tokens = 0
-    if req.echo:
+    scoring = req.echo and req.logprobs is not None
+    if req.echo and not scoring:
         for pi, text in enumerate(texts):
             for k in range(req.n):
                 offsets[pi * req.n + k] = len(text)
                 yield sse({**base, "choices": [{"index": pi * req.n + k, "text": text, "logprobs": None,
                                                 "finish_reason": None}]})
+    echoed: set[int] = set()
     async for pi, out in gen:
+        if scoring and pi not in echoed:  # the prompt's logprobs exist once its prefill is done
+            echoed.add(pi)
+            head = _logprobs(state, ids[pi], out.prompt_logprobs, 0)
+            for k in range(req.n):
+                offsets[pi * req.n + k] = len(texts[pi])
+                yield sse({**base, "choices": [{"index": pi * req.n + k, "text": texts[pi], "logprobs": head,
+                                                "finish_reason": None}]})
         for c in out.outputs:
             index = pi * req.n + c.index
             if not (c.delta_text or c.delta_token_ids or c.finish_reason):
