@@ -58,6 +58,9 @@ class Request:
     # prefill computes them; None when not asked for. Written by position, so a recompute
     # after preemption rewrites the same values.
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    # Beam search: (token, logprob) candidates for the next token, best first, set when
+    # the last token's logits are computed and cleared when the engine extends the beam.
+    beam_candidates: list[tuple[int, float]] | None = None
 
     @property
     def all_token_ids(self) -> list[int]:

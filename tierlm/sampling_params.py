@@ -37,6 +37,12 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     guided: GuidedSpec | None = None  # constrain the output (JSON schema, regex, choice, grammar)
+    # Generate best_of sequences (default n) and return the n with the highest cumulative
+    # logprob; with use_beam_search, best_of is the beam width and sequences are ranked by
+    # cumulative logprob / output length ** length_penalty.
+    best_of: int | None = None
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -63,10 +69,28 @@ class SamplingParams:
             ("prompt_logprobs", self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
              "prompt_logprobs must be in [0, 20]"),
             ("stop_token_ids", all(t >= 0 for t in self.stop_token_ids), "stop_token_ids must be >= 0"),
+            ("best_of", self.best_of is None or self.best_of >= self.n, "best_of must be >= n"),
+            ("best_of", self.best_of is None or self.best_of <= 64, "best_of must be <= 64"),
         ]
+        if self.use_beam_search:
+            checks += [
+                ("temperature", self.temperature == 0.0, "beam search is deterministic: temperature must be 0"),
+                ("top_p", self.top_p == 1.0 and self.top_k == 0 and self.min_p == 0.0,
+                 "beam search does not use top_p, top_k or min_p"),
+                ("stop", not self.stop, "stop strings are not supported with beam search (stop_token_ids are)"),
+                ("logprobs", self.logprobs is None and self.prompt_logprobs is None,
+                 "logprobs are not supported with beam search"),
+                ("response_format", self.guided is None, "structured output is not supported with beam search"),
+                ("max_tokens", self.max_tokens != 0, "beam search needs max_tokens >= 1"),
+            ]
         for param, ok, message in checks:
             if not ok:
                 raise SamplingParamsError(param, message)
+
+    @property
+    def num_sequences(self) -> int:
+        """Sequences generated: best_of (the beam width with beam search), else n."""
+        return self.best_of or self.n
 
     @property
     def greedy(self) -> bool:

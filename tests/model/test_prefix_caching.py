@@ -1,7 +1,7 @@
 """Prefix caching end to end: outputs (tokens and logprobs) bitwise identical with the
-cache off, cold and hot; and a seeded random workload of shared-prefix requests, aborts,
-evictions and preemptions that never reads stale KV (checked against a no-cache run and
-with `check_integrity()` after every step)."""
+cache off, cold and hot; and a seeded random workload of shared-prefix requests (some
+with forked samples or beams), aborts, evictions and preemptions that never reads stale
+KV (checked against a no-cache run and with `check_integrity()` after every step)."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ PARAMS = SamplingParams(temperature=0.8, top_p=0.95, max_tokens=12, seed=99, log
 
 
 def result(out):
-    o = out.outputs[0]
-    return o.token_ids, [(lp.logprob, lp.top) for lp in o.logprobs]
+    return [(o.token_ids, [(lp.logprob, lp.top) for lp in o.logprobs or []], o.cumulative_logprob)
+            for o in out.outputs]
 
 
 def test_outputs_identical_with_cache_off_cold_and_hot(cache_dir):
@@ -43,13 +43,21 @@ def _workload(rng: random.Random, n: int) -> list[tuple[list[int], SamplingParam
     reqs = []
     for i in range(n):
         ids = rng.choice(prefixes) + [rng.randrange(3, 320) for _ in range(rng.randrange(0, 30))]
-        reqs.append((ids, SamplingParams(temperature=0.8, max_tokens=rng.randrange(1, 12), seed=i, logprobs=1,
-                                         ignore_eos=True)))
+        max_tokens = rng.randrange(1, 12)
+        if i % 6 == 4:  # samples forked from one prompt, ranked by best_of
+            params = SamplingParams(temperature=0.8, max_tokens=max_tokens, seed=i, n=2, best_of=rng.choice([2, 3]),
+                                    logprobs=1, ignore_eos=True)
+        elif i % 6 == 5:  # beams forked and pruned every step
+            params = SamplingParams(temperature=0.0, max_tokens=max_tokens, n=2, best_of=rng.choice([2, 3]),
+                                    use_beam_search=True, ignore_eos=True)
+        else:
+            params = SamplingParams(temperature=0.8, max_tokens=max_tokens, seed=i, logprobs=1, ignore_eos=True)
+        reqs.append((ids, params))
     return reqs
 
 
 # A tight pool (evictions, preemptions): tiny Gemma 3 has four one-layer KV groups.
-@pytest.mark.parametrize("arch,blocks", [("llama", 24), ("gemma3", 64)])  # full attention; sliding + global
+@pytest.mark.parametrize("arch,blocks", [("llama", 20), ("gemma3", 56)])  # full attention; sliding + global
 def test_random_workload_never_reads_stale_kv(arch, blocks, tiny_checkpoint):
     path, _ = tiny_checkpoint(arch)
     rng = random.Random(1234)
@@ -83,8 +91,29 @@ def test_random_workload_never_reads_stale_kv(arch, blocks, tiny_checkpoint):
     sched = eng.scheduler
     assert sched.prefix_hits > 0 and sched.num_preemptions > 0 and eng.kv.pool.num_evictions > 0
     assert aborted and len(done) == len(reqs) - len(aborted)
-    mismatched = [i for i, r in done.items() if r != expected[i]]
+    mismatched = [i for i, r in done.items() if not _same(r, expected[i])]
     assert not mismatched, f"requests {mismatched} differ from the no-cache run"
+
+
+def _same(got: list, want: list) -> bool:
+    """Same tokens and top tokens; logprobs within 1e-5. Stale KV moves logprobs by far
+    more. Not bitwise: with chunked prefill (48-token budget vs none) an fp32 logprob
+    can differ by one ulp (a batch-variance gap in the attention path, seen with and
+    without the cache, tracked separately)."""
+    def close(a, b) -> bool:
+        return (a is None and b is None) or (a is not None and b is not None and abs(a - b) <= 1e-5)
+
+    if len(got) != len(want):
+        return False
+    for (tokens, lps, cum), (tokens2, lps2, cum2) in zip(got, want):
+        if tokens != tokens2 or len(lps) != len(lps2) or not close(cum, cum2):
+            return False
+        for (lp, top), (lp2, top2) in zip(lps, lps2):
+            if not close(lp, lp2) or [i for i, _ in top] != [i for i, _ in top2]:
+                return False
+            if not all(close(v, v2) for (_, v), (_, v2) in zip(top, top2)):
+                return False
+    return True
 
 
 def test_outputs_identical_after_warm_and_cold_restores(cache_dir, tmp_path):

@@ -1,12 +1,16 @@
 """LLMEngine: the synchronous core. add_request / abort_request / step.
 
 Owns the loaded model, the KV cache manager, the scheduler and one detokenizer per
-sequence. A request with `n > 1` fans out into n sequences (seeds seed, seed+1, ...)
-that are scheduled independently and reported together under the caller's id.
+sequence. A request with `n > 1` (or `best_of`) fans out into that many sequences (seeds
+seed, seed+1, ...): the first computes the prompt, the others fork its KV (shared blocks),
+each is then scheduled independently, and they are reported together under the caller's
+id (with best_of > n: only the n with the highest cumulative logprob, at the end). Beam
+search grows and prunes its beams each round here (engine/beam.py holds the rule).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import threading
 import time
@@ -16,6 +20,7 @@ from pathlib import Path
 import torch
 
 from tierlm.config import CacheConfig, EngineConfig
+from tierlm.engine import beam
 from tierlm.engine.detokenizer import IncrementalDetokenizer
 from tierlm.kv_cache import prefix_hash
 from tierlm.kv_cache.cold_store import ColdStore
@@ -50,6 +55,9 @@ class _Parent:
     detoks: dict[str, IncrementalDetokenizer]
     finished: set[str] = field(default_factory=set)
     new_tokens: dict[str, list[int]] = field(default_factory=dict)
+    n: int = 1  # sequences returned (of len(children) generated)
+    hide_logprobs: bool = False  # logprobs were only computed to rank best_of samples
+    beam: beam.BeamState | None = None
 
 
 def default_cache_dir() -> Path:
@@ -154,13 +162,21 @@ class LLMEngine:
             raise InvalidRequest(f"request id {request_id!r} is already in use")
         text, ids = self.tokenize_prompt(prompt)
         total = self.validate(ids, params)
+        hide_logprobs = params.num_sequences > params.n and params.logprobs is None and not params.use_beam_search
+        if hide_logprobs:  # best_of ranks samples by cumulative logprob
+            params = dataclasses.replace(params, logprobs=0)
+        count = 1 if params.use_beam_search else params.num_sequences  # beams fork as they grow
         # One grammar state per sample, all made before anything is queued (a bad constraint
         # must leave no trace).
-        grammars = [self._grammar_state(params) if params.guided is not None else None for _ in range(params.n)]
+        grammars = [self._grammar_state(params) if params.guided is not None else None for _ in range(count)]
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
-        children = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
-        parent = _Parent(text, ids, children, {}, {})
+        children = [request_id] if params.num_sequences == 1 else [f"{request_id}#{i}" for i in range(count)]
+        parent = _Parent(text, ids, children, {}, {}, n=params.n, hide_logprobs=hide_logprobs)
+        if params.use_beam_search:
+            parent.beam = beam.BeamState(params.num_sequences, params.length_penalty, {children[0]: 0.0},
+                                         skip_special_tokens=params.skip_special_tokens)
         root = prefix_hash.root_hash(self._model_key, cache_salt or "")
+        reqs = []
         for i, child in enumerate(children):
             self._seq += 1
             req = Request(child, ids, params, seed=seed + i, arrival_seq=self._seq, priority=priority,
@@ -169,13 +185,20 @@ class LLMEngine:
                           # the samples share the prompt: the first one scores it for all
                           prompt_logprobs=[None] * len(ids) if params.prompt_logprobs is not None and i == 0
                           else None)
-            parent.detoks[child] = IncrementalDetokenizer(self.tokenizer, ids, params.stop,
-                                                          params.skip_special_tokens,
-                                                          params.include_stop_str_in_output)
-            self._child_parent[child] = request_id
-            parent.requests[child] = req
-            self.scheduler.add(req)
+            self._track(parent, req, request_id)
+            reqs.append(req)
+        self.scheduler.add(reqs[0])
+        if len(reqs) > 1:
+            self.scheduler.add_forks(reqs[0], reqs[1:])
         self._parents[request_id] = parent
+
+    def _track(self, parent: _Parent, req: Request, parent_id: str) -> None:
+        if parent.beam is None:
+            parent.detoks[req.request_id] = IncrementalDetokenizer(
+                self.tokenizer, req.prompt_token_ids, req.sampling_params.stop,
+                req.sampling_params.skip_special_tokens, req.sampling_params.include_stop_str_in_output)
+        self._child_parent[req.request_id] = parent_id
+        parent.requests[req.request_id] = req
 
     def check_guided(self, params: SamplingParams) -> None:
         """Compile (and cache) a request's output constraint; InvalidRequest if it cannot."""
@@ -199,7 +222,7 @@ class LLMEngine:
         parent = self._parents.pop(request_id, None)
         if parent is None:
             return
-        for child in parent.children:
+        for child in parent.requests:
             self.scheduler.abort(child)
             self._child_parent.pop(child, None)
 
@@ -251,20 +274,28 @@ class LLMEngine:
         # Requests that end without a token (max_tokens 0: the prompt is scored) report too.
         touched: dict[str, None] = {self._child_parent[r.request_id]: None for r in finished
                                     if r.request_id in self._child_parent}
+        beams: dict[str, None] = {}
         for tok in result.sampled:
             pid = self._child_parent.get(tok.request_id)
             if pid is None:
                 continue
             parent = self._parents[pid]
+            if parent.beam is not None:
+                beams[pid] = None
+                continue
             detok = parent.detoks[tok.request_id]
             detok.add(tok.token_id)
             parent.new_tokens.setdefault(tok.request_id, []).append(tok.token_id)
             if detok.stopped_on is not None and tok.request_id in self.scheduler.requests:
                 self.scheduler.finish(tok.request_id, RequestStatus.FINISHED_STOPPED, detok.stopped_on)
             touched[pid] = None
-        return [self._output(pid) for pid in touched]
+        outputs = [self._beam_output(pid) for pid in beams if self._beam_round(pid)]
+        outputs += [o for o in map(self._output, touched) if o is not None]
+        return outputs
 
-    def _output(self, pid: str) -> RequestOutput:
+    def _output(self, pid: str) -> RequestOutput | None:
+        """The request's state now; None while best_of > n samples are still running (only
+        the finished set can be ranked)."""
         parent = self._parents[pid]
         outs = []
         for i, child in enumerate(parent.children):
@@ -275,17 +306,78 @@ class LLMEngine:
             lps = req.sampling_params.logprobs is not None
             outs.append(CompletionOutput(
                 index=i, text=detok.text[: detok.emitted], token_ids=list(req.output_token_ids),
-                logprobs=list(req.output_logprobs) if lps else None,
+                logprobs=list(req.output_logprobs) if lps and not parent.hide_logprobs else None,
                 finish_reason=req.finish_reason, stop_reason=req.stop_reason,
                 cumulative_logprob=sum(lp.logprob for lp in req.output_logprobs) if lps else None,
                 delta_text=delta, delta_token_ids=parent.new_tokens.pop(child, [])))
             if done:
                 parent.finished.add(child)
         finished = len(parent.finished) == len(parent.children)
+        if len(outs) > parent.n:
+            if not finished:
+                return None
+            outs = sorted(outs, key=lambda o: (-o.cumulative_logprob, o.index))[: parent.n]
+            for i, o in enumerate(outs):
+                o.index = i
         if finished:
-            del self._parents[pid]
-            for child in parent.children:
-                self._child_parent.pop(child, None)
+            self._forget(pid)
         scored = parent.requests[parent.children[0]].prompt_logprobs
         return RequestOutput(pid, parent.prompt, parent.prompt_token_ids, outs, finished,
                              list(scored) if scored is not None else None)
+
+    def _forget(self, pid: str) -> None:
+        parent = self._parents.pop(pid)
+        for child in parent.requests:
+            self._child_parent.pop(child, None)
+
+    # ---- beam search -------------------------------------------------------------------
+    def _beam_round(self, pid: str) -> bool:
+        """Once every live beam has its candidates: keep the best extensions (forking a
+        beam that continues more than one way), drop the rest. Returns True when done."""
+        parent = self._parents[pid]
+        st = parent.beam
+        reqs = [parent.requests[c] for c in st.live]
+        if any(r.beam_candidates is None for r in reqs):
+            return False
+        p = reqs[0].sampling_params
+        eos = set() if p.ignore_eos else set(self.model_config.eos_token_ids)
+        at_limit = ((p.max_tokens is not None and reqs[0].num_output_tokens + 1 >= p.max_tokens)
+                    or reqs[0].num_tokens + 1 >= reqs[0].max_total_tokens)
+        live = st.plan([r.output_token_ids for r in reqs], [r.beam_candidates for r in reqs],
+                       eos | set(p.stop_token_ids), eos, at_limit)
+        targets, used = [], set()
+        for e in live:  # forks first: they copy their source before it grows
+            src = reqs[e.source]
+            if e.source in used:
+                st.next_id += 1
+                dst = dataclasses.replace(src, request_id=f"{pid}#b{st.next_id}",
+                                          output_token_ids=list(src.output_token_ids), block_hashes=[],
+                                          num_computed_tokens=0, beam_candidates=None)
+                self._track(parent, dst, pid)
+                self.scheduler.fork(src, dst, src.num_computed_tokens)
+                src = dst
+            used.add(e.source)
+            targets.append((src, e))
+        st.live = {}
+        for req, e in targets:
+            req.output_token_ids.append(e.token)
+            req.beam_candidates = None
+            st.live[req.request_id] = e.cum_logprob
+        for r in reqs:
+            if r.request_id not in st.live:
+                self.scheduler.finish(r.request_id, RequestStatus.FINISHED_ABORTED)
+                del parent.requests[r.request_id]
+                self._child_parent.pop(r.request_id, None)
+        parent.children = list(st.live)
+        return not st.live
+
+    def _beam_output(self, pid: str) -> RequestOutput:
+        parent = self._parents[pid]
+        st = parent.beam
+        self._forget(pid)
+        best = beam.ranked(st.finished, st.length_penalty)[: parent.n]
+        outs = [CompletionOutput(index=i, text=self.tokenizer.decode(h.token_ids, st.skip_special_tokens), token_ids=list(h.token_ids),
+                                 logprobs=None, finish_reason=h.finish_reason, stop_reason=h.stop_reason,
+                                 cumulative_logprob=h.cum_logprob, delta_text="", delta_token_ids=[])
+                for i, h in enumerate(best)]
+        return RequestOutput(pid, parent.prompt, parent.prompt_token_ids, outs, True)

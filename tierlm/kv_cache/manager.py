@@ -160,6 +160,39 @@ class KVCacheManager:
         self._requests[request_id] = t
         return k, len(needed) - len(pages)
 
+    def fork(self, src_id: str, dst_id: str, num_tokens: int) -> list[tuple[int, int]] | None:
+        """Give `dst_id` the KV of `src_id`'s first `num_tokens` positions.
+
+        Blocks those positions fill completely are shared by reference count (neither
+        request writes them again); the block holding the last partial run of them is
+        copied into a fresh block for `dst_id` (copy-on-write, done eagerly because both
+        requests write their next token into it). Returns the (src, dst) block copies the
+        runner must make before the next forward, or None (nothing taken) when the pool
+        cannot supply the copies.
+        """
+        src = self._requests[src_id]
+        assert dst_id not in self._requests
+        full, partial = divmod(num_tokens, self.block_size)
+        first = [min(self._first_needed(w, num_tokens), full) for w in self.windows]
+        if any(d > f for d, f in zip(src.dropped, first)):
+            return None  # src already released blocks these positions still need
+        copy_groups = list(range(len(self.windows))) if partial else []
+        if len(copy_groups) > self.pool.num_free:
+            return None
+        t = _Tables([], list(first), registered=min(src.registered, full))
+        for g, table in enumerate(src.tables):
+            assert len(table) * self.block_size >= num_tokens, "fork beyond the source's blocks"
+            shared = table[first[g] : full]
+            for b in shared:
+                self.pool.touch(b)
+            t.tables.append([NULL_BLOCK] * first[g] + shared)
+        copies = []
+        for g, b in zip(copy_groups, self.pool.allocate(len(copy_groups))):
+            copies.append((src.tables[g][full], b))
+            t.tables[g].append(b)
+        self._requests[dst_id] = t
+        return copies
+
     def pin(self, hashes: list[bytes]) -> None:
         """Keep these blocks (every group) in the warm tier for `session_ttl` seconds."""
         if self.tiers is not None and self.enable_caching:
@@ -173,7 +206,10 @@ class KVCacheManager:
         full = min(num_computed // self.block_size, len(hashes))
         for g, table in enumerate(t.tables):
             for i in range(max(t.registered, t.dropped[g]), full):
-                self.pool.register((g, hashes[i]), table[i])
+                key = (g, hashes[i])
+                self.pool.register(key, table[i])
+                if self.tiers is not None and self.pool.lookup(key) == table[i]:
+                    self.tiers.superseded(key)  # recomputed while a copy waited in warm
         t.registered = max(t.registered, full)
 
     def block_tables(self, request_id: str) -> list[list[int]]:

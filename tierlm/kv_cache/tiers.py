@@ -89,6 +89,11 @@ class KVTiers:
             self.stats.bytes_from_cold += self.block_bytes
         return data
 
+    def superseded(self, key: CacheKey) -> None:
+        """The key was computed again into a hot block: drop the warm copy (a key lives in
+        one of hot and warm; the cold copy stays, it is the persistent one)."""
+        self.warm.pop(key, None)
+
     def flush_to_cold(self, hot: dict[CacheKey, int]) -> int:
         """Copy every cached block (hot ones given as key -> block, and warm) to the cold
         tier unless already there, so a restart can replay them. Returns blocks written."""

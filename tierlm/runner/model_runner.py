@@ -74,8 +74,15 @@ class ModelRunner:
         batch = forward_batch.build(SchedulerOutput([sched]), self.block_size, self.layout.windows)
         return self._forward(batch, torch.arange(len(ids)))
 
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy whole blocks (every page a block id indexes): forked requests' partial blocks."""
+        for src, dst in copies:
+            for t in self._pages:
+                t[dst].copy_(t[src])
+
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> StepResult:
+        self.copy_blocks(out.block_copies)  # before the forward writes either block
         if not out.scheduled:
             return StepResult()
         batch = forward_batch.build(out, self.block_size, self.layout.windows)

@@ -7,6 +7,8 @@ Every operation is row-wise, and each random request draws from its own generato
 by (request seed, output index), so a request's tokens never depend on its batch
 neighbours, on chunking, or on preemption.
 Reported logprobs are those of the model's raw distribution (before any processing).
+Beam-search rows draw nothing: they return their 2 x width best (token, logprob) candidates
+of the processed distribution, for the engine to choose among (engine/beam.py).
 """
 
 from __future__ import annotations
@@ -92,6 +94,13 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, seed: int, index: i
     return int(torch.argmax(probs / noise))
 
 
+def beam_candidates(logits: torch.Tensor, k: int) -> tuple[int, TokenLogprob]:
+    """The k likeliest next tokens of a processed logits row [V], best first."""
+    vals, idx = torch.topk(torch.log_softmax(logits, dim=-1), min(k, logits.shape[-1]))
+    top = list(zip(idx.tolist(), vals.tolist()))
+    return top[0][0], TokenLogprob(top[0][1], top)
+
+
 def sample(logits: torch.Tensor, rows: list[SamplingRow],
            eos_token_ids: tuple[int, ...]) -> list[tuple[int, TokenLogprob | None]]:
     """logits [R, V] float32 (modified in place) -> (token id, logprob info) per row."""
@@ -109,6 +118,9 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow],
             logits[i] = masked
     results = []
     for i, r in enumerate(rows):
+        if r.params.use_beam_search:
+            results.append(beam_candidates(logits[i], 2 * r.params.num_sequences))
+            continue
         token = sample_row(logits[i], r.params, r.seed, len(r.output_token_ids))
         info = None
         if want_logprobs[i]:

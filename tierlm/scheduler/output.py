@@ -34,6 +34,9 @@ class ScheduledRequest:
 class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted: list[str] = field(default_factory=list)
+    # (src, dst) KV blocks to copy before this step's forward: the partial last block of
+    # a forked request (copy-on-write; see KVCacheManager.fork).
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:

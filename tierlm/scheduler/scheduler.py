@@ -7,8 +7,15 @@ sorts last under the policy is preempted: its blocks are freed and it recomputes
 from scratch (its sampled tokens are kept, and draws depend only on seed and index, so
 the output is unchanged). A request admitted from the queue first adopts the longest
 cached prefix of its tokens (kv_cache/manager.py), so it starts with those counted as
-computed; blocks are offered to the cache as their KV is computed. The scheduler never
-touches tensors: it is tested with fabricated StepResults.
+computed; blocks are offered to the cache as their KV is computed.
+
+Forks: a request may start from another's KV (`fork`): full blocks are shared by
+reference count and the partial last block is copied (the copy travels to the runner in
+the next SchedulerOutput). The samples of an n > 1 / best_of request are parked until the
+first one has computed its prompt, then forked from it. Beam-search requests report
+their candidate tokens instead of appending one (the engine chooses and appends), and
+sit in `running` with nothing to compute until it does. The scheduler never touches
+tensors: it is tested with fabricated StepResults.
 """
 
 from __future__ import annotations
@@ -37,11 +44,44 @@ class Scheduler:
         self.num_preemptions = 0
         self.prefix_queries = 0  # tokens looked up in the prefix cache at admission
         self.prefix_hits = 0  # of which found cached
+        self.parked: dict[str, list[Request]] = {}  # source id -> requests to fork from its prompt
+        self._copies: list[tuple[int, int]] = []  # block copies for the next step
 
     # ---- queue management ------------------------------------------------------------
     def add(self, req: Request) -> None:
         self.requests[req.request_id] = req
         bisect.insort(self.waiting, req, key=self.key)
+
+    def add_forks(self, src: Request, children: list[Request]) -> None:
+        """Queue `children` (same prompt as `src`, already added) to start from src's prompt KV
+        once it is computed; if src ends first they compute it themselves."""
+        for c in children:
+            self.requests[c.request_id] = c
+        self.parked[src.request_id] = children
+
+    def fork(self, src: Request, dst: Request, num_tokens: int) -> None:
+        """Add `dst` computed up to `num_tokens`, sharing src's KV; if src holds no KV (or the
+        pool cannot copy its partial block, or the batch is full) dst recomputes instead."""
+        self.requests[dst.request_id] = dst
+        copies = None
+        if src.request_id in self.kv.tables and len(self.running) < self.config.max_num_seqs:
+            copies = self.kv.fork(src.request_id, dst.request_id, num_tokens)
+        if copies is None:
+            dst.num_computed_tokens = 0
+            bisect.insort(self.waiting, dst, key=self.key)
+            return
+        self._copies.extend(copies)
+        dst.num_computed_tokens = num_tokens
+        dst.block_hashes = src.block_hashes[: num_tokens // self.kv.block_size]
+        dst.status = RequestStatus.RUNNING
+        self.running.append(dst)
+
+    def _release_parked(self, src: Request, fork: bool) -> None:
+        for child in self.parked.pop(src.request_id, []):
+            if fork:
+                self.fork(src, child, len(src.prompt_token_ids) - 1)  # it computes the last prompt token
+            else:
+                bisect.insort(self.waiting, child, key=self.key)
 
     def abort(self, request_id: str) -> Request | None:
         return self.finish(request_id, RequestStatus.FINISHED_ABORTED)
@@ -55,6 +95,11 @@ class Scheduler:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
+        else:
+            for children in self.parked.values():
+                if req in children:
+                    children.remove(req)
+        self._release_parked(req, fork=False)
         if req.session_id is not None:  # the next turn starts from this KV
             self.kv.pin(req.block_hashes[: req.num_computed_tokens // self.kv.block_size])
         self.kv.free(request_id)
@@ -75,6 +120,9 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             n = min(req.num_tokens - req.num_computed_tokens, budget, self.chunk)
+            if n == 0:  # a beam waiting for the engine to choose its next token
+                i += 1
+                continue
             while not self.kv.allocate(req.request_id, req.num_computed_tokens + n, req.num_computed_tokens):
                 victim = max(self.running[i:], key=self.key)
                 self._preempt(victim)
@@ -103,7 +151,14 @@ class Scheduler:
             self.running.append(req)
             plan.append((req, n))
             budget -= n
-        return SchedulerOutput([self._scheduled(r, n) for r, n in plan], preempted)
+        if not plan and self.waiting and not preempted:
+            # Only beams waiting for their siblings' candidates are running, and those
+            # siblings cannot get blocks: make room (the idle beams keep their candidates).
+            for req in [r for r in self.running if r.num_computed_tokens == r.num_tokens]:
+                self._preempt(req)
+                preempted.append(req.request_id)
+        copies, self._copies = self._copies, []
+        return SchedulerOutput([self._scheduled(r, n) for r, n in plan], preempted, copies)
 
     def _adopt_cached_prefix(self, req: Request) -> tuple[int, int]:
         """Start `req` (nothing computed yet) on its longest cached prefix.
@@ -162,11 +217,16 @@ class Scheduler:
                 self.kv.cache_blocks(req.request_id, req.block_hashes, req.num_computed_tokens)
             for pos, lp in result.prompt_logprobs.get(s.request_id, ()):
                 req.prompt_logprobs[pos] = lp
+            if req.request_id in self.parked and req.num_computed_tokens >= len(req.prompt_token_ids) - 1:
+                self._release_parked(req, fork=True)
             if req.sampling_params.max_tokens == 0 and req.num_computed_tokens == req.num_tokens:
                 finished.append(self.finish(req.request_id, RequestStatus.FINISHED_LENGTH))  # prompt scored
         for tok in result.sampled:
             req = self.requests.get(tok.request_id)
             if req is None:
+                continue
+            if req.sampling_params.use_beam_search:
+                req.beam_candidates = tok.logprob.top  # the engine picks and appends
                 continue
             req.output_token_ids.append(tok.token_id)
             if tok.logprob is not None:
@@ -195,7 +255,8 @@ class Scheduler:
     def check_integrity(self) -> None:
         self.kv.check_integrity()
         assert set(self.kv.tables) <= {r.request_id for r in self.running}
-        assert len(self.running) + len(self.waiting) == len(self.requests)
+        parked = sum(len(c) for c in self.parked.values())
+        assert len(self.running) + len(self.waiting) + parked == len(self.requests)
         for r in self.running:
             for table in self.kv.block_tables(r.request_id):
                 assert len(table) * self.kv.block_size >= r.num_computed_tokens
