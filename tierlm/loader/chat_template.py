@@ -11,6 +11,7 @@ from datetime import datetime
 from functools import lru_cache
 
 import jinja2
+from jinja2 import meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 CHATML_TEMPLATE = (
@@ -48,16 +49,31 @@ def _raise(message: str) -> None:
     raise ChatTemplateError(message)
 
 
-@lru_cache(maxsize=16)
-def _compile(source: str) -> jinja2.Template:
+@lru_cache(maxsize=1)
+def _environment() -> ImmutableSandboxedEnvironment:
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                         extensions=["jinja2.ext.loopcontrols"])
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env
+
+
+@lru_cache(maxsize=16)
+def _compile(source: str) -> jinja2.Template:
     try:
-        return env.from_string(source)
+        return _environment().from_string(source)
     except jinja2.TemplateError as e:
         raise ChatTemplateError(f"chat template does not compile: {e}") from e
+
+
+@lru_cache(maxsize=16)
+def references(source: str, name: str) -> bool:
+    """Whether the template reads the variable `name` (e.g. renders `tools` itself).
+    A template that does not compile references nothing; rendering reports its error."""
+    try:
+        return name in meta.find_undeclared_variables(_environment().parse(source))
+    except jinja2.TemplateError:
+        return False
 
 
 def render(source: str, messages: list[dict], *, add_generation_prompt: bool = True,

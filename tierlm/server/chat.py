@@ -1,5 +1,6 @@
-"""POST /v1/chat/completions: the model's chat template, n, logprobs + top_logprobs,
-streaming deltas (role first, then content) with optional usage chunk."""
+"""POST /v1/chat/completions: the model's chat template, n, logprobs + top_logprobs, tool
+calls (request side in `tools`, reading them back in `tool_parser`), streaming deltas
+(role first, then content or tool calls) with optional usage chunk."""
 
 from __future__ import annotations
 
@@ -8,21 +9,25 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from tierlm.loader.chat_template import ChatTemplateError
-from tierlm.outputs import RequestOutput
+from tierlm.loader.chat_template import ChatTemplateError, references
+from tierlm.outputs import CompletionOutput, RequestOutput
 from tierlm.request import TokenLogprob
-from tierlm.server import common
+from tierlm.server import common, tool_parser, tools
 from tierlm.server.common import ServerState, sse
-from tierlm.server.errors import bad_request
+from tierlm.server.errors import APIError, bad_request
 from tierlm.server.protocol import ChatCompletionRequest, ChatMessage
+from tierlm.server.tool_parser import ChoiceStream
+from tierlm.server.tools import ToolPlan
 
 
-def render(state: ServerState, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
+def render(state: ServerState, messages: list[ChatMessage], add_generation_prompt: bool = True,
+           tool_plan: ToolPlan = tools.NO_TOOLS) -> list[int]:
     if not messages:
         raise bad_request("messages must not be empty", "messages")
-    plain = [{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in messages]
+    native = references(state.tokenizer.chat_template_source, "tools")
+    plain, shown = tools.template_input(messages, tool_plan, native)
     try:
-        text = state.tokenizer.apply_chat_template(plain, add_generation_prompt=add_generation_prompt)
+        text = state.tokenizer.apply_chat_template(plain, add_generation_prompt=add_generation_prompt, tools=shown)
     except ChatTemplateError as e:
         raise bad_request(str(e), "messages") from None
     return state.tokenizer.encode(text, add_special_tokens=False)
@@ -47,33 +52,59 @@ async def create(request: Request, req: ChatCompletionRequest, state: ServerStat
     if max_tokens is not None and max_tokens < 1:
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         raise bad_request("max_tokens must be >= 1", param)
+    tool_plan = tools.plan(req)
     params = common.sampling_params(req, max_tokens=max_tokens,
                                     logprobs=(req.top_logprobs or 0) if req.logprobs else None)
-    ids = render(state, req.messages, req.add_generation_prompt)
-    common.validate(state, ids, params)
+    if tool_plan.forced:
+        if params.guided is not None:
+            raise bad_request("tool_choice 'required' or a named function cannot be combined with "
+                              "response_format or guided_*", "tool_choice")
+        params.guided = tools.guided(tool_plan)
+    ids = render(state, req.messages, req.add_generation_prompt, tool_plan)
+    try:
+        common.validate(state, ids, params)
+    except APIError as e:
+        if tool_plan.forced and e.param == "response_format":  # the constraint came from the tools
+            e.param = "tools"
+        raise
     common.admit(state)
     rid = common.new_id("chatcmpl")
     gen = common.merged(state, rid, [ids], params, req.priority, req.cache_salt, req.session_id)
     base = {"id": rid, "object": "chat.completion", "created": common.now(), "model": state.model_name}
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        events = _stream(state, req, gen, {**base, "object": "chat.completion.chunk"}, len(ids), include_usage)
+        events = _stream(state, req, tool_plan, gen, {**base, "object": "chat.completion.chunk"}, len(ids),
+                         include_usage)
         body = common.framed(events, gen)
         return StreamingResponse(common.until_disconnect(request, body), media_type="text/event-stream")
     out = (await common.collect(request, gen))[0]
-    choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+    choices = [{"index": c.index, **_reply(tool_plan, c),
                 "logprobs": _logprobs(state, c.token_ids, c.logprobs or []) if req.logprobs else None,
-                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason} for c in out.outputs]
+                "stop_reason": c.stop_reason} for c in out.outputs]
     completion_tokens = sum(len(c.token_ids) for c in out.outputs)
     return JSONResponse({**base, "choices": choices, "usage": common.usage(len(ids), completion_tokens)})
 
 
-async def _stream(state: ServerState, req: ChatCompletionRequest, gen: AsyncIterator[tuple[int, RequestOutput]],
-                  base: dict, prompt_tokens: int, include_usage: bool):
+def _reply(p: ToolPlan, c: CompletionOutput) -> dict:
+    """A choice's message and finish_reason, with any tool calls read out of its text."""
+    if p.mode == "none":
+        return {"message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason}
+    if p.mode == "named":  # the grammar made the whole output the arguments object
+        parsed = tool_parser.Parsed(None, [tool_parser.Call(p.function, c.text)])
+    else:
+        parsed = tool_parser.parse(c.text, p.names, p.parallel)
+    return {"message": tool_parser.message(parsed.content, parsed.calls),
+            "finish_reason": tool_parser.finish_reason(c.finish_reason, bool(parsed.calls))}
+
+
+async def _stream(state: ServerState, req: ChatCompletionRequest, p: ToolPlan,
+                  gen: AsyncIterator[tuple[int, RequestOutput]], base: dict, prompt_tokens: int, include_usage: bool):
     completion_tokens = 0
+    views = [ChoiceStream(p.mode, p.names, p.function, p.parallel) for _ in range(req.n)]
     for k in range(req.n):
-        yield sse({**base, "choices": [{"index": k, "delta": {"role": "assistant", "content": ""},
-                                        "logprobs": None, "finish_reason": None}]})
+        # With tools the reply may be calls only, whose content is null, not "".
+        first = {"role": "assistant", "content": "" if p.mode == "none" else None}
+        yield sse({**base, "choices": [{"index": k, "delta": first, "logprobs": None, "finish_reason": None}]})
     async for _, out in gen:
         for c in out.outputs:
             if not (c.delta_text or c.delta_token_ids or c.finish_reason):
@@ -81,9 +112,15 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, gen: AsyncIter
             lp = None
             if req.logprobs and c.delta_token_ids:
                 lp = _logprobs(state, c.delta_token_ids, c.logprobs[len(c.logprobs) - len(c.delta_token_ids):])
-            delta = {"content": c.delta_text} if c.delta_text else {}
-            yield sse({**base, "choices": [{"index": c.index, "delta": delta, "logprobs": lp,
-                                            "finish_reason": c.finish_reason}]})
+            view = views[c.index]
+            deltas = view.feed(c.delta_text, final=c.finish_reason is not None)
+            finish = tool_parser.finish_reason(c.finish_reason, view.called)
+            if not deltas and lp is None and finish is None and p.mode != "none":
+                continue  # text held back while it may be a tool call
+            deltas = deltas or [{}]
+            for j, delta in enumerate(deltas):
+                yield sse({**base, "choices": [{"index": c.index, "delta": delta, "logprobs": lp if j == 0 else None,
+                                                "finish_reason": finish if j == len(deltas) - 1 else None}]})
             if c.finish_reason:
                 completion_tokens += len(c.token_ids)
     if include_usage:

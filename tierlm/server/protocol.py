@@ -58,6 +58,8 @@ class _SamplingFields(_Base):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None  # Lark (llguidance's dialect)
+    use_beam_search: bool = False  # beam width: best_of (completions) or n
+    length_penalty: float = 1.0  # beams rank by cumulative logprob / length ** length_penalty
 
 
 class CompletionRequest(_SamplingFields):
@@ -74,10 +76,23 @@ class TextPart(_Base):
     text: str
 
 
+class FunctionCall(_Base):
+    name: str
+    arguments: str  # a JSON object, as text
+
+
+class ToolCall(_Base):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Base):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant turns that called tools
+    tool_call_id: str | None = None  # role "tool": the call this message answers
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -85,8 +100,32 @@ class ChatMessage(_Base):
         return self.content or ""
 
 
+class FunctionDef(_Base):
+    name: str
+    description: str | None = None
+    parameters: dict | None = None  # JSON schema of the arguments object; None = no arguments
+    strict: bool | None = None
+
+
+class Tool(_Base):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class FunctionName(_Base):
+    name: str
+
+
+class NamedToolChoice(_Base):
+    type: Literal["function"]
+    function: FunctionName
+
+
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage]
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # None: auto if tools
+    parallel_tool_calls: bool = True
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool = False

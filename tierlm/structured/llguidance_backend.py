@@ -1,4 +1,5 @@
-"""llguidance adapter: GuidedSpec -> llguidance grammar, and per-request matchers.
+"""llguidance adapter: GuidedSpec -> llguidance grammar, and per-request matchers;
+`check` compiles a spec without a vocabulary, to validate it where no model is at hand.
 
 The llguidance tokenizer is built once per model from our `tokenizers` model (its JSON),
 with the model's stop tokens as EOS, so masks cover exactly the model's vocabulary.
@@ -27,34 +28,44 @@ class LLGuidanceBackend:
                                                 eos_token=list(tokenizer.eos_token_ids))
 
     def compile(self, spec: GuidedSpec) -> str:
-        try:
-            grammar = self._grammar(spec)
-        except (ValueError, TypeError) as e:
-            raise GrammarError(f"invalid {spec.kind} constraint: {e}") from None
-        error = llguidance.LLMatcher.validate_grammar(grammar, self.tokenizer)
-        if error:
-            raise GrammarError(f"invalid {spec.kind} constraint: {error.strip()}")
-        return grammar
-
-    @staticmethod
-    def _grammar(spec: GuidedSpec) -> str:
-        if spec.kind == "json":
-            return llguidance.LLMatcher.grammar_from_json_schema(
-                spec.source, defaults={"whitespace_flexible": False})
-        if spec.kind == "regex":
-            return llguidance.LLMatcher.grammar_from_regex(spec.source)
-        if spec.kind == "choice":
-            options = json.loads(spec.source)
-            if not options or not all(isinstance(o, str) for o in options):
-                raise ValueError("choices must be a non-empty list of strings")
-            return llguidance.LLMatcher.grammar_from_lark(
-                "start: " + " | ".join(json.dumps(o) for o in options))
-        if spec.kind == "grammar":
-            return llguidance.LLMatcher.grammar_from_lark(spec.source)
-        raise ValueError(f"unknown constraint kind {spec.kind!r}")
+        return _compile(spec, self.tokenizer)
 
     def new_state(self, compiled: str) -> LLGuidanceState:
         return LLGuidanceState(llguidance.LLMatcher(self.tokenizer, compiled, log_level=0), self.vocab_size)
+
+
+def check(spec: GuidedSpec) -> None:
+    """Compile `spec` without a model's vocabulary: catches every schema and grammar error
+    that does not depend on the tokens (GrammarError), for checks that have no model at hand."""
+    _compile(spec, None)
+
+
+def _compile(spec: GuidedSpec, tokenizer: llguidance.LLTokenizer | None) -> str:
+    try:
+        grammar = _grammar(spec)
+    except (ValueError, TypeError) as e:
+        raise GrammarError(f"invalid {spec.kind} constraint: {e}") from None
+    error = llguidance.LLMatcher.validate_grammar(grammar, tokenizer)
+    if error:
+        raise GrammarError(f"invalid {spec.kind} constraint: {error.strip()}")
+    return grammar
+
+
+def _grammar(spec: GuidedSpec) -> str:
+    if spec.kind == "json":
+        return llguidance.LLMatcher.grammar_from_json_schema(
+            spec.source, defaults={"whitespace_flexible": False})
+    if spec.kind == "regex":
+        return llguidance.LLMatcher.grammar_from_regex(spec.source)
+    if spec.kind == "choice":
+        options = json.loads(spec.source)
+        if not options or not all(isinstance(o, str) for o in options):
+            raise ValueError("choices must be a non-empty list of strings")
+        return llguidance.LLMatcher.grammar_from_lark(
+            "start: " + " | ".join(json.dumps(o) for o in options))
+    if spec.kind == "grammar":
+        return llguidance.LLMatcher.grammar_from_lark(spec.source)
+    raise ValueError(f"unknown constraint kind {spec.kind!r}")
 
 
 class LLGuidanceState:
