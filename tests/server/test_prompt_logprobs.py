@@ -81,3 +81,21 @@ def test_max_tokens_zero_needs_echo_and_logprobs(client):
             client.completions.create(model=MODEL, prompt="hi", max_tokens=0, **extra)
         assert e.value.body["param"] == "max_tokens"
     assert client.completions.create(model=MODEL, prompt="hi", max_tokens=1).choices[0].finish_reason == "length"
+
+
+def test_chat_prompt_logprobs_extension(client, http, scorer):
+    _, score = scorer
+    messages = [{"role": "user", "content": "Say hi."}]
+    r = http.post("/v1/chat/completions", json={"model": MODEL, "messages": messages, "max_tokens": 2,
+                                                 "temperature": 0, "prompt_logprobs": 2}).json()
+    ids = http.post("/tokenize", json={"model": MODEL, "messages": messages}).json()["tokens"]
+    entries = r["prompt_logprobs"]
+    assert len(entries) == len(ids) == r["usage"]["prompt_tokens"] and entries[0] is None
+    assert [e[str(t)]["logprob"] for t, e in zip(ids[1:], entries[1:])] == score(ids)
+    for t, e in zip(ids[1:], entries[1:]):
+        own = e[str(t)]
+        best = max(e.values(), key=lambda x: x["logprob"])
+        assert best["rank"] == 1 and (own["rank"] == 1) == (own["logprob"] == best["logprob"])
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, stream=True,
+                                       extra_body={"prompt_logprobs": 1})

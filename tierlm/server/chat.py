@@ -53,8 +53,11 @@ async def create(request: Request, req: ChatCompletionRequest, state: ServerStat
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         raise bad_request("max_tokens must be >= 1", param)
     tool_plan = tools.plan(req)
+    if req.prompt_logprobs is not None and req.stream:
+        raise bad_request("prompt_logprobs is not supported with stream", "prompt_logprobs")
     params = common.sampling_params(req, max_tokens=max_tokens,
-                                    logprobs=(req.top_logprobs or 0) if req.logprobs else None)
+                                    logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+                                    prompt_logprobs=req.prompt_logprobs)
     if tool_plan.forced:
         if params.guided is not None:
             raise bad_request("tool_choice 'required' or a named function cannot be combined with "
@@ -82,7 +85,26 @@ async def create(request: Request, req: ChatCompletionRequest, state: ServerStat
                 "logprobs": _logprobs(state, c.token_ids, c.logprobs or []) if req.logprobs else None,
                 "stop_reason": c.stop_reason} for c in out.outputs]
     completion_tokens = sum(len(c.token_ids) for c in out.outputs)
-    return JSONResponse({**base, "choices": choices, "usage": common.usage(len(ids), completion_tokens)})
+    body = {**base, "choices": choices, "usage": common.usage(len(ids), completion_tokens)}
+    if req.prompt_logprobs is not None:
+        body["prompt_logprobs"] = _prompt_logprobs(state, ids, out.prompt_logprobs)
+    return JSONResponse(body)
+
+
+def _prompt_logprobs(state: ServerState, ids: list[int], lps: list[TokenLogprob | None]) -> list[dict | None]:
+    """vLLM's shape: per prompt token (null for the first) {token id: {logprob, rank,
+    decoded_token}} for the token itself and its top-N alternatives."""
+    text = state.tokenizer.token_text
+    out: list[dict | None] = []
+    for t, lp in zip(ids, lps):
+        if lp is None:
+            out.append(None)
+            continue
+        entry = {str(t): {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": text(t)}}
+        for rank, (i, v) in enumerate(lp.top, start=1):
+            entry.setdefault(str(i), {"logprob": v, "rank": rank, "decoded_token": text(i)})
+        out.append(entry)
+    return out
 
 
 def _reply(p: ToolPlan, c: CompletionOutput) -> dict:

@@ -48,7 +48,7 @@ def check_model(state: ServerState, model: str) -> None:
 
 
 def sampling_params(req: _SamplingFields, *, max_tokens: int | None, logprobs: int | None,
-                    prompt_logprobs: int | None = None) -> SamplingParams:
+                    prompt_logprobs: int | None = None, best_of: int | None = None) -> SamplingParams:
     bias: dict[int, float] = {}
     for key, value in (req.logit_bias or {}).items():
         try:
@@ -60,16 +60,23 @@ def sampling_params(req: _SamplingFields, *, max_tokens: int | None, logprobs: i
         bias[token] = value
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     guided = guided_spec(req)
+    if req.stream and (req.use_beam_search or (best_of or req.n) > req.n):
+        raise bad_request("best_of > n and use_beam_search rank finished sequences: they cannot stream",
+                          "stream")
+    temperature = req.temperature
+    if temperature is None:
+        temperature = 0.0 if req.use_beam_search else 1.0
     try:
         return SamplingParams(
             n=req.n, max_tokens=max_tokens, min_tokens=req.min_tokens,
-            temperature=1.0 if req.temperature is None else req.temperature,
+            temperature=temperature,
             top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0,
             min_p=req.min_p or 0.0, presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty,
             repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
             logit_bias=bias, seed=req.seed, stop=stop, stop_token_ids=list(req.stop_token_ids or []),
-            ignore_eos=req.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs, guided=guided)
+            ignore_eos=req.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs, guided=guided,
+            best_of=best_of, use_beam_search=req.use_beam_search, length_penalty=req.length_penalty)
     except SamplingParamsError as e:
         raise bad_request(str(e), e.param) from None
 

@@ -54,14 +54,12 @@ async def create(request: Request, req: CompletionRequest, state: ServerState):
     common.check_model(state, req.model)
     if req.suffix:
         raise bad_request("suffix is not supported", "suffix")
-    if req.best_of is not None and req.best_of != req.n:
-        raise bad_request("best_of is not supported yet (only best_of == n)", "best_of")
     scoring = req.echo and req.logprobs is not None
     if req.max_tokens is not None and req.max_tokens < (0 if scoring else 1):
         raise bad_request("max_tokens must be >= 1 (0 is allowed with echo and logprobs, to score the prompt)",
                           "max_tokens")
     params = common.sampling_params(req, max_tokens=req.max_tokens, logprobs=req.logprobs,
-                                    prompt_logprobs=req.logprobs if scoring else None)
+                                    prompt_logprobs=req.logprobs if scoring else None, best_of=req.best_of)
     items = _prompt_items(req)
     ids = [state.tokenizer.encode(i) if isinstance(i, str) else list(i) for i in items]
     for p in ids:

@@ -131,6 +131,7 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None)
     add_generation_prompt: bool = True
+    prompt_logprobs: int | None = None  # extension: logprob (+ top-N) of each prompt token
 
 
 class TokenizeRequest(_Base):

@@ -116,9 +116,9 @@ def guided(p: ToolPlan) -> GuidedSpec | None:
 
 
 def _spec(schema: dict) -> GuidedSpec:
-    # Not GuidedSpec.json_schema: that sorts keys, and the grammar emits properties in schema
-    # order; "name" must come before "arguments" so the model picks the function first.
-    return GuidedSpec("json", json.dumps(schema))
+    # The grammar emits properties in schema order: "name" comes before "arguments", so
+    # the model picks the function first.
+    return GuidedSpec.json_schema(schema)
 
 
 def system_prompt(p: ToolPlan) -> str:

@@ -11,12 +11,13 @@ KINDS = ("json", "regex", "choice", "grammar")
 @dataclass(frozen=True)
 class GuidedSpec:
     kind: str  # one of KINDS
-    source: str  # JSON schema (canonical JSON), regex, JSON list of choices, or Lark grammar
+    source: str  # JSON schema (JSON text), regex, JSON list of choices, or Lark grammar
 
     @staticmethod
     def json_schema(schema: dict | bool | None) -> GuidedSpec:
-        """None means any JSON object (`response_format: json_object`)."""
-        return GuidedSpec("json", json.dumps({"type": "object"} if schema is None else schema, sort_keys=True))
+        """None means any JSON object (`response_format: json_object`). Keys keep the
+        caller's order: the grammar emits properties in schema order."""
+        return GuidedSpec("json", json.dumps({"type": "object"} if schema is None else schema))
 
     @staticmethod
     def choice(options: list[str]) -> GuidedSpec:
