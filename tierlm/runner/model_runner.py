@@ -5,6 +5,8 @@ SchedulerOutput -> forward_batch.build -> model forward -> sampler -> StepResult
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
+
 import torch
 from torch import nn
 
@@ -16,6 +18,7 @@ from tierlm.runner import forward_batch
 from tierlm.sampling import sampler
 from tierlm.sampling_params import SamplingParams
 from tierlm.scheduler.output import ScheduledRequest, SchedulerOutput
+from tierlm.structured import grammar
 
 
 def layout_for(cfg: ModelConfig) -> kv_layout.KVLayout:
@@ -49,6 +52,7 @@ class ModelRunner:
         self.kv_caches = [slots[slot] for _, slot in places]
         self.layer_group = [group for group, _ in places]
         self._pages = [t for pair in slots for t in pair]  # every tensor a block id indexes
+        self._mask_worker: ThreadPoolExecutor | None = None
 
     def read_block(self, block: int) -> torch.Tensor:
         """A copy of one block's K/V pages: [2 * group_size, block_size, kv_heads, head_dim]."""
@@ -74,6 +78,21 @@ class ModelRunner:
         batch = forward_batch.build(SchedulerOutput([sched]), self.block_size, self.layout.windows)
         return self._forward(batch, torch.arange(len(ids)))
 
+    def _grammar_masks(self, states: list) -> Future | None:
+        """Start computing the constrained rows' token masks ({row: bool [V]}) on a worker
+        thread, so they overlap the forward pass (the grammar engine releases the GIL)."""
+        constrained = [(k, g) for k, g in enumerate(states) if g is not None]
+        if not constrained:
+            return None
+        if self._mask_worker is None:
+            self._mask_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tierlm-grammar")
+
+        def compute() -> dict[int, torch.Tensor]:
+            masks = grammar.allowed_masks([g for _, g in constrained])
+            return {k: masks[j] for j, (k, _) in enumerate(constrained)}
+
+        return self._mask_worker.submit(compute)
+
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy whole blocks (every page a block id indexes): forked requests' partial blocks."""
         for src, dst in copies:
@@ -86,16 +105,16 @@ class ModelRunner:
         if not out.scheduled:
             return StepResult()
         batch = forward_batch.build(out, self.block_size, self.layout.windows)
+        ids = batch.sample_request_ids
+        by_id = {s.request_id: s for s in out.scheduled}
+        masks = self._grammar_masks([by_id[i].grammar for i in ids])
         rows, targets = _prompt_scoring_rows(out)
         logits = self._forward(batch, torch.cat([batch.logits_indices, torch.tensor(rows, dtype=torch.long)]))
-        ids = batch.sample_request_ids
         scored = _score_prompt(logits[len(ids):], targets)
         logits = logits[: len(ids)]
-        by_id = {s.request_id: s for s in out.scheduled}
+        allowed = masks.result() if masks is not None else {}
         rows = [sampler.SamplingRow(by_id[i].sampling_params, by_id[i].seed, by_id[i].prompt_token_ids,
-                                    by_id[i].output_token_ids,
-                                    by_id[i].grammar.allowed() if by_id[i].grammar is not None else None)
-                for i in ids]
+                                    by_id[i].output_token_ids, allowed.get(k)) for k, i in enumerate(ids)]
         drawn = sampler.sample(logits, rows, self.cfg.eos_token_ids)
         return StepResult([SampledToken(i, tok, lp) for i, (tok, lp) in zip(ids, drawn)], scored)
 

@@ -33,9 +33,23 @@ class GrammarState(Protocol):
         """Advance by a sampled token; False if the grammar rejects it."""
         ...
 
+    def rollback(self, num_tokens: int) -> None:
+        """Undo the last `num_tokens` accepted tokens (rejected speculative tokens)."""
+        ...
+
     def is_finished(self) -> bool:
         """True once nothing but the end of the output can follow."""
         ...
+
+
+def allowed_masks(states: list[GrammarState]) -> torch.Tensor:
+    """Bool masks [len(states), vocab], computed together when the backend's state type
+    offers `allowed_batch` (llguidance does, on its own threads), else one by one."""
+    kind = type(states[0])
+    batch = getattr(kind, "allowed_batch", None)
+    if batch is not None and all(type(s) is kind for s in states):
+        return batch(states)
+    return torch.stack([s.allowed() for s in states])
 
 
 class GrammarBackend(Protocol):

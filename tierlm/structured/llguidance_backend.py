@@ -69,16 +69,38 @@ def _grammar(spec: GuidedSpec) -> str:
 
 
 class LLGuidanceState:
+    _executor: llguidance.LLExecutor | None = None  # shared thread pool for batched masks
+
     def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int) -> None:
         self.matcher = matcher
         self.vocab_size = vocab_size
 
     def allowed(self) -> torch.Tensor:
         packed = torch.frombuffer(bytearray(self.matcher.compute_bitmask()), dtype=torch.uint8)
-        return ((packed[:, None] >> _BITS) & 1).flatten()[: self.vocab_size].bool()
+        return _unpack(packed.view(1, -1), self.vocab_size)[0]
+
+    @classmethod
+    def allowed_batch(cls, states: list[LLGuidanceState]) -> torch.Tensor:
+        """Masks [R, vocab] for many states at once, on llguidance's threads (GIL released)."""
+        if cls._executor is None:
+            cls._executor = llguidance.LLExecutor()
+        vocab = states[0].vocab_size
+        words = torch.zeros((len(states), -(-vocab // 32)), dtype=torch.int32)
+        cls._executor.unsafe_compute_mask_ptr([(s.matcher, i) for i, s in enumerate(states)], words.data_ptr(),
+                                              words.shape[1] * 4, len(states))
+        return _unpack(words.view(torch.uint8), vocab)
 
     def accept(self, token_id: int) -> bool:
         return self.matcher.consume_token(token_id)
 
+    def rollback(self, num_tokens: int) -> None:
+        if not self.matcher.rollback(num_tokens):
+            raise GrammarError(f"cannot roll back {num_tokens} tokens: {self.matcher.get_error()}")
+
     def is_finished(self) -> bool:
         return self.matcher.is_stopped()
+
+
+def _unpack(packed: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Little-endian bitmask bytes [R, B] -> bool [R, vocab] (bit j of byte b is token 8b + j)."""
+    return ((packed[:, :, None] >> _BITS) & 1).flatten(1)[:, :vocab].bool()
