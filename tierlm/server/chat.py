@@ -65,7 +65,7 @@ async def create(request: Request, req: ChatCompletionRequest, state: ServerStat
         params.guided = tools.guided(tool_plan)
     ids = render(state, req.messages, req.add_generation_prompt, tool_plan)
     try:
-        common.validate(state, ids, params)
+        await common.validate(state, ids, params)
     except APIError as e:
         if tool_plan.forced and e.param == "response_format":  # the constraint came from the tools
             e.param = "tools"

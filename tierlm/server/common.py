@@ -109,9 +109,14 @@ def guided_spec(req: _SamplingFields) -> GuidedSpec | None:
     return specs[0] if specs else None
 
 
-def validate(state: ServerState, ids: list[int], params: SamplingParams) -> None:
+async def validate(state: ServerState, ids: list[int], params: SamplingParams) -> None:
+    """400 unless the engine can serve this. An output constraint is compiled here (once
+    per distinct spec), on a worker thread: a large schema must not stall the event loop."""
     try:
-        state.engine.prepare(ids, params)
+        if params.guided is None:
+            state.engine.prepare(ids, params)
+        else:
+            await asyncio.to_thread(state.engine.prepare, ids, params)
     except InvalidRequest as e:
         raise bad_request(str(e), e.param, e.code) from None
 

@@ -63,7 +63,7 @@ async def create(request: Request, req: CompletionRequest, state: ServerState):
     items = _prompt_items(req)
     ids = [state.tokenizer.encode(i) if isinstance(i, str) else list(i) for i in items]
     for p in ids:
-        common.validate(state, p, params)  # checks token ids too, so decoding below is safe
+        await common.validate(state, p, params)  # checks token ids too, so decoding below is safe
     texts = [i if isinstance(i, str) else state.tokenizer.decode(p) for i, p in zip(items, ids)]
     common.admit(state)
     rid = common.new_id("cmpl")
