@@ -62,7 +62,8 @@ def test_max_tokens_zero_scores_without_generating(client, scorer):
 
 
 def test_echo_logprobs_with_generation_and_streaming(client):
-    kwargs = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 4, "logprobs": 2, "echo": True, "temperature": 0}
+    kwargs = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 4, "logprobs": 2, "echo": True,
+              "temperature": 0}
     full = client.completions.create(**kwargs).choices[0]
     n_prompt = len(full.logprobs.tokens) - 4
     assert full.logprobs.token_logprobs[0] is None and None not in full.logprobs.token_logprobs[1:]
