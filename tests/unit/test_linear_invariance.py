@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tierlm.layers import linear
+from tierlm.layers.activation import GATED_ACTIVATIONS
 from tierlm.layers.linear import Linear, invariant_mm
 from tierlm.runner import kernel_probe
 
@@ -49,3 +50,15 @@ def test_probe_table_saved_reused_and_damage_ignored(tmp_path, monkeypatch):
     monkeypatch.setattr(linear, "probe_tiles", real_probe)
     kernel_probe.ensure_probed(model, torch.float32, tmp_path)
     assert (48, 40, "float32") in linear.PROBED
+
+
+@pytest.mark.parametrize("act", sorted(GATED_ACTIVATIONS))
+@pytest.mark.parametrize("width", [160, 1536, 20000])
+def test_gated_activations_are_batch_invariant(act, width):
+    """Elementwise kernels split big tensors across threads by size, and the elements at
+    a split take a scalar path with different last bits: rows must not notice."""
+    fn = GATED_ACTIVATIONS[act]
+    x = torch.randn(260 if width < 10000 else 6, 2 * width, generator=torch.Generator().manual_seed(width))
+    alone = torch.cat([fn(x[i : i + 1]) for i in range(x.shape[0])])
+    for tokens in range(1, x.shape[0] + 1):
+        assert torch.equal(fn(x[:tokens]), alone[:tokens]), tokens

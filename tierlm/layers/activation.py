@@ -1,21 +1,45 @@
-"""Gated MLP activations over a fused [gate | up] projection."""
+"""Gated MLP activations over a fused [gate | up] projection, batch-invariant.
+
+A CPU elementwise kernel over more than its grain of elements (16,384 for GELU, 32,768
+for most) is split across threads at a point set by the tensor's size, and the elements
+just before a split take the scalar path, whose exp/tanh differ from the vector path in
+the last bit. So a row's activation would depend on how many tokens share its step.
+Applying the activation to row tiles below the smallest grain (one row when a single row
+is larger: then every row splits alike) keeps each row's bits independent of the batch.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-
-def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """SwiGLU: silu(gate) * up, where the last dim holds gate then up."""
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
+_MAX_TILE_ELEMENTS = 16383  # below GELU's parallel grain, the smallest of these kernels'
 
 
-def gelu_tanh_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """GeGLU with the tanh-approximated GELU (Gemma)."""
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.gelu(gate, approximate="tanh") * up
+def row_tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, out_width: int) -> torch.Tensor:
+    """fn (row-wise elementwise, [n, *] -> [n, out_width]) over row tiles of x [T, *] small
+    enough that no tile is split across threads (or single rows, which all split alike)."""
+    tokens = x.shape[0]
+    rows = max(1, _MAX_TILE_ELEMENTS // out_width)
+    if tokens <= rows:
+        return fn(x)
+    out = x.new_empty(tokens, out_width)
+    for i in range(0, tokens, rows):
+        out[i : i + rows] = fn(x[i : i + rows])
+    return out
 
+
+def _gated(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    def apply(gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return fn(gate) * up
+
+    return lambda gate_up: row_tiled(apply, gate_up, gate_up.shape[-1] // 2)
+
+
+silu_and_mul = _gated(F.silu)  # SwiGLU: silu(gate) * up
+gelu_tanh_and_mul = _gated(lambda g: F.gelu(g, approximate="tanh"))  # GeGLU (Gemma)
 
 GATED_ACTIVATIONS = {"silu": silu_and_mul, "gelu_tanh": gelu_tanh_and_mul}

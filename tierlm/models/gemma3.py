@@ -18,6 +18,7 @@ from torch import nn
 from tierlm.attention.base import AttentionMetadata
 from tierlm.attention.torch_ref import TorchPagedAttention
 from tierlm.config import ModelConfig
+from tierlm.layers.activation import row_tiled
 from tierlm.layers.linear import Linear
 from tierlm.layers.mlp import GatedMLP
 from tierlm.layers.norm import GemmaRMSNorm
@@ -97,5 +98,5 @@ class Gemma3ForCausalLM(nn.Module):
         logits = self.lm_head(self.norm(x[logits_indices])).float()
         if self.config.final_logit_softcap is not None:
             cap = self.config.final_logit_softcap
-            logits = torch.tanh(logits / cap) * cap
+            logits = row_tiled(lambda x: torch.tanh(x / cap) * cap, logits, logits.shape[-1])
         return logits
