@@ -1,0 +1,1 @@
+"""Tenants: API keys, quotas and fair shares (see quotas.py)."""
