@@ -138,7 +138,10 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 512
     max_model_len: int | None = None  # None = the model's context length
     long_prefill_chunk: int = 0
-    policy: str = "fcfs"  # "fcfs" or "priority" (lower value first, then arrival)
+    # "fcfs", "priority" (lower value first, then arrival) or "fair": tenants take turns by
+    # weighted virtual token counter (scheduler/fair.py), priority order within a tenant.
+    policy: str = "fcfs"
+    tenant_weights: tuple[tuple[str, float], ...] = ()  # fair-share weights (default 1)
 
     def __post_init__(self) -> None:
         _require(self.max_num_seqs > 0, "scheduler config: max_num_seqs must be > 0")
@@ -146,7 +149,9 @@ class SchedulerConfig:
         _require(self.max_model_len is None or self.max_model_len > 0,
                  "scheduler config: max_model_len must be > 0")
         _require(self.long_prefill_chunk >= 0, "scheduler config: long_prefill_chunk must be >= 0")
-        _require(self.policy in ("fcfs", "priority"), "scheduler config: policy must be 'fcfs' or 'priority'")
+        _require(self.policy in ("fcfs", "priority", "fair"),
+                 "scheduler config: policy must be 'fcfs', 'priority' or 'fair'")
+        _require(all(w > 0 for _, w in self.tenant_weights), "scheduler config: tenant weights must be > 0")
 
 
 @dataclass(frozen=True)

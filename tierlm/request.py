@@ -53,6 +53,7 @@ class Request:
     cache_root: bytes = b""  # prefix-hash chain start: model identity + tenant salt
     block_hashes: list[bytes] = field(default_factory=list)  # chained hashes of full blocks so far
     session_id: str | None = None  # its KV stays in the warm tier for the session TTL after it ends
+    tenant: str = "default"  # whose share of the server it uses (policy "fair")
     grammar: Any = None  # a GrammarState when the output is constrained (structured/grammar.py)
     # Logprob of each prompt token given the ones before it (entry 0 stays None), filled as
     # prefill computes them; None when not asked for. Written by position, so a recompute

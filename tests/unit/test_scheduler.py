@@ -127,3 +127,24 @@ def test_stop_rules():
         results.update({r.request_id: r for r in fin})
     assert results["sti"].stop_reason == 9 and results["sti"].finish_reason == "stop"
     assert results["ign"].finish_reason == "length" and results["ign"].num_output_tokens == 2
+
+
+def test_fair_policy_lets_a_light_tenant_through_a_flood():
+    s = make(max_num_batched_tokens=64, max_num_seqs=1, policy="fair")
+    for i in range(6):
+        r = req(f"flood{i}", 6, max_tokens=2)
+        r.tenant = "flood"
+        s.add(r)
+    order = []
+    for _ in range(3):  # flood0 runs and finishes (prefill + 2 tokens)
+        out, _ = step(s)
+        order += [x.request_id for x in out.scheduled if x.start == 0]
+    for i in range(2):
+        r = req(f"light{i}", 6, max_tokens=2)
+        r.tenant = "light"
+        s.add(r)
+    while s.has_unfinished():
+        out, _ = step(s)
+        order += [x.request_id for x in out.scheduled if x.start == 0]
+    # FCFS would run all six flood requests first; the fair policy alternates.
+    assert order == ["flood0", "flood1", "light0", "flood2", "light1", "flood3", "flood4", "flood5"]

@@ -154,9 +154,11 @@ class LLMEngine:
         return total
 
     def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None,
-                    priority: int = 0, cache_salt: str | None = None, session_id: str | None = None) -> None:
+                    priority: int = 0, cache_salt: str | None = None, session_id: str | None = None,
+                    tenant: str = "default") -> None:
         """Queue a request. Requests share prefix-cache entries only with equal `cache_salt`;
-        a `session_id` keeps the request's KV in the warm tier for the session TTL."""
+        a `session_id` keeps the request's KV in the warm tier for the session TTL; under
+        the "fair" policy `tenant` names whose share it uses."""
         params = params or SamplingParams()
         if request_id in self._parents:
             raise InvalidRequest(f"request id {request_id!r} is already in use")
@@ -180,7 +182,7 @@ class LLMEngine:
         for i, child in enumerate(children):
             self._seq += 1
             req = Request(child, ids, params, seed=seed + i, arrival_seq=self._seq, priority=priority,
-                          max_total_tokens=total, cache_root=root, session_id=session_id,
+                          max_total_tokens=total, cache_root=root, session_id=session_id, tenant=tenant,
                           grammar=grammars[i],
                           # the samples share the prompt: the first one scores it for all
                           prompt_logprobs=[None] * len(ids) if params.prompt_logprobs is not None and i == 0

@@ -1,5 +1,7 @@
 """Queue orderings. A policy maps a request to a sort key: smaller runs first and is
-preempted last. Preempted requests keep their key, so they resume ahead of newcomers."""
+preempted last. Preempted requests keep their key, so they resume ahead of newcomers.
+"fair" orders each tenant's requests by priority; which tenant goes next is the virtual
+token counter's choice (scheduler/fair.py)."""
 
 from __future__ import annotations
 
@@ -18,4 +20,4 @@ def priority(r: Request) -> tuple:
     return (r.priority, r.arrival_seq)
 
 
-POLICIES: dict[str, Policy] = {"fcfs": fcfs, "priority": priority}
+POLICIES: dict[str, Policy] = {"fcfs": fcfs, "priority": priority, "fair": priority}

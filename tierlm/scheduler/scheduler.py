@@ -27,6 +27,7 @@ from tierlm.kv_cache import prefix_hash
 from tierlm.kv_cache.manager import KVCacheManager
 from tierlm.outputs import StepResult
 from tierlm.request import Request, RequestStatus
+from tierlm.scheduler.fair import VirtualTokenCounter
 from tierlm.scheduler.output import ScheduledRequest, SchedulerOutput
 from tierlm.scheduler.policy import POLICIES
 
@@ -44,13 +45,24 @@ class Scheduler:
         self.num_preemptions = 0
         self.prefix_queries = 0  # tokens looked up in the prefix cache at admission
         self.prefix_hits = 0  # of which found cached
+        self.vtc = VirtualTokenCounter(shares=dict(config.tenant_weights)) if config.policy == "fair" else None
         self.parked: dict[str, list[Request]] = {}  # source id -> requests to fork from its prompt
         self._copies: list[tuple[int, int]] = []  # block copies for the next step
 
     # ---- queue management ------------------------------------------------------------
     def add(self, req: Request) -> None:
         self.requests[req.request_id] = req
+        if self.vtc is not None:
+            self.vtc.arrive(req.tenant, {r.tenant for r in self.waiting})
         bisect.insort(self.waiting, req, key=self.key)
+
+    def _next_waiting(self) -> Request:
+        """The request to admit next: the queue head, or under "fair" the first request of
+        the least-served waiting tenant."""
+        if self.vtc is None:
+            return self.waiting[0]
+        tenant = self.vtc.pick({r.tenant for r in self.waiting})
+        return next(r for r in self.waiting if r.tenant == tenant)
 
     def add_forks(self, src: Request, children: list[Request]) -> None:
         """Queue `children` (same prompt as `src`, already added) to start from src's prompt KV
@@ -134,7 +146,7 @@ class Scheduler:
                 budget -= n
                 i += 1
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            req = self.waiting[0]
+            req = self._next_waiting()
             hit, hot = self._adopt_cached_prefix(req)
             n = min(req.num_tokens - req.num_computed_tokens, budget, self.chunk)
             if not self.kv.allocate(req.request_id, req.num_computed_tokens + n, req.num_computed_tokens):
@@ -146,7 +158,7 @@ class Scheduler:
                 self.prefix_queries += req.num_tokens
                 self.prefix_hits += hit
                 self.kv.hot_block_hits += hot
-            self.waiting.pop(0)
+            self.waiting.remove(req)
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             plan.append((req, n))
@@ -211,6 +223,9 @@ class Scheduler:
             req = self.requests.get(s.request_id)
             if req is None:
                 continue
+            if self.vtc is not None:  # prompt tokens computed (a recompute is service too)
+                self.vtc.charge(req.tenant, prompt_tokens=max(0, min(len(req.prompt_token_ids) - s.start,
+                                                                     len(s.token_ids))))
             req.num_computed_tokens += len(s.token_ids)
             if self.kv.enable_caching:
                 self._hash_full_blocks(req)
@@ -225,6 +240,8 @@ class Scheduler:
             req = self.requests.get(tok.request_id)
             if req is None:
                 continue
+            if self.vtc is not None:
+                self.vtc.charge(req.tenant, output_tokens=1)
             if req.sampling_params.use_beam_search:
                 req.beam_candidates = tok.logprob.top  # the engine picks and appends
                 continue
