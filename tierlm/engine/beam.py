@@ -41,11 +41,11 @@ def select(beams: list[tuple[float, list[tuple[int, float]]]], width: int,
     Returns (continuing, stopping) extensions, each best first; ties break by beam index
     then token id, so the choice is deterministic.
     """
-    ranked = sorted((Extension(i, tok, cum + lp) for i, (cum, cands) in enumerate(beams) for tok, lp in cands),
-                    key=lambda e: (-e.cum_logprob, e.source, e.token))
+    extensions = sorted((Extension(i, tok, cum + lp) for i, (cum, cands) in enumerate(beams) for tok, lp in cands),
+                        key=lambda e: (-e.cum_logprob, e.source, e.token))
     live: list[Extension] = []
     stopping: list[Extension] = []
-    for rank, e in enumerate(ranked):
+    for rank, e in enumerate(extensions):
         if is_stop(e.token):
             if rank < width:  # a stop only counts if it is among the best `width`
                 stopping.append(e)

@@ -378,8 +378,8 @@ class LLMEngine:
         st = parent.beam
         self._forget(pid)
         best = beam.ranked(st.finished, st.length_penalty)[: parent.n]
-        outs = [CompletionOutput(index=i, text=self.tokenizer.decode(h.token_ids, st.skip_special_tokens), token_ids=list(h.token_ids),
-                                 logprobs=None, finish_reason=h.finish_reason, stop_reason=h.stop_reason,
-                                 cumulative_logprob=h.cum_logprob, delta_text="", delta_token_ids=[])
+        outs = [CompletionOutput(index=i, text=self.tokenizer.decode(h.token_ids, st.skip_special_tokens),
+                                 token_ids=list(h.token_ids), logprobs=None, finish_reason=h.finish_reason,
+                                 stop_reason=h.stop_reason, cumulative_logprob=h.cum_logprob)
                 for i, h in enumerate(best)]
         return RequestOutput(pid, parent.prompt, parent.prompt_token_ids, outs, True)

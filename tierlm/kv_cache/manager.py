@@ -212,6 +212,10 @@ class KVCacheManager:
                     self.tiers.superseded(key)  # recomputed while a copy waited in warm
         t.registered = max(t.registered, full)
 
+    def holds(self, request_id: str) -> bool:
+        """Whether the request has block tables (it is running, not waiting or preempted)."""
+        return request_id in self._requests
+
     def block_tables(self, request_id: str) -> list[list[int]]:
         t = self._requests.get(request_id)
         return [list(table) for table in t.tables] if t else [[] for _ in self.windows]

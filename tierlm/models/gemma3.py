@@ -98,5 +98,5 @@ class Gemma3ForCausalLM(nn.Module):
         logits = self.lm_head(self.norm(x[logits_indices])).float()
         if self.config.final_logit_softcap is not None:
             cap = self.config.final_logit_softcap
-            logits = row_tiled(lambda x: torch.tanh(x / cap) * cap, logits, logits.shape[-1])
+            logits = row_tiled(lambda v: torch.tanh(v / cap) * cap, logits, logits.shape[-1])
         return logits

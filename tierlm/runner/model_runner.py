@@ -108,8 +108,8 @@ class ModelRunner:
         ids = batch.sample_request_ids
         by_id = {s.request_id: s for s in out.scheduled}
         masks = self._grammar_masks([by_id[i].grammar for i in ids])
-        rows, targets = _prompt_scoring_rows(out)
-        logits = self._forward(batch, torch.cat([batch.logits_indices, torch.tensor(rows, dtype=torch.long)]))
+        score_rows, targets = _prompt_scoring_rows(out)
+        logits = self._forward(batch, torch.cat([batch.logits_indices, torch.tensor(score_rows, dtype=torch.long)]))
         scored = _score_prompt(logits[len(ids):], targets)
         logits = logits[: len(ids)]
         allowed = masks.result() if masks is not None else {}

@@ -76,7 +76,7 @@ class Scheduler:
         pool cannot copy its partial block, or the batch is full) dst recomputes instead."""
         self.requests[dst.request_id] = dst
         copies = None
-        if src.request_id in self.kv.tables and len(self.running) < self.config.max_num_seqs:
+        if self.kv.holds(src.request_id) and len(self.running) < self.config.max_num_seqs:
             copies = self.kv.fork(src.request_id, dst.request_id, num_tokens)
         if copies is None:
             dst.num_computed_tokens = 0

@@ -76,14 +76,14 @@ async def create(request: Request, req: CompletionRequest, state: ServerState):
     finals = await common.collect(request, gen)
     choices, completion_tokens = [], 0
     for pi in range(len(ids)):
+        prefix = texts[pi] if req.echo else ""
+        head = _logprobs(state, ids[pi], finals[pi].prompt_logprobs, 0) if scoring else None
         for c in finals[pi].outputs:
-            prefix = texts[pi] if req.echo else ""
             lp = None
             if req.logprobs is not None:
                 lp = _logprobs(state, c.token_ids, c.logprobs or [], len(prefix))
-                if scoring:
-                    head = _logprobs(state, ids[pi], finals[pi].prompt_logprobs, 0)
-                    lp = _merge(head, _logprobs(state, c.token_ids, c.logprobs or [], len(prefix)))
+                if head is not None:
+                    lp = _merge(head, lp)
             choices.append({"index": pi * req.n + c.index, "text": prefix + c.text, "logprobs": lp,
                             "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
             completion_tokens += len(c.token_ids)

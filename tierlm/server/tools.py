@@ -102,8 +102,10 @@ def _compile_error(spec: GuidedSpec) -> str | None:
 def guided(p: ToolPlan) -> GuidedSpec | None:
     """The output constraint that forces a call: a named function's arguments object, or
     (required) a list of {"name", "arguments"} objects, one alternative per function."""
+    # The grammar emits properties in schema order: "name" comes before "arguments", so
+    # the model picks the function first.
     if p.mode == "named":
-        return _spec(p.parameters[p.function])
+        return GuidedSpec.json_schema(p.parameters[p.function])
     if p.mode != "required":
         return None
     calls = [{"type": "object", "properties": {"name": {"const": name}, "arguments": schema},
@@ -112,12 +114,6 @@ def guided(p: ToolPlan) -> GuidedSpec | None:
     schema = {"type": "array", "items": {"anyOf": calls}, "minItems": 1}
     if not p.parallel:
         schema["maxItems"] = 1
-    return _spec(schema)
-
-
-def _spec(schema: dict) -> GuidedSpec:
-    # The grammar emits properties in schema order: "name" comes before "arguments", so
-    # the model picks the function first.
     return GuidedSpec.json_schema(schema)
 
 
