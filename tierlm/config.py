@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tierlm.tenancy.quotas import QuotaLimits
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -176,3 +178,67 @@ class EngineConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         return _DTYPES[self.dtype]
+
+
+@dataclass(frozen=True)
+class TierConfig:
+    """One model tier of a TierSet: an engine, its price and its quality score.
+
+    Prices are USD per million tokens; `quality` only orders tiers (higher = better
+    answers, usually slower): `auto` routing prefers the best quality that fits a budget.
+    """
+
+    name: str
+    engine: EngineConfig
+    quality: float = 1.0
+    prompt_price_per_mtok: float = 0.0
+    completion_price_per_mtok: float = 0.0
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name) and self.name != "auto", "tier names must be non-empty and not 'auto'")
+        _require(self.prompt_price_per_mtok >= 0 and self.completion_price_per_mtok >= 0,
+                 f"tier {self.name!r}: prices must be >= 0")
+
+    def cost_usd(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return (prompt_tokens * self.prompt_price_per_mtok + completion_tokens * self.completion_price_per_mtok) / 1e6
+
+
+@dataclass(frozen=True)
+class TenantConfig:
+    """Who may call the server: API keys (held as SHA-256 digests only), the tiers it may
+    use (empty = all), its quotas and its fair-share weight. An `anonymous` tenant serves
+    requests that carry no key; without one, a key is required."""
+
+    name: str
+    key_hashes: tuple[bytes, ...] = ()
+    tiers: tuple[str, ...] = ()
+    weight: float = 1.0
+    limits: QuotaLimits = field(default_factory=QuotaLimits)
+    anonymous: bool = False
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name), "tenant names must be non-empty")
+        _require(self.weight > 0, f"tenant {self.name!r}: weight must be > 0")
+        _require(self.anonymous or bool(self.key_hashes), f"tenant {self.name!r}: give api_keys or anonymous = true")
+
+
+@dataclass(frozen=True)
+class TierSetConfig:
+    """The tiers one server hosts (in declaration order) and its tenants."""
+
+    tiers: tuple[TierConfig, ...]
+    tenants: tuple[TenantConfig, ...]
+    default_tier: str
+
+    def __post_init__(self) -> None:
+        names = [t.name for t in self.tiers]
+        _require(bool(names), "a TierSet needs at least one tier")
+        _require(len(set(names)) == len(names), "tier names must be unique")
+        _require(self.default_tier in names, f"default_tier {self.default_tier!r} is not a tier")
+        _require(sum(t.anonymous for t in self.tenants) <= 1, "at most one tenant may be anonymous")
+        for tenant in self.tenants:
+            unknown = sorted(set(tenant.tiers) - set(names))
+            _require(not unknown, f"tenant {tenant.name!r}: unknown tiers {unknown}")
+
+    def tier(self, name: str) -> TierConfig:
+        return next(t for t in self.tiers if t.name == name)

@@ -1,0 +1,99 @@
+"""The TierSet TOML file: what it builds, and errors that point at the offending line."""
+
+import hashlib
+
+import pytest
+
+from tierlm.config import CacheConfig, ConfigError, EngineConfig, SchedulerConfig
+from tierlm.tenancy.config_file import load
+from tierlm.tenancy.tenants import Tenants
+
+GOOD = """\
+default_tier = "fast"
+
+[tiers.fast]
+model = "smollm2-135m"
+quality = 1
+prompt_price_per_mtok = 0.02
+completion_price_per_mtok = 0.08
+
+[tiers.deep]
+model = "gemma3-270m"
+quality = 2
+max_num_seqs = 8
+kv_cache_gb = 0.25
+
+[tenants.acme]
+api_keys = ["sk-acme"]
+weight = 2
+tokens_per_minute = 5000
+cost_ceiling_usd = 1.5
+
+[tenants.hashed]
+api_key_sha256 = ["{digest}"]
+tiers = ["fast"]
+
+[tenants.public]
+anonymous = true
+max_concurrent = 2
+""".replace("{digest}", hashlib.sha256(b"sk-hashed").hexdigest())
+
+BASE = EngineConfig(cache=CacheConfig(kv_cache_gb=0.5), scheduler=SchedulerConfig(max_num_seqs=16))
+
+
+def write(tmp_path, text):
+    p = tmp_path / "tierlm.toml"
+    p.write_text(text)
+    return p
+
+
+def test_builds_tiers_over_the_command_line_defaults_and_tenants(tmp_path):
+    ts = load(write(tmp_path, GOOD), BASE)
+    assert [t.name for t in ts.tiers] == ["fast", "deep"] and ts.default_tier == "fast"
+    fast, deep = ts.tiers
+    assert fast.engine.model == "smollm2-135m" and fast.engine.scheduler.max_num_seqs == 16
+    assert fast.engine.cache.kv_cache_gb == 0.5
+    assert deep.engine.scheduler.max_num_seqs == 8 and deep.engine.cache.kv_cache_gb == 0.25
+    assert fast.cost_usd(1_000_000, 500_000) == pytest.approx(0.02 + 0.04)
+    acme = next(t for t in ts.tenants if t.name == "acme")
+    assert acme.weight == 2 and acme.limits.tokens_per_minute == 5000 and acme.limits.cost_ceiling_usd == 1.5
+    assert b"sk-acme" not in repr(ts).encode()  # keys are held as digests only
+    tenants = Tenants(ts.tenants)
+    assert tenants.authenticate("Bearer sk-acme").name == "acme"
+    assert tenants.authenticate("Bearer sk-hashed").name == "hashed"
+    assert tenants.authenticate("").name == "public"
+    assert tenants.authenticate("Bearer wrong") is None  # a bad key never falls back to anonymous
+    assert not tenants.all["hashed"].may_use("deep") and tenants.all["acme"].may_use("deep")
+
+
+@pytest.mark.parametrize("edit, line, text", [
+    (('quality = 2', 'quality = "high"'), 11, "tiers.deep.quality: Input should be a valid number"),
+    (('max_num_seqs = 8', 'max_num_seq = 8'), 12, "tiers.deep.max_num_seq: Extra inputs are not permitted"),
+    (('model = "gemma3-270m"\n', ''), 9, "tiers.deep.model: Field required"),
+    (('tiers = ["fast"]', 'tiers = ["fast", "turbo"]'), 23, "'turbo' is not a tier"),
+    (('default_tier = "fast"', 'default_tier = "slow"'), 1, "default_tier: 'slow' is not a tier"),
+    (('weight = 2', 'weight = 0'), 17, "tenants.acme.weight: Input should be greater than 0"),
+    (('api_keys = ["sk-acme"]', 'api_keys = []'), 15, "tenants.acme: give api_keys"),
+    (('anonymous = true\n', 'anonymous = true\napi_keys = ["k"]\n'), 26, "an anonymous tenant takes no API keys"),
+    (('"sk-acme"', '"sk-hashed"'), 21, "uses an API key of tenant 'acme'"),
+    (('prompt_price_per_mtok = 0.02', 'prompt_price_per_mtok = -1'), 6, "greater than or equal to 0"),
+    (('quality = 1\n', 'quality = 1\nquality = 2\n'), 6, "invalid TOML"),
+])
+def test_errors_name_file_line_and_key(tmp_path, edit, line, text):
+    bad = GOOD.replace(*edit)
+    assert bad != GOOD
+    path = write(tmp_path, bad)
+    with pytest.raises(ConfigError) as e:
+        load(path, BASE)
+    message = str(e.value)
+    assert text in message, message
+    assert message.startswith(f"{path}:{line}: "), message
+    assert "sk-hashed" not in message and "sk-acme" not in message
+
+
+def test_engine_values_are_checked_with_the_tier_named(tmp_path):
+    path = write(tmp_path, GOOD.replace("max_num_seqs = 8", "max_num_seqs = 8\nlong_prefill_chunk = 0\n"
+                                        "kv_warm_gb = 0"))
+    assert load(path, BASE).tiers[1].engine.cache.kv_warm_gb == 0
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load(tmp_path / "missing.toml", BASE)

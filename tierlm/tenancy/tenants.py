@@ -1,0 +1,59 @@
+"""Tenants at run time: API key -> tenant, each with its quota state.
+
+Keys live only as SHA-256 digests (from the config file or `--api-key`); a presented key
+is hashed and looked up, so neither the keys nor a comparison on them ever touch plain
+text after startup. Nothing here logs a key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from tierlm.config import TenantConfig
+from tierlm.tenancy.quotas import TenantQuota
+
+
+@dataclass
+class Tenant:
+    config: TenantConfig
+    quota: TenantQuota
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def may_use(self, tier: str) -> bool:
+        return not self.config.tiers or tier in self.config.tiers
+
+
+class Tenants:
+    """The server's tenants. `authenticate` maps an Authorization header to one."""
+
+    def __init__(self, configs: tuple[TenantConfig, ...], clock: Callable[[], float] = time.monotonic) -> None:
+        self.all = {c.name: Tenant(c, TenantQuota(c.limits, clock)) for c in configs}
+        self._by_hash = {h: self.all[c.name] for c in configs for h in c.key_hashes}
+        self.anonymous = next((t for t in self.all.values() if t.config.anonymous), None)
+
+    @classmethod
+    def open(cls) -> Tenants:
+        """Today's default without a config: one unlimited tenant that needs no key."""
+        return cls((TenantConfig("default", anonymous=True),))
+
+    @classmethod
+    def with_keys(cls, keys: tuple[str, ...]) -> Tenants:
+        """`--api-key` without a config: one unlimited tenant behind those keys."""
+        return cls((TenantConfig("default", tuple(hashlib.sha256(k.encode()).digest() for k in keys)),))
+
+    def authenticate(self, authorization: str) -> Tenant | None:
+        """The tenant for a header value ('Bearer KEY'); no header -> the anonymous tenant
+        (if any); None = refuse with 401. A wrong key is refused even when anonymous
+        access exists, so a typo never silently runs on someone else's quota."""
+        if not authorization:
+            return self.anonymous
+        if not authorization.lower().startswith("bearer "):
+            return None
+        token = authorization[7:].strip()
+        return self._by_hash.get(hashlib.sha256(token.encode()).digest())
