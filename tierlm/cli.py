@@ -23,7 +23,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2-135m", help="bundled model name, .gguf file or HF directory")
+    p.add_argument("--model", default=None, help="bundled model name, .gguf file or HF directory "
+                                                  "(default: smollm2-135m)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="compute dtype")
     p.add_argument("--no-deterministic", action="store_true",
                    help="allow faster kernels whose results depend on batch composition")
@@ -68,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--shutdown-timeout", type=float, default=30.0,
                      help="seconds in-flight requests may take to finish after SIGTERM")
     srv.add_argument("--served-model-name", default=None, help="model id clients use (default: --model)")
+    srv.add_argument("--config", default=None, metavar="FILE",
+                     help="TOML file declaring tiers (models, prices, quality) and tenants (API keys, quotas, "
+                          "weights); the engine flags above become every tier's defaults")
     gen = sub.add_parser("generate", help="generate text for one prompt, streamed to the terminal")
     gen.add_argument("prompt", help="the prompt text")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
@@ -83,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _config(args) -> EngineConfig:
     sched = {k: getattr(args, k) for k in ("max_num_seqs", "max_num_batched_tokens") if hasattr(args, k)}
-    return EngineConfig(model=args.model, dtype=args.dtype, deterministic=not args.no_deterministic,
+    return EngineConfig(model=args.model or "smollm2-135m", dtype=args.dtype, deterministic=not args.no_deterministic,
                         cache=CacheConfig(kv_cache_gb=args.kv_cache_gb,
                                           enable_prefix_caching=not args.no_prefix_caching,
                                           kv_warm_gb=args.kv_warm_gb, kv_cold_dir=args.kv_cold_dir,
@@ -104,10 +108,19 @@ def cmd_serve(args) -> None:
         raise CLIError(f"--port must be in [0, 65535], got {args.port}")
     if args.max_queued_requests < 1 or args.shutdown_timeout < 0:
         raise CLIError("--max-queued-requests must be >= 1 and --shutdown-timeout >= 0")
+    tierset = None
+    if args.config is not None:
+        from tierlm.tenancy import config_file
+
+        clash = [flag for flag, value in (("--model", args.model), ("--api-key", args.api_key),
+                                          ("--served-model-name", args.served_model_name)) if value]
+        if clash:
+            raise CLIError(f"--config declares the tiers and tenants: drop {', '.join(clash)}")
+        tierset = config_file.load(args.config, _config(args))
     serve(_config(args), ServeOptions(host=args.host, port=args.port, api_keys=tuple(args.api_key),
                                       max_queued_requests=args.max_queued_requests,
                                       shutdown_timeout=args.shutdown_timeout,
-                                      served_model_name=args.served_model_name))
+                                      served_model_name=args.served_model_name, tierset=tierset))
 
 
 def _params(args) -> SamplingParams:

@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from tierlm.engine.llm_engine import LLMEngine
+from tierlm.engine.load import LoadTracker
 from tierlm.outputs import RequestOutput
 from tierlm.sampling_params import SamplingParams
 
@@ -53,6 +54,7 @@ class _Stream:
     queue: asyncio.Queue
     timing: RequestTiming
     prompt_len: int
+    tenant: str
 
 
 @dataclass
@@ -68,6 +70,7 @@ class EngineStats:
     prefix_hits: int = 0  # of which found there
     kv_evictions: int = 0  # cached blocks whose memory was reused
     kv_tiers: dict[str, dict[str, int]] = field(default_factory=dict)  # see LLMEngine.kv_tier_stats
+    backlog_tokens: int = 0  # prompt tokens queued or part-way through prefill
 
 
 @dataclass
@@ -78,6 +81,7 @@ class _Add:
     priority: int
     cache_salt: str | None = None
     session_id: str | None = None
+    tenant: str = "default"
 
 
 @dataclass
@@ -94,6 +98,7 @@ class FinishedRequest:
     output: RequestOutput | None
     timing: RequestTiming
     aborted: bool = False
+    tenant: str = "default"
 
 
 class AsyncEngine:
@@ -108,6 +113,7 @@ class AsyncEngine:
         self.on_finish = on_finish or (lambda f: None)
         self.on_step = on_step or (lambda s: None)
         self.stats = EngineStats()
+        self.load = LoadTracker()  # step times, for tier selection (tenancy/routing.py)
         self.error: str | None = None
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -155,13 +161,13 @@ class AsyncEngine:
 
     async def generate(self, request_id: str, ids: list[int], params: SamplingParams,
                        priority: int = 0, cache_salt: str | None = None,
-                       session_id: str | None = None) -> AsyncIterator[RequestOutput]:
+                       session_id: str | None = None, tenant: str = "default") -> AsyncIterator[RequestOutput]:
         """Submit a validated request and yield its outputs; aborts it if the caller goes away."""
         self.check_admission()
         loop = asyncio.get_running_loop()
-        stream = _Stream(loop, asyncio.Queue(), RequestTiming(time.perf_counter()), len(ids))
+        stream = _Stream(loop, asyncio.Queue(), RequestTiming(time.perf_counter()), len(ids), tenant)
         self._count(+1)
-        self._commands.put((_Add(request_id, ids, params, priority, cache_salt, session_id), stream))
+        self._commands.put((_Add(request_id, ids, params, priority, cache_salt, session_id, tenant), stream))
         self._wake.set()
         finished = False
         try:
@@ -195,7 +201,9 @@ class AsyncEngine:
                 self._wake.clear()
                 continue
             try:
+                started = time.perf_counter()
                 outputs = self.engine.step()
+                self.load.observe(time.perf_counter() - started, *self.engine.last_step_size)
             except Exception as e:
                 log.exception("engine step failed")
                 self.error = f"engine step failed: {type(e).__name__}: {e}"
@@ -216,7 +224,7 @@ class AsyncEngine:
             if isinstance(cmd, _Add):
                 try:
                     self.engine.add_request(cmd.request_id, {"prompt_token_ids": cmd.ids}, cmd.params, cmd.priority,
-                                            cmd.cache_salt, cmd.session_id)
+                                            cmd.cache_salt, cmd.session_id, cmd.tenant)
                 except Exception as e:  # noqa: BLE001 - validated already; report, never crash the loop
                     self._count(-1)
                     stream.loop.call_soon_threadsafe(stream.queue.put_nowait, e)
@@ -227,7 +235,8 @@ class AsyncEngine:
                 stream = self._streams.pop(cmd.request_id)
                 self._count(-1)
                 stream.timing.finished = time.perf_counter()
-                self.on_finish(FinishedRequest(cmd.request_id, stream.prompt_len, None, stream.timing, aborted=True))
+                self.on_finish(FinishedRequest(cmd.request_id, stream.prompt_len, None, stream.timing, aborted=True,
+                                               tenant=stream.tenant))
         self._snapshot()
 
     def _deliver(self, out: RequestOutput, now: float) -> None:
@@ -242,7 +251,8 @@ class AsyncEngine:
             del self._streams[out.request_id]
             self._count(-1)
             stream.timing.finished = now
-            self.on_finish(FinishedRequest(out.request_id, stream.prompt_len, out, stream.timing))
+            self.on_finish(FinishedRequest(out.request_id, stream.prompt_len, out, stream.timing,
+                                           tenant=stream.tenant))
         stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
 
     def _fail_all(self, err: BaseException) -> None:
@@ -262,5 +272,7 @@ class AsyncEngine:
                                  moe_expert_tokens=self.engine.moe_expert_tokens(),
                                  prefix_queries=sched.prefix_queries, prefix_hits=sched.prefix_hits,
                                  kv_evictions=self.engine.kv.pool.num_evictions,
-                                 kv_tiers=self.engine.kv_tier_stats())
+                                 kv_tiers=self.engine.kv_tier_stats(),
+                                 backlog_tokens=sum(max(0, r.num_tokens - r.num_computed_tokens - 1)
+                                                    for r in sched.requests.values()))
         self.on_step(self.stats)

@@ -102,6 +102,7 @@ class LLMEngine:
         self._grammar_lock = threading.Lock()
         self._rng = random.Random(config.seed)
         self._seq = 0
+        self.last_step_size = (0, 0)  # (tokens, requests) the last step computed
         self._parents: dict[str, _Parent] = {}
         self._child_parent: dict[str, str] = {}
 
@@ -271,6 +272,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one scheduler step; returns outputs for every request that changed."""
         out = self.scheduler.schedule()
+        self.last_step_size = (sum(len(s.token_ids) for s in out.scheduled), len(out.scheduled))
         result = self.runner.execute(out)
         finished = self.scheduler.update(out, result)
         # Requests that end without a token (max_tokens 0: the prompt is scored) report too.

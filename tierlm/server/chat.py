@@ -12,30 +12,30 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from tierlm.loader.chat_template import ChatTemplateError, references
 from tierlm.outputs import CompletionOutput, RequestOutput
 from tierlm.request import TokenLogprob
-from tierlm.server import common, tool_parser, tools
-from tierlm.server.common import ServerState, sse
+from tierlm.server import common, route, tool_parser, tools
+from tierlm.server.common import ServerState, Tier, sse
 from tierlm.server.errors import APIError, bad_request
 from tierlm.server.protocol import ChatCompletionRequest, ChatMessage
 from tierlm.server.tool_parser import ChoiceStream
 from tierlm.server.tools import ToolPlan
 
 
-def render(state: ServerState, messages: list[ChatMessage], add_generation_prompt: bool = True,
+def render(tier: Tier, messages: list[ChatMessage], add_generation_prompt: bool = True,
            tool_plan: ToolPlan = tools.NO_TOOLS) -> list[int]:
     if not messages:
         raise bad_request("messages must not be empty", "messages")
-    native = references(state.tokenizer.chat_template_source, "tools")
+    native = references(tier.tokenizer.chat_template_source, "tools")
     plain, shown = tools.template_input(messages, tool_plan, native)
     try:
-        text = state.tokenizer.apply_chat_template(plain, add_generation_prompt=add_generation_prompt, tools=shown)
+        text = tier.tokenizer.apply_chat_template(plain, add_generation_prompt=add_generation_prompt, tools=shown)
     except ChatTemplateError as e:
         raise bad_request(str(e), "messages") from None
-    return state.tokenizer.encode(text, add_special_tokens=False)
+    return tier.tokenizer.encode(text, add_special_tokens=False)
 
 
-def _logprobs(state: ServerState, token_ids: list[int], lps: list[TokenLogprob]) -> dict:
+def _logprobs(tier: Tier, token_ids: list[int], lps: list[TokenLogprob]) -> dict:
     def entry(token: int, logprob: float) -> dict:
-        text = state.tokenizer.token_text(token)
+        text = tier.tokenizer.token_text(token)
         return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 
     return {"content": [{**entry(t, lp.logprob), "top_logprobs": [entry(i, v) for i, v in lp.top]}
@@ -43,7 +43,6 @@ def _logprobs(state: ServerState, token_ids: list[int], lps: list[TokenLogprob])
 
 
 async def create(request: Request, req: ChatCompletionRequest, state: ServerState):
-    common.check_model(state, req.model)
     if req.top_logprobs is not None and not 0 <= req.top_logprobs <= 20:
         raise bad_request("top_logprobs must be in [0, 20]", "top_logprobs")
     if req.top_logprobs and not req.logprobs:
@@ -63,38 +62,43 @@ async def create(request: Request, req: ChatCompletionRequest, state: ServerStat
             raise bad_request("tool_choice 'required' or a named function cannot be combined with "
                               "response_format or guided_*", "tool_choice")
         params.guided = tools.guided(tool_plan)
-    ids = render(state, req.messages, req.add_generation_prompt, tool_plan)
+    tenant = route.tenant_of(request)
+    routed = route.choose(state, tenant, req, params,
+                          lambda t: [render(t, req.messages, req.add_generation_prompt, tool_plan)])
+    tier, ids = routed.tier, routed.prompts[0]
     try:
-        await common.validate(state, ids, params)
+        await common.validate(tier, ids, params)
     except APIError as e:
         if tool_plan.forced and e.param == "response_format":  # the constraint came from the tools
             e.param = "tools"
         raise
-    common.admit(state)
+    common.admit(tier)
+    lease = route.reserve(state, tenant, routed, params)
     rid = common.new_id("chatcmpl")
-    gen = common.merged(state, rid, [ids], params, req.priority, req.cache_salt, req.session_id)
-    base = {"id": rid, "object": "chat.completion", "created": common.now(), "model": state.model_name}
+    gen = common.merged(tier, rid, [ids], params, req.priority, req.cache_salt, req.session_id, lease)
+    base = {"id": rid, "object": "chat.completion", "created": common.now(), "model": tier.model_name}
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        events = _stream(state, req, tool_plan, gen, {**base, "object": "chat.completion.chunk"}, len(ids),
+        events = _stream(tier, req, tool_plan, gen, {**base, "object": "chat.completion.chunk"}, len(ids),
                          include_usage)
         body = common.framed(events, gen)
-        return StreamingResponse(common.until_disconnect(request, body), media_type="text/event-stream")
+        return StreamingResponse(common.until_disconnect(request, body), media_type="text/event-stream",
+                                 headers=lease.headers())
     out = (await common.collect(request, gen))[0]
     choices = [{"index": c.index, **_reply(tool_plan, c),
-                "logprobs": _logprobs(state, c.token_ids, c.logprobs or []) if req.logprobs else None,
+                "logprobs": _logprobs(tier, c.token_ids, c.logprobs or []) if req.logprobs else None,
                 "stop_reason": c.stop_reason} for c in out.outputs]
     completion_tokens = sum(len(c.token_ids) for c in out.outputs)
     body = {**base, "choices": choices, "usage": common.usage(len(ids), completion_tokens)}
     if req.prompt_logprobs is not None:
-        body["prompt_logprobs"] = _prompt_logprobs(state, ids, out.prompt_logprobs)
-    return JSONResponse(body)
+        body["prompt_logprobs"] = _prompt_logprobs(tier, ids, out.prompt_logprobs)
+    return JSONResponse(body, headers=lease.headers())
 
 
-def _prompt_logprobs(state: ServerState, ids: list[int], lps: list[TokenLogprob | None]) -> list[dict | None]:
+def _prompt_logprobs(tier: Tier, ids: list[int], lps: list[TokenLogprob | None]) -> list[dict | None]:
     """vLLM's shape: per prompt token (null for the first) {token id: {logprob, rank,
     decoded_token}} for the token itself and its top-N alternatives."""
-    text = state.tokenizer.token_text
+    text = tier.tokenizer.token_text
     out: list[dict | None] = []
     for t, lp in zip(ids, lps):
         if lp is None:
@@ -119,7 +123,7 @@ def _reply(p: ToolPlan, c: CompletionOutput) -> dict:
             "finish_reason": tool_parser.finish_reason(c.finish_reason, bool(parsed.calls))}
 
 
-async def _stream(state: ServerState, req: ChatCompletionRequest, p: ToolPlan,
+async def _stream(tier: Tier, req: ChatCompletionRequest, p: ToolPlan,
                   gen: AsyncIterator[tuple[int, RequestOutput]], base: dict, prompt_tokens: int, include_usage: bool):
     completion_tokens = 0
     views = [ChoiceStream(p.mode, p.names, p.function, p.parallel) for _ in range(req.n)]
@@ -133,7 +137,7 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, p: ToolPlan,
                 continue
             lp = None
             if req.logprobs and c.delta_token_ids:
-                lp = _logprobs(state, c.delta_token_ids, c.logprobs[len(c.logprobs) - len(c.delta_token_ids):])
+                lp = _logprobs(tier, c.delta_token_ids, c.logprobs[len(c.logprobs) - len(c.delta_token_ids):])
             view = views[c.index]
             deltas = view.feed(c.delta_text, final=c.finish_reason is not None)
             finish = tool_parser.finish_reason(c.finish_reason, view.called)

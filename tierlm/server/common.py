@@ -1,50 +1,99 @@
-"""Pieces shared by the completion and chat endpoints: sampling params from a request,
-running one or many engine requests, client-disconnect handling, SSE framing."""
+"""Pieces shared by the completion and chat endpoints: the server's tiers, sampling
+params from a request, running one or many engine requests, client-disconnect handling,
+SSE framing."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import time
+import statistics
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from fastapi import Request
 
 from tierlm.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError
+from tierlm.config import TierConfig
 from tierlm.engine.llm_engine import InvalidRequest
 from tierlm.loader.tokenizer import TextTokenizer
 from tierlm.outputs import RequestOutput
 from tierlm.sampling_params import SamplingParams, SamplingParamsError
 from tierlm.server.errors import APIError, bad_request, sse_error
+from tierlm.server.metrics import Metrics, TierMetrics
 from tierlm.server.protocol import _SamplingFields
 from tierlm.structured.spec import GuidedSpec
+from tierlm.tenancy.tenants import Tenants
+
+if TYPE_CHECKING:
+    from tierlm.server.route import Lease
 
 _DISCONNECT_POLL_S = 0.05
 
 
-@dataclass
-class ServerState:
-    """What handlers need; owned by the app factory."""
+_TYPICAL_OUTPUT = 128  # completion tokens assumed before a tier has finished any request
 
+
+@dataclass
+class Tier:
+    """One tier at run time: its engine and what handlers need to serve on it."""
+
+    config: TierConfig
     engine: AsyncEngine
     tokenizer: TextTokenizer
-    model_name: str
     max_model_len: int
     vocab_size: int
+    metrics: TierMetrics
+    recent_outputs: deque = field(default_factory=lambda: deque(maxlen=64))  # completion lengths
+
+    @property
+    def model_name(self) -> str:  # what responses report as `model`
+        return self.config.name
+
+    def typical_output(self) -> int:
+        """Completion tokens a request without max_tokens is expected to take (latency estimates)."""
+        return int(statistics.median(self.recent_outputs)) if self.recent_outputs else _TYPICAL_OUTPUT
+
+
+@dataclass
+class ServerState:
+    """What handlers need; owned by the app factory. `tiers` keeps declaration order."""
+
+    tiers: dict[str, Tier]
+    tenants: Tenants
+    default_tier: str
+    metrics: Metrics
     ready: bool = False
     draining: bool = False
+
+    @property
+    def default(self) -> Tier:
+        return self.tiers[self.default_tier]
+
+    @property
+    def healthy(self) -> bool:
+        return all(t.engine.healthy for t in self.tiers.values())
+
+    @property
+    def num_inflight(self) -> int:
+        return sum(t.engine.num_inflight for t in self.tiers.values())
+
+    def resolve(self, model: str) -> Tier:
+        """The tier a `model` value names: a tier name, else the first tier serving that model."""
+        tier = self.tiers.get(model) or next((t for t in self.tiers.values() if t.config.engine.model == model), None)
+        if tier is None:
+            names = ", ".join(self.tiers)
+            raise APIError(404, f"the model '{model}' does not exist; this server serves {names}"
+                           + (" and auto" if len(self.tiers) > 1 else ""),
+                           param="model", code="model_not_found", type="not_found_error")
+        return tier
 
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
-
-
-def check_model(state: ServerState, model: str) -> None:
-    if model != state.model_name:
-        raise APIError(404, f"the model '{model}' does not exist; this server serves '{state.model_name}'",
-                       param="model", code="model_not_found", type="not_found_error")
 
 
 def sampling_params(req: _SamplingFields, *, max_tokens: int | None, logprobs: int | None,
@@ -109,22 +158,22 @@ def guided_spec(req: _SamplingFields) -> GuidedSpec | None:
     return specs[0] if specs else None
 
 
-async def validate(state: ServerState, ids: list[int], params: SamplingParams) -> None:
+async def validate(tier: Tier, ids: list[int], params: SamplingParams) -> None:
     """400 unless the engine can serve this. An output constraint is compiled here (once
     per distinct spec), on a worker thread: a large schema must not stall the event loop."""
     try:
         if params.guided is None:
-            state.engine.prepare(ids, params)
+            tier.engine.prepare(ids, params)
         else:
-            await asyncio.to_thread(state.engine.prepare, ids, params)
+            await asyncio.to_thread(tier.engine.prepare, ids, params)
     except InvalidRequest as e:
         raise bad_request(str(e), e.param, e.code) from None
 
 
-def admit(state: ServerState) -> None:
+def admit(tier: Tier) -> None:
     """Refuse up front (503 queue full / 500 engine dead) before any response starts."""
     try:
-        state.engine.check_admission()
+        tier.engine.check_admission()
     except (QueueFullError, EngineDeadError) as e:
         raise _engine_error(e) from None
 
@@ -140,26 +189,21 @@ def _engine_error(e: Exception) -> APIError:
     raise e
 
 
-async def merged(state: ServerState, request_id: str, prompts: list[list[int]], params: SamplingParams,
-                 priority: int, cache_salt: str | None = None,
-                 session_id: str | None = None) -> AsyncIterator[tuple[int, RequestOutput]]:
+async def merged(tier: Tier, request_id: str, prompts: list[list[int]], params: SamplingParams,
+                 priority: int, cache_salt: str | None = None, session_id: str | None = None,
+                 lease: Lease | None = None) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Run one engine request per prompt; yield (prompt index, output) as they arrive.
 
-    Closing this generator (client gone) cancels every sub-request, which aborts it.
+    Closing this generator (client gone) cancels every sub-request, which aborts it. The
+    tenant's quota `lease` learns the tokens generated and is settled when this ends.
     """
-    if len(prompts) == 1:
-        try:
-            async for out in state.engine.generate(request_id, prompts[0], params, priority, cache_salt, session_id):
-                yield 0, out
-        except (QueueFullError, EngineDeadError, InvalidRequest) as e:
-            raise _engine_error(e) from None
-        return
+    tenant = lease.tenant.name if lease is not None else "default"
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(i: int, ids: list[int]) -> None:
+        rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
         try:
-            async for out in state.engine.generate(f"{request_id}-{i}", ids, params, priority, cache_salt,
-                                                  session_id):
+            async for out in tier.engine.generate(rid, ids, params, priority, cache_salt, session_id, tenant):
                 await queue.put((i, out))
         except Exception as e:  # noqa: BLE001 - forwarded to the consumer
             await queue.put((i, e))
@@ -173,11 +217,16 @@ async def merged(state: ServerState, request_id: str, prompts: list[list[int]], 
                 raise _engine_error(item) from None
             if item.finished:
                 remaining -= 1
+                tier.recent_outputs.extend(len(c.token_ids) for c in item.outputs)
+            if lease is not None:
+                lease.completion_tokens[i] = sum(len(c.token_ids) for c in item.outputs)
             yield i, item
     finally:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if lease is not None:
+            lease.settle()
 
 
 async def collect(request: Request, gen: AsyncIterator[tuple[int, RequestOutput]]) -> dict[int, RequestOutput]:

@@ -12,8 +12,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from tierlm.outputs import RequestOutput
 from tierlm.request import TokenLogprob
-from tierlm.server import common
-from tierlm.server.common import ServerState, sse
+from tierlm.server import common, route
+from tierlm.server.common import ServerState, Tier, sse
 from tierlm.server.errors import bad_request
 from tierlm.server.protocol import CompletionRequest
 
@@ -32,9 +32,9 @@ def _prompt_items(req: CompletionRequest) -> list[str | list[int]]:
     return items
 
 
-def _logprobs(state: ServerState, token_ids: list[int], lps: list[TokenLogprob | None], offset: int) -> dict:
+def _logprobs(tier: Tier, token_ids: list[int], lps: list[TokenLogprob | None], offset: int) -> dict:
     """OpenAI's legacy logprobs object; a None entry (the first prompt token) stays null."""
-    text = state.tokenizer.token_text
+    text = tier.tokenizer.token_text
     tokens = [text(t) for t in token_ids]
     offsets, pos = [], offset
     for t in tokens:
@@ -51,7 +51,6 @@ def _merge(a: dict, b: dict) -> dict:
 
 
 async def create(request: Request, req: CompletionRequest, state: ServerState):
-    common.check_model(state, req.model)
     if req.suffix:
         raise bad_request("suffix is not supported", "suffix")
     scoring = req.echo and req.logprobs is not None
@@ -61,37 +60,45 @@ async def create(request: Request, req: CompletionRequest, state: ServerState):
     params = common.sampling_params(req, max_tokens=req.max_tokens, logprobs=req.logprobs,
                                     prompt_logprobs=req.logprobs if scoring else None, best_of=req.best_of)
     items = _prompt_items(req)
-    ids = [state.tokenizer.encode(i) if isinstance(i, str) else list(i) for i in items]
+    if req.model == "auto" and len(state.tiers) > 1 and not all(isinstance(i, str) for i in items):
+        raise bad_request("token-id prompts belong to one tokenizer: name a tier instead of 'auto'", "prompt")
+    tenant = route.tenant_of(request)
+    routed = route.choose(state, tenant, req, params,
+                          lambda t: [t.tokenizer.encode(i) if isinstance(i, str) else list(i) for i in items])
+    tier, ids = routed.tier, routed.prompts
     for p in ids:
-        await common.validate(state, p, params)  # checks token ids too, so decoding below is safe
-    texts = [i if isinstance(i, str) else state.tokenizer.decode(p) for i, p in zip(items, ids)]
-    common.admit(state)
+        await common.validate(tier, p, params)  # checks token ids too, so decoding below is safe
+    texts = [i if isinstance(i, str) else tier.tokenizer.decode(p) for i, p in zip(items, ids)]
+    common.admit(tier)
+    lease = route.reserve(state, tenant, routed, params)
     rid = common.new_id("cmpl")
-    gen = common.merged(state, rid, ids, params, req.priority, req.cache_salt, req.session_id)
-    base = {"id": rid, "object": "text_completion", "created": common.now(), "model": state.model_name}
+    gen = common.merged(tier, rid, ids, params, req.priority, req.cache_salt, req.session_id, lease)
+    base = {"id": rid, "object": "text_completion", "created": common.now(), "model": tier.model_name}
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        body = common.framed(_stream(state, req, gen, base, ids, texts, include_usage), gen)
-        return StreamingResponse(common.until_disconnect(request, body), media_type="text/event-stream")
+        body = common.framed(_stream(tier, req, gen, base, ids, texts, include_usage), gen)
+        return StreamingResponse(common.until_disconnect(request, body), media_type="text/event-stream",
+                                 headers=lease.headers())
     finals = await common.collect(request, gen)
     choices, completion_tokens = [], 0
     for pi in range(len(ids)):
         prefix = texts[pi] if req.echo else ""
-        head = _logprobs(state, ids[pi], finals[pi].prompt_logprobs, 0) if scoring else None
+        head = _logprobs(tier, ids[pi], finals[pi].prompt_logprobs, 0) if scoring else None
         for c in finals[pi].outputs:
             lp = None
             if req.logprobs is not None:
-                lp = _logprobs(state, c.token_ids, c.logprobs or [], len(prefix))
+                lp = _logprobs(tier, c.token_ids, c.logprobs or [], len(prefix))
                 if head is not None:
                     lp = _merge(head, lp)
             choices.append({"index": pi * req.n + c.index, "text": prefix + c.text, "logprobs": lp,
                             "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
             completion_tokens += len(c.token_ids)
     prompt_tokens = sum(len(p) for p in ids)
-    return JSONResponse({**base, "choices": choices, "usage": common.usage(prompt_tokens, completion_tokens)})
+    return JSONResponse({**base, "choices": choices, "usage": common.usage(prompt_tokens, completion_tokens)},
+                        headers=lease.headers())
 
 
-async def _stream(state: ServerState, req: CompletionRequest, gen: AsyncIterator[tuple[int, RequestOutput]],
+async def _stream(tier: Tier, req: CompletionRequest, gen: AsyncIterator[tuple[int, RequestOutput]],
                   base: dict, ids: list[list[int]], texts: list[str], include_usage: bool):
     offsets: dict[int, int] = {}
     completion_tokens = 0
@@ -106,7 +113,7 @@ async def _stream(state: ServerState, req: CompletionRequest, gen: AsyncIterator
     async for pi, out in gen:
         if scoring and pi not in echoed:  # the prompt's logprobs exist once its prefill is done
             echoed.add(pi)
-            head = _logprobs(state, ids[pi], out.prompt_logprobs, 0)
+            head = _logprobs(tier, ids[pi], out.prompt_logprobs, 0)
             for k in range(req.n):
                 offsets[pi * req.n + k] = len(texts[pi])
                 yield sse({**base, "choices": [{"index": pi * req.n + k, "text": texts[pi], "logprobs": head,
@@ -118,7 +125,7 @@ async def _stream(state: ServerState, req: CompletionRequest, gen: AsyncIterator
             lp = None
             if req.logprobs is not None and c.delta_token_ids:
                 new = c.logprobs[len(c.logprobs) - len(c.delta_token_ids):]
-                lp = _logprobs(state, c.delta_token_ids, new, offsets.get(index, 0))
+                lp = _logprobs(tier, c.delta_token_ids, new, offsets.get(index, 0))
             offsets[index] = offsets.get(index, 0) + len(c.delta_text)
             yield sse({**base, "choices": [{"index": index, "text": c.delta_text, "logprobs": lp,
                                             "finish_reason": c.finish_reason,

@@ -1,5 +1,7 @@
 """Prometheus metrics. vLLM's names where one exists (dashboards keep working), tierlm's
-own under `tierlm:`. Engine gauges are set from the engine thread's per-step snapshot."""
+own under `tierlm:`. Engine gauges are set from the engine thread's per-step snapshot.
+Engine series carry `model_name` = the tier's name (the id clients send as `model`);
+tier routing and tenants have their own families."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ _TPOT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 
 
 
 class Metrics:
-    def __init__(self, model_name: str) -> None:
+    def __init__(self, model_names: list[str]) -> None:
         disable_created_metrics()  # no *_created series: vLLM dashboards do not use them
         self.registry = r = CollectorRegistry()
         lbl = ["model_name"]
@@ -39,7 +41,8 @@ class Metrics:
         self.kv_evictions = Counter("tierlm:kv_cache_evictions", "Cached KV blocks evicted for reuse", lbl,
                                     registry=r)
         for counter in (self.prefix_queries, self.prefix_hits, self.kv_evictions):  # exported from the start, at 0
-            counter.labels(model_name)
+            for name in model_names:
+                counter.labels(name)
         self.tier_hits = Counter("tierlm:prefix_cache_block_hits", "Cached KV blocks reused, by the tier found in",
                                  lbl + ["tier"], registry=r)
         self.tier_moved = Counter("tierlm:kv_tier_bytes_moved", "KV bytes copied between tiers", lbl + ["direction"],
@@ -47,29 +50,48 @@ class Metrics:
         self.tier_usage = Gauge("tierlm:kv_tier_usage_bytes", "KV bytes held per tier", lbl + ["tier"], registry=r)
         self.moe_tokens = Counter("tierlm:moe_expert_tokens", "Tokens routed to each expert of each MoE layer",
                                   lbl + ["layer", "expert"], registry=r)
+        self.healthy = Gauge("tierlm:engine_healthy", "1 while the engine thread is healthy", lbl, registry=r)
+        for name in model_names:
+            self.healthy.labels(name).set(1)
+        self.tier_selected = Counter("tierlm:tier_selected", "Requests routed to each tier, by why that tier "
+                                     "(explicit, fixed, preferred, latency, cost)", ["tier", "reason"], registry=r)
+        self.tenant_tokens = Counter("tierlm:tenant_tokens", "Tokens served per tenant", ["tenant", "kind"],
+                                     registry=r)
+        self.tenant_rejected = Counter("tierlm:tenant_requests_rejected", "Requests refused per tenant",
+                                       ["tenant", "reason"], registry=r)
+
+    def for_tier(self, name: str) -> TierMetrics:
+        return TierMetrics(self, name)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class TierMetrics:
+    """One tier's view: its engine's callbacks, labelled with the tier's name."""
+
+    def __init__(self, metrics: Metrics, name: str) -> None:
+        self.g, self.m = metrics, name
         # Engine running totals already counted, per (counter, labels): counters advance by the difference.
         self._seen: dict[tuple, float] = {}
-        self.healthy = Gauge("tierlm:engine_healthy", "1 while the engine thread is healthy", lbl, registry=r)
-        self.m = model_name
-        self.healthy.labels(self.m).set(1)
 
     def on_step(self, s: EngineStats) -> None:
-        self.running.labels(self.m).set(s.running)
-        self.waiting.labels(self.m).set(s.waiting)
-        self.kv_usage.labels(self.m).set(s.kv_usage)
-        self.preemptions.labels(self.m).set(s.preemptions)
-        self._follow(self.prefix_queries, (), s.prefix_queries)
-        self._follow(self.prefix_hits, (), s.prefix_hits)
-        self._follow(self.kv_evictions, (), s.kv_evictions)
+        self.g.running.labels(self.m).set(s.running)
+        self.g.waiting.labels(self.m).set(s.waiting)
+        self.g.kv_usage.labels(self.m).set(s.kv_usage)
+        self.g.preemptions.labels(self.m).set(s.preemptions)
+        self._follow(self.g.prefix_queries, (), s.prefix_queries)
+        self._follow(self.g.prefix_hits, (), s.prefix_hits)
+        self._follow(self.g.kv_evictions, (), s.kv_evictions)
         for tier, total in s.kv_tiers.get("hits", {}).items():
-            self._follow(self.tier_hits, (tier,), total)
+            self._follow(self.g.tier_hits, (tier,), total)
         for direction, total in s.kv_tiers.get("moved", {}).items():
-            self._follow(self.tier_moved, (direction,), total)
+            self._follow(self.g.tier_moved, (direction,), total)
         for tier, held in s.kv_tiers.get("usage", {}).items():
-            self.tier_usage.labels(self.m, tier).set(held)
+            self.g.tier_usage.labels(self.m, tier).set(held)
         for layer, counts in s.moe_expert_tokens.items():
             for expert, total in enumerate(counts):
-                self._follow(self.moe_tokens, (str(layer), str(expert)), total)
+                self._follow(self.g.moe_tokens, (str(layer), str(expert)), total)
 
     def _follow(self, counter: Counter, labels: tuple[str, ...], total: float) -> None:
         """Advance a counter to an engine running total (the series exists from its first sight)."""
@@ -81,18 +103,18 @@ class Metrics:
 
     def on_finish(self, f: FinishedRequest) -> None:
         t = f.timing
-        self.prompt_tokens.labels(self.m).inc(f.prompt_tokens)
-        self.generation_tokens.labels(self.m).inc(t.num_output_tokens)
+        self.g.tenant_tokens.labels(f.tenant, "prompt").inc(f.prompt_tokens)
+        self.g.tenant_tokens.labels(f.tenant, "completion").inc(t.num_output_tokens)
+        self.g.prompt_tokens.labels(self.m).inc(f.prompt_tokens)
+        self.g.generation_tokens.labels(self.m).inc(t.num_output_tokens)
         if f.aborted:
-            self.aborted.labels(self.m).inc()
+            self.g.aborted.labels(self.m).inc()
             return
         for c in f.output.outputs:
-            self.success.labels(self.m, c.finish_reason or "unknown").inc()
+            self.g.success.labels(self.m, c.finish_reason or "unknown").inc()
         if t.first_token is not None:
-            self.ttft.labels(self.m).observe(t.first_token - t.arrival)
+            self.g.ttft.labels(self.m).observe(t.first_token - t.arrival)
             if t.num_output_tokens > 1:
-                self.tpot.labels(self.m).observe((t.finished - t.first_token) / (t.num_output_tokens - 1))
-        self.e2e.labels(self.m).observe(t.finished - t.arrival)
+                self.g.tpot.labels(self.m).observe((t.finished - t.first_token) / (t.num_output_tokens - 1))
+        self.g.e2e.labels(self.m).observe(t.finished - t.arrival)
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)

@@ -60,6 +60,11 @@ class _SamplingFields(_Base):
     guided_grammar: str | None = None  # Lark (llguidance's dialect)
     use_beam_search: bool = False  # beam width: best_of (completions) or n
     length_penalty: float = 1.0  # beams rank by cumulative logprob / length ** length_penalty
+    # TierSet routing (model "auto"): preferred tier level and budgets (tenancy/routing.py)
+    tier_mode: Literal["fixed", "balanced", "deep", "max"] | None = None
+    max_latency_ms: float | None = Field(default=None, gt=0)  # end to end
+    max_ttft_ms: float | None = Field(default=None, gt=0)
+    max_cost_usd: float | None = Field(default=None, gt=0)
 
 
 class CompletionRequest(_SamplingFields):

@@ -1,4 +1,8 @@
-"""`tierlm serve`: load the model, bind, serve with uvicorn, warm up, drain on SIGTERM.
+"""`tierlm serve`: load the TierSet's models, bind, serve with uvicorn, warm up, drain on SIGTERM.
+
+Each tier runs its own engine thread. Under a tenant config the engines schedule with
+the "fair" policy and the tenants' weights. Warm-up runs one request per tier before
+the server reports ready; it also seeds each tier's step-time measurements.
 
 Startup failures (bad model, port in use) raise user errors the CLI turns into one
 line and a non-zero exit. SIGTERM/SIGINT flips readiness to 503, refuses new requests,
@@ -9,6 +13,7 @@ signal exits at once.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import socket
@@ -18,13 +23,14 @@ from dataclasses import dataclass
 
 import uvicorn
 
-from tierlm.config import EngineConfig
+from tierlm.config import EngineConfig, TierConfig, TierSetConfig
 from tierlm.engine.async_engine import AsyncEngine, FinishedRequest
 from tierlm.engine.llm_engine import LLMEngine
 from tierlm.sampling_params import SamplingParams
 from tierlm.server.app import create_app
-from tierlm.server.common import ServerState
+from tierlm.server.common import ServerState, Tier
 from tierlm.server.metrics import Metrics
+from tierlm.tenancy.tenants import Tenants
 
 log = logging.getLogger("tierlm.server")
 request_log = logging.getLogger("tierlm.requests")
@@ -42,11 +48,12 @@ class ServeOptions:
     max_queued_requests: int = 1024
     shutdown_timeout: float = 30.0
     served_model_name: str | None = None
+    tierset: TierSetConfig | None = None  # --config: tiers and tenants (else one tier, api_keys)
 
 
-def _log_request(f: FinishedRequest) -> None:
+def _log_request(tier: str, f: FinishedRequest) -> None:
     t = f.timing
-    line = {"event": "request", "id": f.request_id, "prompt_tokens": f.prompt_tokens,
+    line = {"event": "request", "id": f.request_id, "tier": tier, "tenant": f.tenant, "prompt_tokens": f.prompt_tokens,
             "completion_tokens": t.num_output_tokens,
             "ttft_s": round(t.first_token - t.arrival, 4) if t.first_token else None,
             "latency_s": round((t.finished or t.arrival) - t.arrival, 4),
@@ -84,7 +91,7 @@ class _Server(uvicorn.Server):
             self.should_exit = True
             return
         self.state.draining = True
-        log.info("draining: %d requests in flight", self.state.engine.num_inflight)
+        log.info("draining: %d requests in flight", self.state.num_inflight)
         loop = asyncio.get_event_loop()
         loop.call_soon_threadsafe(lambda: self._spawn(self._drain()))
 
@@ -94,46 +101,74 @@ class _Server(uvicorn.Server):
         task.add_done_callback(self._tasks.discard)
 
     async def _warm_up(self) -> None:
-        ids = self.state.tokenizer.encode("Hello")
-        async for _ in self.state.engine.generate("warmup", ids, SamplingParams(max_tokens=2, temperature=0)):
-            pass
+        for tier in self.state.tiers.values():  # one at a time: each measures its own step times
+            ids = tier.tokenizer.encode(" ".join(["Hello, world."] * 16))[:64]
+            async for _ in tier.engine.generate(f"warmup-{tier.model_name}", ids,
+                                                SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)):
+                pass
+            tier.recent_outputs.clear()
         self.state.ready = True
         host, port = self.config.host, self.config.port
-        print(f"tierlm: serving {self.state.model_name} on http://{host}:{port} (ready)", file=sys.stderr, flush=True)
+        names = ", ".join(self.state.tiers)
+        print(f"tierlm: serving {names} on http://{host}:{port} (ready)", file=sys.stderr, flush=True)
 
     async def _drain(self) -> None:
         deadline = time.monotonic() + self.drain_timeout
-        while self.state.engine.num_inflight > 0 and time.monotonic() < deadline:
+        while self.state.num_inflight > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         self.should_exit = True
 
 
+def tierset_for(config: EngineConfig, opts: ServeOptions) -> tuple[TierSetConfig, Tenants]:
+    """The tiers and tenants to serve: the config file's, or one tier named after the model
+    with one tenant (open, or behind --api-key)."""
+    if opts.tierset is not None:
+        ts = opts.tierset
+        weights = tuple((t.name, t.weight) for t in ts.tenants)
+        tiers = tuple(dataclasses.replace(t, engine=dataclasses.replace(
+            t.engine, scheduler=dataclasses.replace(t.engine.scheduler, policy="fair", tenant_weights=weights)))
+            for t in ts.tiers)
+        return dataclasses.replace(ts, tiers=tiers), Tenants(ts.tenants)
+    name = opts.served_model_name or config.model
+    tenants = Tenants.with_keys(opts.api_keys) if opts.api_keys else Tenants.open()
+    return TierSetConfig((TierConfig(name, config),), tuple(t.config for t in tenants.all.values()), name), tenants
+
+
 def serve(config: EngineConfig, opts: ServeOptions) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    tierset, tenants = tierset_for(config, opts)
     sock = _bind(opts.host, opts.port)  # before loading: a busy port fails in milliseconds
-    name = opts.served_model_name or config.model
-    metrics = Metrics(name)
-
-    def on_finish(f: FinishedRequest) -> None:
-        metrics.on_finish(f)
-        _log_request(f)
-
-    async_engine = AsyncEngine(lambda: LLMEngine(config, progress=sys.stderr.isatty()),
-                               max_queued_requests=opts.max_queued_requests,
-                               on_finish=on_finish, on_step=metrics.on_step)
+    metrics = Metrics([t.name for t in tierset.tiers])
+    tiers: dict[str, Tier] = {}
     try:
-        engine = async_engine.start()
+        for tc in tierset.tiers:
+            tiers[tc.name] = _start_tier(tc, metrics, opts)
     except BaseException:
+        for t in tiers.values():
+            t.engine.shutdown()
         sock.close()
         raise
-    state = ServerState(async_engine, engine.tokenizer, name, engine.max_model_len,
-                        engine.model_config.vocab_size)
-    app = create_app(state, metrics, list(opts.api_keys))
+    state = ServerState(tiers, tenants, tierset.default_tier, metrics)
+    app = create_app(state, metrics)
     uv_config = uvicorn.Config(app, host=opts.host, port=opts.port, log_level="warning", access_log=False,
                                timeout_graceful_shutdown=2, lifespan="off")
     server = _Server(uv_config, state, opts.shutdown_timeout)
     try:
         server.run(sockets=[sock])
     finally:
-        async_engine.shutdown()
+        for t in tiers.values():
+            t.engine.shutdown()
         sock.close()
+
+
+def _start_tier(tc: TierConfig, metrics: Metrics, opts: ServeOptions) -> Tier:
+    tm = metrics.for_tier(tc.name)
+
+    def on_finish(f: FinishedRequest) -> None:
+        tm.on_finish(f)
+        _log_request(tc.name, f)
+
+    engine = AsyncEngine(lambda: LLMEngine(tc.engine, progress=sys.stderr.isatty()),
+                         max_queued_requests=opts.max_queued_requests, on_finish=on_finish, on_step=tm.on_step)
+    llm = engine.start()
+    return Tier(tc, engine, llm.tokenizer, llm.max_model_len, llm.model_config.vocab_size, tm)

@@ -141,6 +141,17 @@ class TenantQuota:
         if r.period == self._period:  # a new period already started from zero
             self.spent_usd = max(0.0, self.spent_usd - max(0.0, r.cost_usd - used_cost_usd))
 
+    def cost_left(self) -> float | None:
+        """What the cost ceiling still allows in this period (None: no ceiling)."""
+        if self.limits.cost_ceiling_usd is None:
+            return None
+        self._roll_period()
+        return max(0.0, self.limits.cost_ceiling_usd - self.spent_usd)
+
+    def period_left(self) -> float:
+        """Seconds until the cost period ends (and the ceiling starts again from zero)."""
+        return (self._current_period() + 1) * self.limits.cost_period_s - self.clock()
+
     def headers(self) -> dict[str, str]:
         """OpenAI-style x-ratelimit-* headers for the limits that are set."""
         out: dict[str, str] = {}

@@ -49,9 +49,9 @@ class Tenants:
 
     def authenticate(self, authorization: str) -> Tenant | None:
         """The tenant for a header value ('Bearer KEY'); no header -> the anonymous tenant
-        (if any); None = refuse with 401. A wrong key is refused even when anonymous
-        access exists, so a typo never silently runs on someone else's quota."""
-        if not authorization:
+        (if any); None = refuse with 401. Where keys exist, a wrong key is refused even
+        when anonymous access exists, so a typo never silently runs on another quota."""
+        if not authorization or not self._by_hash:  # an open server ignores whatever key a client sends
             return self.anonymous
         if not authorization.lower().startswith("bearer "):
             return None

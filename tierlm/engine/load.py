@@ -1,0 +1,39 @@
+"""Live step-time measurements of one engine, the inputs of tier selection's latency
+estimates (tenancy/routing.py). Fed by the engine thread after every step; read from
+the event loop (plain floats: a torn read is impossible in CPython).
+
+Until the warm-up request has been measured the figures are deliberately pessimistic
+guesses, so a cold tier is not preferred for a tight latency budget by accident.
+"""
+
+from __future__ import annotations
+
+from tierlm.tenancy.routing import TierLoad
+
+_ALPHA = 0.3  # weight of the newest step: reacts within a few steps, smooths single outliers
+_PREFILL_MIN_TOKENS = 32  # steps this big are prefill-dominated: they price a prompt token
+
+
+class LoadTracker:
+    def __init__(self) -> None:
+        self.step_s = 0.1  # a recent step, whatever its batch
+        self.idle_step_s = 0.1  # one request decoding alone
+        self.prefill_s_per_token = 0.005
+
+    @staticmethod
+    def _ewma(old: float, new: float) -> float:
+        return old + _ALPHA * (new - old)
+
+    def observe(self, seconds: float, tokens: int, requests: int) -> None:
+        if requests == 0:
+            return
+        self.step_s = self._ewma(self.step_s, seconds)
+        if requests == 1 and tokens == 1:
+            self.idle_step_s = self._ewma(self.idle_step_s, seconds)
+        if tokens >= _PREFILL_MIN_TOKENS:
+            self.prefill_s_per_token = self._ewma(self.prefill_s_per_token, seconds / tokens)
+
+    def load(self, running: int, backlog_tokens: int) -> TierLoad:
+        """The tier's load now: an idle tier steps at its idle pace, not at the last busy one."""
+        return TierLoad(self.step_s if running else self.idle_step_s, self.idle_step_s,
+                        self.prefill_s_per_token, backlog_tokens)
