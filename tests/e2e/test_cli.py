@@ -67,3 +67,25 @@ def test_unsupported_architecture_fails_fast_listing_supported(tmp_path):
     (line,) = r.stderr.strip().splitlines()
     assert "unsupported architecture 'FalconForCausalLM'" in line
     assert all(a in line for a in ("Gemma3ForCausalLM", "MixtralForCausalLM", "Qwen3ForCausalLM", "gemma3"))
+
+
+def test_serve_config_errors_are_one_line_with_file_and_line(tmp_path):
+    bad = tmp_path / "tiers.toml"
+    bad.write_text('[tiers.fast]\nmodel = "smollm2-135m"\nquality = "best"\n')
+    r = tierlm("serve", "--config", str(bad), "--port", "0")
+    (line,) = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and line == f"tierlm: error: {bad}:3: tiers.fast.quality: Input should be a valid number"
+    r = tierlm("serve", "--config", str(bad), "--model", "smollm2-135m")
+    (line,) = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and "drop --model" in line
+
+
+def test_sample_tierset_config_is_valid():
+    from pathlib import Path
+
+    from tierlm.config import EngineConfig
+    from tierlm.tenancy.config_file import load
+
+    ts = load(Path(__file__).parents[2] / "configs" / "tierset.toml", EngineConfig())
+    assert {t.name: t.engine.model for t in ts.tiers} == {"fast": "smollm2-135m", "deep": "gemma3-270m"}
+    assert [t.name for t in ts.tenants] == ["team-a", "team-b", "trial"]

@@ -24,16 +24,17 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, cache_home, *args: str, model: str = MODEL) -> None:
+    def __init__(self, cache_home, *args: str, model: str | None = MODEL) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ, HOME=str(cache_home))
         # A file, not a pipe: an unread pipe fills up and blocks the server's logging.
         self.log = tempfile.NamedTemporaryFile("w+", prefix="tierlm-serve-", suffix=".log", delete=False)
-        self.proc = subprocess.Popen([sys.executable, "-m", "tierlm.cli", "serve", "--model", model,
+        model_args = ["--model", model] if model is not None else []  # None: a --config names the tiers
+        self.proc = subprocess.Popen([sys.executable, "-m", "tierlm.cli", "serve", *model_args,
                                       "--port", str(self.port), *args],
                                      stdout=self.log, stderr=self.log, text=True, env=env)
-        deadline = time.time() + 120
+        deadline = time.time() + 180
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited: {self.output()}")

@@ -71,6 +71,9 @@ class EngineStats:
     kv_evictions: int = 0  # cached blocks whose memory was reused
     kv_tiers: dict[str, dict[str, int]] = field(default_factory=dict)  # see LLMEngine.kv_tier_stats
     backlog_tokens: int = 0  # prompt tokens queued or part-way through prefill
+    step_s: float = 0.0  # recent step time (engine/load.py)
+    idle_step_s: float = 0.0
+    prefill_s_per_token: float = 0.0
 
 
 @dataclass
@@ -274,5 +277,7 @@ class AsyncEngine:
                                  kv_evictions=self.engine.kv.pool.num_evictions,
                                  kv_tiers=self.engine.kv_tier_stats(),
                                  backlog_tokens=sum(max(0, r.num_tokens - r.num_computed_tokens - 1)
-                                                    for r in sched.requests.values()))
+                                                    for r in sched.requests.values()),
+                                 step_s=self.load.step_s, idle_step_s=self.load.idle_step_s,
+                                 prefill_s_per_token=self.load.prefill_s_per_token)
         self.on_step(self.stats)

@@ -50,6 +50,11 @@ class Metrics:
         self.tier_usage = Gauge("tierlm:kv_tier_usage_bytes", "KV bytes held per tier", lbl + ["tier"], registry=r)
         self.moe_tokens = Counter("tierlm:moe_expert_tokens", "Tokens routed to each expert of each MoE layer",
                                   lbl + ["layer", "expert"], registry=r)
+        self.step_s = Gauge("tierlm:step_seconds", "Recent engine step time (moving average)", lbl, registry=r)
+        self.idle_step_s = Gauge("tierlm:idle_step_seconds", "Step time of one request decoding alone", lbl,
+                                 registry=r)
+        self.prefill_s = Gauge("tierlm:prefill_seconds_per_token", "Step time per token of prefill-sized steps",
+                               lbl, registry=r)
         self.healthy = Gauge("tierlm:engine_healthy", "1 while the engine thread is healthy", lbl, registry=r)
         for name in model_names:
             self.healthy.labels(name).set(1)
@@ -80,6 +85,9 @@ class TierMetrics:
         self.g.waiting.labels(self.m).set(s.waiting)
         self.g.kv_usage.labels(self.m).set(s.kv_usage)
         self.g.preemptions.labels(self.m).set(s.preemptions)
+        self.g.step_s.labels(self.m).set(s.step_s)
+        self.g.idle_step_s.labels(self.m).set(s.idle_step_s)
+        self.g.prefill_s.labels(self.m).set(s.prefill_s_per_token)
         self._follow(self.g.prefix_queries, (), s.prefix_queries)
         self._follow(self.g.prefix_hits, (), s.prefix_hits)
         self._follow(self.g.kv_evictions, (), s.kv_evictions)

@@ -1,0 +1,218 @@
+"""A TierSet server (two tiers, five tenants) through the official client: per-tenant
+401/403/429 with headers, quota refunds, `auto` routing under budgets and a cost
+ceiling, and the routing/tenant metrics read with Prometheus' parser."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.server.conftest import ServerProcess
+
+# Two differently configured engines of the bundled model: same tokenizer, so token
+# counts (and so costs) are the same on both tiers.
+CONFIG = """\
+default_tier = "fast"
+
+[tiers.fast]
+model = "smollm2-135m"
+quality = 1
+prompt_price_per_mtok = 20
+completion_price_per_mtok = 40
+
+[tiers.deep]
+model = "smollm2-135m"
+dtype = "float32"
+quality = 2
+prompt_price_per_mtok = 100
+completion_price_per_mtok = 200
+max_num_seqs = 8
+
+[tenants.alpha]
+api_keys = ["key-alpha"]
+weight = 2
+
+[tenants.beta]
+api_keys = ["key-beta"]
+tiers = ["fast"]
+requests_per_minute = 3
+
+[tenants.gamma]
+api_keys = ["key-gamma"]
+tokens_per_minute = 400
+
+[tenants.epsilon]
+api_keys = ["key-epsilon"]
+cost_ceiling_usd = 0.006
+
+[tenants.delta]
+api_keys = ["key-delta"]
+max_concurrent = 1
+"""
+
+
+@pytest.fixture(scope="module")
+def tierset(cache_dir, tmp_path_factory):
+    path = tmp_path_factory.mktemp("tierset") / "tierlm.toml"
+    path.write_text(CONFIG)
+    srv = ServerProcess(cache_dir, "--config", str(path), model=None)
+    yield srv
+    srv.stop()
+
+
+def client(srv, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{srv.url}/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def ask(c: openai.OpenAI, model: str, max_tokens: int = 8, **extra):
+    return c.completions.with_raw_response.create(model=model, prompt="The capital of France is",
+                                                  max_tokens=max_tokens, temperature=0,
+                                                  extra_body={"ignore_eos": True, **extra})
+
+
+def samples(srv, name: str) -> dict[tuple, float]:
+    text = httpx.get(f"{srv.url}/metrics", timeout=30).text
+    return {tuple(sorted(s.labels.items())): s.value for fam in text_string_to_metric_families(text)
+            for s in fam.samples if s.name == name}
+
+
+def test_unknown_or_missing_key_is_401_and_the_server_keeps_serving(tierset):
+    with pytest.raises(openai.AuthenticationError) as e:
+        client(tierset, "wrong-key").models.list()
+    assert e.value.status_code == 401 and e.value.code == "invalid_api_key"
+    r = httpx.post(f"{tierset.url}/v1/completions", json={"model": "fast", "prompt": "hi"}, timeout=30)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"  # no key, no anonymous tenant
+    assert ask(client(tierset, "key-alpha"), "fast").parse().choices[0].text
+
+
+def test_a_tier_outside_the_tenants_list_is_403(tierset):
+    beta = client(tierset, "key-beta")
+    assert [m.id for m in beta.models.list().data] == ["fast"]  # no deep, so no choice: no auto
+    with pytest.raises(openai.PermissionDeniedError) as e:
+        beta.completions.create(model="deep", prompt="hi", max_tokens=1)
+    assert e.value.code == "tier_not_allowed" and "deep" in e.value.message
+    alpha_models = [m.id for m in client(tierset, "key-alpha").models.list().data]
+    assert alpha_models == ["fast", "deep", "auto"]
+
+
+def test_requests_per_minute_429_with_retry_after_and_ratelimit_headers(tierset):
+    beta = client(tierset, "key-beta")
+    remaining = []
+    for _ in range(3):
+        raw = ask(beta, "fast", max_tokens=1)
+        assert raw.headers["x-tierlm-tier"] == "fast"
+        assert raw.headers["x-ratelimit-limit-requests"] == "3"
+        remaining.append(int(raw.headers["x-ratelimit-remaining-requests"]))
+    assert remaining == [2, 1, 0]
+    with pytest.raises(openai.RateLimitError) as e:
+        ask(beta, "fast", max_tokens=1)
+    h = e.value.response.headers
+    assert e.value.code == "rate_limit_exceeded" and e.value.type == "requests"
+    assert 1 <= int(h["retry-after"]) <= 20  # one request refills in 60 / 3 s
+    assert h["x-ratelimit-remaining-requests"] == "0" and h["x-ratelimit-limit-requests"] == "3"
+    rejected = samples(tierset, "tierlm:tenant_requests_rejected_total")
+    assert rejected[(("reason", "requests"), ("tenant", "beta"))] >= 1
+
+
+def test_token_quota_reserves_the_worst_case_and_refunds_the_rest(tierset):
+    gamma = client(tierset, "key-gamma")
+    with pytest.raises(openai.BadRequestError) as e:  # prompt + 500 can never fit in 400 per minute
+        ask(gamma, "fast", max_tokens=500)
+    assert e.value.code == "quota_exceeded_by_request"
+    # Reserves prompt + 300, uses prompt + 3: the remaining tokens drop by what was used only.
+    raw = gamma.completions.with_raw_response.create(model="fast", prompt="Count: 1, 2, 3,", max_tokens=300,
+                                                     temperature=0, stop=[","], extra_body={})
+    used = raw.parse().usage.total_tokens
+    assert raw.parse().usage.completion_tokens < 300
+    assert 400 - used - 2 <= int(raw.headers["x-ratelimit-remaining-tokens"]) <= 400 - used + 2
+
+
+def test_auto_prefers_quality_then_shifts_to_stay_under_the_cost_ceiling(tierset):
+    """epsilon's ceiling is $0.006: deep's worst case here is 6 x $100 + 8 x $200 per 1M ($0.0022),
+    fast's $0.00044. auto takes deep while it fits, then fast, then refuses; the tenant
+    is never charged past the ceiling."""
+    epsilon = client(tierset, "key-epsilon")
+    spent, tiers = 0.0, []
+    for _ in range(12):
+        try:
+            raw = ask(epsilon, "auto", max_tokens=8)
+        except openai.RateLimitError as e:
+            assert e.code == "insufficient_quota"
+            assert int(e.response.headers["retry-after"]) > 60  # the daily period, not a load retry
+            tiers.append("429")
+            break
+        r = raw.parse()
+        assert raw.headers["x-tierlm-tier"] == r.model
+        price = (20, 40) if r.model == "fast" else (100, 200)
+        spent += (r.usage.prompt_tokens * price[0] + r.usage.completion_tokens * price[1]) / 1e6
+        tiers.append(r.model)
+    assert tiers[:2] == ["deep", "deep"] and "fast" in tiers and tiers[-1] == "429", tiers
+    assert spent <= 0.006
+    selected = samples(tierset, "tierlm:tier_selected_total")
+    assert selected[(("reason", "preferred"), ("tier", "deep"))] >= 2
+    assert selected[(("reason", "cost"), ("tier", "fast"))] >= 1
+
+
+def test_auto_budgets(tierset):
+    alpha = client(tierset, "key-alpha")
+    raw = ask(alpha, "auto")
+    assert raw.parse().model == "deep" and raw.headers["x-tierlm-tier"] == "deep"
+    cheap = ask(alpha, "auto", max_cost_usd=0.001)  # deep's worst case is $0.0022
+    assert cheap.parse().model == "fast"
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(alpha, "auto", max_cost_usd=1e-6)
+    assert e.value.code == "budget_unmet" and e.value.param == "max_cost_usd"
+    assert "cheapest is 'fast'" in e.value.message
+    with pytest.raises(openai.BadRequestError) as e:  # no tier starts in 1 ms, even idle
+        ask(alpha, "auto", max_ttft_ms=1)
+    assert e.value.param == "max_ttft_ms" and "fastest is" in e.value.message
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(alpha, "fast", tier_mode="max")
+    assert e.value.param == "tier_mode"
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(alpha, "auto", tier_mode="turbo")
+    assert e.value.param == "tier_mode"
+    assert ask(alpha, "auto", tier_mode="fixed").parse().model == "fast"  # the default tier
+    chat = alpha.chat.completions.with_raw_response.create(
+        model="auto", messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
+        extra_body={"max_cost_usd": 0.001})
+    assert chat.parse().model == "fast" and chat.headers["x-tierlm-tier"] == "fast"
+
+
+def test_max_concurrent_429_while_one_runs(tierset):
+    delta = client(tierset, "key-delta")
+    started = threading.Event()
+
+    def long_stream():
+        stream = delta.completions.create(model="fast", prompt="Once upon a time", max_tokens=200,
+                                          temperature=0, stream=True, extra_body={"ignore_eos": True})
+        for _ in stream:
+            started.set()
+
+    t = threading.Thread(target=long_stream)
+    t.start()
+    assert started.wait(60)
+    with pytest.raises(openai.RateLimitError) as e:
+        ask(delta, "fast", max_tokens=1)
+    assert e.value.type == "concurrency" and int(e.value.response.headers["retry-after"]) >= 1
+    t.join(120)
+    assert ask(delta, "fast", max_tokens=1).parse().choices  # the slot came back
+
+
+def test_tenant_tokens_are_counted(tierset):
+    before = samples(tierset, "tierlm:tenant_tokens_total")
+    r = ask(client(tierset, "key-alpha"), "fast", max_tokens=5).parse()
+    deadline = time.time() + 10
+    key = (("kind", "completion"), ("tenant", "alpha"))
+    while samples(tierset, "tierlm:tenant_tokens_total").get(key, 0) < before.get(key, 0) + 5:
+        assert time.time() < deadline
+        time.sleep(0.05)
+    after = samples(tierset, "tierlm:tenant_tokens_total")
+    prompt = (("kind", "prompt"), ("tenant", "alpha"))
+    assert after[prompt] - before.get(prompt, 0) == r.usage.prompt_tokens
+    assert after[key] - before.get(key, 0) == 5
