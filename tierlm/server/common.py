@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 import statistics
+import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator
@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 
 from fastapi import Request
 
-from tierlm.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError
 from tierlm.config import TierConfig
+from tierlm.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError
 from tierlm.engine.llm_engine import InvalidRequest
 from tierlm.loader.tokenizer import TextTokenizer
 from tierlm.outputs import RequestOutput

@@ -41,7 +41,13 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from tierlm.config import CacheConfig, ConfigError, EngineConfig, SchedulerConfig, TenantConfig, TierConfig, TierSetConfig
+from tierlm.config import (
+    ConfigError,
+    EngineConfig,
+    TenantConfig,
+    TierConfig,
+    TierSetConfig,
+)
 from tierlm.tenancy.quotas import QuotaLimits
 
 _CACHE_KEYS = ("kv_cache_gb", "kv_warm_gb", "kv_cold_dir", "kv_cold_gb", "session_ttl")
