@@ -144,6 +144,9 @@ class SchedulerConfig:
     # weighted virtual token counter (scheduler/fair.py), priority order within a tenant.
     policy: str = "fcfs"
     tenant_weights: tuple[tuple[str, float], ...] = ()  # fair-share weights (default 1)
+    # "past_future": admit only if the predicted peak KV use fits the pool (scheduler/admission.py);
+    # "greedy": whenever the first chunk's blocks are free (growth may force preemptions later).
+    admission: str = "past_future"
 
     def __post_init__(self) -> None:
         _require(self.max_num_seqs > 0, "scheduler config: max_num_seqs must be > 0")
@@ -154,6 +157,8 @@ class SchedulerConfig:
         _require(self.policy in ("fcfs", "priority", "fair"),
                  "scheduler config: policy must be 'fcfs', 'priority' or 'fair'")
         _require(all(w > 0 for _, w in self.tenant_weights), "scheduler config: tenant weights must be > 0")
+        _require(self.admission in ("greedy", "past_future"),
+                 "scheduler config: admission must be 'greedy' or 'past_future'")
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,8 @@ def test_chunked_prefill_sizes(reference, chunk, cache_dir):
 
 def test_after_preemption(reference, cache_dir):
     dtype, _, alone = reference
-    llm = LLM("smollm2-135m", dtype=dtype, cache_dir=cache_dir, num_kv_blocks=14, max_num_batched_tokens=64)
+    llm = LLM("smollm2-135m", dtype=dtype, cache_dir=cache_dir, num_kv_blocks=14, max_num_batched_tokens=64,
+              admission="greedy")  # admits past what the pool can grow into: preemptions follow
     outs = llm.generate(OTHERS[:6] + [TARGET], [PARAMS] * 7)
     assert llm.engine.scheduler.num_preemptions > 0
     assert result(outs[6]) == alone

@@ -57,15 +57,17 @@ def _workload(rng: random.Random, n: int) -> list[tuple[list[int], SamplingParam
 
 
 # A tight pool (evictions, preemptions): tiny Gemma 3 has four one-layer KV groups.
+@pytest.mark.parametrize("admission", ["greedy", "past_future"])
 @pytest.mark.parametrize("arch,blocks", [("llama", 20), ("gemma3", 56)])  # full attention; sliding + global
-def test_random_workload_never_reads_stale_kv(arch, blocks, tiny_checkpoint):
+def test_random_workload_never_reads_stale_kv(arch, blocks, admission, tiny_checkpoint):
     path, _ = tiny_checkpoint(arch)
     rng = random.Random(1234)
     reqs = _workload(rng, 40)
     ref_llm = LLM(str(path), dtype="float32", enable_prefix_caching=False)
     expected = [result(o) for o in ref_llm.generate([{"prompt_token_ids": ids} for ids, _ in reqs],
                                                      [p for _, p in reqs])]
-    llm = LLM(str(path), dtype="float32", num_kv_blocks=blocks, max_num_batched_tokens=48, max_num_seqs=6)
+    llm = LLM(str(path), dtype="float32", num_kv_blocks=blocks, max_num_batched_tokens=48, max_num_seqs=6,
+              admission=admission)
     eng = llm.engine
     pending = list(enumerate(reqs))
     done: dict[int, tuple] = {}
@@ -89,7 +91,8 @@ def test_random_workload_never_reads_stale_kv(arch, blocks, tiny_checkpoint):
         eng.scheduler.check_integrity()
     assert eng.kv.pool.num_free == eng.kv.pool.num_usable
     sched = eng.scheduler
-    assert sched.prefix_hits > 0 and sched.num_preemptions > 0 and eng.kv.pool.num_evictions > 0
+    assert sched.prefix_hits > 0 and eng.kv.pool.num_evictions > 0
+    assert sched.num_preemptions > 0 or admission == "past_future"  # greedy must have exercised preemption
     assert aborted and len(done) == len(reqs) - len(aborted)
     mismatched = [i for i, r in done.items() if r != expected[i]]
     assert not mismatched, f"requests {mismatched} differ from the no-cache run"

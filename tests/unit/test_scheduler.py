@@ -58,7 +58,8 @@ def test_decodes_go_first_and_max_num_seqs_holds():
 
 
 def test_preemption_frees_blocks_and_recomputes_everything():
-    s = make(num_blocks=7, block_size=4, max_num_batched_tokens=64)  # 6 usable blocks = 24 tokens
+    # 6 usable blocks = 24 tokens; greedy admission lets both start, so one must yield later
+    s = make(num_blocks=7, block_size=4, max_num_batched_tokens=64, admission="greedy")
     s.add(req("old", 10, max_tokens=12))
     s.add(req("new", 10, max_tokens=12))
     preempted = []
@@ -73,7 +74,7 @@ def test_preemption_frees_blocks_and_recomputes_everything():
 
 
 def test_preempted_request_resumes_with_its_tokens():
-    s = make(num_blocks=5, block_size=4, max_num_batched_tokens=64)
+    s = make(num_blocks=5, block_size=4, max_num_batched_tokens=64, admission="greedy")
     s.add(req("a", 6, max_tokens=6))
     s.add(req("b", 6, max_tokens=6))
     seen_restart = False
@@ -148,3 +149,33 @@ def test_fair_policy_lets_a_light_tenant_through_a_flood():
         order += [x.request_id for x in out.scheduled if x.start == 0]
     # FCFS would run all six flood requests first; the fair policy alternates.
     assert order == ["flood0", "flood1", "light0", "flood2", "light1", "flood3", "flood4", "flood5"]
+
+
+def test_past_future_admission_waits_instead_of_preempting():
+    """Same pool and requests as the greedy preemption test: with history saying requests
+    run to max_tokens, "new" waits for room and nothing is preempted."""
+    s = make(num_blocks=7, block_size=4, max_num_batched_tokens=64)  # admission="past_future" by default
+    for _ in range(8):
+        s.history.record(12)
+    s.add(req("old", 10, max_tokens=12))
+    s.add(req("new", 10, max_tokens=12))
+    out, _ = step(s)
+    assert [x.request_id for x in out.scheduled] == ["old"]  # 2 x 22 tokens would need 12 blocks > 6
+    preempted = []
+    for _ in range(40):
+        out, _ = step(s)
+        preempted += out.preempted
+        if not s.has_unfinished():
+            break
+    assert not preempted and not s.has_unfinished() and s.kv.pool.num_free == 6
+
+
+def test_past_future_admits_on_short_predicted_outputs():
+    """History of short outputs predicts both fit: both start at once (greedy's throughput)."""
+    s = make(num_blocks=7, block_size=4, max_num_batched_tokens=64)
+    for _ in range(8):
+        s.history.record(2)
+    s.add(req("a", 8, max_tokens=12))
+    s.add(req("b", 8, max_tokens=12))
+    out, _ = step(s)
+    assert [x.request_id for x in out.scheduled] == ["a", "b"]

@@ -27,6 +27,7 @@ from tierlm.kv_cache import prefix_hash
 from tierlm.kv_cache.manager import KVCacheManager
 from tierlm.outputs import StepResult
 from tierlm.request import Request, RequestStatus
+from tierlm.scheduler.admission import OutputLengthHistory, peak_blocks
 from tierlm.scheduler.fair import VirtualTokenCounter
 from tierlm.scheduler.output import ScheduledRequest, SchedulerOutput
 from tierlm.scheduler.policy import POLICIES
@@ -47,6 +48,7 @@ class Scheduler:
         self.prefix_hits = 0  # of which found cached
         self.vtc = VirtualTokenCounter(shares=dict(config.tenant_weights)) if config.policy == "fair" else None
         self.parked: dict[str, list[Request]] = {}  # source id -> requests to fork from its prompt
+        self.history = OutputLengthHistory()  # finished output lengths, for past_future admission
         self._copies: list[tuple[int, int]] = []  # block copies for the next step
 
     # ---- queue management ------------------------------------------------------------
@@ -112,6 +114,8 @@ class Scheduler:
                 if req in children:
                     children.remove(req)
         self._release_parked(req, fork=False)
+        if status is not RequestStatus.FINISHED_ABORTED and req.sampling_params.max_tokens != 0:
+            self.history.record(req.num_output_tokens)
         if req.session_id is not None:  # the next turn starts from this KV
             self.kv.pin(req.block_hashes[: req.num_computed_tokens // self.kv.block_size])
         self.kv.free(request_id)
@@ -147,6 +151,8 @@ class Scheduler:
                 i += 1
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self._next_waiting()
+            if self.config.admission == "past_future" and self.running and not self._future_fits(req):
+                break  # head-of-line waits, as below
             hit, hot = self._adopt_cached_prefix(req)
             n = min(req.num_tokens - req.num_computed_tokens, budget, self.chunk)
             if not self.kv.allocate(req.request_id, req.num_computed_tokens + n, req.num_computed_tokens):
@@ -171,6 +177,20 @@ class Scheduler:
                 preempted.append(req.request_id)
         copies, self._copies = self._copies, []
         return SchedulerOutput([self._scheduled(r, n) for r, n in plan], preempted, copies)
+
+    def _remaining(self, req: Request) -> int:
+        """Predicted further output tokens of `req` (admission.py)."""
+        p = req.sampling_params
+        cap = req.max_total_tokens - req.num_tokens
+        if p.max_tokens is not None:
+            cap = min(cap, p.max_tokens - req.num_output_tokens)
+        return self.history.remaining(req.num_output_tokens, cap)
+
+    def _future_fits(self, req: Request) -> bool:
+        """Past-Future rule: the predicted peak KV use with `req` admitted fits the pool."""
+        seqs = [(r.num_tokens, self._remaining(r)) for r in self.running]
+        seqs.append((req.num_tokens, self._remaining(req)))
+        return peak_blocks(seqs, lambda n: self.kv.max_blocks(n, self.chunk)) <= self.kv.pool.num_usable
 
     def _adopt_cached_prefix(self, req: Request) -> tuple[int, int]:
         """Start `req` (nothing computed yet) on its longest cached prefix.
