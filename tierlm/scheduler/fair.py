@@ -34,6 +34,9 @@ class VirtualTokenCounter:
         cost = self.prompt_weight * prompt_tokens + self.output_weight * output_tokens
         self.counters[tenant] = self.counters.get(tenant, 0.0) + cost / self.shares.get(tenant, 1.0)
 
-    def pick(self, backlogged: set[str]) -> str:
-        """The backlogged tenant to serve next (ties: by name, so the choice is deterministic)."""
-        return min(backlogged, key=lambda t: (self.counters.get(t, 0.0), t))
+    def pick(self, backlogged: set[str], seats: dict[str, int] | None = None) -> str:
+        """The backlogged tenant to serve next. Ties (a newcomer is lifted to the smallest
+        counter) go to the tenant holding fewer `seats` in the batch, then by name, so the
+        choice is deterministic."""
+        seats = seats or {}
+        return min(backlogged, key=lambda t: (self.counters.get(t, 0.0), seats.get(t, 0), t))

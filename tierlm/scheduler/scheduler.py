@@ -63,7 +63,7 @@ class Scheduler:
         the least-served waiting tenant."""
         if self.vtc is None:
             return self.waiting[0]
-        tenant = self.vtc.pick({r.tenant for r in self.waiting})
+        tenant = self.vtc.pick({r.tenant for r in self.waiting}, self._seats())
         return next(r for r in self.waiting if r.tenant == tenant)
 
     def add_forks(self, src: Request, children: list[Request]) -> None:
@@ -132,6 +132,9 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         plan: list[tuple[Request, int]] = []
         preempted: list[str] = []
+        seat = self._fair_seat()  # a seat taken back for a tenant below its share (policy "fair")
+        if seat is not None:
+            self._preempt(seat)
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
@@ -175,8 +178,41 @@ class Scheduler:
             for req in [r for r in self.running if r.num_computed_tokens == r.num_tokens]:
                 self._preempt(req)
                 preempted.append(req.request_id)
+        if seat is not None:
+            preempted.append(seat.request_id)
         copies, self._copies = self._copies, []
         return SchedulerOutput([self._scheduled(r, n) for r, n in plan], preempted, copies)
+
+    def _fair_seat(self) -> Request | None:
+        """Under "fair", when every seat is taken and the tenant next in line holds fewer
+        seats than its weighted share, the request to give up its seat: the last (by
+        policy) of the tenant furthest over its share. One per step, so the batch shifts
+        gradually, and never from a tenant at or below its share, so two busy tenants
+        settle at their shares instead of trading seats back and forth."""
+        if self.vtc is None or not self.waiting or len(self.running) < self.config.max_num_seqs:
+            return None
+        seats = self._seats()
+        waiting = {r.tenant for r in self.waiting}
+        nxt = self.vtc.pick(waiting, seats)
+        weights = {t: self.vtc.shares.get(t, 1.0) for t in waiting | set(seats)}
+        total = sum(weights.values())
+
+        def excess(t: str) -> float:
+            return seats.get(t, 0) - self.config.max_num_seqs * weights[t] / total
+
+        if excess(nxt) + 1 > 0:
+            return None
+        over = max((t for t in seats if t != nxt), key=lambda t: (excess(t), t), default=None)
+        if over is None or excess(over) < 1:
+            return None
+        return max((r for r in self.running if r.tenant == over), key=self.key)
+
+    def _seats(self) -> dict[str, int]:
+        """Running requests per tenant."""
+        seats: dict[str, int] = {}
+        for r in self.running:
+            seats[r.tenant] = seats.get(r.tenant, 0) + 1
+        return seats
 
     def _remaining(self, req: Request) -> int:
         """Predicted further output tokens of `req` (admission.py)."""
