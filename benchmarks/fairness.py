@@ -33,6 +33,7 @@ CONFIG = """
 [tiers.fast]
 model = "smollm2-135m"
 max_num_seqs = 32
+max_num_batched_tokens = 256  # shorter steps: a newcomer waits less for the running one
 [tenants.light]
 api_keys = ["key-light"]
 [tenants.flood]
@@ -44,7 +45,8 @@ weight = 2
 api_keys = ["key-heavy1"]
 weight = 1
 """
-PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle. " * 3
+SENTENCE = "Write a short story about a lighthouse keeper who finds a message in a bottle. "
+PROMPT = SENTENCE * 3  # --prompt-repeat sets it
 LIGHT_TOKENS, FLOOD_TOKENS = 16, (16, 80)  # flood lengths vary (seeded), so seats free up unevenly
 _serial = iter(range(10**9))
 
@@ -130,7 +132,10 @@ def main() -> None:
     ap.add_argument("--window", type=float, default=60)
     ap.add_argument("--flood", type=int, default=48)
     ap.add_argument("--light", type=int, default=10)
+    ap.add_argument("--prompt-repeat", type=int, default=10, help="prompt = this many 17-token sentences")
     args = ap.parse_args()
+    global PROMPT
+    PROMPT = SENTENCE * args.prompt_repeat
     cfg = Path(tempfile.mkdtemp()) / "fairness.toml"
     cfg.write_text(CONFIG)
     port = free_port()
@@ -144,7 +149,8 @@ def main() -> None:
         proc.wait(60)
     print(result)
     cmd = "benchmarks/fairness.py " + " ".join(sys.argv[1:])
-    print("recorded:", record("fairness", cmd.strip(), {"flood_streams": args.flood, **result}))
+    print("recorded:", record("fairness", cmd.strip(), {"flood_streams": args.flood,
+                                                        "prompt_sentences": args.prompt_repeat, **result}))
 
 
 if __name__ == "__main__":

@@ -216,3 +216,15 @@ def test_fair_seats_settle_at_the_weights_without_trading_back_and_forth():
     seats = sorted(r.tenant for r in s.running)
     assert seats.count("a") == 6 and seats.count("b") == 2  # 3:1 of 8 seats
     assert sum(preemptions) == 6 and not any(preemptions[10:])  # b gave back 6 seats, then quiet
+
+
+def test_fair_newcomer_prefill_is_not_squeezed_behind_other_tenants_chunks():
+    s = make(num_blocks=256, max_num_batched_tokens=16, max_num_seqs=4, policy="fair")
+    for i in range(2):
+        s.add(_tenant_req(f"flood{i}", "flood", n_prompt=40))
+    step(s)  # flood0 takes the whole budget with a prefill chunk
+    s.add(_tenant_req("light0", "light", n_prompt=10))
+    out, _ = step(s)
+    light = [x for x in out.scheduled if x.request_id == "light0"]
+    assert light and (light[0].start, len(light[0].token_ids)) == (0, 10)  # its whole prompt, this step
+    assert out.num_tokens <= 16

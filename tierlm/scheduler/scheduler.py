@@ -132,9 +132,11 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         plan: list[tuple[Request, int]] = []
         preempted: list[str] = []
-        seat = self._fair_seat()  # a seat taken back for a tenant below its share (policy "fair")
+        # Policy "fair": a tenant below its share gets a seat back and its prefill budget first.
+        seat, held = self._fair_turn(budget)
         if seat is not None:
             self._preempt(seat)
+        budget -= held
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
@@ -152,6 +154,7 @@ class Scheduler:
                 plan.append((req, n))
                 budget -= n
                 i += 1
+        budget += held
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self._next_waiting()
             if self.config.admission == "past_future" and self.running and not self._future_fits(req):
@@ -183,14 +186,16 @@ class Scheduler:
         copies, self._copies = self._copies, []
         return SchedulerOutput([self._scheduled(r, n) for r, n in plan], preempted, copies)
 
-    def _fair_seat(self) -> Request | None:
-        """Under "fair", when every seat is taken and the tenant next in line holds fewer
-        seats than its weighted share, the request to give up its seat: the last (by
-        policy) of the tenant furthest over its share. One per step, so the batch shifts
-        gradually, and never from a tenant at or below its share, so two busy tenants
-        settle at their shares instead of trading seats back and forth."""
-        if self.vtc is None or not self.waiting or len(self.running) < self.config.max_num_seqs:
-            return None
+    def _fair_turn(self, budget: int) -> tuple[Request | None, int]:
+        """Policy "fair": when the tenant next in line holds fewer seats than its weighted
+        share, (a request to give up its seat when every seat is taken, tokens of the step's
+        budget held back for the newcomer's prefill). The seat comes from the last (by
+        policy) request of the tenant furthest over its share, one per step, never from a
+        tenant at or below its share: two busy tenants settle at their shares instead of
+        trading seats. Holding budget keeps the newcomer's prefill from being squeezed
+        into leftovers behind other tenants' prefill chunks (its TTFT is the point)."""
+        if self.vtc is None or not self.waiting:
+            return None, 0
         seats = self._seats()
         waiting = {r.tenant for r in self.waiting}
         nxt = self.vtc.pick(waiting, seats)
@@ -201,11 +206,16 @@ class Scheduler:
             return seats.get(t, 0) - self.config.max_num_seqs * weights[t] / total
 
         if excess(nxt) + 1 > 0:
-            return None
-        over = max((t for t in seats if t != nxt), key=lambda t: (excess(t), t), default=None)
-        if over is None or excess(over) < 1:
-            return None
-        return max((r for r in self.running if r.tenant == over), key=self.key)
+            return None, 0
+        victim = None
+        if len(self.running) >= self.config.max_num_seqs:
+            over = max((t for t in seats if t != nxt), key=lambda t: (excess(t), t), default=None)
+            if over is None or excess(over) < 1:
+                return None, 0
+            victim = max((r for r in self.running if r.tenant == over), key=self.key)
+        head = next(r for r in self.waiting if r.tenant == nxt)
+        decodes = len(self.running) - (victim is not None)  # the running requests keep a token each
+        return victim, max(0, min(head.num_tokens - head.num_computed_tokens, self.chunk, budget - decodes))
 
     def _seats(self) -> dict[str, int]:
         """Running requests per tenant."""

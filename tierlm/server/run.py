@@ -120,15 +120,16 @@ class _Server(uvicorn.Server):
 
 
 def tierset_for(config: EngineConfig, opts: ServeOptions) -> tuple[TierSetConfig, Tenants]:
-    """The tiers and tenants to serve: the config file's, or one tier named after the model
-    with one tenant (open, or behind --api-key)."""
+    """The tiers and tenants to serve: the config file's (a file without tenants serves
+    everyone as one open tenant), or one tier named after the model with one tenant (open,
+    or behind --api-key)."""
     if opts.tierset is not None:
         ts = opts.tierset
         weights = tuple((t.name, t.weight) for t in ts.tenants)
         tiers = tuple(dataclasses.replace(t, engine=dataclasses.replace(
             t.engine, scheduler=dataclasses.replace(t.engine.scheduler, policy="fair", tenant_weights=weights)))
             for t in ts.tiers)
-        return dataclasses.replace(ts, tiers=tiers), Tenants(ts.tenants)
+        return dataclasses.replace(ts, tiers=tiers), Tenants(ts.tenants) if ts.tenants else Tenants.open()
     name = opts.served_model_name or config.model
     tenants = Tenants.with_keys(opts.api_keys) if opts.api_keys else Tenants.open()
     return TierSetConfig((TierConfig(name, config),), tuple(t.config for t in tenants.all.values()), name), tenants
