@@ -1,6 +1,7 @@
-"""A TierSet server (two tiers, five tenants) through the official client: per-tenant
+"""A TierSet server (two tiers, six tenants) through the official client: per-tenant
 401/403/429 with headers, quota refunds, `auto` routing under budgets and a cost
-ceiling, and the routing/tenant metrics read with Prometheus' parser."""
+ceiling, fair scheduling between tenants, and the routing/tenant metrics read with
+Prometheus' parser."""
 
 from __future__ import annotations
 
@@ -53,6 +54,9 @@ cost_ceiling_usd = 0.006
 [tenants.delta]
 api_keys = ["key-delta"]
 max_concurrent = 1
+
+[tenants.zeta]
+api_keys = ["key-zeta"]
 """
 
 
@@ -216,3 +220,32 @@ def test_tenant_tokens_are_counted(tierset):
     prompt = (("kind", "prompt"), ("tenant", "alpha"))
     assert after[prompt] - before.get(prompt, 0) == r.usage.prompt_tokens
     assert after[key] - before.get(key, 0) == 5
+
+
+def test_fair_scheduling_lets_a_light_tenant_past_a_flood(tierset):
+    """alpha floods deep (8 seats) with 12 streams; zeta's one request arrives after them.
+    Under FCFS it would wait for the 4 queued flood requests; the fair scheduler gives
+    zeta a seat at once, so it starts before every queued flood request does."""
+    import asyncio
+
+    async def first_token(c: openai.AsyncOpenAI, t0: float) -> float:
+        stream = await c.completions.create(model="deep", prompt="Tell me a story.", max_tokens=24, temperature=0,
+                                            stream=True, extra_body={"ignore_eos": True})
+        first = None
+        async for chunk in stream:
+            if first is None and chunk.choices and chunk.choices[0].text:
+                first = time.perf_counter() - t0
+        return first
+
+    async def run():
+        alpha = openai.AsyncOpenAI(base_url=f"{tierset.url}/v1", api_key="key-alpha", max_retries=0, timeout=300)
+        zeta = openai.AsyncOpenAI(base_url=f"{tierset.url}/v1", api_key="key-zeta", max_retries=0, timeout=300)
+        t0 = time.perf_counter()
+        flood = [asyncio.create_task(first_token(alpha, t0)) for _ in range(12)]
+        await asyncio.sleep(1.0)  # the flood is in: 8 running, 4 queued
+        light = await first_token(zeta, t0)
+        return light, sorted(await asyncio.gather(*flood))
+
+    light, flood = asyncio.run(run())
+    # FCFS: zeta starts with the queued flood requests when the first wave ends (~equal times).
+    assert light < flood[8] / 2, (light, flood)
