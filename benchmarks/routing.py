@@ -7,7 +7,8 @@ One `tierlm serve` with the bundled models as tiers (fast = SmolLM2-135M, deep =
 Gemma-3-270M, quality 1 and 2). The budget is 1.5x deep's measured idle latency for the
 probe request, so an idle server routes `auto` to deep. Then `--load` streams flood deep
 (by name) and the same `auto` requests should move to fast, within budget; once the flood
-ends they return to deep. Records each probe's tier, why, and its latency against the budget.
+ends they return to deep. Records each probe's tier and latency against the budget, and
+one probe sent to deep by name under the flood (what `auto` avoided).
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ async def run(url: str, args) -> dict:
     await asyncio.sleep(8)  # the flood is running and queued
     for _ in range(args.probes):
         phases["deep_loaded"].append(await probe(c, "auto", budget))
+    phases["deep_loaded_by_name"] = [await probe(c, "deep")]  # what auto avoided
     stop.set()
     await task
     await asyncio.sleep(2)

@@ -33,12 +33,13 @@ class Guard:
             return await self.app(scope, receive, send)
         headers = {k.decode().lower(): v.decode("latin-1") for k, v in scope["headers"]}
         path, method = scope["path"], scope["method"]
-        problem = self._check(path, method, headers)
-        if problem is None and path.startswith("/v1/"):
+        problem = None
+        if path.startswith("/v1/"):  # first: an unknown caller learns nothing else
             tenant = self.state.tenants.authenticate(headers.get("authorization", ""))
             if tenant is None:
                 problem = 401, "missing or invalid API key", "invalid_request_error", "invalid_api_key", {}
             scope.setdefault("state", {})["tenant"] = tenant
+        problem = problem or self._check(path, method, headers)
         if problem is not None:
             status, message, kind, code, extra = problem
             body = json.dumps(envelope(message, kind, None, code)).encode()

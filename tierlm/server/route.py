@@ -27,7 +27,6 @@ from tierlm.tenancy.tenants import Tenant
 class Routed:
     tier: Tier
     prompts: list[list[int]]  # token ids on the chosen tier's tokenizer
-    reason: str
 
 
 @dataclass
@@ -102,7 +101,7 @@ def choose(state: ServerState, tenant: Tenant, body, params: SamplingParams,
                        type="insufficient_quota" if ceiling else "invalid_request_error",
                        headers=_retry_headers(retry, tenant)) from None
     state.metrics.tier_selected.labels(choice.tier, choice.reason).inc()
-    return Routed(state.tiers[choice.tier], prompts[choice.tier], choice.reason)
+    return Routed(state.tiers[choice.tier], prompts[choice.tier])
 
 
 def _max_output(tier: Tier, prompt_len: int, params: SamplingParams) -> int:
