@@ -9,7 +9,8 @@
 3. Two flooding tenants with weights 2 and 1, the same request shape, `--flood` streams
    each for `--window` seconds: tokens each was served inside the window (counted as they
    stream) and the split against the 2:1 weights (goal: within 10%).
-The official openai client drives every request.
+The official openai client drives every request; the three phases run `--runs` times on
+one server and the ratios are reported as min / median / max.
 """
 
 from __future__ import annotations
@@ -123,6 +124,7 @@ async def run(url: str, args) -> dict:
     return {"light_solo_ttft_s": [round(x, 3) for x in solo], "light_flooded_ttft_s": [round(x, 3) for x in loaded],
             "light_solo_p90_s": round(p90(solo), 3), "light_flooded_p90_s": round(p90(loaded), 3),
             "ttft_p90_ratio": round(p90(loaded) / p90(solo), 2),
+            "ttft_median_ratio": round(statistics.median(loaded) / statistics.median(solo), 2),
             "window_s": args.window, "tokens_in_window": tokens, "weighted_split": round(split, 3),
             "split_error_vs_2to1": round(abs(split - 2) / 2, 3)}
 
@@ -131,7 +133,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--window", type=float, default=60)
     ap.add_argument("--flood", type=int, default=48)
-    ap.add_argument("--light", type=int, default=10)
+    ap.add_argument("--light", type=int, default=20)
+    ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--prompt-repeat", type=int, default=10, help="prompt = this many 17-token sentences")
     args = ap.parse_args()
     global PROMPT
@@ -142,15 +145,22 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     proc = start([sys.executable, "-m", "tierlm.cli", "serve", "--config", str(cfg), "--port", str(port)], url,
                  "/ready")
+    runs = []
     try:
-        result = asyncio.run(run(url, args))
+        for _ in range(args.runs):
+            runs.append(asyncio.run(run(url, args)))
+            print(runs[-1], flush=True)
     finally:
         proc.terminate()
         proc.wait(60)
-    print(result)
+    summary = {key: {"min": min(r[key] for r in runs), "median": statistics.median(r[key] for r in runs),
+                     "max": max(r[key] for r in runs)}
+               for key in ("ttft_p90_ratio", "ttft_median_ratio", "weighted_split", "split_error_vs_2to1")}
+    print(summary)
     cmd = "benchmarks/fairness.py " + " ".join(sys.argv[1:])
     print("recorded:", record("fairness", cmd.strip(), {"flood_streams": args.flood,
-                                                        "prompt_sentences": args.prompt_repeat, **result}))
+                                                        "prompt_sentences": args.prompt_repeat,
+                                                        "summary": summary, "runs": runs}))
 
 
 if __name__ == "__main__":

@@ -228,3 +228,28 @@ def test_fair_newcomer_prefill_is_not_squeezed_behind_other_tenants_chunks():
     light = [x for x in out.scheduled if x.request_id == "light0"]
     assert light and (light[0].start, len(light[0].token_ids)) == (0, 10)  # its whole prompt, this step
     assert out.num_tokens <= 16
+
+
+def test_fair_light_tenant_gets_a_step_without_the_floods_decodes():
+    s = make(num_blocks=256, max_num_batched_tokens=64, max_num_seqs=4, policy="fair")
+    for i in range(4):
+        s.add(_tenant_req(f"flood{i}", "flood"))
+    step(s)
+    step(s)  # four flood requests decoding
+    s.add(_tenant_req("light0", "light", n_prompt=10))
+    out, _ = step(s)
+    assert [x.request_id for x in out.scheduled] == ["light0"] and out.preempted == ["flood3"]
+    out, _ = step(s)  # then everyone runs: light decodes next to the three flood requests left
+    assert sorted(x.request_id for x in out.scheduled) == ["flood0", "flood1", "flood2", "light0"]
+
+
+def test_fair_pause_is_dropped_when_the_newcomer_cannot_start():
+    # The light request needs more blocks than are free: the flood keeps decoding, no empty step.
+    s = make(num_blocks=12, block_size=4, max_num_batched_tokens=64, max_num_seqs=2, policy="fair",
+             admission="greedy")
+    for i in range(2):
+        s.add(_tenant_req(f"flood{i}", "flood", n_prompt=12, max_tokens=8))
+    step(s)
+    s.add(_tenant_req("light0", "light", n_prompt=40))  # 10 blocks; 7 free once flood1 gives its seat
+    out, _ = step(s)
+    assert out.preempted == ["flood1"] and [x.request_id for x in out.scheduled] == ["flood0"]

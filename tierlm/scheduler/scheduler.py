@@ -133,28 +133,12 @@ class Scheduler:
         plan: list[tuple[Request, int]] = []
         preempted: list[str] = []
         # Policy "fair": a tenant below its share gets a seat back and its prefill budget first.
-        seat, held = self._fair_turn(budget)
+        seat, held, paused = self._fair_turn(budget)
         if seat is not None:
             self._preempt(seat)
-        budget -= held
-        i = 0
-        while i < len(self.running) and budget > 0:
-            req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget, self.chunk)
-            if n == 0:  # a beam waiting for the engine to choose its next token
-                i += 1
-                continue
-            while not self.kv.allocate(req.request_id, req.num_computed_tokens + n, req.num_computed_tokens):
-                victim = max(self.running[i:], key=self.key)
-                self._preempt(victim)
-                preempted.append(victim.request_id)
-                if victim is req:
-                    break
-            else:
-                plan.append((req, n))
-                budget -= n
-                i += 1
+        budget = self._advance(budget - held, plan, preempted, paused)
         budget += held
+        started = 0
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self._next_waiting()
             if self.config.admission == "past_future" and self.running and not self._future_fits(req):
@@ -175,6 +159,9 @@ class Scheduler:
             self.running.append(req)
             plan.append((req, n))
             budget -= n
+            started += 1
+        if paused and not started:  # nobody new started: no reason to pause anyone
+            budget = self._advance(budget, plan, preempted)
         if not plan and self.waiting and not preempted:
             # Only beams waiting for their siblings' candidates are running, and those
             # siblings cannot get blocks: make room (the idle beams keep their candidates).
@@ -186,16 +173,44 @@ class Scheduler:
         copies, self._copies = self._copies, []
         return SchedulerOutput([self._scheduled(r, n) for r, n in plan], preempted, copies)
 
-    def _fair_turn(self, budget: int) -> tuple[Request | None, int]:
+    def _advance(self, budget: int, plan: list[tuple[Request, int]], preempted: list[str],
+                 skip: frozenset[str] = frozenset()) -> int:
+        """Plan the running requests' next tokens (a decode token or a prefill chunk) within
+        `budget`, preempting the last by policy when blocks run out; requests of tenants in
+        `skip`, and requests already planned, wait. Returns the budget left."""
+        planned = {r.request_id for r, _ in plan}
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget, self.chunk)
+            if n == 0 or req.tenant in skip or req.request_id in planned:  # n == 0: a beam awaiting its token
+                i += 1
+                continue
+            while not self.kv.allocate(req.request_id, req.num_computed_tokens + n, req.num_computed_tokens):
+                victim = max((r for r in self.running[i:] if r.request_id not in planned), key=self.key)
+                self._preempt(victim)
+                preempted.append(victim.request_id)
+                if victim is req:
+                    break
+            else:
+                plan.append((req, n))
+                planned.add(req.request_id)
+                budget -= n
+                i += 1
+        return budget
+
+    def _fair_turn(self, budget: int) -> tuple[Request | None, int, frozenset[str]]:
         """Policy "fair": when the tenant next in line holds fewer seats than its weighted
         share, (a request to give up its seat when every seat is taken, tokens of the step's
-        budget held back for the newcomer's prefill). The seat comes from the last (by
-        policy) request of the tenant furthest over its share, one per step, never from a
-        tenant at or below its share: two busy tenants settle at their shares instead of
-        trading seats. Holding budget keeps the newcomer's prefill from being squeezed
-        into leftovers behind other tenants' prefill chunks (its TTFT is the point)."""
+        budget held back for the newcomer's prefill, tenants whose requests sit this step
+        out). The seat comes from the last (by policy) request of the tenant furthest over
+        its share, one per step, never from a tenant at or below its share: two busy
+        tenants settle at their shares instead of trading seats. A tenant with nothing
+        running (a light one) also gets a step without the decodes of tenants over their
+        share, so its first token costs about what it costs alone; they lose one step."""
+        nothing = None, 0, frozenset()
         if self.vtc is None or not self.waiting:
-            return None, 0
+            return nothing
         seats = self._seats()
         waiting = {r.tenant for r in self.waiting}
         nxt = self.vtc.pick(waiting, seats)
@@ -206,16 +221,17 @@ class Scheduler:
             return seats.get(t, 0) - self.config.max_num_seqs * weights[t] / total
 
         if excess(nxt) + 1 > 0:
-            return None, 0
+            return nothing
         victim = None
         if len(self.running) >= self.config.max_num_seqs:
             over = max((t for t in seats if t != nxt), key=lambda t: (excess(t), t), default=None)
             if over is None or excess(over) < 1:
-                return None, 0
+                return nothing
             victim = max((r for r in self.running if r.tenant == over), key=self.key)
+        paused = frozenset(t for t in seats if t != nxt and excess(t) >= 1) if not seats.get(nxt) else frozenset()
         head = next(r for r in self.waiting if r.tenant == nxt)
-        decodes = len(self.running) - (victim is not None)  # the running requests keep a token each
-        return victim, max(0, min(head.num_tokens - head.num_computed_tokens, self.chunk, budget - decodes))
+        decodes = sum(1 for r in self.running if r.tenant not in paused and r is not victim)
+        return victim, max(0, min(head.num_tokens - head.num_computed_tokens, self.chunk, budget - decodes)), paused
 
     def _seats(self) -> dict[str, int]:
         """Running requests per tenant."""
