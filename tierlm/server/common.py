@@ -197,13 +197,42 @@ async def merged(tier: Tier, request_id: str, prompts: list[list[int]], params: 
     Closing this generator (client gone) cancels every sub-request, which aborts it. The
     tenant's quota `lease` learns the tokens generated and is settled when this ends.
     """
-    tenant = lease.tenant.name if lease is not None else "default"
+    args = (params, priority, cache_salt, session_id, lease.tenant.name if lease is not None else "default")
+    # One prompt (the common case) is read directly: no task and queue hop per token.
+    outputs = _one(tier, request_id, prompts[0], *args) if len(prompts) == 1 else _fan_in(tier, request_id,
+                                                                                            prompts, *args)
+    try:
+        async for i, out in outputs:
+            if out.finished:
+                tier.recent_outputs.extend(len(c.token_ids) for c in out.outputs)
+            if lease is not None:
+                lease.completion_tokens[i] = sum(len(c.token_ids) for c in out.outputs)
+            yield i, out
+    finally:
+        await outputs.aclose()
+        if lease is not None:
+            lease.settle()
+
+
+async def _one(tier: Tier, request_id: str, ids: list[int], *args) -> AsyncIterator[tuple[int, RequestOutput]]:
+    gen = tier.engine.generate(request_id, ids, *args)
+    try:
+        async for out in gen:
+            yield 0, out
+    except (QueueFullError, EngineDeadError, InvalidRequest) as e:
+        raise _engine_error(e) from None
+    finally:
+        await gen.aclose()  # now, not at garbage collection: an unfinished request is aborted
+
+
+async def _fan_in(tier: Tier, request_id: str, prompts: list[list[int]],
+                  *args) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Several prompts: one task each, outputs interleaved as they come; closing cancels all."""
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(i: int, ids: list[int]) -> None:
-        rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
         try:
-            async for out in tier.engine.generate(rid, ids, params, priority, cache_salt, session_id, tenant):
+            async for out in tier.engine.generate(f"{request_id}-{i}", ids, *args):
                 await queue.put((i, out))
         except Exception as e:  # noqa: BLE001 - forwarded to the consumer
             await queue.put((i, e))
@@ -217,16 +246,11 @@ async def merged(tier: Tier, request_id: str, prompts: list[list[int]], params: 
                 raise _engine_error(item) from None
             if item.finished:
                 remaining -= 1
-                tier.recent_outputs.extend(len(c.token_ids) for c in item.outputs)
-            if lease is not None:
-                lease.completion_tokens[i] = sum(len(c.token_ids) for c in item.outputs)
             yield i, item
     finally:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if lease is not None:
-            lease.settle()
 
 
 async def collect(request: Request, gen: AsyncIterator[tuple[int, RequestOutput]]) -> dict[int, RequestOutput]:

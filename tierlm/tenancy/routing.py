@@ -104,10 +104,9 @@ def _failures(e: Estimate, b: Budgets) -> list[tuple[str, bool]]:
 
 def select(tiers: Sequence[TierConfig], loads: Mapping[str, TierLoad], demand: Demand, budgets: Budgets,
            mode: str = "balanced", fixed: str | None = None) -> Choice:
-    """Pick a tier among `tiers` (those the tenant may use). `fixed` names the one tier a
-    request asked for (mode is then ignored and the reason is "explicit")."""
-    if not tiers:
-        raise NoTierFits(403, "model", "this API key may not use any tier", None)
+    """Pick a tier among `tiers` (those the tenant may use; never empty: the caller answers
+    403 first). `fixed` names the one tier a request asked for (mode is then ignored and
+    the reason is "explicit")."""
     est = {t.name: estimate(t, loads[t.name], demand.prompt_tokens[t.name], demand.output_tokens[t.name],
                             demand.max_output_tokens[t.name]) for t in tiers}
     if fixed is not None or mode == "fixed":
