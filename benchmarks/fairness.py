@@ -20,7 +20,6 @@ import asyncio
 import random
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import openai
 
 from benchmarks.common import record
-from benchmarks.serve_bench import free_port, start
+from benchmarks.serve_bench import start_tierset
 
 CONFIG = """
 [tiers.fast]
@@ -80,8 +79,8 @@ async def light_ttfts(c: openai.AsyncOpenAI, n: int) -> list[float]:
     return out
 
 
-async def flood(c: openai.AsyncOpenAI, streams: int, stop: asyncio.Event, served: list[tuple[float, int]]) -> None:
-    """`streams` closed-loop streams; every received token is logged as (time, count)."""
+async def flood(c: openai.AsyncOpenAI, streams: int, stop: asyncio.Event, served: list[float]) -> None:
+    """`streams` closed-loop streams; the arrival time of every received token goes to `served`."""
 
     rng = random.Random(streams)
 
@@ -91,7 +90,7 @@ async def flood(c: openai.AsyncOpenAI, streams: int, stop: asyncio.Event, served
                                                 temperature=0, stream=True, extra_body={"ignore_eos": True})
             async for chunk in stream:
                 if chunk.choices and chunk.choices[0].text:
-                    served.append((time.perf_counter(), 1))
+                    served.append(time.perf_counter())
 
     await asyncio.gather(*(loop() for _ in range(streams)))
 
@@ -110,7 +109,7 @@ async def run(url: str, args) -> dict:
     loaded = await light_ttfts(light, args.light)
     stop.set()
     await task
-    served: dict[str, list[tuple[float, int]]] = {"heavy2": [], "heavy1": []}
+    served: dict[str, list[float]] = {"heavy2": [], "heavy1": []}
     stop2 = asyncio.Event()
     tasks = [asyncio.create_task(flood(client(url, f"key-{t}"), args.flood, stop2, served[t])) for t in served]
     await asyncio.sleep(10)  # past the start, both tenants backlogged
@@ -119,7 +118,7 @@ async def run(url: str, args) -> dict:
     t1 = time.perf_counter()
     stop2.set()
     await asyncio.gather(*tasks)
-    tokens = {t: sum(n for at, n in log if t0 <= at < t1) for t, log in served.items()}
+    tokens = {t: sum(t0 <= at < t1 for at in log) for t, log in served.items()}
     split = tokens["heavy2"] / max(1, tokens["heavy1"])
     return {"light_solo_ttft_s": [round(x, 3) for x in solo], "light_flooded_ttft_s": [round(x, 3) for x in loaded],
             "light_solo_p90_s": round(p90(solo), 3), "light_flooded_p90_s": round(p90(loaded), 3),
@@ -139,12 +138,7 @@ def main() -> None:
     args = ap.parse_args()
     global PROMPT
     PROMPT = SENTENCE * args.prompt_repeat
-    cfg = Path(tempfile.mkdtemp()) / "fairness.toml"
-    cfg.write_text(CONFIG)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = start([sys.executable, "-m", "tierlm.cli", "serve", "--config", str(cfg), "--port", str(port)], url,
-                 "/ready")
+    proc, url = start_tierset(CONFIG)
     runs = []
     try:
         for _ in range(args.runs):

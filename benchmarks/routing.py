@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import openai
 from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.common import record
-from benchmarks.serve_bench import free_port, start
+from benchmarks.serve_bench import start_tierset
 
 CONFIG = """
 [tiers.fast]
@@ -106,12 +105,7 @@ def main() -> None:
     ap.add_argument("--load", type=int, default=24)
     ap.add_argument("--probes", type=int, default=5)
     args = ap.parse_args()
-    cfg = Path(tempfile.mkdtemp()) / "routing.toml"
-    cfg.write_text(CONFIG)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = start([sys.executable, "-m", "tierlm.cli", "serve", "--config", str(cfg), "--port", str(port)], url,
-                 "/ready")
+    proc, url = start_tierset(CONFIG)
     try:
         result = asyncio.run(run(url, args))
     finally:

@@ -16,6 +16,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -48,6 +49,16 @@ def start(cmd: list[str], url: str, probe: str) -> subprocess.Popen:
             time.sleep(0.3)
     proc.kill()
     raise RuntimeError(f"{cmd[0]} did not start")
+
+
+def start_tierset(config_text: str) -> tuple[subprocess.Popen, str]:
+    """`tierlm serve --config` on a TierSet written to a temporary file; (process, base URL)."""
+    cfg = Path(tempfile.mkdtemp()) / "tierset.toml"
+    cfg.write_text(config_text)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    return start([sys.executable, "-m", "tierlm.cli", "serve", "--config", str(cfg), "--port", str(port)], url,
+                 "/ready"), url
 
 
 async def one(client: httpx.AsyncClient, url: str, prompt: str) -> dict:
