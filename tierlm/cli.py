@@ -26,6 +26,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="bundled model name, .gguf file or HF directory "
                                                   "(default: smollm2-135m)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="compute dtype")
+    p.add_argument("--quantization", default="auto", choices=["auto", "none", "int8", "int4"],
+                   help="linear-layer weights for decode: auto keeps a GGUF file's 4-bit blocks as int4 "
+                        "(others dense); int8/int4 also quantize dense weights on load (HF checkpoints); "
+                        "none runs dense weights throughout (prefill always uses dense bf16 copies)")
     p.add_argument("--no-deterministic", action="store_true",
                    help="allow faster kernels whose results depend on batch composition")
     p.add_argument("--max-model-len", type=int, default=None, help="context length cap (default: the model's)")
@@ -88,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _config(args) -> EngineConfig:
     sched = {k: getattr(args, k) for k in ("max_num_seqs", "max_num_batched_tokens") if hasattr(args, k)}
     return EngineConfig(model=args.model or "smollm2-135m", dtype=args.dtype, deterministic=not args.no_deterministic,
+                        quantization=args.quantization,
                         cache=CacheConfig(kv_cache_gb=args.kv_cache_gb,
                                           enable_prefix_caching=not args.no_prefix_caching,
                                           kv_warm_gb=args.kv_warm_gb, kv_cold_dir=args.kv_cold_dir,

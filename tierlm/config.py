@@ -13,6 +13,7 @@ import torch
 from tierlm.tenancy.quotas import QuotaLimits
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+QUANTIZATIONS = ("auto", "none", "int8", "int4")
 
 
 class ConfigError(ValueError):
@@ -168,17 +169,27 @@ class EngineConfig:
     `dtype` is the compute dtype of weights and activations; logits and sampling are
     always float32. `deterministic` makes every request's numbers independent of its
     batch neighbours and of chunking (batch-invariant kernels, see layers/linear.py).
+    `quantization` is the weight format of the linear layers for decode: "auto" keeps a
+    GGUF file's 4-bit blocks as int4 and everything else dense; "int8" / "int4" also
+    quantize the dense ones on load (HF checkpoints); "none" runs every layer dense.
+    The quantized kernels take bf16 activations, so anything but "none"/"auto" needs
+    dtype bfloat16 (and "auto" under float32 means dense).
     """
 
     model: str = "smollm2-135m"
     dtype: str = "bfloat16"
     deterministic: bool = True
+    quantization: str = "auto"
     seed: int = 0
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def __post_init__(self) -> None:
         _require(self.dtype in _DTYPES, f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        _require(self.quantization in QUANTIZATIONS,
+                 f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
+        _require(self.quantization in ("auto", "none") or self.dtype == "bfloat16",
+                 f"quantization {self.quantization} needs dtype bfloat16 (its kernels take bf16 activations)")
 
     @property
     def torch_dtype(self) -> torch.dtype:

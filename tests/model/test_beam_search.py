@@ -22,7 +22,7 @@ def llm(cache_dir):
 
 def logprob_of(llm, prompt_ids: list[int], output: list[int]) -> float:
     ids = prompt_ids + output
-    lps = torch.log_softmax(llm.engine.prompt_logits(ids).float(), dim=-1)
+    lps = torch.log_softmax(llm.engine.prompt_logits(ids, len(prompt_ids)).float(), dim=-1)
     return sum(lps[p - 1, ids[p]].item() for p in range(len(prompt_ids), len(ids)))
 
 

@@ -32,6 +32,10 @@ class AttentionMetadata:
     first_key_tile: the first key tile any query of the step can see (sliding windows
                    skip tiles wholly behind every window; their blocks may be freed).
     window:        sliding window of the group's layers (None = full causal attention).
+    key_bias:      [Qt * key tiles, 1, Tq * G, KEY_TILE] float32 0 where a tile query sees
+                   the key, -inf where it must not (causal bound, window); rows repeat per
+                   query head of a KV head (G). Built once per step, shared by its layers.
+    unseen:        [Qt * key tiles, 1, Tq * G] True where a query sees no key of the tile.
     """
 
     slot_mapping: torch.Tensor
@@ -42,6 +46,8 @@ class AttentionMetadata:
     num_key_tiles: int
     first_key_tile: int = 0
     window: int | None = None
+    key_bias: torch.Tensor | None = None
+    unseen: torch.Tensor | None = None
 
 
 class AttentionBackend(Protocol):

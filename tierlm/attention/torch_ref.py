@@ -1,16 +1,18 @@
 """Paged attention in plain PyTorch: the CPU default and the reference for other backends.
 
 Batch invariance by construction: queries are cut into tiles of `QUERY_TILE` rows and
-keys into tiles of `KEY_TILE` positions aligned at absolute position 0, every product
-is a fixed-shape bmm (whose per-item results do not depend on the batch count), and
-the softmax is accumulated online over key tiles in order. A key tile lying wholly
-beyond a query's position is an exact no-op for that query (max unchanged, scale
-exp(0) = 1, zero weights), so a query's result depends only on its own context, not
-on how many tokens share its step or chunk.
+keys into tiles of `KEY_TILE` positions aligned at absolute position 0. Every (query
+tile, key tile) pair is one item of a single fused attention call (PyTorch's CPU flash
+kernel: bf16 K/V read in place, fp32 softmax), each item of the same fixed shape, so
+an item's result does not depend on how many items share the call. The kernel returns
+each item's output normalised within its key tile plus its log-sum-exp; the key tiles
+are then combined in ascending order against the overall maximum (exact, order-free).
+A key tile a query cannot see (beyond its position, or behind its sliding window) gets
+weight exactly 0, so a query's result depends only on its own context, not on how many
+tokens or key tiles share its step.
 
-Sliding windows mask keys at or before `position - window`; a tile a query cannot see
-at all stays an exact no-op for it (a running max of -inf is shifted by 0 instead,
-so nothing becomes NaN), which is why tiles behind every window are simply skipped.
+Few operations per layer, whatever the context: that is what a decode step on a CPU is
+made of (an earlier per-key-tile loop in float32 cost ~4x more here).
 """
 
 from __future__ import annotations
@@ -21,6 +23,16 @@ from tierlm.attention.base import AttentionMetadata
 
 QUERY_TILE = 4
 KEY_TILE = 128
+_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+
+def _vector_exp(x: torch.Tensor) -> torch.Tensor:
+    """exp with every element on the kernel's vector path. An elementwise kernel runs the
+    elements past the last full vector (and near a thread split) through its scalar
+    function, whose exp can differ in the last bit; which elements those are depends on
+    the tensor's size, i.e. on the batch. Computing over 32 copies of each element makes
+    the size a multiple of 32, so every split and the end fall on vector boundaries."""
+    return torch.exp(x.unsqueeze(-1).expand(*x.shape, 32))[..., 0]
 
 
 class TorchPagedAttention:
@@ -44,46 +56,27 @@ class TorchPagedAttention:
 
         qt, tq = meta.tile_rows.shape
         hkv, g, d = self.hkv, self.group, self.d
-        # [Qt, Tq, Hkv, G, D] -> [Qt * Hkv, Tq * G, D]; q head h reads kv head h // G.
-        qtiles = q[meta.tile_rows].float().view(qt, tq, hkv, g, d)
-        qtiles = qtiles.permute(0, 2, 1, 3, 4).reshape(qt * hkv, tq * g, d) * self.scale
-        # Causal bound per (tile, row), broadcast over heads and group members.
-        qpos = meta.tile_positions.view(qt, 1, tq, 1, 1)
-
-        m = torch.full((qt * hkv, tq * g, 1), float("-inf"))
-        denom = torch.zeros((qt * hkv, tq * g, 1))
-        acc = torch.zeros((qt * hkv, tq * g, d))
-        # Visible context once per layer: [Qt * Hkv, key tiles * KEY_TILE, D] (tile_blocks
-        # starts at first_key_tile).
-        first, window = meta.first_key_tile, meta.window
-        keys, values = self._gather(k_cache, meta.tile_blocks), self._gather(v_cache, meta.tile_blocks)
-        key_offsets = torch.arange(KEY_TILE)
-        for j in range(first, meta.num_key_tiles):
-            span = slice((j - first) * KEY_TILE, (j - first + 1) * KEY_TILE)
-            s = torch.bmm(qtiles, keys[:, span].transpose(1, 2))
-            key_pos = (j * KEY_TILE + key_offsets).view(1, 1, 1, 1, KEY_TILE)
-            visible = key_pos <= qpos
-            if window is not None:
-                visible = visible & (key_pos > qpos - window)
-            visible = visible.expand(qt, hkv, tq, g, KEY_TILE).reshape(qt * hkv, tq * g, KEY_TILE)
-            s = s.masked_fill(~visible, float("-inf"))
-            m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
-            shift = m_new
-            if window is not None:  # rows that have seen no key yet: exp(-inf - 0) = 0, not NaN
-                shift = torch.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = torch.exp(m - shift)
-            p = torch.exp(s - shift)
-            denom = denom * alpha + p.sum(dim=-1, keepdim=True)
-            acc = acc * alpha + torch.bmm(p, values[:, span])
-            m = m_new
-        out = (acc / denom).view(qt, hkv, tq, g, d).permute(0, 2, 1, 3, 4).reshape(qt * tq, hkv * g * d)
+        nt = meta.num_key_tiles - meta.first_key_tile
+        # Queries [Qt, Tq, Hkv, G, D] -> one item per (query tile, key tile):
+        # [Qt * nt, Hkv, Tq * G, D]; q head h reads kv head h // G.
+        qtiles = q[meta.tile_rows].view(qt, 1, tq, hkv, g, d).permute(0, 1, 3, 2, 4, 5)
+        qtiles = qtiles.expand(qt, nt, hkv, tq, g, d).reshape(qt * nt, hkv, tq * g, d).to(k_cache.dtype)
+        keys, values = self._tiles(k_cache, meta.tile_blocks), self._tiles(v_cache, meta.tile_blocks)
+        out, lse = _flash(qtiles, keys, values, attn_mask=meta.key_bias.to(k_cache.dtype), scale=self.scale)
+        if nt > 1:
+            # The kernel reports lse 0 for a row with no visible key: make its weight 0.
+            lse = lse.masked_fill(meta.unseen, float("-inf")).view(qt, nt, hkv, tq * g, 1)
+            weights = _vector_exp(lse - lse.amax(dim=1, keepdim=True))
+            tiles = out.view(qt, nt, hkv, tq * g, d).float() * weights
+            acc, denom = tiles[:, 0], weights[:, 0]
+            for j in range(1, nt):  # ascending, one add per tile: the same order at any nt
+                acc = acc + tiles[:, j]
+                denom = denom + weights[:, j]
+            out = acc / denom
+        out = out.view(qt, hkv, tq, g, d).permute(0, 2, 1, 3, 4).reshape(qt * tq, hkv * g * d)
         return out[meta.token_tile_index].to(q.dtype)
 
-    def _gather(self, cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-        """Blocks [Qt, nb] -> keys/values [Qt * Hkv, nb * block_size, D] in float32 (one copy)."""
+    def _tiles(self, cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        """Blocks [Qt, nb] -> [Qt * key tiles, Hkv, KEY_TILE, D]: one gather, then a view."""
         qt, nb = blocks.shape
-        length = nb * self.block_size
-        x = cache[blocks].view(qt, length, self.hkv, self.d).permute(0, 2, 1, 3)
-        out = torch.empty((qt, self.hkv, length, self.d), dtype=torch.float32)
-        out.copy_(x)  # cast and head-major reorder in a single pass
-        return out.view(qt * self.hkv, length, self.d)
+        return cache[blocks].view(qt * nb // self.blocks_per_tile, KEY_TILE, self.hkv, self.d).transpose(1, 2)

@@ -69,7 +69,8 @@ def model_key(path: Path, config: EngineConfig) -> str:
     and mtime), the compute dtype and the kernel mode. Part of every prefix-cache hash."""
     files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
     stamp = ";".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
-    return f"{path.resolve()}|{stamp}|{config.dtype}|deterministic={config.deterministic}"
+    return (f"{path.resolve()}|{stamp}|{config.dtype}|quantization={config.quantization}"
+            f"|deterministic={config.deterministic}")
 
 
 class LLMEngine:
@@ -78,7 +79,8 @@ class LLMEngine:
         t0 = time.perf_counter()
         cache_dir = cache_dir or default_cache_dir()
         self.loaded = model_loader.load(config.model, dtype=config.torch_dtype, block_size=config.cache.block_size,
-                                        deterministic=config.deterministic, cache_dir=cache_dir, progress=progress)
+                                        deterministic=config.deterministic, cache_dir=cache_dir, progress=progress,
+                                        quantization=config.quantization)
         if config.deterministic:
             kernel_probe.ensure_probed(self.loaded.model, config.torch_dtype, cache_dir)
         self.load_seconds = time.perf_counter() - t0
@@ -92,7 +94,7 @@ class LLMEngine:
         self._model_key = model_key(self.loaded.path, config)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.model_config.eos_token_ids)
         self.runner = ModelRunner(self.loaded.model, self.model_config, blocks, config.cache.block_size,
-                                  config.torch_dtype)
+                                  config.torch_dtype, config.deterministic)
         if config.cache.enable_prefix_caching:
             self._attach_tiers(config.cache)
         # (layer index, block) of every sparse MoE block, for per-expert load statistics.
@@ -232,17 +234,19 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self._parents)
 
-    def prompt_logits(self, ids: list[int]) -> torch.Tensor:
+    def prompt_logits(self, ids: list[int], prompt_len: int | None = None) -> torch.Tensor:
         """float32 logits at every position of `ids` (one paged forward, outside the scheduler).
 
         Used for scoring (perplexity, numerics checks); the blocks are borrowed and returned.
+        Positions from `prompt_len` on are computed as generated tokens (their weight
+        format), so scoring a request's prompt + output repeats the numbers it was sampled from.
         """
         probe = f"__score-{self._seq}"
         self.validate(ids, SamplingParams(max_tokens=1))
         if not self.kv.allocate(probe, len(ids)):
             raise InvalidRequest("not enough free KV cache to score this prompt now")
         try:
-            return self.runner.all_logits(ids, self.kv.block_tables(probe))
+            return self.runner.all_logits(ids, self.kv.block_tables(probe), prompt_len)
         finally:
             self.kv.free(probe)
 

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tierlm.layers.quant import QuantizedWeight
+
 CANDIDATE_TILES = (1, 2, 4, 8, 16, 32, 64)
 # A different summation order changes a bf16 output only when the sum straddles a
 # rounding boundary: about 1 element in 7,000 for K=1536. The probe compares ~2^18
@@ -80,11 +82,23 @@ def invariant_mm(x: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts) if parts else x.new_empty(0, w_t.shape[1])
 
 
+# Below this many rows a quantized weight's own kernel beats a bf16 GEMM (measured on
+# AVX-512/AMX: int4 wins up to ~8-16 rows, bf16 from ~32); used when rows are not
+# assigned a format by role (non-deterministic mode).
+DENSE_MIN_ROWS = 16
+
+
 class Linear(nn.Module):
     """y = x W^T (+ b) over a flat [tokens, in] activation.
 
     The weight is a plain [out, in] parameter so loaders can fill it directly;
-    `deterministic` selects the batch-invariant tiled kernel.
+    `deterministic` selects the batch-invariant tiled kernel. A layer may also hold a
+    quantized copy (`set_quantized`, layers/quant.py): its rows then run in one of two
+    formats, the quantized kernel (decode) or a dense bf16 copy (prefill, built from the
+    quantized weight on first use). `dense_rows` says which: the first `dense_rows` rows
+    use the dense copy and the rest the quantized kernel (the caller orders rows so that
+    a token's format follows from its role, never from its batch), or None to choose by
+    the number of rows (faster, batch-variant).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
@@ -94,11 +108,50 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
         self.deterministic = deterministic
+        self.quantized: QuantizedWeight | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.deterministic:
-            return F.linear(x, self.weight, self.bias)
-        y = invariant_mm(x, self.weight.t())
+    def set_quantized(self, q: QuantizedWeight) -> None:
+        """Hold `q` instead of the dense weight (built again from `q` when prefill needs it)."""
+        self.quantized = q
+        self.weight = nn.Parameter(torch.empty(0, dtype=torch.bfloat16), requires_grad=False)
+
+    def dense_weight(self) -> torch.Tensor:
+        if self.weight.numel() == 0 and self.quantized is not None:
+            self.weight.data = self.quantized.dequantize().to(torch.bfloat16)
+        return self.weight
+
+    def _dense(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.dense_weight()
+        return invariant_mm(x, w.t()) if self.deterministic else F.linear(x, w)
+
+    def forward(self, x: torch.Tensor, dense_rows: int | None = 0) -> torch.Tensor:
+        q = self.quantized
+        if q is None:
+            y = self._dense(x)
+        else:
+            m = x.shape[0]
+            dense = (m if m >= DENSE_MIN_ROWS else 0) if dense_rows is None else min(dense_rows, m)
+            if dense == m:
+                y = self._dense(x)
+            elif dense == 0:
+                y = q.mm(x)
+            else:
+                y = torch.cat([self._dense(x[:dense]), q.mm(x[dense:])])
         if self.bias is not None:
             y = y + self.bias
         return y
+
+
+def rows_by_format(layer: Linear, x: torch.Tensor, dense: torch.Tensor, dense_rows: int | None) -> torch.Tensor:
+    """`layer` over rows of `x` in any order, `dense` marking those that take the dense
+    format: they go first, and the results come back in x's order."""
+    if dense_rows is None or layer.quantized is None:
+        return layer(x, dense_rows)
+    n = int(dense.sum())
+    if n in (0, x.shape[0]):
+        return layer(x, n)
+    order = torch.argsort(~dense, stable=True)
+    y = layer(x[order], n)
+    out = torch.empty_like(y)
+    out[order] = y
+    return out

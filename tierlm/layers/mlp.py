@@ -16,5 +16,5 @@ class GatedMLP(nn.Module):
         self.down_proj = Linear(intermediate_size, hidden_size, deterministic=deterministic)
         self.act = GATED_ACTIVATIONS[act]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+    def forward(self, x: torch.Tensor, dense_rows: int | None = 0) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x, dense_rows)), dense_rows)

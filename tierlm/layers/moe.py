@@ -46,9 +46,11 @@ class SparseMoE(nn.Module):
             self.shared_expert_gate = Linear(hidden_size, 1, deterministic=deterministic)
         self.register_buffer("expert_tokens", torch.zeros(moe.num_experts, dtype=torch.long), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, dense_rows: int | None = 0) -> torch.Tensor:
+        """`dense_rows`: see Linear; an expert's tokens stay ascending, so its first
+        rows below `dense_rows` are exactly its dense ones."""
         k, num_experts = self.cfg.top_k, self.cfg.num_experts
-        experts, weights = route(self.gate(x), k, self.cfg.norm_topk_prob)
+        experts, weights = route(self.gate(x, dense_rows), k, self.cfg.norm_topk_prob)
         flat = experts.flatten()  # token-major: entry i is (token i // k, choice i % k)
         counts = torch.bincount(flat, minlength=num_experts)
         self.expert_tokens += counts
@@ -62,8 +64,9 @@ class SparseMoE(nn.Module):
             entries = order[start : start + n]
             start += n
             tokens = entries // k
-            y = self.experts[e](x[tokens]) * weights.flatten()[entries, None]
+            rows = None if dense_rows is None else int((tokens < dense_rows).sum())
+            y = self.experts[e](x[tokens], rows) * weights.flatten()[entries, None]
             out.index_add_(0, tokens, y.to(x.dtype))
         if self.shared_expert is not None:
-            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+            out = out + torch.sigmoid(self.shared_expert_gate(x, dense_rows)) * self.shared_expert(x, dense_rows)
         return out

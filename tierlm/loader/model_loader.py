@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from tierlm.config import ModelConfig
+from tierlm.layers import quant
+from tierlm.layers.linear import Linear
+from tierlm.layers.quant import Q4
 from tierlm.loader import bundled, configs, tokenizer, weights
 from tierlm.loader.gguf import GGUFFile
 from tierlm.models.registry import model_class
@@ -22,6 +25,8 @@ class LoadedModel:
     path: Path
     # Kept open for GGUF sources: the raw quantized blocks stay addressable (memory map).
     gguf: GGUFFile | None = None
+    # Linear layers per decode weight format, e.g. {"int4": 210, "dense": 1}.
+    formats: dict[str, int] = field(default_factory=dict)
 
 
 # Checkpoint tensors fused into one of our parameters, by the last two name parts
@@ -44,10 +49,32 @@ def _fusion_target(name: str) -> tuple[str, str, int] | None:
     return f"{stem}.{dst}", dst, i
 
 
-def _fill(model: nn.Module, tensors, dtype: torch.dtype, progress: bool, total: int) -> None:
+def _join(parts: list[torch.Tensor | Q4]) -> torch.Tensor | Q4:
+    """Concatenate fused sources by rows; quantized only if every part is."""
+    if all(isinstance(p, Q4) for p in parts):
+        return Q4.cat(parts)
+    return torch.cat([p.dequantize() if isinstance(p, Q4) else p for p in parts])
+
+
+def _quantized(layer: Linear, t: torch.Tensor | Q4, quantization: str) -> quant.QuantizedWeight | None:
+    """The layer's decode-time weight format for checkpoint tensor `t`, or None for dense."""
+    if isinstance(t, Q4):
+        return quant.Int4Weight(t)
+    if quantization == "int8":
+        return quant.Int8Weight(t)
+    if quantization == "int4" and layer.in_features % quant.GROUP == 0:
+        return quant.Int4Weight(quant.quantize_q4(t))
+    return None
+
+
+def _fill(model: nn.Module, tensors, dtype: torch.dtype, progress: bool, total: int,
+          quantization: str) -> dict[str, int]:
+    """Put every checkpoint tensor in its place; returns layer counts per weight format."""
     params = dict(model.named_parameters())
-    pending: dict[str, dict[int, torch.Tensor]] = {}
+    modules = dict(model.named_modules())
+    pending: dict[str, dict[int, torch.Tensor | Q4]] = {}
     seen: set[str] = set()
+    formats: dict[str, int] = {}
     from tqdm import tqdm
 
     for name, t in tqdm(tensors, total=total, desc="loading weights", unit="tensor",
@@ -59,14 +86,24 @@ def _fill(model: nn.Module, tensors, dtype: torch.dtype, progress: bool, total: 
             parts[i] = t
             if len(parts) < len(_FUSED[leaf]):
                 continue
-            name, t = target, torch.cat([parts[j] for j in range(len(parts))])
+            name, t = target, _join([parts[j] for j in range(len(parts))])
             del pending[target]
         if name not in params:
             raise weights.WeightsError(f"checkpoint tensor {name!r} has no place in the model")
         if params[name].shape != t.shape:
             raise weights.WeightsError(
                 f"{name}: checkpoint shape {tuple(t.shape)} != model {tuple(params[name].shape)}")
-        params[name].data = t.to(dtype)
+        owner = modules.get(name.removesuffix(".weight"))
+        q = None
+        if isinstance(owner, Linear) and name.endswith(".weight") and quantization != "none":
+            q = _quantized(owner, t, quantization)
+        if q is not None:
+            owner.set_quantized(q)
+            formats[f"int{q.bits}"] = formats.get(f"int{q.bits}", 0) + 1
+        else:
+            params[name].data = (t.dequantize() if isinstance(t, Q4) else t).to(dtype)
+            if isinstance(owner, Linear):
+                formats["dense"] = formats.get("dense", 0) + 1
         seen.add(name)
     tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
     missing = set(params) - seen - tied
@@ -74,17 +111,22 @@ def _fill(model: nn.Module, tensors, dtype: torch.dtype, progress: bool, total: 
         raise weights.WeightsError(f"checkpoint lacks tensors: {sorted(missing | set(pending))[:5]}")
     if tied:
         model.lm_head.weight = model.embed_tokens.weight
+        formats["dense"] = formats.get("dense", 0) + 1
+    return formats
 
 
 def load(model: str, *, dtype: torch.dtype, block_size: int, deterministic: bool,
-         cache_dir: Path, progress: bool = False) -> LoadedModel:
+         cache_dir: Path, progress: bool = False, quantization: str = "auto") -> LoadedModel:
+    """`quantization`: see EngineConfig (the int4/int8 kernels need dtype bfloat16)."""
     path = bundled.resolve(model, cache_dir)
+    if dtype != torch.bfloat16 and quantization == "auto":
+        quantization = "none"  # float32 asks for precision: dense throughout
     if path.is_file():
         g = GGUFFile(path)
         cls = model_class(g.architecture)
         cfg = configs.gguf_config(g)
         tok = tokenizer.from_gguf(g, cache_dir)
-        tensors, total, source = weights.gguf_weights(g, cfg), len(g.tensors), g
+        tensors, total, source = weights.gguf_weights(g, cfg, keep_q4=quantization != "none"), len(g.tensors), g
     else:
         cls = model_class(configs.hf_architecture(path))
         cfg = configs.hf_config(path)
@@ -96,6 +138,6 @@ def load(model: str, *, dtype: torch.dtype, block_size: int, deterministic: bool
 
         cfg = replace(cfg, eos_token_ids=stops)
     net = cls(cfg, block_size=block_size, deterministic=deterministic)
-    _fill(net, tensors, dtype, progress, total)
+    formats = _fill(net, tensors, dtype, progress, total, quantization)
     net.eval()
-    return LoadedModel(net, cfg, tok, path, source)
+    return LoadedModel(net, cfg, tok, path, source, formats)

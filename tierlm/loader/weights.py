@@ -1,6 +1,7 @@
 """Model weights from GGUF files or HF checkpoint directories.
 
-Both sources are normalised to one form: float32 tensors under HF-style names
+Both sources are normalised to one form: float32 tensors (or, for GGUF 4-bit blocks
+when asked, `quant.Q4` codes that map onto the int4 kernel unchanged) under HF-style names
 without the "model." prefix (embed_tokens.weight, layers.N.self_attn.q_proj.weight,
 ..., norm.weight, lm_head.weight), with GGUF's conversion-time edits undone (llama
 q/k row permutation, Gemma's +1 on norm weights) and legacy expert names (Mixtral's
@@ -15,6 +16,8 @@ from pathlib import Path
 import torch
 
 from tierlm.config import ModelConfig
+from tierlm.layers import quant
+from tierlm.layers.quant import Q4
 from tierlm.loader.gguf import GGUFFile
 
 
@@ -52,14 +55,17 @@ _GGUF_GLOBAL_NAMES = {
 }
 
 
-def _unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Undo llama.cpp's convert-time permute (interleaved -> rotate-half rows)."""
+def _unpermute(w: torch.Tensor | Q4, n_heads: int) -> torch.Tensor | Q4:
+    """Undo llama.cpp's convert-time permute (interleaved -> rotate-half rows): a row
+    permutation, so it applies to quantized rows (whole 32-element groups) alike."""
     rows = w.shape[0]
-    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    order = torch.arange(rows).reshape(n_heads, rows // n_heads // 2, 2).swapaxes(1, 2).reshape(rows)
+    return w.rows(order) if isinstance(w, Q4) else w[order]
 
 
-def gguf_weights(g: GGUFFile, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, float32 tensor) one at a time so peak memory stays one tensor."""
+def gguf_weights(g: GGUFFile, cfg: ModelConfig, keep_q4: bool = False) -> Iterator[tuple[str, torch.Tensor | Q4]]:
+    """Yield (name, float32 tensor) one at a time so peak memory stays one tensor; with
+    `keep_q4`, 2-D tensors stored as Q4_0/Q4_1/Q4_K come as `Q4` instead."""
     permute = cfg.architecture == "llama"
     gemma = cfg.architecture.startswith("gemma")
     names = _GGUF_GEMMA_NAMES if gemma else _GGUF_LAYER_NAMES
@@ -74,7 +80,7 @@ def gguf_weights(g: GGUFFile, cfg: ModelConfig) -> Iterator[tuple[str, torch.Ten
             name = f"layers.{parts[1]}.{names[local]}"
         else:
             raise WeightsError(f"unexpected tensor {gname!r} in GGUF file")
-        w = t.dequantize()
+        w = (quant.gguf_q4(t.raw, t.ggml_type, t.shape) if keep_q4 else None) or t.dequantize()
         if permute and local.startswith("attn_q."):
             w = _unpermute(w, cfg.num_heads)
         elif permute and local.startswith("attn_k."):

@@ -19,7 +19,7 @@ from tierlm.attention.base import AttentionMetadata
 from tierlm.attention.torch_ref import TorchPagedAttention
 from tierlm.config import ModelConfig
 from tierlm.layers.activation import row_tiled
-from tierlm.layers.linear import Linear
+from tierlm.layers.linear import Linear, rows_by_format
 from tierlm.layers.mlp import GatedMLP
 from tierlm.layers.norm import GemmaRMSNorm
 from tierlm.layers.rotary import RotaryEmbedding
@@ -39,12 +39,13 @@ class Gemma3Attention(nn.Module):
         self.backend = backend
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
-                meta: AttentionMetadata) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split([self.h * self.d, self.hkv * self.d, self.hkv * self.d], dim=-1)
+                meta: AttentionMetadata, dense_rows: int | None) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x, dense_rows).split([self.h * self.d, self.hkv * self.d, self.hkv * self.d], dim=-1)
         q = self.q_norm(q.reshape(-1, self.h, self.d))
         k = self.k_norm(k.reshape(-1, self.hkv, self.d))
         q, k = self.rope(positions, q, k)
-        return self.o_proj(self.backend.forward(q, k, v.reshape(-1, self.hkv, self.d), kv[0], kv[1], meta))
+        attn = self.backend.forward(q, k, v.reshape(-1, self.hkv, self.d), kv[0], kv[1], meta)
+        return self.o_proj(attn, dense_rows)
 
 
 class Gemma3DecoderLayer(nn.Module):
@@ -59,9 +60,10 @@ class Gemma3DecoderLayer(nn.Module):
         self.mlp = GatedMLP(dim, cfg.intermediate_size, cfg.hidden_act, deterministic)
         self.post_feedforward_layernorm = GemmaRMSNorm(dim, eps)
 
-    def forward(self, x, positions, kv, meta):
-        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), positions, kv, meta))
-        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+    def forward(self, x, positions, kv, meta, dense_rows):
+        attn = self.self_attn(self.input_layernorm(x), positions, kv, meta, dense_rows)
+        x = x + self.post_attention_layernorm(attn)
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x), dense_rows))
 
 
 class Gemma3ForCausalLM(nn.Module):
@@ -89,13 +91,14 @@ class Gemma3ForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], metas: list[AttentionMetadata],
-                logits_indices: torch.Tensor) -> torch.Tensor:
+                logits_indices: torch.Tensor, dense_rows: int | None = 0) -> torch.Tensor:
         """One step -> float32 logits [len(logits_indices), vocab] (see LlamaForCausalLM.forward)."""
         weight = self.embed_tokens.weight
         x = self.embed_tokens(input_ids) * torch.tensor(self.embed_scale, dtype=weight.dtype)
         for layer, kv, meta in zip(self.layers, kv_caches, metas):
-            x = layer(x, positions, kv, meta)
-        logits = self.lm_head(self.norm(x[logits_indices])).float()
+            x = layer(x, positions, kv, meta, dense_rows)
+        dense = logits_indices < (dense_rows or 0)
+        logits = rows_by_format(self.lm_head, self.norm(x[logits_indices]), dense, dense_rows).float()
         if self.config.final_logit_softcap is not None:
             cap = self.config.final_logit_softcap
             logits = row_tiled(lambda v: torch.tanh(v / cap) * cap, logits, logits.shape[-1])

@@ -17,7 +17,7 @@ from torch import nn
 from tierlm.attention.base import AttentionMetadata
 from tierlm.attention.torch_ref import TorchPagedAttention
 from tierlm.config import ModelConfig
-from tierlm.layers.linear import Linear
+from tierlm.layers.linear import Linear, rows_by_format
 from tierlm.layers.mlp import GatedMLP
 from tierlm.layers.moe import SparseMoE
 from tierlm.layers.norm import RMSNorm
@@ -38,8 +38,8 @@ class LlamaAttention(nn.Module):
         self.backend = backend
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
-                meta: AttentionMetadata) -> torch.Tensor:
-        qkv = self.qkv_proj(x)
+                meta: AttentionMetadata, dense_rows: int | None) -> torch.Tensor:
+        qkv = self.qkv_proj(x, dense_rows)
         q, k, v = qkv.split([self.h * self.d, self.hkv * self.d, self.hkv * self.d], dim=-1)
         q = q.view(-1, self.h, self.d)
         k = k.view(-1, self.hkv, self.d)
@@ -47,7 +47,7 @@ class LlamaAttention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rope(positions, q, k)
-        return self.o_proj(self.backend.forward(q, k, v, kv[0], kv[1], meta))
+        return self.o_proj(self.backend.forward(q, k, v, kv[0], kv[1], meta), dense_rows)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -62,9 +62,9 @@ class LlamaDecoderLayer(nn.Module):
         else:
             self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, deterministic)
 
-    def forward(self, x, positions, kv, meta):
-        x = x + self.self_attn(self.input_layernorm(x), positions, kv, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, positions, kv, meta, dense_rows):
+        x = x + self.self_attn(self.input_layernorm(x), positions, kv, meta, dense_rows)
+        return x + self.mlp(self.post_attention_layernorm(x), dense_rows)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -89,13 +89,15 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], metas: list[AttentionMetadata],
-                logits_indices: torch.Tensor) -> torch.Tensor:
+                logits_indices: torch.Tensor, dense_rows: int | None = 0) -> torch.Tensor:
         """Run one step; returns float32 logits [len(logits_indices), vocab] for the rows asked.
 
-        `kv_caches[i]` and `metas[i]` are layer i's cache pages and attention metadata.
+        `kv_caches[i]` and `metas[i]` are layer i's cache pages and attention metadata;
+        `dense_rows` picks each row's weight format (see Linear).
         """
         x = self.embed_tokens(input_ids)
         for layer, kv, meta in zip(self.layers, kv_caches, metas):
-            x = layer(x, positions, kv, meta)
+            x = layer(x, positions, kv, meta, dense_rows)
         x = self.norm(x[logits_indices])
-        return self.lm_head(x).float()
+        dense = logits_indices < (dense_rows or 0)
+        return rows_by_format(self.lm_head, x, dense, dense_rows).float()

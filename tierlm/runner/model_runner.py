@@ -39,8 +39,11 @@ def num_kv_blocks(cfg: ModelConfig, cache: CacheConfig, dtype: torch.dtype) -> i
 
 class ModelRunner:
     def __init__(self, model: nn.Module, cfg: ModelConfig, num_blocks: int, block_size: int,
-                 dtype: torch.dtype) -> None:
+                 dtype: torch.dtype, deterministic: bool = True) -> None:
         self.model = model
+        # Deterministic: a row's weight format follows its role (prompt rows dense, generated
+        # rows quantized); otherwise each layer picks by its row count.
+        self.deterministic = deterministic
         self.cfg = cfg
         self.block_size = block_size
         self.layout = layout_for(cfg)
@@ -62,20 +65,27 @@ class ModelRunner:
         for t, page in zip(self._pages, data):
             t[block].copy_(page)
 
+    def _build(self, out: SchedulerOutput) -> forward_batch.ForwardBatch:
+        return forward_batch.build(out, self.block_size, self.layout.windows, self.cfg.num_heads // self.cfg.num_kv_heads)
+
     def _forward(self, batch: forward_batch.ForwardBatch, logits_indices: torch.Tensor) -> torch.Tensor:
         metas = [batch.attn[g] for g in self.layer_group]
-        return self.model(batch.input_ids, batch.positions, self.kv_caches, metas, logits_indices)
+        dense_rows = batch.prompt_rows if self.deterministic else None
+        return self.model(batch.input_ids, batch.positions, self.kv_caches, metas, logits_indices, dense_rows)
 
     @torch.inference_mode()
     def compute_logits(self, out: SchedulerOutput) -> tuple[torch.Tensor, list[str]]:
-        batch = forward_batch.build(out, self.block_size, self.layout.windows)
+        batch = self._build(out)
         return self._forward(batch, batch.logits_indices), batch.sample_request_ids
 
     @torch.inference_mode()
-    def all_logits(self, ids: list[int], block_tables: list[list[int]]) -> torch.Tensor:
-        """Logits [len(ids), vocab] for a whole sequence computed from position 0."""
-        sched = ScheduledRequest("score", ids, 0, block_tables, False, SamplingParams(), 0, ids, [])
-        batch = forward_batch.build(SchedulerOutput([sched]), self.block_size, self.layout.windows)
+    def all_logits(self, ids: list[int], block_tables: list[list[int]], prompt_len: int | None = None
+                   ) -> torch.Tensor:
+        """Logits [len(ids), vocab] for a whole sequence computed from position 0, the
+        positions from `prompt_len` on as generated tokens."""
+        cut = len(ids) if prompt_len is None else prompt_len
+        sched = ScheduledRequest("score", ids, 0, block_tables, False, SamplingParams(), 0, ids[:cut], ids[cut:])
+        batch = self._build(SchedulerOutput([sched]))
         return self._forward(batch, torch.arange(len(ids)))
 
     def _grammar_masks(self, states: list) -> Future | None:
@@ -104,7 +114,7 @@ class ModelRunner:
         self.copy_blocks(out.block_copies)  # before the forward writes either block
         if not out.scheduled:
             return StepResult()
-        batch = forward_batch.build(out, self.block_size, self.layout.windows)
+        batch = self._build(out)
         ids = batch.sample_request_ids
         by_id = {s.request_id: s for s in out.scheduled}
         masks = self._grammar_masks([by_id[i].grammar for i in ids])
@@ -121,7 +131,8 @@ class ModelRunner:
 
 def _prompt_scoring_rows(out: SchedulerOutput) -> tuple[list[int], list[tuple[str, int, int, int]]]:
     """Rows whose logits score the next prompt token, and per row (request id, position of
-    the scored token, its id, top-N). Position p's logits score prompt token p + 1."""
+    the scored token, its id, top-N). Position p's logits score prompt token p + 1; the
+    scored positions are prompt positions, laid out first (see forward_batch.build)."""
     rows: list[int] = []
     targets: list[tuple[str, int, int, int]] = []
     row0 = 0
@@ -131,7 +142,7 @@ def _prompt_scoring_rows(out: SchedulerOutput) -> tuple[list[int], list[tuple[st
             for p in range(s.start, end):
                 rows.append(row0 + p - s.start)
                 targets.append((s.request_id, p + 1, s.prompt_token_ids[p + 1], s.prompt_logprobs))
-        row0 += len(s.token_ids)
+        row0 += min(max(len(s.prompt_token_ids) - s.start, 0), len(s.token_ids))
     return rows, targets
 
 
