@@ -7,7 +7,8 @@ The text is the GNU Free Documentation License 1.3 (verbatim copying permitted),
 Both engines score the same token ids (tierlm's tokenizer, which matches llama.cpp's):
 non-overlapping windows (512 tokens by default), every token after a window's first is
 predicted. Windows longer than a model's sliding window exercise its local layers.
-transformers loads the same GGUF (dequantised to fp32).
+transformers loads the same GGUF (dequantised to fp32). The bf16 engine also scores every
+position in its decode weight format (what generated tokens run on).
 """
 
 from __future__ import annotations
@@ -61,6 +62,11 @@ def main() -> None:
         results["tokens"], results["windows"] = len(ids), len(chunks)
         results[f"tierlm_{dtype}"] = round(perplexity(llm.engine.prompt_logits, chunks), 4)
         print(dtype, results[f"tierlm_{dtype}"], flush=True)
+    # bf16 again with every position scored as a generated token: the decode weight format
+    # (int4 from the file's 4-bit blocks, int8 for its other quantized tensors).
+    results["tierlm_bfloat16_decode_format"] = round(
+        perplexity(lambda c: llm.engine.prompt_logits(c, prompt_len=1), chunks), 4)
+    print("bfloat16 decode format", results["tierlm_bfloat16_decode_format"], flush=True)
     if not args.no_peer:
         from transformers import AutoModelForCausalLM
 

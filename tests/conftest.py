@@ -18,6 +18,11 @@ def smollm2_path(cache_dir):
     return resolve("smollm2-135m", cache_dir)
 
 
+@pytest.fixture(scope="session")
+def gemma3_path(cache_dir):
+    return resolve("gemma3-270m", cache_dir)
+
+
 # Shorter than the tests' sequences, and not a multiple of the block size.
 SLIDING_WINDOW = 24
 ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral", "gemma3", "mixtral", "qwen2_moe", "qwen3_moe")

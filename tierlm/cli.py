@@ -1,4 +1,4 @@
-"""`tierlm` command line: serve | generate | chat | models.
+"""`tierlm` command line: serve | generate | chat | models | bench.
 
 Every failure a user can cause (bad flag, unknown model, bad value) ends in one line
 on stderr and a non-zero exit, never a traceback.
@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
+from tierlm.bench.targets import BenchError
+from tierlm.bench.workloads import STANDARD
 from tierlm.config import CacheConfig, ConfigError, EngineConfig, SchedulerConfig
 from tierlm.sampling_params import SamplingParams, SamplingParamsError
 
@@ -86,6 +89,20 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_args(chat)
     _sampling_args(chat)
     sub.add_parser("models", help="list the bundled models")
+    bench = sub.add_parser("bench", help="run the standard workloads against a local engine or an OpenAI URL")
+    _engine_args(bench)
+    bench.add_argument("--url", default=None, help="benchmark this OpenAI-compatible server instead of a local "
+                                                   "engine (engine flags are then ignored)")
+    bench.add_argument("--api-key", default=None, help="bearer token for --url")
+    bench.add_argument("--served-model", default=None, help="`model` to send to --url (default: --model's name)")
+    bench.add_argument("--workloads", nargs="+", default=["w1", "w2", "w3"], choices=sorted(STANDARD),
+                       help="w1 single stream (32-token prompt, 256 out), w2 long prompt (1000 in, 16 out), "
+                            "w3 throughput (64 x 200 in / 128 out at concurrency 1, 8, 32)")
+    bench.add_argument("--runs", type=int, default=3, help="repeats of every level (min/median/max reported)")
+    bench.add_argument("--requests", type=int, default=None, help="override requests per level")
+    bench.add_argument("--concurrency", type=int, nargs="+", default=None, help="override concurrency levels")
+    bench.add_argument("--out", default="bench-results", help="directory for result.json and the PNG plots")
+    bench.add_argument("--no-plots", action="store_true", help="skip the matplotlib plots")
     return parser
 
 
@@ -193,6 +210,61 @@ def cmd_models(args) -> None:
         print(f"{m.name:16} {m.description:45} [{state}]")
 
 
+def cmd_bench(args) -> None:
+    import asyncio
+    import json
+    from dataclasses import replace
+
+    from tierlm.bench import plots, runner
+    from tierlm.bench.targets import HTTPTarget, LocalTarget
+
+    if args.runs < 1 or (args.requests is not None and args.requests < 1):
+        raise CLIError("--runs and --requests must be >= 1")
+    if args.concurrency is not None and min(args.concurrency) < 1:
+        raise CLIError("--concurrency levels must be >= 1")
+    workloads = [STANDARD[w] for w in dict.fromkeys(args.workloads)]
+    workloads = [replace(w, requests=args.requests or w.requests,
+                         concurrency=tuple(args.concurrency or w.concurrency)) for w in workloads]
+    if not args.no_plots:
+        plots._pyplot()  # fail before the run, not after it
+    out = Path(args.out)
+    model = args.model or "smollm2-135m"
+    if args.url:
+        from tierlm.engine.llm_engine import default_cache_dir
+        from tierlm.loader import bundled, tokenizer
+        from tierlm.loader.gguf import GGUFFile
+
+        # Prompts are token ids of --model's tokenizer: pass the model the server runs.
+        path = bundled.resolve(model, default_cache_dir())
+        tok = tokenizer.from_gguf(GGUFFile(path), default_cache_dir()) if path.is_file() else \
+            tokenizer.from_hf_dir(path, (), None)
+        target = HTTPTarget(args.url, args.served_model or model, args.api_key, tok)
+    else:
+        seqs = max(c for w in workloads for c in w.concurrency)
+        config = _config(args)
+        target = LocalTarget(replace(config, scheduler=replace(config.scheduler, max_num_seqs=max(seqs, 1))))
+
+    async def run() -> dict:
+        try:
+            return await runner.run_all(target, workloads, args.runs, log=lambda m: print(m, file=sys.stderr))
+        finally:
+            await target.close()
+
+    try:
+        results = asyncio.run(run())
+    except (BenchError, ValueError) as e:
+        raise CLIError(str(e)) from e
+    print(runner.table(results))
+    out.mkdir(parents=True, exist_ok=True)
+    doc = {"target": target.name, "command": "tierlm " + " ".join(sys.argv[1:]), "runs": args.runs,
+           "workloads": results}
+    (out / "result.json").write_text(json.dumps(doc, indent=1))
+    written = [out / "result.json"]
+    if not args.no_plots:
+        written += plots.draw(results, out, target.name)
+    print("wrote " + ", ".join(str(p) for p in written))
+
+
 def main(argv: list[str] | None = None) -> int:
     from tierlm.engine.llm_engine import InvalidRequest
     from tierlm.loader.bundled import ModelNotFound
@@ -204,12 +276,15 @@ def main(argv: list[str] | None = None) -> int:
     from tierlm.models.registry import UnsupportedArchitecture
     from tierlm.server.run import StartupError
 
-    user_errors = (CLIError, StartupError, ConfigError, SamplingParamsError, InvalidRequest, ModelNotFound, GGUFError,
+    from tierlm.bench.plots import PlotError
+
+    user_errors = (CLIError, PlotError, StartupError, ConfigError, SamplingParamsError, InvalidRequest, ModelNotFound, GGUFError,
                    TokenizerError, WeightsError, ConfigReadError, UnsupportedArchitecture, ChatTemplateError,
                    OSError)
     try:
         args = build_parser().parse_args(argv)
-        commands = {"serve": cmd_serve, "generate": cmd_generate, "chat": cmd_chat, "models": cmd_models}
+        commands = {"serve": cmd_serve, "generate": cmd_generate, "chat": cmd_chat, "models": cmd_models,
+                    "bench": cmd_bench}
         commands[args.command](args)
     except user_errors as e:
         print(f"tierlm: error: {e}", file=sys.stderr)

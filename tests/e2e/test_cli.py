@@ -38,6 +38,11 @@ def test_models_lists_bundled():
     (["generate", "--max-tokens", "abc", "hi"], "invalid int"),
     (["frobnicate"], "invalid choice"),
     (["generate", "--max-tokens", "100000", "hi"], "context"),
+    (["generate", "--quantization", "int4", "--dtype", "float32", "hi"], "needs dtype bfloat16"),
+    (["generate", "--quantization", "int3", "hi"], "invalid choice"),
+    (["bench", "--runs", "0"], "--runs"),
+    (["bench", "--workloads", "w9"], "invalid choice"),
+    (["bench", "--url", "http://127.0.0.1:9", "--workloads", "w2", "--runs", "1", "--no-plots"], "127.0.0.1:9"),
 ])
 def test_bad_arguments_one_line_error(args, needle):
     r = tierlm(*args)

@@ -93,6 +93,8 @@ class LLMEngine:
                                  enable_caching=config.cache.enable_prefix_caching)
         self._model_key = model_key(self.loaded.path, config)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.model_config.eos_token_ids)
+        self.scheduler.split_formats = config.deterministic and any(
+            k != "dense" for k in self.loaded.formats)
         self.runner = ModelRunner(self.loaded.model, self.model_config, blocks, config.cache.block_size,
                                   config.torch_dtype, config.deterministic)
         if config.cache.enable_prefix_caching:

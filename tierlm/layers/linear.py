@@ -110,10 +110,12 @@ class Linear(nn.Module):
         self.deterministic = deterministic
         self.quantized: QuantizedWeight | None = None
 
-    def set_quantized(self, q: QuantizedWeight) -> None:
-        """Hold `q` instead of the dense weight (built again from `q` when prefill needs it)."""
+    def set_quantized(self, q: QuantizedWeight, keep_dense: bool = False) -> None:
+        """Hold `q` for decode rows. The dense weight is dropped (built again from `q` when
+        prefill needs it) unless `keep_dense` (a weight shared with the embeddings)."""
         self.quantized = q
-        self.weight = nn.Parameter(torch.empty(0, dtype=torch.bfloat16), requires_grad=False)
+        if not keep_dense:
+            self.weight = nn.Parameter(torch.empty(0, dtype=torch.bfloat16), requires_grad=False)
 
     def dense_weight(self) -> torch.Tensor:
         if self.weight.numel() == 0 and self.quantized is not None:

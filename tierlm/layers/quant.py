@@ -25,6 +25,11 @@ import torch
 GROUP = 32  # every supported source has 32-element groups (Q4_K: 8 sub-blocks of 32)
 
 
+def int4_fits(out_features: int, in_features: int) -> bool:
+    """The int4 kernel packs 16 output rows together and 32-element groups along the input."""
+    return out_features % 16 == 0 and in_features % GROUP == 0
+
+
 @dataclass
 class Q4:
     """4-bit codes [N, K] (uint8, 0..15) with float32 scale and zero per (row, group)."""

@@ -56,20 +56,26 @@ def _join(parts: list[torch.Tensor | Q4]) -> torch.Tensor | Q4:
     return torch.cat([p.dequantize() if isinstance(p, Q4) else p for p in parts])
 
 
-def _quantized(layer: Linear, t: torch.Tensor | Q4, quantization: str) -> quant.QuantizedWeight | None:
-    """The layer's decode-time weight format for checkpoint tensor `t`, or None for dense."""
-    if isinstance(t, Q4):
+def _quantized(layer: Linear, t: torch.Tensor | Q4, quantization: str, lossy: bool) -> quant.QuantizedWeight | None:
+    """The layer's decode-time weight format for checkpoint tensor `t`, or None for dense.
+
+    "auto" keeps 4-bit blocks as int4 and runs other quantized GGUF types (Q8_0, Q5_0,
+    Q6_K, ...; `lossy`) as int8 per output channel: no torch kernel reads those blocks,
+    and int8 holds their 5-8 bit values more finely than bf16 holds a float's range."""
+    fits = quant.int4_fits(layer.out_features, layer.in_features)
+    if isinstance(t, Q4) and fits:
         return quant.Int4Weight(t)
-    if quantization == "int8":
-        return quant.Int8Weight(t)
-    if quantization == "int4" and layer.in_features % quant.GROUP == 0:
+    if quantization == "int8" or (quantization == "auto" and (lossy or isinstance(t, Q4))):
+        return quant.Int8Weight(t.dequantize() if isinstance(t, Q4) else t)
+    if quantization == "int4" and fits:
         return quant.Int4Weight(quant.quantize_q4(t))
     return None
 
 
 def _fill(model: nn.Module, tensors, dtype: torch.dtype, progress: bool, total: int,
-          quantization: str) -> dict[str, int]:
-    """Put every checkpoint tensor in its place; returns layer counts per weight format."""
+          quantization: str, lossy: set[str]) -> dict[str, int]:
+    """Put every checkpoint tensor in its place; returns layer counts per weight format.
+    `lossy`: names of the tensors the file stores quantized."""
     params = dict(model.named_parameters())
     modules = dict(model.named_modules())
     pending: dict[str, dict[int, torch.Tensor | Q4]] = {}
@@ -84,6 +90,8 @@ def _fill(model: nn.Module, tensors, dtype: torch.dtype, progress: bool, total: 
             target, leaf, i = fused
             parts = pending.setdefault(target, {})
             parts[i] = t
+            if name in lossy:
+                lossy.add(target)
             if len(parts) < len(_FUSED[leaf]):
                 continue
             name, t = target, _join([parts[j] for j in range(len(parts))])
@@ -96,14 +104,16 @@ def _fill(model: nn.Module, tensors, dtype: torch.dtype, progress: bool, total: 
         owner = modules.get(name.removesuffix(".weight"))
         q = None
         if isinstance(owner, Linear) and name.endswith(".weight") and quantization != "none":
-            q = _quantized(owner, t, quantization)
+            # int8 for the output layer even under int4: it is the most sensitive one.
+            mode = "int8" if quantization == "int4" and name == "lm_head.weight" else quantization
+            q = _quantized(owner, t, mode, name in lossy)
         if q is not None:
             owner.set_quantized(q)
-            formats[f"int{q.bits}"] = formats.get(f"int{q.bits}", 0) + 1
+            _count(formats, f"int{q.bits}")
         else:
             params[name].data = (t.dequantize() if isinstance(t, Q4) else t).to(dtype)
             if isinstance(owner, Linear):
-                formats["dense"] = formats.get("dense", 0) + 1
+                _count(formats, "dense")
         seen.add(name)
     tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
     missing = set(params) - seen - tied
@@ -111,14 +121,22 @@ def _fill(model: nn.Module, tensors, dtype: torch.dtype, progress: bool, total: 
         raise weights.WeightsError(f"checkpoint lacks tensors: {sorted(missing | set(pending))[:5]}")
     if tied:
         model.lm_head.weight = model.embed_tokens.weight
-        formats["dense"] = formats.get("dense", 0) + 1
+        quantize_head = quantization in ("int8", "int4") or (quantization == "auto" and "embed_tokens.weight" in lossy)
+        if quantize_head:  # int8 even under int4, as above
+            model.lm_head.set_quantized(quant.Int8Weight(model.embed_tokens.weight), keep_dense=True)
+        _count(formats, "int8" if quantize_head else "dense")
     return formats
+
+
+def _count(formats: dict[str, int], key: str) -> None:
+    formats[key] = formats.get(key, 0) + 1
 
 
 def load(model: str, *, dtype: torch.dtype, block_size: int, deterministic: bool,
          cache_dir: Path, progress: bool = False, quantization: str = "auto") -> LoadedModel:
     """`quantization`: see EngineConfig (the int4/int8 kernels need dtype bfloat16)."""
     path = bundled.resolve(model, cache_dir)
+    lossy: set[str] = set()
     if dtype != torch.bfloat16 and quantization == "auto":
         quantization = "none"  # float32 asks for precision: dense throughout
     if path.is_file():
@@ -126,7 +144,8 @@ def load(model: str, *, dtype: torch.dtype, block_size: int, deterministic: bool
         cls = model_class(g.architecture)
         cfg = configs.gguf_config(g)
         tok = tokenizer.from_gguf(g, cache_dir)
-        tensors, total, source = weights.gguf_weights(g, cfg, keep_q4=quantization != "none"), len(g.tensors), g
+        tensors = weights.gguf_weights(g, cfg, keep_q4=quantization != "none", lossy=lossy)
+        total, source = len(g.tensors), g
     else:
         cls = model_class(configs.hf_architecture(path))
         cfg = configs.hf_config(path)
@@ -138,6 +157,6 @@ def load(model: str, *, dtype: torch.dtype, block_size: int, deterministic: bool
 
         cfg = replace(cfg, eos_token_ids=stops)
     net = cls(cfg, block_size=block_size, deterministic=deterministic)
-    formats = _fill(net, tensors, dtype, progress, total, quantization)
+    formats = _fill(net, tensors, dtype, progress, total, quantization, lossy)
     net.eval()
     return LoadedModel(net, cfg, tok, path, source, formats)

@@ -18,7 +18,7 @@ import torch
 from tierlm.config import ModelConfig
 from tierlm.layers import quant
 from tierlm.layers.quant import Q4
-from tierlm.loader.gguf import GGUFFile
+from tierlm.loader.gguf import BF16, F16, F32, GGUFFile
 
 
 class WeightsError(ValueError):
@@ -63,9 +63,11 @@ def _unpermute(w: torch.Tensor | Q4, n_heads: int) -> torch.Tensor | Q4:
     return w.rows(order) if isinstance(w, Q4) else w[order]
 
 
-def gguf_weights(g: GGUFFile, cfg: ModelConfig, keep_q4: bool = False) -> Iterator[tuple[str, torch.Tensor | Q4]]:
+def gguf_weights(g: GGUFFile, cfg: ModelConfig, keep_q4: bool = False,
+                 lossy: set[str] | None = None) -> Iterator[tuple[str, torch.Tensor | Q4]]:
     """Yield (name, float32 tensor) one at a time so peak memory stays one tensor; with
-    `keep_q4`, 2-D tensors stored as Q4_0/Q4_1/Q4_K come as `Q4` instead."""
+    `keep_q4`, 2-D tensors stored as Q4_0/Q4_1/Q4_K come as `Q4` instead. The names of
+    tensors the file stores quantized (any type but F32/F16/BF16) are added to `lossy`."""
     permute = cfg.architecture == "llama"
     gemma = cfg.architecture.startswith("gemma")
     names = _GGUF_GEMMA_NAMES if gemma else _GGUF_LAYER_NAMES
@@ -81,6 +83,8 @@ def gguf_weights(g: GGUFFile, cfg: ModelConfig, keep_q4: bool = False) -> Iterat
         else:
             raise WeightsError(f"unexpected tensor {gname!r} in GGUF file")
         w = (quant.gguf_q4(t.raw, t.ggml_type, t.shape) if keep_q4 else None) or t.dequantize()
+        if lossy is not None and t.ggml_type not in (F32, F16, BF16):
+            lossy.add(name)
         if permute and local.startswith("attn_q."):
             w = _unpermute(w, cfg.num_heads)
         elif permute and local.startswith("attn_k."):

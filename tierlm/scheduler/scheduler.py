@@ -44,6 +44,8 @@ class Scheduler:
         self.running: list[Request] = []  # in admission order
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        # Prompt and generated tokens run on different weight formats: hash their blocks apart.
+        self.split_formats = False
         self.prefix_queries = 0  # tokens looked up in the prefix cache at admission
         self.prefix_hits = 0  # of which found cached
         self.vtc = VirtualTokenCounter(shares=dict(config.tenant_weights)) if config.policy == "fair" else None
@@ -273,7 +275,8 @@ class Scheduler:
         """Extend `req.block_hashes` to its full blocks (no token-list copy when nothing is new)."""
         bs = self.kv.block_size
         if req.num_tokens // bs > len(req.block_hashes):
-            prefix_hash.extend(req.block_hashes, req.all_token_ids, bs, req.cache_root)
+            generated_from = len(req.prompt_token_ids) if self.split_formats else None
+            prefix_hash.extend(req.block_hashes, req.all_token_ids, bs, req.cache_root, generated_from)
 
     def _scheduled(self, req: Request, n: int) -> ScheduledRequest:
         start = req.num_computed_tokens
