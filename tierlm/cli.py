@@ -266,6 +266,7 @@ def cmd_bench(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from tierlm.bench.plots import PlotError
     from tierlm.engine.llm_engine import InvalidRequest
     from tierlm.loader.bundled import ModelNotFound
     from tierlm.loader.chat_template import ChatTemplateError
@@ -275,8 +276,6 @@ def main(argv: list[str] | None = None) -> int:
     from tierlm.loader.weights import WeightsError
     from tierlm.models.registry import UnsupportedArchitecture
     from tierlm.server.run import StartupError
-
-    from tierlm.bench.plots import PlotError
 
     user_errors = (CLIError, PlotError, StartupError, ConfigError, SamplingParamsError, InvalidRequest, ModelNotFound, GGUFError,
                    TokenizerError, WeightsError, ConfigReadError, UnsupportedArchitecture, ChatTemplateError,

@@ -12,7 +12,7 @@ from tests.server.conftest import API_KEY, metric
 
 def bench(*args: str, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "tierlm.cli", "bench", *args], capture_output=True, text=True,
-                          timeout=600, cwd=cwd)
+                          timeout=600, cwd=cwd, check=False)
 
 
 def test_bench_against_a_server_url_counts_what_the_server_served(server, http, tmp_path):

@@ -85,7 +85,8 @@ def test_queue_full_and_sigterm_drain(cache_dir):
         def run(name, body):
             results[name] = httpx.post(f"{srv.url}/v1/completions", json=body, timeout=120)
 
-        body = {"model": MODEL, "prompt": "Tell me about rivers.", "max_tokens": 40, "ignore_eos": True}
+        # Long enough that the first request still holds the only seat a second later.
+        body = {"model": MODEL, "prompt": "Tell me about rivers.", "max_tokens": 200, "ignore_eos": True}
         first = threading.Thread(target=run, args=("first", body))
         first.start()
         time.sleep(0.5)
@@ -104,7 +105,7 @@ def test_queue_full_and_sigterm_drain(cache_dir):
         first.join()
         second.join()
         assert results["first"].status_code == 200 and results["second"].status_code == 200
-        assert results["second"].json()["usage"]["completion_tokens"] == 40
+        assert results["second"].json()["usage"]["completion_tokens"] == 200
         assert srv.proc.wait(timeout=60) == 0
         log = srv.output()
         assert '"event": "request"' in log and "Tell me about rivers" not in log  # no prompt text logged

@@ -26,8 +26,9 @@ STANDARD = {
     "w3": Workload("w3", "throughput", 200, 128, 64, (1, 8, 32)),
 }
 
-_WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing matches "
-          "in distant valleys of ancient kingdoms near rivers").split()
+_WORDS = ("the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven", "wizards",
+          "quietly", "judge", "boxing", "matches", "in", "distant", "valleys", "of", "ancient", "kingdoms",
+          "near", "rivers")
 
 
 def prompt_ids(tokenizer, n_tokens: int, salt: int) -> list[int]:
