@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tierlm.attention.torch_ref import QUERY_TILE
+from tierlm.attention.torch_ref import GENERATED_TILE, PROMPT_TILE
 from tierlm.runner.forward_batch import build
 from tierlm.sampling_params import SamplingParams
 from tierlm.scheduler.output import ScheduledRequest, SchedulerOutput
@@ -22,12 +22,24 @@ def test_flatten_two_requests():
     assert b.positions.tolist() == [0, 1, 2, 3, 4, 17]
     assert attn.slot_mapping.tolist() == [48, 49, 50, 51, 52, 2 * 16 + 1]
     assert b.logits_indices.tolist() == [5] and b.sample_request_ids == ["b"]
-    rows = attn.tile_rows.tolist()
-    assert len(rows) == 2 + 1 and all(len(r) == QUERY_TILE for r in rows)
+    # "a" is all prompt (one tall tile), "b" a generated token (one short tile), in that order.
+    prompt, generated = attn.tiles
+    assert prompt.rows.shape == (1, PROMPT_TILE) and generated.rows.shape == (1, GENERATED_TILE)
+    assert prompt.rows[0, :5].tolist() == [0, 1, 2, 3, 4] and generated.rows[0].tolist() == [5] * GENERATED_TILE
     # every token maps back to its own row through the tiles
-    flat = [r for tile in rows for r in tile]
+    flat = [r for t in attn.tiles for tile in t.rows.tolist() for r in tile]
     assert [flat[i] for i in attn.token_tile_index.tolist()] == list(range(6))
-    assert attn.tile_blocks[-1, :2].tolist() == [1, 2] and attn.num_key_tiles == 1
+    assert generated.blocks[0, :2].tolist() == [1, 2] and generated.num_key_tiles == 1
+
+
+def test_prompt_rows_come_first_whatever_the_schedule_order():
+    """A decode scheduled before a prompt chunk still takes a row after every prompt row."""
+    decode = ScheduledRequest("d", [11], 20, [[1, 2]], True, SamplingParams(), 0, [1] * 20, [11])
+    out = SchedulerOutput([decode, sched("p", [5, 6, 7], 0, [3], True)])
+    b = build(out, block_size=16)
+    assert b.prompt_rows == 3
+    assert b.input_ids.tolist() == [5, 6, 7, 11] and b.positions.tolist() == [0, 1, 2, 20]
+    assert b.logits_indices.tolist() == [3, 2] and b.sample_request_ids == ["d", "p"]
 
 
 def test_groups_get_their_own_slots_and_a_window_skips_dead_tiles():
@@ -40,8 +52,9 @@ def test_groups_get_their_own_slots_and_a_window_skips_dead_tiles():
     assert f.window is None and w.window == 130
     assert f.slot_mapping.tolist() == [full[300 // 16] * 16 + 300 % 16, full[301 // 16] * 16 + 301 % 16]
     assert w.slot_mapping.tolist() == [sliding[300 // 16] * 16 + 300 % 16, sliding[301 // 16] * 16 + 301 % 16]
-    assert f.num_key_tiles == w.num_key_tiles == 3  # context 302 -> key tiles 0..2
+    (ft,), (wt,) = f.tiles, w.tiles
+    assert ft.num_key_tiles == wt.num_key_tiles == 3  # context 302 -> key tiles 0..2
     # position 300 sees keys > 170: tile 0 (0..127) is dead for every query, tile 1 is not
-    assert f.first_key_tile == 0 and w.first_key_tile == 1
-    assert w.tile_blocks.shape[1] == 2 * (128 // 16)
-    assert w.tile_blocks[0].tolist() == sliding[8:24] + [0] * (16 - len(sliding[8:24]))
+    assert ft.first_key_tile == 0 and wt.first_key_tile == 1
+    assert wt.blocks.shape[1] == 2 * (128 // 16)
+    assert wt.blocks[0].tolist() == sliding[8:24] + [0] * (16 - len(sliding[8:24]))

@@ -15,39 +15,49 @@ import torch
 
 
 @dataclass(frozen=True)
-class AttentionMetadata:
-    """Per-step attention inputs of one KV group, built by runner/forward_batch.py (pure).
+class QueryTiles:
+    """Query tiles of one height, with everything the attention over them needs.
 
-    The tile fields are shared by every group of a step; the slots and tables are the
-    group's own (see kv_cache/layout.py).
+    rows:          [Qt, Tq] token row of each query in each tile (padded rows repeat the
+                   tile's last real row; their results are discarded).
+    positions:     [Qt, Tq] absolute position of each tile query (the causal bound).
+    blocks:        [Qt, Nb] block table (from first_key_tile on) of the request each tile
+                   belongs to, padded with block 0 (always masked out).
+    key_bias:      [Qt * key tiles, 1, Tq * G, KEY_TILE] in the cache dtype: 0 where a tile query sees
+                   the key, -inf where it must not (causal bound, window); rows repeat per
+                   query head of a KV head (G).
+    unseen:        [Qt * key tiles, 1, Tq * G] True where a query sees no key of the tile.
+    num_key_tiles: key tiles to visit, enough for the longest context among these tiles.
+    first_key_tile: the first key tile any of these queries can see (sliding windows skip
+                   tiles wholly behind every window; their blocks may be freed).
+    """
+
+    rows: torch.Tensor
+    positions: torch.Tensor
+    blocks: torch.Tensor
+    key_bias: torch.Tensor
+    unseen: torch.Tensor
+    num_key_tiles: int
+    first_key_tile: int = 0
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    """Per-step attention inputs of one KV group, built by runner/forward_batch.py (pure)
+    once per step and shared by the group's layers (see kv_cache/layout.py).
 
     slot_mapping:  [T] flat cache slot (block * block_size + offset) of each token's K/V.
-    tile_rows:     [Qt, Tq] token row of each query in each query tile (padded rows repeat
-                   the tile's last real row; their results are discarded).
-    tile_positions:[Qt, Tq] absolute position of each tile query (the causal bound).
-    tile_blocks:   [Qt, Nb] block table of the request each tile belongs to, padded with
-                   block 0 (always masked out).
-    token_tile_index: [T] index of each token in the flattened [Qt * Tq] tile rows.
-    num_key_tiles: key tiles to visit, enough for the longest context in the step.
-    first_key_tile: the first key tile any query of the step can see (sliding windows
-                   skip tiles wholly behind every window; their blocks may be freed).
+    tiles:         the step's query tiles: prompt tokens in tall tiles, generated tokens in
+                   short ones (either may be absent), see attention/torch_ref.py.
+    token_tile_index: [T] index of each token in the tiles' rows, flattened and
+                   concatenated in `tiles` order.
     window:        sliding window of the group's layers (None = full causal attention).
-    key_bias:      [Qt * key tiles, 1, Tq * G, KEY_TILE] float32 0 where a tile query sees
-                   the key, -inf where it must not (causal bound, window); rows repeat per
-                   query head of a KV head (G). Built once per step, shared by its layers.
-    unseen:        [Qt * key tiles, 1, Tq * G] True where a query sees no key of the tile.
     """
 
     slot_mapping: torch.Tensor
-    tile_rows: torch.Tensor
-    tile_positions: torch.Tensor
-    tile_blocks: torch.Tensor
+    tiles: tuple[QueryTiles, ...]
     token_tile_index: torch.Tensor
-    num_key_tiles: int
-    first_key_tile: int = 0
     window: int | None = None
-    key_bias: torch.Tensor | None = None
-    unseen: torch.Tensor | None = None
 
 
 class AttentionBackend(Protocol):

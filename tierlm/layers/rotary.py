@@ -50,11 +50,17 @@ class RotaryEmbedding(torch.nn.Module):
         emb = torch.cat([freqs, freqs], dim=-1)
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
+        # Every layer of a step rotates by the same positions tensor: look them up once.
+        self._step: tuple[torch.Tensor, torch.dtype, torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q [T, Hq, D], k [T, Hk, D] rotated by their absolute positions [T]."""
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)
-        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
+        step = self._step
+        if step is None or step[0] is not positions or step[1] != q.dtype:
+            cos = self.cos[positions].unsqueeze(1).to(q.dtype)
+            sin = self.sin[positions].unsqueeze(1).to(q.dtype)
+            self._step = step = (positions, q.dtype, cos, sin)
+        cos, sin = step[2], step[3]
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 

@@ -66,7 +66,8 @@ class ModelRunner:
             t[block].copy_(page)
 
     def _build(self, out: SchedulerOutput) -> forward_batch.ForwardBatch:
-        return forward_batch.build(out, self.block_size, self.layout.windows, self.cfg.num_heads // self.cfg.num_kv_heads)
+        return forward_batch.build(out, self.block_size, self.layout.windows,
+                                   self.cfg.num_heads // self.cfg.num_kv_heads, self.kv_caches[0][0].dtype)
 
     def _forward(self, batch: forward_batch.ForwardBatch, logits_indices: torch.Tensor) -> torch.Tensor:
         metas = [batch.attn[g] for g in self.layer_group]
