@@ -1,7 +1,7 @@
-"""CPU performance workloads W1-W3 of `tierlm bench`, with llama-cpp-python as the peer in
+"""CPU performance workloads W1-W4 of `tierlm bench`, with llama-cpp-python as the peer in
 the same run, on the bundled SmolLM2-135M Q4_1 GGUF.
 
-    .venv/bin/python benchmarks/cpu_perf.py [--w1] [--w2] [--w3] [--runs 3] [--no-deterministic]
+    .venv/bin/python benchmarks/cpu_perf.py [--w1] [--w2] [--w3] [--w4] [--runs 3] [--no-deterministic]
 
 W1 single stream (32-token prompt, 256 output tokens: output tok/s from request to last
 token) and W2 long prompt (1,000 tokens, 16 out: TTFT) run tierlm's engine and
@@ -9,6 +9,8 @@ llama-cpp-python's `Llama` in this process, alternating run by run, each run wit
 fresh prompt (no prefix-cache or KV reuse on either side); the ratio is taken per run.
 W3 (64 requests, 200-token prompts, 128 output tokens, concurrency 1 / 8 / 32) runs
 `tierlm bench`'s client against a `tierlm serve` process and reads the server's peak RSS.
+W4 (a code listing to reproduce, 128 greedy tokens) compares the engine with n-gram
+speculation (4 drafts) to the same engine without, and checks the outputs are identical.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from benchmarks.serve_bench import free_port, start
 from tierlm import LLM, SamplingParams
 from tierlm.bench import runner
 from tierlm.bench.targets import HTTPTarget
-from tierlm.bench.workloads import STANDARD, prompt_ids
+from tierlm.bench.workloads import STANDARD, copy_prompt_ids, prompt_ids
 from tierlm.engine.llm_engine import default_cache_dir
 from tierlm.loader import tokenizer
 from tierlm.loader.bundled import resolve
@@ -80,6 +82,38 @@ def single_stream(llm: LLM, peer, workload, runs: int) -> dict:
     return out
 
 
+def speculative(runs: int, deterministic: bool) -> dict:
+    """W4: the copy-heavy prompt, greedy, with n-gram speculation (4 drafts) vs without."""
+    w = STANDARD["w4"]
+    plain = LLM("smollm2-135m", deterministic=deterministic, enable_prefix_caching=False)
+    spec = LLM("smollm2-135m", deterministic=deterministic, enable_prefix_caching=False, num_speculative_tokens=4)
+    for llm in (plain, spec):  # warm-up
+        tierlm_stream(llm, prompt_ids(llm.tokenizer, 64, salt=0), 8)
+    rows = []
+    for run in range(runs):
+        ids = copy_prompt_ids(plain.tokenizer)
+        sched = spec.engine.scheduler
+        drafted, accepted = sched.draft_tokens, sched.accepted_tokens
+        outs = {}
+        row = {}
+        for name, llm in (("plain", plain), ("spec", spec)):
+            t0 = time.perf_counter()
+            out = llm.generate({"prompt_token_ids": ids}, SamplingParams(temperature=0, max_tokens=w.output_tokens,
+                                                                          ignore_eos=True))[0].outputs[0]
+            row[f"{name}_tok_per_s"] = len(out.token_ids) / (time.perf_counter() - t0)
+            outs[name] = out.token_ids
+        row["speedup"] = row["spec_tok_per_s"] / row["plain_tok_per_s"]
+        row["acceptance"] = (sched.accepted_tokens - accepted) / max(1, sched.draft_tokens - drafted)
+        row["identical"] = outs["plain"] == outs["spec"]
+        rows.append(row)
+        print("w4", run, row, flush=True)
+    out = {k: spread([r[k] for r in rows]) for k in ("plain_tok_per_s", "spec_tok_per_s", "speedup", "acceptance")}
+    out["identical_all_runs"] = all(r["identical"] for r in rows)
+    out["prompt_tokens"] = len(ids)
+    out["sample_output"] = spec.tokenizer.decode(outs["spec"])
+    return out
+
+
 def peak_rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -117,12 +151,13 @@ def main() -> None:
     ap.add_argument("--w1", action="store_true")
     ap.add_argument("--w2", action="store_true")
     ap.add_argument("--w3", action="store_true")
+    ap.add_argument("--w4", action="store_true")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--w3-requests", type=int, default=64)
     ap.add_argument("--w3-concurrency", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--no-deterministic", action="store_true")
     args = ap.parse_args()
-    chosen = [w for w in ("w1", "w2", "w3") if getattr(args, w)] or ["w1", "w2", "w3"]
+    chosen = [w for w in ("w1", "w2", "w3", "w4") if getattr(args, w)] or ["w1", "w2", "w3", "w4"]
     results: dict = {"deterministic": not args.no_deterministic, "runs": args.runs}
     if {"w1", "w2"} & set(chosen):
         llm = LLM("smollm2-135m", deterministic=not args.no_deterministic, enable_prefix_caching=False)
@@ -133,10 +168,13 @@ def main() -> None:
         for name in ("w1", "w2"):
             if name in chosen:
                 results[name] = single_stream(llm, peer, STANDARD[name], args.runs)
+    if "w4" in chosen:
+        results["w4"] = speculative(args.runs, not args.no_deterministic)
     if "w3" in chosen:
         results["w3"] = throughput(args.runs, not args.no_deterministic, args.w3_requests, args.w3_concurrency)
     cmd = "benchmarks/cpu_perf.py " + " ".join(sys.argv[1:])
-    suffix = "_" + "_".join(chosen) + ("_nondeterministic" if args.no_deterministic else "")
+    suffix = "_" + "_".join(chosen) + ("_c" + "_".join(map(str, args.w3_concurrency)) if "w3" in chosen else "")
+    suffix += "_nondeterministic" if args.no_deterministic else ""
     print("recorded in", record("cpu_perf" + suffix, cmd.strip(), results))
 
 

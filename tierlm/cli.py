@@ -33,6 +33,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="linear-layer weights for decode: auto keeps a GGUF file's 4-bit blocks as int4 "
                         "(others dense); int8/int4 also quantize dense weights on load (HF checkpoints); "
                         "none runs dense weights throughout (prefill always uses dense bf16 copies)")
+    p.add_argument("--speculative", default="off", choices=["off", "ngram"],
+                   help="speculative decoding: ngram drafts tokens by prompt lookup and verifies them in "
+                        "the same step (the output is unchanged, greedy or sampled)")
+    p.add_argument("--num-speculative-tokens", type=int, default=4, help="draft tokens per step (with --speculative)")
     p.add_argument("--no-deterministic", action="store_true",
                    help="allow faster kernels whose results depend on batch composition")
     p.add_argument("--max-model-len", type=int, default=None, help="context length cap (default: the model's)")
@@ -97,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--served-model", default=None, help="`model` to send to --url (default: --model's name)")
     bench.add_argument("--workloads", nargs="+", default=["w1", "w2", "w3"], choices=sorted(STANDARD),
                        help="w1 single stream (32-token prompt, 256 out), w2 long prompt (1000 in, 16 out), "
-                            "w3 throughput (64 x 200 in / 128 out at concurrency 1, 8, 32)")
+                            "w3 throughput (64 x 200 in / 128 out at concurrency 1, 8, 32), w4 copy-heavy "
+                            "single stream (a code listing to reproduce, 128 out: run with and without "
+                            "--speculative ngram)")
     bench.add_argument("--runs", type=int, default=3, help="repeats of every level (min/median/max reported)")
     bench.add_argument("--requests", type=int, default=None, help="override requests per level")
     bench.add_argument("--concurrency", type=int, nargs="+", default=None, help="override concurrency levels")
@@ -108,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _config(args) -> EngineConfig:
     sched = {k: getattr(args, k) for k in ("max_num_seqs", "max_num_batched_tokens") if hasattr(args, k)}
+    if args.speculative == "ngram":
+        sched["num_speculative_tokens"] = args.num_speculative_tokens
     return EngineConfig(model=args.model or "smollm2-135m", dtype=args.dtype, deterministic=not args.no_deterministic,
                         quantization=args.quantization,
                         cache=CacheConfig(kv_cache_gb=args.kv_cache_gb,

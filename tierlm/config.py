@@ -148,9 +148,14 @@ class SchedulerConfig:
     # "past_future": admit only if the predicted peak KV use fits the pool (scheduler/admission.py);
     # "greedy": whenever the first chunk's blocks are free (growth may force preemptions later).
     admission: str = "past_future"
+    # Speculative decoding: up to this many n-gram draft tokens per decoding request and
+    # step (spec/ngram.py), verified in the same forward; 0 = off.
+    num_speculative_tokens: int = 0
 
     def __post_init__(self) -> None:
         _require(self.max_num_seqs > 0, "scheduler config: max_num_seqs must be > 0")
+        _require(0 <= self.num_speculative_tokens <= 16,
+                 "scheduler config: num_speculative_tokens must be in [0, 16]")
         _require(self.max_num_batched_tokens > 0, "scheduler config: max_num_batched_tokens must be > 0")
         _require(self.max_model_len is None or self.max_model_len > 0,
                  "scheduler config: max_model_len must be > 0")

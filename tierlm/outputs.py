@@ -21,6 +21,9 @@ class StepResult:
 
     sampled: list[SampledToken] = field(default_factory=list)
     prompt_logprobs: dict[str, list[tuple[int, TokenLogprob]]] = field(default_factory=dict)
+    # Speculative decoding: request id -> how many of its draft tokens were accepted (its
+    # sampled tokens are those drafts and one more: the correction or a bonus token).
+    accepted_drafts: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass

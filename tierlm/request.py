@@ -63,6 +63,13 @@ class Request:
     # the last token's logits are computed and cleared when the engine extends the beam.
     beam_candidates: list[tuple[int, float]] | None = None
 
+    def drop_last_output(self) -> None:
+        """Take back the last output token (one accepted in the same speculative step as a
+        stop string before it)."""
+        self.output_token_ids.pop()
+        if len(self.output_logprobs) > len(self.output_token_ids):
+            self.output_logprobs.pop()
+
     @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids

@@ -33,6 +33,7 @@ quality = 2
 prompt_price_per_mtok = 100
 completion_price_per_mtok = 200
 max_num_seqs = 8
+num_speculative_tokens = 4
 
 [tenants.alpha]
 api_keys = ["key-alpha"]
@@ -249,3 +250,18 @@ def test_fair_scheduling_lets_a_light_tenant_past_a_flood(tierset):
     light, flood = asyncio.run(run())
     # FCFS: zeta starts with the queued flood requests when the first wave ends (~equal times).
     assert light < flood[8] / 2, (light, flood)
+
+
+def test_speculative_tier_reports_drafts_and_acceptance(tierset):
+    """deep runs n-gram speculation: a copying prompt drafts tokens and some are accepted."""
+    before = samples(tierset, "tierlm:spec_draft_tokens_total")
+    text = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu"
+    out = client(tierset, "key-zeta").completions.create(
+        model="deep", prompt=f"Repeat exactly.\nInput: {text}\nOutput: {text}\nInput: {text}\nOutput:",
+        max_tokens=24, temperature=0)
+    assert out.usage.completion_tokens > 0
+    draft = samples(tierset, "tierlm:spec_draft_tokens_total")
+    accepted = samples(tierset, "tierlm:spec_accepted_tokens_total")
+    key = (("model_name", "deep"),)
+    assert draft[key] > before.get(key, 0) and 0 < accepted[key] <= draft[key]
+    assert draft[(("model_name", "fast"),)] == 0  # speculation is per tier

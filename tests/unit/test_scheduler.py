@@ -253,3 +253,37 @@ def test_fair_pause_is_dropped_when_the_newcomer_cannot_start():
     s.add(_tenant_req("light0", "light", n_prompt=40))  # 10 blocks; 7 free once flood1 gives its seat
     out, _ = step(s)
     assert out.preempted == ["flood1"] and [x.request_id for x in out.scheduled] == ["flood0"]
+
+
+def test_drafts_respect_max_tokens_and_count_only_accepted_tokens_as_computed():
+    s = make(num_speculative_tokens=4)
+    prompt = [1, 2, 3, 1, 2, 3, 1, 2]
+    s.add(Request("a", prompt, SamplingParams(max_tokens=3), seed=0, arrival_seq=next(_seq),
+                          max_total_tokens=len(prompt) + 3))
+    out = s.schedule()
+    s.update(out, StepResult([SampledToken("a", 3, None)]))  # prefill -> first token 3
+    out = s.schedule()
+    (sched,) = out.scheduled
+    # "2 3" recurs, followed by "1 2": one draft only, as the step may add 2 tokens at most
+    # (the draft and the token after it) before max_tokens.
+    assert sched.draft_token_ids == (1,)
+    assert sched.token_ids == [3, 1] and sched.sample
+    computed = s.requests["a"].num_computed_tokens
+    # Row 0 sampled 1 (= the draft: accepted), row 1 sampled 9 (the bonus token).
+    s.update(out, StepResult([SampledToken("a", 1, None), SampledToken("a", 9, None)], accepted_drafts={"a": 1}))
+    assert not s.requests  # three tokens: max_tokens reached
+    assert s.draft_tokens == 1 and s.accepted_tokens == 1 and computed == len(prompt)
+
+
+def test_rejected_drafts_do_not_count_as_computed():
+    s = make(num_speculative_tokens=3)
+    prompt = [4, 5, 6, 7, 4, 5]
+    s.add(Request("b", prompt, SamplingParams(max_tokens=20), seed=0, arrival_seq=next(_seq),
+                  max_total_tokens=len(prompt) + 20))
+    s.update(s.schedule(), StepResult([SampledToken("b", 6, None)]))
+    out = s.schedule()
+    assert out.scheduled[0].draft_token_ids == (7, 4, 5)  # after "5 6": what followed "4 5 6"
+    s.update(out, StepResult([SampledToken("b", 8, None)], accepted_drafts={"b": 0}))  # first draft wrong
+    r = s.requests["b"]
+    assert r.output_token_ids == [6, 8] and r.num_computed_tokens == r.num_tokens - 1
+    s.check_integrity()

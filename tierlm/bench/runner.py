@@ -14,7 +14,7 @@ import statistics
 import time
 
 from tierlm.bench.targets import Timing
-from tierlm.bench.workloads import Workload, prompt_ids
+from tierlm.bench.workloads import Workload, copy_prompt_ids, prompt_ids
 
 METRICS = ("output_tok_per_s", "ttft_p50_s", "ttft_p90_s", "tpot_p50_s", "tpot_p90_s")
 
@@ -57,12 +57,14 @@ async def run_workload(target, w: Workload, runs: int, log=print) -> dict:
     for c in w.concurrency:
         results = []
         for run in range(runs):
-            # Fresh prompts per run (salted by run): nothing is served from the prefix cache.
-            prompts = [prompt_ids(target.tokenizer, w.prompt_tokens, salt=1000 * run + i) for i in range(w.requests)]
+            # Fresh prompts per run (salted by run): nothing is served from the prefix cache
+            # (except W4, whose fixed copy prompt may be: it measures decoding).
+            prompts = [copy_prompt_ids(target.tokenizer) if w.copy else
+                       prompt_ids(target.tokenizer, w.prompt_tokens, salt=1000 * run + i) for i in range(w.requests)]
             results.append(await run_level(target, prompts, w.output_tokens, c))
             log(f"{w.name} concurrency {c} run {run + 1}/{runs}: {results[-1]}")
         levels.append({"concurrency": c, "runs": results, "summary": summarise(results)})
-    return {"description": w.description, "prompt_tokens": w.prompt_tokens, "output_tokens": w.output_tokens,
+    return {"description": w.description, "prompt_tokens": len(prompts[0]), "output_tokens": w.output_tokens,
             "requests": w.requests, "levels": levels}
 
 

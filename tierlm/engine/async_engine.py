@@ -74,6 +74,8 @@ class EngineStats:
     step_s: float = 0.0  # recent step time (engine/load.py)
     idle_step_s: float = 0.0
     prefill_s_per_token: float = 0.0
+    spec_draft_tokens: int = 0  # speculative decoding: drafts proposed / accepted
+    spec_accepted_tokens: int = 0
 
 
 @dataclass
@@ -279,5 +281,6 @@ class AsyncEngine:
                                  backlog_tokens=sum(max(0, r.num_tokens - r.num_computed_tokens - 1)
                                                     for r in sched.requests.values()),
                                  step_s=self.load.step_s, idle_step_s=self.load.idle_step_s,
-                                 prefill_s_per_token=self.load.prefill_s_per_token)
+                                 prefill_s_per_token=self.load.prefill_s_per_token,
+                                 spec_draft_tokens=sched.draft_tokens, spec_accepted_tokens=sched.accepted_tokens)
         self.on_step(self.stats)

@@ -285,9 +285,13 @@ class LLMEngine:
         touched: dict[str, None] = {self._child_parent[r.request_id]: None for r in finished
                                     if r.request_id in self._child_parent}
         beams: dict[str, None] = {}
-        for tok in result.sampled:
+        stopped: set[str] = set()
+        for tok in self.scheduler.applied:  # the sampled tokens the scheduler kept, in order
             pid = self._child_parent.get(tok.request_id)
             if pid is None:
+                continue
+            if tok.request_id in stopped:  # a draft after a stop string: not part of the output
+                self._parents[pid].requests[tok.request_id].drop_last_output()
                 continue
             parent = self._parents[pid]
             if parent.beam is not None:
@@ -298,6 +302,7 @@ class LLMEngine:
             parent.new_tokens.setdefault(tok.request_id, []).append(tok.token_id)
             if detok.stopped_on is not None and tok.request_id in self.scheduler.requests:
                 self.scheduler.finish(tok.request_id, RequestStatus.FINISHED_STOPPED, detok.stopped_on)
+                stopped.add(tok.request_id)
             touched[pid] = None
         outputs = [self._beam_output(pid) for pid in beams if self._beam_round(pid)]
         outputs += [o for o in map(self._output, touched) if o is not None]

@@ -17,8 +17,10 @@ class ForwardBatch:
     input_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]
     attn: tuple[AttentionMetadata, ...]  # one per KV group
-    logits_indices: torch.Tensor  # [R] row of the last token of each sampling request
-    sample_request_ids: list[str]
+    logits_indices: torch.Tensor  # [R] rows to sample: each sampling request's last token (and drafts)
+    sample_request_ids: list[str]  # [R] whose row it is
+    # [R] 0 for a request's last known token, j for its j-th draft token (speculative decoding)
+    sample_offsets: list[int]
     # Rows [0, prompt_rows) hold prompt-position tokens, the rest generated ones, so a
     # token's weight format can follow its role (see layers/linear.py).
     prompt_rows: int = 0
@@ -105,6 +107,7 @@ def build(out: SchedulerOutput, block_size: int, windows: tuple[int | None, ...]
     token_tile_index = [0] * total  # by row: its place in the tiled attention output
     logits_indices: list[int] = []
     sample_ids: list[str] = []
+    offsets: list[int] = []
     prompt_tiles, generated_tiles = _Tiling(PROMPT_TILE), _Tiling(GENERATED_TILE)
     generated_parts = []
     next_prompt, next_gen = 0, prompt_rows
@@ -122,9 +125,11 @@ def build(out: SchedulerOutput, block_size: int, windows: tuple[int | None, ...]
                 slot_g[r] = table[at // block_size] * block_size + at % block_size
         prompt_tiles.add(si, rows[:p], pos[:p], token_tile_index, 0)
         generated_parts.append((si, rows[p:], pos[p:]))
-        if s.sample:
-            logits_indices.append(rows[-1])
-            sample_ids.append(s.request_id)
+        if s.sample:  # the last known token's row, then each draft's
+            d = len(s.draft_token_ids)
+            logits_indices.extend(rows[n - 1 - d :])
+            sample_ids.extend([s.request_id] * (d + 1))
+            offsets.extend(range(d + 1))
     base = len(prompt_tiles.rows) * PROMPT_TILE  # generated tiles follow the prompt tiles
     for si, rows, pos in generated_parts:
         generated_tiles.add(si, rows, pos, token_tile_index, base)
@@ -135,4 +140,5 @@ def build(out: SchedulerOutput, block_size: int, windows: tuple[int | None, ...]
                       for t in (prompt_tiles, generated_tiles) if t.rows)
         metas.append(AttentionMetadata(torch.tensor(slots[g], dtype=torch.long), tiles, index_t, window))
     return ForwardBatch(torch.tensor(ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long),
-                        tuple(metas), torch.tensor(logits_indices, dtype=torch.long), sample_ids, prompt_rows)
+                        tuple(metas), torch.tensor(logits_indices, dtype=torch.long), sample_ids, offsets,
+                        prompt_rows)

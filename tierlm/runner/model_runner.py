@@ -124,10 +124,36 @@ class ModelRunner:
         scored = _score_prompt(logits[len(ids):], targets)
         logits = logits[: len(ids)]
         allowed = masks.result() if masks is not None else {}
+        # A draft row samples as if the drafts before it were already output (same history,
+        # same draw index), i.e. exactly what decoding without drafts would do there.
         rows = [sampler.SamplingRow(by_id[i].sampling_params, by_id[i].seed, by_id[i].prompt_token_ids,
-                                    by_id[i].output_token_ids, allowed.get(k)) for k, i in enumerate(ids)]
+                                    by_id[i].output_token_ids + list(by_id[i].draft_token_ids[:j]), allowed.get(k))
+                for k, (i, j) in enumerate(zip(ids, batch.sample_offsets))]
         drawn = sampler.sample(logits, rows, self.cfg.eos_token_ids)
-        return StepResult([SampledToken(i, tok, lp) for i, (tok, lp) in zip(ids, drawn)], scored)
+        sampled, accepted = _verify(ids, drawn, by_id)
+        return StepResult(sampled, scored, accepted)
+
+
+def _verify(ids: list[str], drawn: list, by_id: dict[str, ScheduledRequest]
+            ) -> tuple[list[SampledToken], dict[str, int]]:
+    """Keep each request's drafts while they equal the token sampled before them, plus the
+    sampled token after the last kept one (a correction, or a bonus when all are kept).
+    For a point-mass draft this is the speculative rejection rule (spec/ngram.py)."""
+    sampled: list[SampledToken] = []
+    accepted: dict[str, int] = {}
+    k = 0
+    while k < len(ids):
+        rid = ids[k]
+        draft = by_id[rid].draft_token_ids
+        group = drawn[k : k + len(draft) + 1]
+        a = 0
+        while a < len(draft) and group[a][0] == draft[a]:
+            a += 1
+        sampled.extend(SampledToken(rid, tok, lp) for tok, lp in group[: a + 1])
+        if draft:
+            accepted[rid] = a
+        k += len(draft) + 1
+    return sampled, accepted
 
 
 def _prompt_scoring_rows(out: SchedulerOutput) -> tuple[list[int], list[tuple[str, int, int, int]]]:

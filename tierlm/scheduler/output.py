@@ -14,7 +14,8 @@ class ScheduledRequest:
 
     `block_tables` holds one table per KV group (see kv_cache/layout.py).
     `sample` is set when these tokens reach the end of the request's known tokens, so
-    the last one's logits produce its next token (draw index `num_output_tokens`).
+    the last one's logits produce its next token (draw index `num_output_tokens`); with
+    drafts, the last known token's and every draft's logits are sampled.
     """
 
     request_id: str
@@ -27,6 +28,9 @@ class ScheduledRequest:
     prompt_token_ids: list[int]
     output_token_ids: list[int]
     grammar: Any = None  # the request's GrammarState when its output is constrained
+    # Draft tokens (speculative decoding) after the last known token: `token_ids` ends with
+    # them, and the runner samples at every one of those positions to verify them.
+    draft_token_ids: tuple[int, ...] = ()
     prompt_logprobs: int | None = None  # score the prompt tokens in this chunk (top-N alternatives)
 
 

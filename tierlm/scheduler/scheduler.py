@@ -14,8 +14,10 @@ reference count and the partial last block is copied (the copy travels to the ru
 the next SchedulerOutput). The samples of an n > 1 / best_of request are parked until the
 first one has computed its prompt, then forked from it. Beam-search requests report
 their candidate tokens instead of appending one (the engine chooses and appends), and
-sit in `running` with nothing to compute until it does. The scheduler never touches
-tensors: it is tested with fabricated StepResults.
+sit in `running` with nothing to compute until it does. With speculative decoding on, a
+decoding request also computes n-gram draft tokens (spec/ngram.py) after its last one;
+the runner reports how many it accepted and only those count as computed. The scheduler
+never touches tensors: it is tested with fabricated StepResults.
 """
 
 from __future__ import annotations
@@ -25,12 +27,13 @@ import bisect
 from tierlm.config import SchedulerConfig
 from tierlm.kv_cache import prefix_hash
 from tierlm.kv_cache.manager import KVCacheManager
-from tierlm.outputs import StepResult
+from tierlm.outputs import SampledToken, StepResult
 from tierlm.request import Request, RequestStatus
 from tierlm.scheduler.admission import OutputLengthHistory, peak_blocks
 from tierlm.scheduler.fair import VirtualTokenCounter
 from tierlm.scheduler.output import ScheduledRequest, SchedulerOutput
 from tierlm.scheduler.policy import POLICIES
+from tierlm.spec import ngram
 
 
 class Scheduler:
@@ -46,6 +49,10 @@ class Scheduler:
         self.num_preemptions = 0
         # Prompt and generated tokens run on different weight formats: hash their blocks apart.
         self.split_formats = False
+        self._drafts: dict[str, list[int]] = {}  # this step's draft tokens per request
+        self.applied: list[SampledToken] = []  # the last update's tokens that were kept
+        self.draft_tokens = 0  # speculative tokens proposed / accepted since start
+        self.accepted_tokens = 0
         self.prefix_queries = 0  # tokens looked up in the prefix cache at admission
         self.prefix_hits = 0  # of which found cached
         self.vtc = VirtualTokenCounter(shares=dict(config.tenant_weights)) if config.policy == "fair" else None
@@ -131,6 +138,7 @@ class Scheduler:
 
     # ---- one step ----------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
+        self._drafts.clear()  # drafts of requests preempted before they ran
         budget = self.config.max_num_batched_tokens
         plan: list[tuple[Request, int]] = []
         preempted: list[str] = []
@@ -188,6 +196,8 @@ class Scheduler:
             if n == 0 or req.tenant in skip or req.request_id in planned:  # n == 0: a beam awaiting its token
                 i += 1
                 continue
+            if n == 1 and self.config.num_speculative_tokens:
+                n += self._draft(req, budget - 1)
             while not self.kv.allocate(req.request_id, req.num_computed_tokens + n, req.num_computed_tokens):
                 victim = max((r for r in self.running[i:] if r.request_id not in planned), key=self.key)
                 self._preempt(victim)
@@ -278,16 +288,33 @@ class Scheduler:
             generated_from = len(req.prompt_token_ids) if self.split_formats else None
             prefix_hash.extend(req.block_hashes, req.all_token_ids, bs, req.cache_root, generated_from)
 
+    def _draft(self, req: Request, room: int) -> int:
+        """Propose draft tokens for a decoding request (kept for this step); returns how many.
+        None for beams, constrained outputs or prompt scoring, and never past max_tokens
+        or the context (the last sampled token would have nowhere to go)."""
+        p = req.sampling_params
+        if p.use_beam_search or req.grammar is not None or req.prompt_logprobs is not None:
+            return 0
+        k = min(self.config.num_speculative_tokens, room, req.max_total_tokens - req.num_tokens - 1)
+        if p.max_tokens is not None:
+            k = min(k, p.max_tokens - req.num_output_tokens - 1)
+        draft = ngram.propose(req.all_token_ids, k)
+        if draft:
+            self._drafts[req.request_id] = draft
+        return len(draft)
+
     def _scheduled(self, req: Request, n: int) -> ScheduledRequest:
         start = req.num_computed_tokens
-        tokens = req.all_token_ids[start : start + n]
+        draft = self._drafts.pop(req.request_id, [])
+        tokens = req.all_token_ids[start : start + n - len(draft)] + draft
         scoring = req.prompt_logprobs is not None and start < len(req.prompt_token_ids) - 1
         return ScheduledRequest(req.request_id, tokens, start, self.kv.block_tables(req.request_id),
-                                sample=start + n == req.num_tokens and req.sampling_params.max_tokens != 0,
+                                sample=start + n - len(draft) == req.num_tokens and req.sampling_params.max_tokens != 0,
                                 sampling_params=req.sampling_params, seed=req.seed,
                                 prompt_token_ids=req.prompt_token_ids, output_token_ids=list(req.output_token_ids),
                                 grammar=req.grammar,
-                                prompt_logprobs=req.sampling_params.prompt_logprobs if scoring else None)
+                                prompt_logprobs=req.sampling_params.prompt_logprobs if scoring else None,
+                                draft_token_ids=tuple(draft))
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
@@ -304,6 +331,7 @@ class Scheduler:
         Returns the requests that finished in this step (their blocks already freed).
         """
         finished = []
+        self.applied = []
         for s in out.scheduled:
             req = self.requests.get(s.request_id)
             if req is None:
@@ -311,7 +339,11 @@ class Scheduler:
             if self.vtc is not None:  # prompt tokens computed (a recompute is service too)
                 self.vtc.charge(req.tenant, prompt_tokens=max(0, min(len(req.prompt_token_ids) - s.start,
                                                                      len(s.token_ids))))
-            req.num_computed_tokens += len(s.token_ids)
+            # Rejected drafts' KV is left behind: later tokens overwrite those positions.
+            accepted = result.accepted_drafts.get(s.request_id, 0)
+            self.draft_tokens += len(s.draft_token_ids)
+            self.accepted_tokens += accepted
+            req.num_computed_tokens += len(s.token_ids) - len(s.draft_token_ids) + accepted
             if self.kv.enable_caching:
                 self._hash_full_blocks(req)
                 self.kv.cache_blocks(req.request_id, req.block_hashes, req.num_computed_tokens)
@@ -327,6 +359,7 @@ class Scheduler:
                 continue
             if self.vtc is not None:
                 self.vtc.charge(req.tenant, output_tokens=1)
+            self.applied.append(tok)
             if req.sampling_params.use_beam_search:
                 req.beam_candidates = tok.logprob.top  # the engine picks and appends
                 continue

@@ -40,7 +40,12 @@ class Metrics:
                                    registry=r)
         self.kv_evictions = Counter("tierlm:kv_cache_evictions", "Cached KV blocks evicted for reuse", lbl,
                                     registry=r)
-        for counter in (self.prefix_queries, self.prefix_hits, self.kv_evictions):  # exported from the start, at 0
+        # Speculative decoding: acceptance rate = accepted / draft.
+        self.spec_draft = Counter("tierlm:spec_draft_tokens", "Speculative draft tokens proposed", lbl, registry=r)
+        self.spec_accepted = Counter("tierlm:spec_accepted_tokens", "Speculative draft tokens accepted", lbl,
+                                     registry=r)
+        for counter in (self.prefix_queries, self.prefix_hits, self.kv_evictions, self.spec_draft,
+                        self.spec_accepted):  # exported from the start, at 0
             for name in model_names:
                 counter.labels(name)
         self.tier_hits = Counter("tierlm:prefix_cache_block_hits", "Cached KV blocks reused, by the tier found in",
@@ -91,6 +96,8 @@ class TierMetrics:
         self._follow(self.g.prefix_queries, (), s.prefix_queries)
         self._follow(self.g.prefix_hits, (), s.prefix_hits)
         self._follow(self.g.kv_evictions, (), s.kv_evictions)
+        self._follow(self.g.spec_draft, (), s.spec_draft_tokens)
+        self._follow(self.g.spec_accepted, (), s.spec_accepted_tokens)
         for tier, total in s.kv_tiers.get("hits", {}).items():
             self._follow(self.g.tier_hits, (tier,), total)
         for direction, total in s.kv_tiers.get("moved", {}).items():

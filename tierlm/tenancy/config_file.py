@@ -51,7 +51,8 @@ from tierlm.config import (
 from tierlm.tenancy.quotas import QuotaLimits
 
 _CACHE_KEYS = ("kv_cache_gb", "kv_warm_gb", "kv_cold_dir", "kv_cold_gb", "session_ttl")
-_SCHED_KEYS = ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "long_prefill_chunk")
+_SCHED_KEYS = ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "long_prefill_chunk",
+               "num_speculative_tokens")
 
 
 class _Strict(BaseModel):
@@ -69,6 +70,7 @@ class _Tier(_Strict):
     prefix_caching: bool | None = None
     max_num_seqs: int | None = Field(None, gt=0)
     max_num_batched_tokens: int | None = Field(None, gt=0)
+    num_speculative_tokens: int | None = Field(None, ge=0, le=16)  # n-gram drafts per step, 0 = off
     max_model_len: int | None = Field(None, gt=0)
     long_prefill_chunk: int | None = Field(None, ge=0)
     kv_cache_gb: float | None = Field(None, gt=0)

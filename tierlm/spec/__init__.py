@@ -1,0 +1,1 @@
+"""Speculative decoding: proposers of draft tokens (verified by the model runner)."""
