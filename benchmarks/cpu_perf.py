@@ -121,10 +121,11 @@ def peak_rss_mb(pid: int) -> float:
     raise RuntimeError("no VmHWM")
 
 
-def throughput(runs: int, deterministic: bool, requests: int, levels: list[int]) -> dict:
+def throughput(runs: int, deterministic: bool, requests: int, levels: list[int], quantization: str) -> dict:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "tierlm.cli", "serve", "--port", str(port), "--max-num-seqs", str(max(levels))]
+    cmd = [sys.executable, "-m", "tierlm.cli", "serve", "--port", str(port), "--max-num-seqs", str(max(levels)),
+           "--quantization", quantization]
     proc = start(cmd + ([] if deterministic else ["--no-deterministic"]), url, "/ready")
     try:
         tok = tokenizer.from_gguf(GGUFFile(resolve("smollm2-135m", default_cache_dir())), default_cache_dir())
@@ -156,11 +157,13 @@ def main() -> None:
     ap.add_argument("--w3-requests", type=int, default=64)
     ap.add_argument("--w3-concurrency", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--no-deterministic", action="store_true")
+    ap.add_argument("--quantization", default="auto", help="tierlm's --quantization (W1-W3)")
     args = ap.parse_args()
     chosen = [w for w in ("w1", "w2", "w3", "w4") if getattr(args, w)] or ["w1", "w2", "w3", "w4"]
-    results: dict = {"deterministic": not args.no_deterministic, "runs": args.runs}
+    results: dict = {"deterministic": not args.no_deterministic, "quantization": args.quantization, "runs": args.runs}
     if {"w1", "w2"} & set(chosen):
-        llm = LLM("smollm2-135m", deterministic=not args.no_deterministic, enable_prefix_caching=False)
+        llm = LLM("smollm2-135m", deterministic=not args.no_deterministic, enable_prefix_caching=False,
+                  quantization=args.quantization)
         peer = llama_cpp_model(resolve("smollm2-135m", default_cache_dir()), n_ctx=2048,
                                n_threads=torch.get_num_threads())
         tierlm_stream(llm, prompt_ids(llm.tokenizer, 64, salt=0), 8)  # warm-up both
@@ -171,10 +174,12 @@ def main() -> None:
     if "w4" in chosen:
         results["w4"] = speculative(args.runs, not args.no_deterministic)
     if "w3" in chosen:
-        results["w3"] = throughput(args.runs, not args.no_deterministic, args.w3_requests, args.w3_concurrency)
+        results["w3"] = throughput(args.runs, not args.no_deterministic, args.w3_requests, args.w3_concurrency,
+                                   args.quantization)
     cmd = "benchmarks/cpu_perf.py " + " ".join(sys.argv[1:])
     suffix = "_" + "_".join(chosen) + ("_c" + "_".join(map(str, args.w3_concurrency)) if "w3" in chosen else "")
     suffix += "_nondeterministic" if args.no_deterministic else ""
+    suffix += f"_{args.quantization}" if args.quantization != "auto" else ""
     print("recorded in", record("cpu_perf" + suffix, cmd.strip(), results))
 
 
