@@ -121,11 +121,12 @@ def peak_rss_mb(pid: int) -> float:
     raise RuntimeError("no VmHWM")
 
 
-def throughput(runs: int, deterministic: bool, requests: int, levels: list[int], quantization: str) -> dict:
+def throughput(runs: int, deterministic: bool, requests: int, levels: list[int], quantization: str,
+               server_args: list[str]) -> dict:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "tierlm.cli", "serve", "--port", str(port), "--max-num-seqs", str(max(levels)),
-           "--quantization", quantization]
+           "--quantization", quantization, *server_args]
     proc = start(cmd + ([] if deterministic else ["--no-deterministic"]), url, "/ready")
     try:
         tok = tokenizer.from_gguf(GGUFFile(resolve("smollm2-135m", default_cache_dir())), default_cache_dir())
@@ -158,6 +159,8 @@ def main() -> None:
     ap.add_argument("--w3-concurrency", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--no-deterministic", action="store_true")
     ap.add_argument("--quantization", default="auto", help="tierlm's --quantization (W1-W3)")
+    ap.add_argument("--server-args", nargs=argparse.REMAINDER, default=[],
+                    help="extra `tierlm serve` flags for W3, e.g. --kv-cache-gb 0.5 (must come last)")
     args = ap.parse_args()
     chosen = [w for w in ("w1", "w2", "w3", "w4") if getattr(args, w)] or ["w1", "w2", "w3", "w4"]
     results: dict = {"deterministic": not args.no_deterministic, "quantization": args.quantization, "runs": args.runs}
@@ -175,11 +178,13 @@ def main() -> None:
         results["w4"] = speculative(args.runs, not args.no_deterministic)
     if "w3" in chosen:
         results["w3"] = throughput(args.runs, not args.no_deterministic, args.w3_requests, args.w3_concurrency,
-                                   args.quantization)
+                                   args.quantization, args.server_args)
+        results["server_args"] = args.server_args
     cmd = "benchmarks/cpu_perf.py " + " ".join(sys.argv[1:])
     suffix = "_" + "_".join(chosen) + ("_c" + "_".join(map(str, args.w3_concurrency)) if "w3" in chosen else "")
     suffix += "_nondeterministic" if args.no_deterministic else ""
     suffix += f"_{args.quantization}" if args.quantization != "auto" else ""
+    suffix += "_" + "".join(a.strip("-").replace("-", "_") for a in args.server_args) if args.server_args else ""
     print("recorded in", record("cpu_perf" + suffix, cmd.strip(), results))
 
 
