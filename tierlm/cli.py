@@ -30,9 +30,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                                                   "(default: smollm2-135m)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="compute dtype")
     p.add_argument("--quantization", default="auto", choices=["auto", "none", "int8", "int4"],
-                   help="linear-layer weights for decode: auto keeps a GGUF file's 4-bit blocks as int4 "
-                        "(others dense); int8/int4 also quantize dense weights on load (HF checkpoints); "
-                        "none runs dense weights throughout (prefill always uses dense bf16 copies)")
+                   help="linear-layer weights for decode: auto runs a GGUF file's 4-bit blocks as int4 and "
+                        "its other quantized tensors as int8 (float weights dense); int8/int4 also quantize "
+                        "dense weights on load (HF checkpoints); none runs dense weights throughout "
+                        "(prefill always uses dense bf16 copies)")
     p.add_argument("--speculative", default="off", choices=["off", "ngram"],
                    help="speculative decoding: ngram drafts tokens by prompt lookup and verifies them in "
                         "the same step (the output is unchanged, greedy or sampled)")

@@ -175,8 +175,9 @@ class EngineConfig:
     always float32. `deterministic` makes every request's numbers independent of its
     batch neighbours and of chunking (batch-invariant kernels, see layers/linear.py).
     `quantization` is the weight format of the linear layers for decode: "auto" keeps a
-    GGUF file's 4-bit blocks as int4 and everything else dense; "int8" / "int4" also
-    quantize the dense ones on load (HF checkpoints); "none" runs every layer dense.
+    GGUF file's 4-bit blocks as int4, runs its other quantized tensors as int8 and float
+    weights dense; "int8" / "int4" also quantize the dense ones on load (HF checkpoints);
+    "none" runs every layer dense.
     The quantized kernels take bf16 activations, so anything but "none"/"auto" needs
     dtype bfloat16 (and "auto" under float32 means dense).
     """

@@ -1,6 +1,7 @@
 """ModelRunner: owns the model's KV cache tensors and runs one scheduled step.
 
-SchedulerOutput -> forward_batch.build -> model forward -> sampler -> StepResult.
+SchedulerOutput -> forward_batch.build -> model forward -> sampler -> draft verification
+(speculative decoding) -> StepResult.
 """
 
 from __future__ import annotations
