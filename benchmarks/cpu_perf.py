@@ -33,9 +33,8 @@ from tierlm.bench import runner
 from tierlm.bench.targets import HTTPTarget
 from tierlm.bench.workloads import STANDARD, copy_prompt_ids, prompt_ids
 from tierlm.engine.llm_engine import default_cache_dir
-from tierlm.loader import tokenizer
 from tierlm.loader.bundled import resolve
-from tierlm.loader.gguf import GGUFFile
+from tierlm.loader.model_loader import load_tokenizer
 
 
 def spread(values: list[float]) -> dict:
@@ -129,7 +128,7 @@ def throughput(runs: int, deterministic: bool, requests: int, levels: list[int],
            "--quantization", quantization, *server_args]
     proc = start(cmd + ([] if deterministic else ["--no-deterministic"]), url, "/ready")
     try:
-        tok = tokenizer.from_gguf(GGUFFile(resolve("smollm2-135m", default_cache_dir())), default_cache_dir())
+        tok = load_tokenizer("smollm2-135m", default_cache_dir())
         w = replace(STANDARD["w3"], requests=requests, concurrency=tuple(levels))
         target = HTTPTarget(url, "smollm2-135m", None, tok)
 

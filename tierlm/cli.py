@@ -240,13 +240,10 @@ def cmd_bench(args) -> None:
     model = args.model or "smollm2-135m"
     if args.url:
         from tierlm.engine.llm_engine import default_cache_dir
-        from tierlm.loader import bundled, tokenizer
-        from tierlm.loader.gguf import GGUFFile
+        from tierlm.loader.model_loader import load_tokenizer
 
         # Prompts are token ids of --model's tokenizer: pass the model the server runs.
-        path = bundled.resolve(model, default_cache_dir())
-        tok = tokenizer.from_gguf(GGUFFile(path), default_cache_dir()) if path.is_file() else \
-            tokenizer.from_hf_dir(path, (), None)
+        tok = load_tokenizer(model, default_cache_dir())
         target = HTTPTarget(args.url, args.served_model or model, args.api_key, tok)
     else:
         seqs = max(c for w in workloads for c in w.concurrency)
@@ -286,8 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     from tierlm.models.registry import UnsupportedArchitecture
     from tierlm.server.run import StartupError
 
-    user_errors = (CLIError, PlotError, StartupError, ConfigError, SamplingParamsError, InvalidRequest, ModelNotFound, GGUFError,
-                   TokenizerError, WeightsError, ConfigReadError, UnsupportedArchitecture, ChatTemplateError,
+    user_errors = (CLIError, PlotError, StartupError, ConfigError, SamplingParamsError, InvalidRequest, ModelNotFound,
+                   GGUFError, TokenizerError, WeightsError, ConfigReadError, UnsupportedArchitecture, ChatTemplateError,
                    OSError)
     try:
         args = build_parser().parse_args(argv)

@@ -23,7 +23,8 @@ class LLM:
                  block_size: int = 16, kv_cache_gb: float = 1.0, num_kv_blocks: int | None = None,
                  enable_prefix_caching: bool = True, kv_warm_gb: float = 0.5, kv_cold_dir: str | None = None,
                  kv_cold_gb: float = 4.0, session_ttl: float = 600.0, seed: int = 0,
-                 admission: str = "past_future", num_speculative_tokens: int = 0, cache_dir: str | Path | None = None, progress: bool = False,
+                 admission: str = "past_future", num_speculative_tokens: int = 0,
+                 cache_dir: str | Path | None = None, progress: bool = False,
                  config: EngineConfig | None = None) -> None:
         if config is None:
             config = EngineConfig(

@@ -290,10 +290,10 @@ class LLMEngine:
             pid = self._child_parent.get(tok.request_id)
             if pid is None:
                 continue
-            if tok.request_id in stopped:  # a draft after a stop string: not part of the output
-                self._parents[pid].requests[tok.request_id].drop_last_output()
-                continue
             parent = self._parents[pid]
+            if tok.request_id in stopped:  # a draft after a stop string: not part of the output
+                parent.requests[tok.request_id].drop_last_output()
+                continue
             if parent.beam is not None:
                 beams[pid] = None
                 continue

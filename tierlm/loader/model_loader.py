@@ -132,6 +132,15 @@ def _count(formats: dict[str, int], key: str) -> None:
     formats[key] = formats.get(key, 0) + 1
 
 
+def load_tokenizer(model: str, cache_dir: Path) -> tokenizer.TextTokenizer:
+    """Only the tokenizer of a model argument (name, .gguf or HF dir), as `load` builds it."""
+    path = bundled.resolve(model, cache_dir)
+    if path.is_file():
+        return tokenizer.from_gguf(GGUFFile(path), cache_dir)
+    cfg = configs.hf_config(path)
+    return tokenizer.from_hf_dir(path, cfg.eos_token_ids, cfg.bos_token_id)
+
+
 def load(model: str, *, dtype: torch.dtype, block_size: int, deterministic: bool,
          cache_dir: Path, progress: bool = False, quantization: str = "auto") -> LoadedModel:
     """`quantization`: see EngineConfig (the int4/int8 kernels need dtype bfloat16)."""

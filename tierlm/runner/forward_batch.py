@@ -99,7 +99,7 @@ def build(out: SchedulerOutput, block_size: int, windows: tuple[int | None, ...]
     tokens go into PROMPT_TILE-row query tiles, generated ones into GENERATED_TILE rows.
     """
     counts = [len(s.token_ids) for s in out.scheduled]
-    prompt_counts = [min(max(len(s.prompt_token_ids) - s.start, 0), n) for s, n in zip(out.scheduled, counts)]
+    prompt_counts = [s.num_prompt_tokens for s in out.scheduled]
     total, prompt_rows = sum(counts), sum(prompt_counts)
     ids = [0] * total
     positions = [0] * total

@@ -170,7 +170,7 @@ def _prompt_scoring_rows(out: SchedulerOutput) -> tuple[list[int], list[tuple[st
             for p in range(s.start, end):
                 rows.append(row0 + p - s.start)
                 targets.append((s.request_id, p + 1, s.prompt_token_ids[p + 1], s.prompt_logprobs))
-        row0 += min(max(len(s.prompt_token_ids) - s.start, 0), len(s.token_ids))
+        row0 += s.num_prompt_tokens
     return rows, targets
 
 

@@ -31,6 +31,11 @@ class ScheduledRequest:
     # Draft tokens (speculative decoding) after the last known token: `token_ids` ends with
     # them, and the runner samples at every one of those positions to verify them.
     draft_token_ids: tuple[int, ...] = ()
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        """How many of `token_ids` sit at prompt positions (the rest are generated tokens)."""
+        return min(max(len(self.prompt_token_ids) - self.start, 0), len(self.token_ids))
     prompt_logprobs: int | None = None  # score the prompt tokens in this chunk (top-N alternatives)
 
 

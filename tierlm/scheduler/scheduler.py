@@ -337,8 +337,7 @@ class Scheduler:
             if req is None:
                 continue
             if self.vtc is not None:  # prompt tokens computed (a recompute is service too)
-                self.vtc.charge(req.tenant, prompt_tokens=max(0, min(len(req.prompt_token_ids) - s.start,
-                                                                     len(s.token_ids))))
+                self.vtc.charge(req.tenant, prompt_tokens=s.num_prompt_tokens)
             # Rejected drafts' KV is left behind: later tokens overwrite those positions.
             accepted = result.accepted_drafts.get(s.request_id, 0)
             self.draft_tokens += len(s.draft_token_ids)
