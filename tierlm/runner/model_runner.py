@@ -6,8 +6,10 @@ SchedulerOutput -> forward_batch.build -> model forward -> sampler -> draft veri
 
 from __future__ import annotations
 
+import math
 from concurrent.futures import Future, ThreadPoolExecutor
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -38,6 +40,18 @@ def num_kv_blocks(cfg: ModelConfig, cache: CacheConfig, dtype: torch.dtype) -> i
     return max(2, int(cache.kv_cache_gb * 2**30) // kv_block_bytes(cfg, cache.block_size, dtype))
 
 
+def lazily_zeroed(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A zero-filled tensor whose memory is committed page by page on first write.
+
+    Zeros, because padding reads of never-written slots must be finite (they are masked);
+    lazily, because the pool is sized for the worst case: torch.zeros would write (and so
+    commit) every page up front, while calloc's large allocations are fresh zero pages
+    from the OS, so resident memory grows with the KV actually held.
+    """
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
+
+
 class ModelRunner:
     def __init__(self, model: nn.Module, cfg: ModelConfig, num_blocks: int, block_size: int,
                  dtype: torch.dtype, deterministic: bool = True) -> None:
@@ -49,9 +63,7 @@ class ModelRunner:
         self.block_size = block_size
         self.layout = layout_for(cfg)
         shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
-        # Zero-filled: padding reads of never-written slots must be finite (they are masked).
-        slots = [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
-                 for _ in range(self.layout.group_size)]
+        slots = [(lazily_zeroed(shape, dtype), lazily_zeroed(shape, dtype)) for _ in range(self.layout.group_size)]
         places = [self.layout.place(i) for i in range(cfg.num_layers)]
         self.kv_caches = [slots[slot] for _, slot in places]
         self.layer_group = [group for group, _ in places]
