@@ -18,9 +18,9 @@ from tierlm.runner import kernel_probe
 def test_rows_identical_for_any_batch_size(dtype, k, n):
     g = torch.Generator().manual_seed(3)
     w_t = torch.randn(n, k, generator=g).to(dtype).t()
-    x = torch.randn(300, k, generator=g).to(dtype)
-    alone = torch.cat([invariant_mm(x[i : i + 1], w_t) for i in range(0, 300, 7)])
-    for m in (2, 3, 5, 17, 64, 65, 130, 300):
+    x = torch.randn(1100, k, generator=g).to(dtype)
+    alone = torch.cat([invariant_mm(x[i : i + 1], w_t) for i in range(0, 1100, 7)])
+    for m in (2, 3, 5, 17, 64, 65, 130, 300, 512, 1100):
         got = invariant_mm(x[:m], w_t)
         rows = list(range(0, m, 7))
         assert torch.equal(got[rows], alone[: len(rows)]), (m, dtype, k, n)

@@ -16,29 +16,31 @@ import torch
 
 @dataclass(frozen=True)
 class QueryTiles:
-    """Query tiles of one height, with everything the attention over them needs.
+    """Query tiles of one height and the attention items that cover their keys.
 
-    rows:          [Qt, Tq] token row of each query in each tile (padded rows repeat the
-                   tile's last real row; their results are discarded).
-    positions:     [Qt, Tq] absolute position of each tile query (the causal bound).
-    blocks:        [Qt, Nb] block table (from first_key_tile on) of the request each tile
-                   belongs to, padded with block 0 (always masked out).
-    key_bias:      [Qt * key tiles, 1, Tq * G, KEY_TILE] in the cache dtype: 0 where a tile query sees
-                   the key, -inf where it must not (causal bound, window); rows repeat per
-                   query head of a KV head (G).
-    unseen:        [Qt * key tiles, 1, Tq * G] True where a query sees no key of the tile.
-    num_key_tiles: key tiles to visit, enough for the longest context among these tiles.
-    first_key_tile: the first key tile any of these queries can see (sliding windows skip
-                   tiles wholly behind every window; their blocks may be freed).
+    An item is one query tile against one contiguous span of key positions; every item
+    of a group has the same shape, so one fused kernel call computes them all.
+
+    rows:        [Qt, Tq] token row of each query in each tile (padded rows repeat the
+                 tile's last real row; their results are discarded).
+    item_rows:   [N, Tq] the rows of each item's query tile.
+    item_blocks: [N, L / block_size] the cache blocks holding each item's key span
+                 (padded with block 0, always masked out).
+    key_bias:    [N, 1, Tq * G, L] in the cache dtype: 0 where an item's query sees the key,
+                 -inf where it must not (causal bound, window); rows repeat per query head
+                 of a KV head (G).
+    unseen:      [N, 1, Tq * G] True where a query sees no key of the item (None: never).
+    combine:     [Qt, M] each tile's items in ascending key order, padded with N (an empty
+                 item), to be merged by log-sum-exp; None when each tile is exactly one item
+                 (item i = tile i).
     """
 
     rows: torch.Tensor
-    positions: torch.Tensor
-    blocks: torch.Tensor
+    item_rows: torch.Tensor
+    item_blocks: torch.Tensor
     key_bias: torch.Tensor
-    unseen: torch.Tensor
-    num_key_tiles: int
-    first_key_tile: int = 0
+    unseen: torch.Tensor | None
+    combine: torch.Tensor | None
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from tierlm.attention.base import AttentionMetadata, QueryTiles
-from tierlm.attention.torch_ref import GENERATED_TILE, KEY_TILE, PROMPT_TILE
+from tierlm.attention.torch_ref import KEY_TILE, PROMPT_TILE
 from tierlm.kv_cache.block_pool import NULL_BLOCK
 from tierlm.scheduler.output import SchedulerOutput
 
@@ -27,15 +27,13 @@ class ForwardBatch:
 
 
 class _Tiling:
-    """Query tiles of one height as lists: rows, positions, owning request, context end."""
+    """Query tiles of one height as lists: rows, positions, owning request."""
 
     def __init__(self, height: int) -> None:
         self.height = height
         self.rows: list[list[int]] = []
         self.positions: list[list[int]] = []
         self.request: list[int] = []
-        self.max_ctx = 0
-        self.min_start: int | None = None
 
     def add(self, si: int, rows: list[int], positions: list[int], index: list[int], base: int) -> None:
         """Tile one request's consecutive tokens; record each row's place in `index`
@@ -50,53 +48,70 @@ class _Tiling:
             self.rows.append(real + [real[-1]] * pad)
             self.positions.append(positions[t0 : t0 + h] + [positions[t0 + len(real) - 1]] * pad)
             self.request.append(si)
-        if rows:
-            self.max_ctx = max(self.max_ctx, positions[-1] + 1)
-            self.min_start = positions[0] if self.min_start is None else min(self.min_start, positions[0])
-
-
-def _key_masks(tile_pos: torch.Tensor, first: int, num_key_tiles: int, window: int | None,
-               group: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(key_bias, unseen) of QueryTiles for query tiles at `tile_pos` [Qt, Tq]."""
-    nt = num_key_tiles - first
-    qt, tq = tile_pos.shape
-    key_pos = (first * KEY_TILE + torch.arange(nt * KEY_TILE)).view(1, nt, 1, KEY_TILE)
-    qpos = tile_pos.view(qt, 1, tq, 1)
-    hidden = key_pos > qpos
-    if window is not None:
-        hidden |= key_pos <= qpos - window
-    hidden = hidden.unsqueeze(3).expand(qt, nt, tq, group, KEY_TILE).reshape(qt * nt, 1, tq * group, KEY_TILE)
-    bias = torch.zeros(hidden.shape, dtype=dtype).masked_fill_(hidden, float("-inf"))
-    return bias, hidden.all(dim=-1)
 
 
 def _query_tiles(tiling: _Tiling, out: SchedulerOutput, g: int, window: int | None, block_size: int,
-                 group: int, dtype: torch.dtype) -> QueryTiles:
-    num_key_tiles = -(-tiling.max_ctx // KEY_TILE)
-    # Tiles wholly behind every query's window are exact no-ops: skip them.
-    first = 0 if window is None else max(0, tiling.min_start - window + 1) // KEY_TILE
-    lo, hi = first * (KEY_TILE // block_size), num_key_tiles * (KEY_TILE // block_size)
-    per_req = torch.full((len(out.scheduled), hi - lo), NULL_BLOCK, dtype=torch.long)
-    for si in set(tiling.request):
-        table = out.scheduled[si].block_tables[g][lo:hi]
-        per_req[si, : len(table)] = torch.tensor(table, dtype=torch.long)
-    rows = torch.tensor(tiling.rows, dtype=torch.long).view(-1, tiling.height)
+                 group: int, dtype: torch.dtype, whole_context: bool) -> QueryTiles:
+    """Items of `tiling`'s tiles: one per tile over its whole context (`whole_context`), or
+    one per key tile a tile can see (see attention/torch_ref.py)."""
     positions = torch.tensor(tiling.positions, dtype=torch.long).view(-1, tiling.height)
-    bias, unseen = _key_masks(positions, first, num_key_tiles, window, group, dtype)
-    return QueryTiles(rows, positions, per_req[torch.tensor(tiling.request, dtype=torch.long)], bias, unseen,
-                      num_key_tiles, first)
+    qt, tq = positions.shape
+    lo, hi = positions[:, 0], positions.amax(dim=1)  # first and last query position per tile
+    # The first key each tile can see (sliding windows), floored to a key tile.
+    first = torch.zeros(qt, dtype=torch.long) if window is None else (lo - window + 1).clamp(min=0)
+    first = first // KEY_TILE * KEY_TILE
+    if whole_context:  # full attention only: every span starts at 0
+        item_tile = torch.arange(qt)
+        start = torch.zeros(qt, dtype=torch.long)
+        length = -(-(int(hi.max()) + 1) // KEY_TILE) * KEY_TILE
+        counts = None
+    else:
+        counts = (hi // KEY_TILE - first // KEY_TILE + 1).tolist()
+        item_tile = torch.repeat_interleave(torch.arange(qt), torch.tensor(counts))
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(torch.tensor(counts), 0)[:-1]])
+        start = first[item_tile] + (torch.arange(len(item_tile)) - offsets[item_tile]) * KEY_TILE
+        length = KEY_TILE
+    # Each item's blocks, from its requests' tables (NULL past a table's end).
+    request = torch.tensor(tiling.request, dtype=torch.long)[item_tile]
+    nb = length // block_size
+    cols = (start // block_size).unsqueeze(1) + torch.arange(nb)
+    tables = torch.full((len(out.scheduled), int(cols.max()) + 1), NULL_BLOCK, dtype=torch.long)
+    for si in set(tiling.request):
+        table = out.scheduled[si].block_tables[g][: tables.shape[1]]
+        tables[si, : len(table)] = torch.tensor(table, dtype=torch.long)
+    item_blocks = tables[request.unsqueeze(1), cols]
+    # Masks: [N, 1, Tq * G, length], a query's row repeated for each of its KV head's G heads.
+    key_pos = start.view(-1, 1, 1) + torch.arange(length).view(1, 1, length)
+    qpos = positions[item_tile].unsqueeze(2)
+    hidden = key_pos > qpos
+    if window is not None:
+        hidden |= key_pos <= qpos - window
+    n = len(item_tile)
+    hidden = hidden.unsqueeze(2).expand(n, tq, group, length).reshape(n, 1, tq * group, length)
+    bias = torch.zeros(hidden.shape, dtype=dtype).masked_fill_(hidden, float("-inf"))
+    rows = torch.tensor(tiling.rows, dtype=torch.long).view(-1, tiling.height)
+    if counts is None:
+        return QueryTiles(rows, rows, item_blocks, bias, None, None)
+    width = max(counts)
+    combine = torch.full((qt, width), n, dtype=torch.long)
+    slot = torch.arange(width).unsqueeze(0)
+    combine[slot < torch.tensor(counts).unsqueeze(1)] = torch.arange(n)
+    return QueryTiles(rows, rows[item_tile], item_blocks, bias, hidden.all(dim=-1), combine)
 
 
 def build(out: SchedulerOutput, block_size: int, windows: tuple[int | None, ...] = (None,),
-          query_group: int = 1, dtype: torch.dtype = torch.float32) -> ForwardBatch:
+          query_group: int = 1, dtype: torch.dtype = torch.float32,
+          decode_layout: tuple[int, bool] = (4, False)) -> ForwardBatch:
     """`windows` lists the KV groups (their sliding windows) the block tables refer to;
     `query_group` is the number of query heads per KV head (rows of the key masks) and
-    `dtype` the KV cache's (the key masks' dtype, so no layer converts them).
+    `dtype` the KV cache's (the key masks' dtype, so no layer converts them);
+    `decode_layout` is (rows per generated tile, whether each gets one item over its whole
+    context in full-attention groups), see attention/torch_ref.py `decode_layout`.
 
     Rows are laid out prompt tokens first (every request's, in schedule order), then
     generated tokens (decodes, and outputs recomputed after a preemption); attention
     addresses rows by index, so one request's tokens may sit in both parts. Prompt
-    tokens go into PROMPT_TILE-row query tiles, generated ones into GENERATED_TILE rows.
+    tokens go into PROMPT_TILE-row query tiles, generated ones into shorter tiles.
     """
     counts = [len(s.token_ids) for s in out.scheduled]
     prompt_counts = [s.num_prompt_tokens for s in out.scheduled]
@@ -108,7 +123,7 @@ def build(out: SchedulerOutput, block_size: int, windows: tuple[int | None, ...]
     logits_indices: list[int] = []
     sample_ids: list[str] = []
     offsets: list[int] = []
-    prompt_tiles, generated_tiles = _Tiling(PROMPT_TILE), _Tiling(GENERATED_TILE)
+    prompt_tiles, generated_tiles = _Tiling(PROMPT_TILE), _Tiling(decode_layout[0])
     generated_parts = []
     next_prompt, next_gen = 0, prompt_rows
     for si, s in enumerate(out.scheduled):
@@ -136,7 +151,8 @@ def build(out: SchedulerOutput, block_size: int, windows: tuple[int | None, ...]
     index_t = torch.tensor(token_tile_index, dtype=torch.long)
     metas = []
     for g, window in enumerate(windows):
-        tiles = tuple(_query_tiles(t, out, g, window, block_size, query_group, dtype)
+        tiles = tuple(_query_tiles(t, out, g, window, block_size, query_group, dtype,
+                                   decode_layout[1] and window is None and t is generated_tiles)
                       for t in (prompt_tiles, generated_tiles) if t.rows)
         metas.append(AttentionMetadata(torch.tensor(slots[g], dtype=torch.long), tiles, index_t, window))
     return ForwardBatch(torch.tensor(ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long),

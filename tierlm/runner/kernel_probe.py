@@ -27,7 +27,8 @@ def fingerprint() -> str:
     except OSError:
         pass
     isa = torch.backends.cpu.get_cpu_capability()
-    return f"torch={torch.__version__}|threads={torch.get_num_threads()}|isa={isa}|cpu={cpu}"
+    tiles = ",".join(map(str, linear.CANDIDATE_TILES))  # a new candidate list is probed afresh
+    return f"torch={torch.__version__}|threads={torch.get_num_threads()}|isa={isa}|cpu={cpu}|tiles={tiles}"
 
 
 def ensure_probed(model: nn.Module, dtype: torch.dtype, cache_dir: Path | None) -> None:

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from tierlm.attention import torch_ref
 from tierlm.config import CacheConfig, ModelConfig
 from tierlm.kv_cache import layout as kv_layout
 from tierlm.outputs import SampledToken, StepResult
@@ -68,6 +69,9 @@ class ModelRunner:
         self.kv_caches = [slots[slot] for _, slot in places]
         self.layer_group = [group for group, _ in places]
         self._pages = [t for pair in slots for t in pair]  # every tensor a block id indexes
+        # Decode attention layout: probed for batch invariance, or the cheapest when not asked for.
+        group = cfg.num_heads // cfg.num_kv_heads
+        self.decode_layout = torch_ref.decode_layout(group, cfg.num_kv_heads, cfg.head_dim, dtype) if deterministic else (1, True)
         self._mask_worker: ThreadPoolExecutor | None = None
 
     def read_block(self, block: int) -> torch.Tensor:
@@ -80,7 +84,8 @@ class ModelRunner:
 
     def _build(self, out: SchedulerOutput) -> forward_batch.ForwardBatch:
         return forward_batch.build(out, self.block_size, self.layout.windows,
-                                   self.cfg.num_heads // self.cfg.num_kv_heads, self.kv_caches[0][0].dtype)
+                                   self.cfg.num_heads // self.cfg.num_kv_heads, self.kv_caches[0][0].dtype,
+                                   self.decode_layout)
 
     def _forward(self, batch: forward_batch.ForwardBatch, logits_indices: torch.Tensor) -> torch.Tensor:
         metas = [batch.attn[g] for g in self.layer_group]
