@@ -58,6 +58,15 @@ def test_kernel_matches_dense_product_and_is_batch_invariant(kind):
         assert torch.equal(q.mm(x[:m]), y[:m]), m  # no tiling needed: the kernel is row-invariant
 
 
+def test_int8_output_slices_give_the_same_bits():
+    gen = torch.Generator().manual_seed(4)
+    q = quant.Int8Weight(torch.randn(200, 128, generator=gen))
+    x = torch.randn(9, 128, generator=gen).bfloat16()
+    whole = torch.ops.aten._weight_int8pack_mm(x, q.qweight, q.scale)
+    q.N_SLICE = 64  # 200 outputs in slices of 64, 64, 64, 8
+    assert torch.equal(q.mm(x), whole)
+
+
 def test_linear_rows_take_the_format_of_their_role():
     gen = torch.Generator().manual_seed(3)
     layer = Linear(128, 64, deterministic=True)

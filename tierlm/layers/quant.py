@@ -138,9 +138,15 @@ class Int4Weight:
 
 
 class Int8Weight:
-    """Symmetric int8 per output channel for `_weight_int8pack_mm`: y = (x W_q^T) * scale."""
+    """Symmetric int8 per output channel for `_weight_int8pack_mm`: y = (x W_q^T) * scale.
+
+    A vocabulary-sized weight runs in slices of N_SLICE outputs: the kernel over 49,152
+    outputs takes ~1.8x as long at 32 rows (and ~1.3x at one) as the same outputs in six
+    slices; each output is the same dot product either way, so the bits do not change.
+    """
 
     bits = 8
+    N_SLICE = 8192
 
     def __init__(self, w: torch.Tensor) -> None:
         self.out_features, self.in_features = w.shape
@@ -151,7 +157,15 @@ class Int8Weight:
         self.scale = scale.to(torch.bfloat16)
 
     def mm(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.qweight, self.scale)
+        x = x.to(torch.bfloat16)
+        n, step = self.out_features, self.N_SLICE
+        if n <= step:
+            return torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scale)
+        out = x.new_empty(x.shape[0], n)
+        for i in range(0, n, step):
+            out[:, i : i + step] = torch.ops.aten._weight_int8pack_mm(x, self.qweight[i : i + step],
+                                                                      self.scale[i : i + step])
+        return out
 
     def dequantize(self) -> torch.Tensor:
         return self.qweight.float() * self.scale.float()[:, None]
