@@ -34,9 +34,11 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                         "its other quantized tensors as int8 (float weights dense); int8/int4 also quantize "
                         "dense weights on load (HF checkpoints); none runs dense weights throughout "
                         "(prefill always uses dense bf16 copies)")
-    p.add_argument("--speculative", default="off", choices=["off", "ngram"],
-                   help="speculative decoding: ngram drafts tokens by prompt lookup and verifies them in "
-                        "the same step (the output is unchanged, greedy or sampled)")
+    p.add_argument("--speculative", default="off", choices=["off", "ngram", "draft"],
+                   help="speculative decoding: ngram drafts tokens by prompt lookup, draft runs --draft-model; "
+                        "the drafts are verified in the same step (the output is unchanged, greedy or sampled)")
+    p.add_argument("--draft-model", default=None,
+                   help="with --speculative draft: a smaller model with the same vocabulary (name, .gguf or HF dir)")
     p.add_argument("--num-speculative-tokens", type=int, default=4, help="draft tokens per step (with --speculative)")
     p.add_argument("--no-deterministic", action="store_true",
                    help="allow faster kernels whose results depend on batch composition")
@@ -115,15 +117,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _config(args) -> EngineConfig:
     sched = {k: getattr(args, k) for k in ("max_num_seqs", "max_num_batched_tokens") if hasattr(args, k)}
-    if args.speculative == "ngram":
+    if args.speculative != "off":
         sched["num_speculative_tokens"] = args.num_speculative_tokens
+    if (args.speculative == "draft") != (args.draft_model is not None):
+        raise CLIError("--speculative draft and --draft-model go together")
     return EngineConfig(model=args.model or "smollm2-135m", dtype=args.dtype, deterministic=not args.no_deterministic,
                         quantization=args.quantization,
                         cache=CacheConfig(kv_cache_gb=args.kv_cache_gb,
                                           enable_prefix_caching=not args.no_prefix_caching,
                                           kv_warm_gb=args.kv_warm_gb, kv_cold_dir=args.kv_cold_dir,
                                           kv_cold_gb=args.kv_cold_gb, session_ttl=args.session_ttl),
-                        scheduler=SchedulerConfig(max_model_len=args.max_model_len, **sched))
+                        scheduler=SchedulerConfig(max_model_len=args.max_model_len, **sched),
+                        draft_model=args.draft_model)
 
 
 def _engine(args):

@@ -180,6 +180,8 @@ class EngineConfig:
     "none" runs every layer dense.
     The quantized kernels take bf16 activations, so anything but "none"/"auto" needs
     dtype bfloat16 (and "auto" under float32 means dense).
+    `draft_model` (a model argument with the same vocabulary) drafts the speculative
+    tokens instead of n-gram lookup (spec/draft.py); it needs num_speculative_tokens > 0.
     """
 
     model: str = "smollm2-135m"
@@ -189,6 +191,7 @@ class EngineConfig:
     seed: int = 0
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    draft_model: str | None = None
 
     def __post_init__(self) -> None:
         _require(self.dtype in _DTYPES, f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
@@ -196,6 +199,8 @@ class EngineConfig:
                  f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
         _require(self.quantization in ("auto", "none") or self.dtype == "bfloat16",
                  f"quantization {self.quantization} needs dtype bfloat16 (its kernels take bf16 activations)")
+        _require(self.draft_model is None or self.scheduler.num_speculative_tokens > 0,
+                 "a draft model needs num_speculative_tokens > 0")
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -40,6 +40,7 @@ def test_models_lists_bundled():
     (["generate", "--max-tokens", "100000", "hi"], "context"),
     (["generate", "--quantization", "int4", "--dtype", "float32", "hi"], "needs dtype bfloat16"),
     (["generate", "--quantization", "int3", "hi"], "invalid choice"),
+    (["generate", "--speculative", "draft", "hi"], "--draft-model"),
     (["bench", "--runs", "0"], "--runs"),
     (["bench", "--workloads", "w9"], "invalid choice"),
     (["bench", "--url", "http://127.0.0.1:9", "--workloads", "w2", "--runs", "1", "--no-plots"], "127.0.0.1:9"),
@@ -49,6 +50,13 @@ def test_bad_arguments_one_line_error(args, needle):
     assert r.returncode != 0
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0] and lines[0].startswith("tierlm: error:"), r.stderr
+
+
+def test_draft_model_with_another_vocabulary_is_refused(tiny_checkpoint):
+    draft, _ = tiny_checkpoint("qwen2")
+    r = tierlm("generate", "--speculative", "draft", "--draft-model", str(draft), "hi")
+    assert r.returncode == 2
+    assert r.stderr.strip().startswith("tierlm: error:") and "vocabulary of 320 tokens" in r.stderr, r.stderr
 
 
 def test_chat_with_gemma3_matches_offline_api(cache_dir):

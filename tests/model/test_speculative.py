@@ -61,3 +61,54 @@ def test_copying_accepts_most_drafts_and_saves_steps(engines):
         steps[name] = n
     rate = (sched.accepted_tokens - accepted) / (sched.draft_tokens - drafted)
     assert rate > 0.5 and steps["spec"] < steps["plain"] / 1.5, (rate, steps)
+
+
+# ---- draft-model proposer (spec/draft.py) -------------------------------------------------
+DRAFT_PROMPTS = ["hello world, the quick", "the lazy dog jumps over the brown fox and", "fox"]
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tiny_checkpoint, cache_dir):
+    """A tiny Llama target decoding plainly, with a different tiny model (Qwen2, same
+    vocabulary) as its draft, and with itself as its draft."""
+    target, _ = tiny_checkpoint("llama")
+    draft, _ = tiny_checkpoint("qwen2")
+    kw = dict(dtype="float32", cache_dir=cache_dir)
+    return (LLM(str(target), **kw), LLM(str(target), num_speculative_tokens=3, draft_model=str(draft), **kw),
+            LLM(str(target), num_speculative_tokens=3, draft_model=str(target), **kw))
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=0, max_tokens=40, logprobs=2, ignore_eos=True),
+    SamplingParams(temperature=1.0, top_k=20, max_tokens=30, seed=11, n=2, logprobs=1, ignore_eos=True),
+])
+def test_draft_model_output_identical_to_plain_decoding(tiny_pair, params):
+    plain, other, itself = tiny_pair
+    want = results(plain.generate(DRAFT_PROMPTS, params))
+    for spec in (other, itself):
+        sched = spec.engine.scheduler
+        before = sched.draft_tokens
+        assert results(spec.generate(DRAFT_PROMPTS, params)) == want
+        assert sched.draft_tokens > before  # the draft model really proposed
+        sched.check_integrity()
+        assert not sched.requests
+        assert not sched.proposer._held  # finished requests released their draft KV
+        assert sched.proposer.kv.pool.num_free == sched.proposer.kv.pool.num_usable
+
+
+def test_a_faithful_draft_model_is_accepted_and_saves_steps(tiny_pair):
+    """The target as its own draft proposes its own greedy tokens: nearly all accepted."""
+    plain, _, itself = tiny_pair
+    params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+    sched = itself.engine.scheduler
+    drafted, accepted = sched.draft_tokens, sched.accepted_tokens
+    steps = {}
+    for name, llm in (("plain", plain), ("self", itself)):
+        eng, n = llm.engine, 0
+        eng.add_request(name, {"prompt_token_ids": [1, 40, 41, 42, 43]}, params)
+        while eng.has_unfinished_requests():
+            eng.step()
+            n += 1
+        steps[name] = n
+    assert (sched.accepted_tokens - accepted) >= 0.9 * (sched.draft_tokens - drafted)
+    assert steps["self"] * 3 < steps["plain"]

@@ -97,3 +97,12 @@ def test_engine_values_are_checked_with_the_tier_named(tmp_path):
     assert load(path, BASE).tiers[1].engine.cache.kv_warm_gb == 0
     with pytest.raises(ConfigError, match="cannot read config"):
         load(tmp_path / "missing.toml", BASE)
+
+
+def test_a_tier_may_draft_with_its_own_draft_model(tmp_path):
+    drafted = GOOD.replace("kv_cache_gb = 0.25", 'kv_cache_gb = 0.25\nnum_speculative_tokens = 3\ndraft_model = "d"')
+    fast, deep = load(write(tmp_path, drafted), BASE).tiers
+    assert deep.engine.draft_model == "d" and deep.engine.scheduler.num_speculative_tokens == 3
+    assert fast.engine.draft_model is None
+    with pytest.raises(ConfigError, match=r"tierlm.toml:9: tiers.deep: a draft model needs num_speculative"):
+        load(write(tmp_path, GOOD.replace("kv_cache_gb = 0.25", 'kv_cache_gb = 0.25\ndraft_model = "d"')), BASE)

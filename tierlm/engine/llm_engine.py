@@ -34,6 +34,7 @@ from tierlm.runner import kernel_probe
 from tierlm.runner.model_runner import ModelRunner, kv_block_bytes, layout_for, num_kv_blocks
 from tierlm.sampling_params import SamplingParams
 from tierlm.scheduler.scheduler import Scheduler
+from tierlm.spec.draft import DraftModelProposer
 
 Prompt = str | list[int] | dict
 
@@ -97,6 +98,11 @@ class LLMEngine:
             k != "dense" for k in self.loaded.formats)
         self.runner = ModelRunner(self.loaded.model, self.model_config, blocks, config.cache.block_size,
                                   config.torch_dtype, config.deterministic)
+        if config.draft_model:
+            self.scheduler.proposer = DraftModelProposer(
+                config.draft_model, vocab_size=self.model_config.vocab_size, dtype=config.torch_dtype,
+                block_size=config.cache.block_size, kv_cache_gb=config.cache.kv_cache_gb / 4, cache_dir=cache_dir,
+                quantization=config.quantization)
         if config.cache.enable_prefix_caching:
             self._attach_tiers(config.cache)
         # (layer index, block) of every sparse MoE block, for per-expert load statistics.

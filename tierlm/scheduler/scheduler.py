@@ -15,8 +15,10 @@ the next SchedulerOutput). The samples of an n > 1 / best_of request are parked 
 first one has computed its prompt, then forked from it. Beam-search requests report
 their candidate tokens instead of appending one (the engine chooses and appends), and
 sit in `running` with nothing to compute until it does. With speculative decoding on, a
-decoding request also computes n-gram draft tokens (spec/ngram.py) after its last one;
-the runner reports how many it accepted and only those count as computed. The scheduler
+decoding request also computes draft tokens after its last one: n-gram lookups
+(spec/ngram.py), or a draft model's (`proposer`, spec/draft.py: asked once per step for
+every decoding request); the runner reports how many it accepted and only those count
+as computed. The scheduler
 never touches tensors: it is tested with fabricated StepResults.
 """
 
@@ -50,6 +52,8 @@ class Scheduler:
         # Prompt and generated tokens run on different weight formats: hash their blocks apart.
         self.split_formats = False
         self._drafts: dict[str, list[int]] = {}  # this step's draft tokens per request
+        self.proposer = None  # a draft model (spec/draft.py); None = n-gram lookup
+        self._proposed: dict[str, list[int]] = {}  # the draft model's proposals this step
         self.applied: list[SampledToken] = []  # the last update's tokens that were kept
         self.draft_tokens = 0  # speculative tokens proposed / accepted since start
         self.accepted_tokens = 0
@@ -128,6 +132,8 @@ class Scheduler:
         if req.session_id is not None:  # the next turn starts from this KV
             self.kv.pin(req.block_hashes[: req.num_computed_tokens // self.kv.block_size])
         self.kv.free(request_id)
+        if self.proposer is not None:
+            self.proposer.release(request_id)
         req.status = status
         if stop_reason is not None:
             req.stop_reason = stop_reason
@@ -139,6 +145,10 @@ class Scheduler:
     # ---- one step ----------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         self._drafts.clear()  # drafts of requests preempted before they ran
+        if self.proposer is not None and self.config.num_speculative_tokens:
+            batch = [(r.request_id, r.all_token_ids, self._draft_limit(r)) for r in self.running
+                     if r.num_tokens - r.num_computed_tokens == 1]
+            self._proposed = self.proposer.propose(batch)
         budget = self.config.max_num_batched_tokens
         plan: list[tuple[Request, int]] = []
         preempted: list[str] = []
@@ -288,17 +298,27 @@ class Scheduler:
             generated_from = len(req.prompt_token_ids) if self.split_formats else None
             prefix_hash.extend(req.block_hashes, req.all_token_ids, bs, req.cache_root, generated_from)
 
-    def _draft(self, req: Request, room: int) -> int:
-        """Propose draft tokens for a decoding request (kept for this step); returns how many.
-        None for beams, constrained outputs or prompt scoring, and never past max_tokens
-        or the context (the last sampled token would have nowhere to go)."""
+    def _draft_limit(self, req: Request) -> int:
+        """How many draft tokens a decoding request may take: none for beams, constrained
+        outputs or prompt scoring, and never past max_tokens or the context (the last
+        sampled token would have nowhere to go)."""
         p = req.sampling_params
         if p.use_beam_search or req.grammar is not None or req.prompt_logprobs is not None:
             return 0
-        k = min(self.config.num_speculative_tokens, room, req.max_total_tokens - req.num_tokens - 1)
+        k = min(self.config.num_speculative_tokens, req.max_total_tokens - req.num_tokens - 1)
         if p.max_tokens is not None:
             k = min(k, p.max_tokens - req.num_output_tokens - 1)
-        draft = ngram.propose(req.all_token_ids, k)
+        return k
+
+    def _draft(self, req: Request, room: int) -> int:
+        """Propose draft tokens for a decoding request (kept for this step); returns how many."""
+        k = min(self._draft_limit(req), room)
+        if k <= 0:
+            return 0
+        if self.proposer is not None:
+            draft = self._proposed.get(req.request_id, [])[:k]
+        else:
+            draft = ngram.propose(req.all_token_ids, k)
         if draft:
             self._drafts[req.request_id] = draft
         return len(draft)

@@ -70,7 +70,8 @@ class _Tier(_Strict):
     prefix_caching: bool | None = None
     max_num_seqs: int | None = Field(None, gt=0)
     max_num_batched_tokens: int | None = Field(None, gt=0)
-    num_speculative_tokens: int | None = Field(None, ge=0, le=16)  # n-gram drafts per step, 0 = off
+    num_speculative_tokens: int | None = Field(None, ge=0, le=16)  # drafts per step, 0 = off
+    draft_model: str | None = Field(None, min_length=1)  # drafts from this model instead of n-gram lookup
     max_model_len: int | None = Field(None, gt=0)
     long_prefill_chunk: int | None = Field(None, ge=0)
     kv_cache_gb: float | None = Field(None, gt=0)
@@ -176,7 +177,8 @@ def _tier(name: str, t: _Tier, base: EngineConfig) -> TierConfig:
         base, model=t.model, dtype=t.dtype or base.dtype, quantization=t.quantization or base.quantization,
         deterministic=base.deterministic if t.deterministic is None else t.deterministic,
         cache=dataclasses.replace(base.cache, **cache) if cache else base.cache,
-        scheduler=dataclasses.replace(base.scheduler, **sched) if sched else base.scheduler)
+        scheduler=dataclasses.replace(base.scheduler, **sched) if sched else base.scheduler,
+        draft_model=t.draft_model)  # per tier only: a draft model must share its tier's vocabulary
     return TierConfig(name, engine, t.quality, t.prompt_price_per_mtok, t.completion_price_per_mtok)
 
 
