@@ -73,7 +73,7 @@ def tiny_pair(tiny_checkpoint, cache_dir):
     vocabulary) as its draft, and with itself as its draft."""
     target, _ = tiny_checkpoint("llama")
     draft, _ = tiny_checkpoint("qwen2")
-    kw = dict(dtype="float32", cache_dir=cache_dir)
+    kw = {"dtype": "float32", "cache_dir": cache_dir}
     return (LLM(str(target), **kw), LLM(str(target), num_speculative_tokens=3, draft_model=str(draft), **kw),
             LLM(str(target), num_speculative_tokens=3, draft_model=str(target), **kw))
 
