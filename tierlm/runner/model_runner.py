@@ -7,9 +7,9 @@ SchedulerOutput -> forward_batch.build -> model forward -> sampler -> draft veri
 from __future__ import annotations
 
 import math
+import mmap
 from concurrent.futures import Future, ThreadPoolExecutor
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -46,11 +46,13 @@ def lazily_zeroed(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 
     Zeros, because padding reads of never-written slots must be finite (they are masked);
     lazily, because the pool is sized for the worst case: torch.zeros would write (and so
-    commit) every page up front, while calloc's large allocations are fresh zero pages
-    from the OS, so resident memory grows with the KV actually held.
+    commit) every page up front. A private anonymous mapping is zero pages from the OS,
+    each committed when first written, so resident memory grows with the KV actually
+    held (calloc gives that only while the allocator hands out fresh mappings).
     """
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
+    pages = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return torch.frombuffer(pages, dtype=torch.uint8, count=nbytes).view(dtype).view(shape)  # keeps `pages`
 
 
 class ModelRunner:
