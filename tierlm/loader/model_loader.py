@@ -23,8 +23,6 @@ class LoadedModel:
     config: ModelConfig
     tokenizer: tokenizer.TextTokenizer
     path: Path
-    # Kept open for GGUF sources: the raw quantized blocks stay addressable (memory map).
-    gguf: GGUFFile | None = None
     # Linear layers per decode weight format, e.g. {"int4": 210, "dense": 1}.
     formats: dict[str, int] = field(default_factory=dict)
 
@@ -154,12 +152,12 @@ def load(model: str, *, dtype: torch.dtype, block_size: int, deterministic: bool
         cfg = configs.gguf_config(g)
         tok = tokenizer.from_gguf(g, cache_dir)
         tensors = weights.gguf_weights(g, cfg, keep_q4=quantization != "none", lossy=lossy)
-        total, source = len(g.tensors), g
+        total = len(g.tensors)
     else:
         cls = model_class(configs.hf_architecture(path))
         cfg = configs.hf_config(path)
         tok = tokenizer.from_hf_dir(path, cfg.eos_token_ids, cfg.bos_token_id)
-        tensors, total, source = weights.hf_weights(path), None, None
+        tensors, total = weights.hf_weights(path), None
     stops = tuple(sorted(set(cfg.eos_token_ids) | set(tok.eos_token_ids)))
     if stops != cfg.eos_token_ids:  # the tokenizer knows end-of-turn tokens the config omits
         from dataclasses import replace
@@ -168,4 +166,6 @@ def load(model: str, *, dtype: torch.dtype, block_size: int, deterministic: bool
     net = cls(cfg, block_size=block_size, deterministic=deterministic)
     formats = _fill(net, tensors, dtype, progress, total, quantization, lossy)
     net.eval()
-    return LoadedModel(net, cfg, tok, path, source, formats)
+    # The GGUF memory map is not kept: every weight now lives in our own tensors, and its
+    # touched file pages (~0.1 GB for SmolLM2) would otherwise stay resident.
+    return LoadedModel(net, cfg, tok, path, formats)
