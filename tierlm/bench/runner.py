@@ -54,13 +54,14 @@ def summarise(runs: list[dict]) -> dict:
 
 async def run_workload(target, w: Workload, runs: int, log=print) -> dict:
     levels = []
-    for c in w.concurrency:
+    for level, c in enumerate(w.concurrency):
         results = []
         for run in range(runs):
-            # Fresh prompts per run (salted by run): nothing is served from the prefix cache
-            # (except W4, whose fixed copy prompt may be: it measures decoding).
+            # Fresh prompts per level and run (salted by both): nothing is served from the
+            # prefix cache (except W4, whose fixed copy prompt may be: it measures decoding).
+            salt = 1000 * (level * runs + run)
             prompts = [copy_prompt_ids(target.tokenizer) if w.copy else
-                       prompt_ids(target.tokenizer, w.prompt_tokens, salt=1000 * run + i) for i in range(w.requests)]
+                       prompt_ids(target.tokenizer, w.prompt_tokens, salt=salt + i) for i in range(w.requests)]
             results.append(await run_level(target, prompts, w.output_tokens, c))
             log(f"{w.name} concurrency {c} run {run + 1}/{runs}: {results[-1]}")
         levels.append({"concurrency": c, "runs": results, "summary": summarise(results)})
