@@ -32,6 +32,19 @@ def test_greedy_bias_and_min_tokens():
     assert sample(logits.clone(), [row(temperature=0, min_tokens=1)], (1,))[0][0] == 2  # EOS 1 banned
 
 
+def test_batched_greedy_rows_match_one_at_a_time():
+    """Greedy rows share one argmax: ties go to the first maximum as for a single row, and
+    seeded rows in the same batch still draw on their own."""
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(6, 300, generator=g).round(decimals=1)  # rounding makes ties likely
+    logits[2, 7] = logits[2, 9] = logits[2].max() + 1  # an exact tie
+    rows = [row(temperature=0), row(temperature=0.9, seed=3), row(temperature=0), row(temperature=0),
+            row(temperature=0.7, seed=4), row(temperature=0, repetition_penalty=1.3)]
+    batched = [t for t, _ in sample(logits.clone(), rows, (1,))]
+    alone = [sample(logits[i : i + 1].clone(), [r], (1,))[0][0] for i, r in enumerate(rows)]
+    assert batched == alone and batched[2] == 7
+
+
 def test_penalties():
     logits = torch.tensor([[2.0, 2.0, -1.0, 0.5]])
     r = SamplingRow(SamplingParams(temperature=0, repetition_penalty=2.0), 0, [0], [2])

@@ -116,12 +116,16 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow],
     for i, masked in grammar_only.items():
         if torch.isneginf(logits[i]).all():
             logits[i] = masked
+    # Greedy rows in one batched argmax (the same first-maximum rule as one row at a time);
+    # seeded draws stay per row, each on its own generator.
+    greedy = [i for i, r in enumerate(rows) if r.params.greedy and not r.params.use_beam_search]
+    best = logits.argmax(dim=-1).tolist() if greedy else []
     results = []
     for i, r in enumerate(rows):
         if r.params.use_beam_search:
             results.append(beam_candidates(logits[i], 2 * r.params.num_sequences))
             continue
-        token = sample_row(logits[i], r.params, r.seed, len(r.output_token_ids))
+        token = best[i] if r.params.greedy else sample_row(logits[i], r.params, r.seed, len(r.output_token_ids))
         info = None
         if want_logprobs[i]:
             lp = raw_logprobs[i]
