@@ -22,9 +22,8 @@ Two ways to span the keys, both invariant:
 The item shape follows the token's role, like its weight format (layers/linear.py):
 prompt tokens go in tiles of PROMPT_TILE rows (a long prompt is a few large items),
 generated tokens in tiles of a few rows, the fewest the probe finds invariant (a decode
-is one small item: one row for bf16 SmolLM2, four for float32). A token
-never changes role, so it always runs in the same shape, however its prompt is chunked
-or batched.
+is one small item: one row for bf16 SmolLM2, two for float32). A token never changes
+role, so it always runs in the same shape, however its prompt is chunked or batched.
 """
 
 from __future__ import annotations
@@ -52,8 +51,9 @@ def _vector_exp(x: torch.Tensor) -> torch.Tensor:
 def keeps_bits(rows: int, kv_heads: int, head_dim: int, dtype: torch.dtype, whole_context: bool) -> bool:
     """Whether the flash kernel gives an item's rows the same bits however many items share
     the call (every item, on whichever thread it lands) and, for whole-context items,
-    whatever masked tail pads the span (any multiple of KEY_TILE). Probed on random data with the model's head counts (kernel
-    choice and work split depend on shapes, not values): ~50 small calls."""
+    whatever masked tail pads the span (any multiple of KEY_TILE). Probed on random data
+    with the model's head counts (kernel choice and work split depend on shapes, not
+    values): ~50 small calls."""
     gen = torch.Generator().manual_seed(0)
     longest = 6 * KEY_TILE
     keys = torch.randn(kv_heads, longest, head_dim, generator=gen).to(dtype)
@@ -144,7 +144,8 @@ class TorchPagedAttention:
         qt, m = tiles.combine.shape
         # The kernel reports lse 0 for a row with no visible key: make its weight 0. Slot N
         # is an empty item (weight 0, output 0) for tiles with fewer than M spans.
-        lse = torch.cat([lse.masked_fill(tiles.unseen, float("-inf")), lse.new_full((1, *lse.shape[1:]), float("-inf"))])
+        empty = lse.new_full((1, *lse.shape[1:]), float("-inf"))
+        lse = torch.cat([lse.masked_fill(tiles.unseen, float("-inf")), empty])
         out = torch.cat([out, out.new_zeros((1, *out.shape[1:]))])
         index = tiles.combine.view(-1)
         lse = lse.index_select(0, index).view(qt, m, *lse.shape[1:], 1)

@@ -6,8 +6,9 @@ shape, so a row's result can change with the number of rows it is batched with
 for M=1 vs M>=2 at K=1536). In deterministic mode every product therefore runs on row
 tiles whose heights are known to give bitwise-identical rows for that (K, N, dtype):
 a one-off probe per shape groups the candidate heights by their results and keeps the
-largest group (on a tie, the one with the larger heights). Any split of a batch into those heights then
-gives each row the same bits, while a one-row decode still gets a small tile.
+largest group (on a tie, the one with the larger heights). Any split of a batch into
+those heights then gives each row the same bits, while a one-row decode still gets a
+small tile.
 """
 
 from __future__ import annotations
@@ -51,8 +52,8 @@ def invariant_tiles(k: int, n: int, dtype: torch.dtype) -> tuple[int, ...]:
 
 
 def probe_tiles(k: int, n: int, dtype: torch.dtype) -> tuple[int, ...]:
-    """The largest set of tile heights (ascending) that give bitwise-equal rows for this shape
-(on a tie, the set with the larger heights: fewer, faster calls for long prompts).
+    """The largest set of tile heights (ascending) that give bitwise-equal rows for this
+    shape (on a tie, the set with the larger heights: fewer, faster calls for long prompts).
 
     Kernel choice depends on shape and thread count, not on values, so equality on
     random data for every probed row means the same arithmetic order.

@@ -73,7 +73,8 @@ class ModelRunner:
         self._pages = [t for pair in slots for t in pair]  # every tensor a block id indexes
         # Decode attention layout: probed for batch invariance, or the cheapest when not asked for.
         group = cfg.num_heads // cfg.num_kv_heads
-        self.decode_layout = torch_ref.decode_layout(group, cfg.num_kv_heads, cfg.head_dim, dtype) if deterministic else (1, True)
+        self.decode_layout = (torch_ref.decode_layout(group, cfg.num_kv_heads, cfg.head_dim, dtype)
+                              if deterministic else (1, True))
         self._mask_worker: ThreadPoolExecutor | None = None
 
     def read_block(self, block: int) -> torch.Tensor:
