@@ -116,8 +116,8 @@ class TorchPagedAttention:
                 meta: AttentionMetadata) -> torch.Tensor:
         flat_k = k_cache.view(-1, self.hkv, self.d)
         flat_v = v_cache.view(-1, self.hkv, self.d)
-        flat_k[meta.slot_mapping] = k.to(k_cache.dtype)
-        flat_v[meta.slot_mapping] = v.to(v_cache.dtype)
+        flat_k.index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
+        flat_v.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
         outs = [self._attend(q, k_cache, v_cache, tiles) for tiles in meta.tiles]
         return (torch.cat(outs) if len(outs) > 1 else outs[0]).index_select(0, meta.token_tile_index)
 

@@ -59,12 +59,16 @@ class RotaryEmbedding(torch.nn.Module):
         if step is None or step[0] is not positions or step[1] != q.dtype:
             cos = self.cos[positions].unsqueeze(1).to(q.dtype)
             sin = self.sin[positions].unsqueeze(1).to(q.dtype)
-            self._step = step = (positions, q.dtype, cos, sin)
-        cos, sin = step[2], step[3]
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+            half = sin.shape[-1] // 2
+            # rotate_half(x) * sin == swap_halves(x) * [-sin1, sin2]: negation is exact, so
+            # folding the sign into the table gives the same bits with one op less.
+            signed_sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+            self._step = step = (positions, q.dtype, cos, signed_sin)
+        cos, signed_sin = step[2], step[3]
+        return _rotate(q, cos, signed_sin), _rotate(k, cos, signed_sin)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin (HF's "rotate half" layout), halves swapped by a flip."""
+    swapped = x.unflatten(-1, (2, x.shape[-1] // 2)).flip(-2).flatten(-2)
+    return x * cos + swapped * signed_sin
