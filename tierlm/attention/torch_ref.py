@@ -33,6 +33,7 @@ import functools
 import torch
 
 from tierlm.attention.base import AttentionMetadata, QueryTiles
+from tierlm.config import ConfigError
 
 PROMPT_TILE = 64
 KEY_TILE = 128
@@ -90,11 +91,11 @@ def decode_layout(group: int, kv_heads: int, head_dim: int, dtype: torch.dtype) 
     this machine: the smallest tile whose key-tile items are invariant, and whether its
     whole-context items are too. Checks the prompt tile's shape as well."""
     if not keeps_bits(PROMPT_TILE * group, kv_heads, head_dim, dtype, whole_context=False):
-        raise RuntimeError(_NOT_INVARIANT)
+        raise ConfigError(_NOT_INVARIANT)
     for height in (1, 2, 4, 8):
         if keeps_bits(height * group, kv_heads, head_dim, dtype, whole_context=False):
             return height, keeps_bits(height * group, kv_heads, head_dim, dtype, whole_context=True)
-    raise RuntimeError(_NOT_INVARIANT)
+    raise ConfigError(_NOT_INVARIANT)
 
 
 _NOT_INVARIANT = ("this machine's attention kernel gives no batch-invariant layout for this model; "
