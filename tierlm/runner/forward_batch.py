@@ -56,20 +56,20 @@ def _query_tiles(tiling: _Tiling, out: SchedulerOutput, g: int, window: int | No
     one per key tile a tile can see (see attention/torch_ref.py)."""
     positions = torch.tensor(tiling.positions, dtype=torch.long).view(-1, tiling.height)
     qt, tq = positions.shape
-    lo, hi = positions[:, 0], positions.amax(dim=1)  # first and last query position per tile
-    # The first key each tile can see (sliding windows), floored to a key tile.
-    first = torch.zeros(qt, dtype=torch.long) if window is None else (lo - window + 1).clamp(min=0)
-    first = first // KEY_TILE * KEY_TILE
+    hi = positions.amax(dim=1)  # last query position per tile
     if whole_context:  # full attention only: every span starts at 0
         item_tile = torch.arange(qt)
         start = torch.zeros(qt, dtype=torch.long)
         length = -(-(int(hi.max()) + 1) // KEY_TILE) * KEY_TILE
         counts = None
     else:
-        counts = (hi // KEY_TILE - first // KEY_TILE + 1).tolist()
-        item_tile = torch.repeat_interleave(torch.arange(qt), torch.tensor(counts))
-        offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(torch.tensor(counts), 0)[:-1]])
-        start = first[item_tile] + (torch.arange(len(item_tile)) - offsets[item_tile]) * KEY_TILE
+        # The first key tile each tile can see (sliding windows), through its last query's.
+        first = torch.zeros(qt, dtype=torch.long) if window is None else \
+            (positions[:, 0] - window + 1).clamp(min=0) // KEY_TILE
+        counts = hi // KEY_TILE - first + 1
+        item_tile = torch.repeat_interleave(torch.arange(qt), counts)
+        offsets = torch.cumsum(counts, 0) - counts
+        start = (first[item_tile] + torch.arange(len(item_tile)) - offsets[item_tile]) * KEY_TILE
         length = KEY_TILE
     # Each item's blocks, from its requests' tables (NULL past a table's end).
     request = torch.tensor(tiling.request, dtype=torch.long)[item_tile]
@@ -92,10 +92,9 @@ def _query_tiles(tiling: _Tiling, out: SchedulerOutput, g: int, window: int | No
     rows = torch.tensor(tiling.rows, dtype=torch.long).view(-1, tiling.height)
     if counts is None:
         return QueryTiles(rows, rows, item_blocks, bias, None, None)
-    width = max(counts)
+    width = int(counts.max())
     combine = torch.full((qt, width), n, dtype=torch.long)
-    slot = torch.arange(width).unsqueeze(0)
-    combine[slot < torch.tensor(counts).unsqueeze(1)] = torch.arange(n)
+    combine[torch.arange(width).unsqueeze(0) < counts.unsqueeze(1)] = torch.arange(n)
     return QueryTiles(rows, rows[item_tile], item_blocks, bias, hidden.all(dim=-1), combine)
 
 
