@@ -46,19 +46,23 @@ def test_outputs_identical_with_and_without_drafts(engines, params):
     assert not spec.engine.scheduler.requests
 
 
+def steps_to_finish(llm, request_id: str, ids: list[int], params: SamplingParams) -> int:
+    """Engine steps one request takes from prompt to its last token, alone."""
+    eng, n = llm.engine, 0
+    eng.add_request(request_id, {"prompt_token_ids": ids}, params)
+    while eng.has_unfinished_requests():
+        eng.step()
+        n += 1
+    return n
+
+
 def test_copying_accepts_most_drafts_and_saves_steps(engines):
     plain, spec = engines
     params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
     sched = spec.engine.scheduler
     drafted, accepted = sched.draft_tokens, sched.accepted_tokens
-    steps = {}
-    for name, llm in (("plain", plain), ("spec", spec)):
-        eng, n = llm.engine, 0
-        eng.add_request(name, {"prompt_token_ids": llm.tokenizer.encode(COPY)}, params)
-        while eng.has_unfinished_requests():
-            eng.step()
-            n += 1
-        steps[name] = n
+    steps = {name: steps_to_finish(llm, name, llm.tokenizer.encode(COPY), params)
+             for name, llm in (("plain", plain), ("spec", spec))}
     rate = (sched.accepted_tokens - accepted) / (sched.draft_tokens - drafted)
     assert rate > 0.5 and steps["spec"] < steps["plain"] / 1.5, (rate, steps)
 
@@ -102,13 +106,8 @@ def test_a_faithful_draft_model_is_accepted_and_saves_steps(tiny_pair):
     params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
     sched = itself.engine.scheduler
     drafted, accepted = sched.draft_tokens, sched.accepted_tokens
-    steps = {}
-    for name, llm in (("plain", plain), ("self", itself)):
-        eng, n = llm.engine, 0
-        eng.add_request(name, {"prompt_token_ids": [1, 40, 41, 42, 43]}, params)
-        while eng.has_unfinished_requests():
-            eng.step()
-            n += 1
-        steps[name] = n
+    steps = {name: steps_to_finish(llm, name, [1, 40, 41, 42, 43], params)
+             for name, llm in (("plain", plain), ("self", itself))}
     assert (sched.accepted_tokens - accepted) >= 0.9 * (sched.draft_tokens - drafted)
     assert steps["self"] * 3 < steps["plain"]
+
