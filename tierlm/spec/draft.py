@@ -53,7 +53,9 @@ class DraftModelProposer:
         feeds: dict[str, list[int]] = {}  # tokens to feed, ending with the sequence's last
         wants: dict[str, int] = {}
         for rid, tokens, k in batch:
-            if k <= 0 or len(tokens) >= self.config.max_position_embeddings:
+            # Draft j sits at position len(tokens) + j - 1: stay inside the draft model's context.
+            k = min(k, self.config.max_position_embeddings - len(tokens))
+            if k <= 0:
                 continue
             held = self._held.get(rid, [])
             common = _common_prefix(held, tokens)
