@@ -98,7 +98,7 @@ class LLMEngine:
             k != "dense" for k in self.loaded.formats)
         self.runner = ModelRunner(self.loaded.model, self.model_config, blocks, config.cache.block_size,
                                   config.torch_dtype, config.deterministic)
-        if config.draft_model:
+        if config.draft_model:  # its KV pool: a quarter of the target's (committed only as written)
             self.scheduler.proposer = DraftModelProposer(
                 config.draft_model, vocab_size=self.model_config.vocab_size, dtype=config.torch_dtype,
                 block_size=config.cache.block_size, kv_cache_gb=config.cache.kv_cache_gb / 4, cache_dir=cache_dir,
