@@ -113,7 +113,7 @@ def test_a_faithful_draft_model_is_accepted_and_saves_steps(tiny_pair):
 
 def test_draft_model_stops_drafting_at_its_own_context(tiny_pair):
     """Near the draft model's context end it drafts fewer tokens, none past its last position."""
-    plain, other, _ = tiny_pair
+    _, other, _ = tiny_pair
     proposer = other.engine.scheduler.proposer
     limit = proposer.config.max_position_embeddings
     drafts = proposer.propose([("edge", [3 + i % 300 for i in range(limit - 2)], 3)])
