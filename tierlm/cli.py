@@ -33,7 +33,11 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="linear-layer weights for decode: auto runs a GGUF file's 4-bit blocks as int4 and "
                         "its other quantized tensors as int8 (float weights dense); int8/int4 also quantize "
                         "dense weights on load (HF checkpoints); none runs dense weights throughout "
-                        "(prefill always uses dense bf16 copies)")
+                        "(prefill always uses dense copies, in --dense-dtype)")
+    p.add_argument("--dense-dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                   help="dtype of dense products (prefill, unquantized layers): auto measures which this CPU "
+                        "multiplies faster (bf16 needs matrix units such as AMX; without them float32 is "
+                        "several times faster) and remembers it per machine")
     p.add_argument("--speculative", default="off", choices=["off", "ngram", "draft"],
                    help="speculative decoding: ngram drafts tokens by prompt lookup, draft runs --draft-model; "
                         "the drafts are verified in the same step (the output is unchanged, greedy or sampled)")
@@ -122,7 +126,7 @@ def _config(args) -> EngineConfig:
     if (args.speculative == "draft") != (args.draft_model is not None):
         raise CLIError("--speculative draft and --draft-model go together")
     return EngineConfig(model=args.model or "smollm2-135m", dtype=args.dtype, deterministic=not args.no_deterministic,
-                        quantization=args.quantization,
+                        quantization=args.quantization, dense_dtype=args.dense_dtype,
                         cache=CacheConfig(kv_cache_gb=args.kv_cache_gb,
                                           enable_prefix_caching=not args.no_prefix_caching,
                                           kv_warm_gb=args.kv_warm_gb, kv_cold_dir=args.kv_cold_dir,

@@ -14,6 +14,7 @@ from tierlm.tenancy.quotas import QuotaLimits
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 QUANTIZATIONS = ("auto", "none", "int8", "int4")
+DENSE_DTYPES = ("auto", "bfloat16", "float32")
 
 
 class ConfigError(ValueError):
@@ -180,6 +181,9 @@ class EngineConfig:
     "none" runs every layer dense.
     The quantized kernels take bf16 activations, so anything but "none"/"auto" needs
     dtype bfloat16 (and "auto" under float32 means dense).
+    `dense_dtype` is the dtype of dense products (prefill rows, unquantized layers):
+    "auto" measures whether this CPU multiplies bf16 or float32 faster (bf16 matrix units
+    or not) and remembers it per machine; float32 activations always use float32.
     `draft_model` (a model argument with the same vocabulary) drafts the speculative
     tokens instead of n-gram lookup (spec/draft.py); it needs num_speculative_tokens > 0.
     """
@@ -188,6 +192,7 @@ class EngineConfig:
     dtype: str = "bfloat16"
     deterministic: bool = True
     quantization: str = "auto"
+    dense_dtype: str = "auto"
     seed: int = 0
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -199,6 +204,10 @@ class EngineConfig:
                  f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
         _require(self.quantization in ("auto", "none") or self.dtype == "bfloat16",
                  f"quantization {self.quantization} needs dtype bfloat16 (its kernels take bf16 activations)")
+        _require(self.dense_dtype in DENSE_DTYPES,
+                 f"dense_dtype must be one of {', '.join(DENSE_DTYPES)}, got {self.dense_dtype!r}")
+        _require(self.dtype != "float32" or self.dense_dtype != "bfloat16",
+                 "dense_dtype bfloat16 needs dtype bfloat16 (it would round float32 activations)")
         _require(self.draft_model is None or self.scheduler.num_speculative_tokens > 0,
                  "a draft model needs num_speculative_tokens > 0")
 

@@ -18,7 +18,7 @@ from tierlm.sampling_params import SamplingParams
 
 class LLM:
     def __init__(self, model: str = "smollm2-135m", *, dtype: str = "bfloat16", quantization: str = "auto",
-                 deterministic: bool = True,
+                 dense_dtype: str = "auto", deterministic: bool = True,
                  max_num_seqs: int = 32, max_num_batched_tokens: int = 512, max_model_len: int | None = None,
                  block_size: int = 16, kv_cache_gb: float = 1.0, num_kv_blocks: int | None = None,
                  enable_prefix_caching: bool = True, kv_warm_gb: float = 0.5, kv_cold_dir: str | None = None,
@@ -28,7 +28,8 @@ class LLM:
                  config: EngineConfig | None = None) -> None:
         if config is None:
             config = EngineConfig(
-                model=model, dtype=dtype, quantization=quantization, deterministic=deterministic, seed=seed,
+                model=model, dtype=dtype, quantization=quantization, dense_dtype=dense_dtype, deterministic=deterministic,
+                seed=seed,
                 cache=CacheConfig(block_size=block_size, num_blocks=num_kv_blocks, kv_cache_gb=kv_cache_gb,
                                   enable_prefix_caching=enable_prefix_caching, kv_warm_gb=kv_warm_gb,
                                   kv_cold_dir=str(kv_cold_dir) if kv_cold_dir else None, kv_cold_gb=kv_cold_gb,

@@ -65,13 +65,13 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "tierlm"
 
 
-def model_key(path: Path, config: EngineConfig) -> str:
+def model_key(path: Path, config: EngineConfig, dense_dtype: torch.dtype) -> str:
     """What a block's KV depends on besides its tokens: the weights (files by name, size
-    and mtime), the compute dtype and the kernel mode. Part of every prefix-cache hash."""
+    and mtime), the compute dtypes and the kernel mode. Part of every prefix-cache hash."""
     files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
     stamp = ";".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
     return (f"{path.resolve()}|{stamp}|{config.dtype}|quantization={config.quantization}"
-            f"|deterministic={config.deterministic}")
+            f"|dense={str(dense_dtype).removeprefix('torch.')}|deterministic={config.deterministic}")
 
 
 class LLMEngine:
@@ -79,9 +79,10 @@ class LLMEngine:
         self.config = config
         t0 = time.perf_counter()
         cache_dir = cache_dir or default_cache_dir()
+        self.dense_dtype = kernel_probe.dense_dtype(config.dense_dtype, config.torch_dtype, cache_dir)
         self.loaded = model_loader.load(config.model, dtype=config.torch_dtype, block_size=config.cache.block_size,
                                         deterministic=config.deterministic, cache_dir=cache_dir, progress=progress,
-                                        quantization=config.quantization)
+                                        quantization=config.quantization, dense_dtype=self.dense_dtype)
         if config.deterministic:
             kernel_probe.ensure_probed(self.loaded.model, config.torch_dtype, cache_dir)
         self.load_seconds = time.perf_counter() - t0
@@ -92,7 +93,7 @@ class LLMEngine:
         blocks = num_kv_blocks(self.model_config, config.cache, config.torch_dtype)
         self.kv = KVCacheManager(blocks, config.cache.block_size, layout_for(self.model_config).windows,
                                  enable_caching=config.cache.enable_prefix_caching)
-        self._model_key = model_key(self.loaded.path, config)
+        self._model_key = model_key(self.loaded.path, config, self.dense_dtype)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.model_config.eos_token_ids)
         self.scheduler.split_formats = config.deterministic and any(
             k != "dense" for k in self.loaded.formats)
@@ -102,7 +103,7 @@ class LLMEngine:
             self.scheduler.proposer = DraftModelProposer(
                 config.draft_model, vocab_size=self.model_config.vocab_size, dtype=config.torch_dtype,
                 block_size=config.cache.block_size, kv_cache_gb=config.cache.kv_cache_gb / 4, cache_dir=cache_dir,
-                quantization=config.quantization)
+                quantization=config.quantization, dense_dtype=self.dense_dtype)
         if config.cache.enable_prefix_caching:
             self._attach_tiers(config.cache)
         # (layer index, block) of every sparse MoE block, for per-expert load statistics.

@@ -104,11 +104,16 @@ class Linear(nn.Module):
     The weight is a plain [out, in] parameter so loaders can fill it directly;
     `deterministic` selects the batch-invariant tiled kernel. A layer may also hold a
     quantized copy (`set_quantized`, layers/quant.py): its rows then run in one of two
-    formats, the quantized kernel (decode) or a dense bf16 copy (prefill, built from the
+    formats, the quantized kernel (decode) or a dense copy (prefill, built from the
     quantized weight on first use). `dense_rows` says which: the first `dense_rows` rows
     use the dense copy and the rest the quantized kernel (the caller orders rows so that
     a token's format follows from its role, never from its batch), or None to choose by
     the number of rows (faster, batch-variant).
+
+    `dense_dtype` is the dtype dense products run in (None: the weight's own). A CPU
+    without bf16 matrix units multiplies float32 several times faster than bf16
+    (runner/kernel_probe.py measures which), so a bf16 model may run its dense GEMMs on
+    float32 weights: activations are widened exactly and the result rounded back.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
@@ -119,26 +124,49 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
         self.deterministic = deterministic
         self.quantized: QuantizedWeight | None = None
+        self.dense_dtype: torch.dtype | None = None
+        # The weight is the embedding table's too: it keeps its dtype, and a dense GEMM in
+        # another dtype gets its own converted copy.
+        self.shares_weight = False
+        self._converted: torch.Tensor | None = None
 
-    def set_quantized(self, q: QuantizedWeight, keep_dense: bool = False) -> None:
-        """Hold `q` for decode rows. The dense weight is dropped (built again from `q` when
-        prefill needs it) unless `keep_dense` (a weight shared with the embeddings)."""
+    def tie(self, weight: nn.Parameter) -> None:
+        """Use `weight` (the embedding table) as this layer's weight."""
+        self.weight = weight
+        self.shares_weight = True
+        self._converted = None
+
+    def set_quantized(self, q: QuantizedWeight) -> None:
+        """Hold `q` for decode rows. An own dense weight is dropped (built again from `q`
+        when prefill needs it); a shared one stays for the embeddings."""
         self.quantized = q
-        if not keep_dense:
+        if not self.shares_weight:
             self.weight = nn.Parameter(torch.empty(0, dtype=torch.bfloat16), requires_grad=False)
 
     def dense_weight(self) -> torch.Tensor:
-        if self.weight.numel() == 0 and self.quantized is not None:
-            self.weight.data = self.quantized.dequantize().to(torch.bfloat16)
-        return self.weight
+        """The weight in the dtype dense products run in; built or converted once, lazily."""
+        w = self.weight
+        if w.numel() == 0 and self.quantized is not None:
+            w.data = self.quantized.dequantize().to(self.dense_dtype or torch.bfloat16)
+            return w
+        if self.dense_dtype in (None, w.dtype):
+            return w
+        if self.shares_weight:
+            if self._converted is None:
+                self._converted = w.detach().to(self.dense_dtype)
+            return self._converted
+        w.data = w.data.to(self.dense_dtype)
+        return w
 
     def _dense(self, x: torch.Tensor) -> torch.Tensor:
         w = self.dense_weight()
-        return invariant_mm(x, w.t()) if self.deterministic else F.linear(x, w)
+        xw = x.to(w.dtype)
+        y = invariant_mm(xw, w.t()) if self.deterministic else F.linear(xw, w)
+        return y.to(x.dtype)
 
     def forward(self, x: torch.Tensor, dense_rows: int | None = 0) -> torch.Tensor:
         q = self.quantized
-        if q is None and not self.deterministic:
+        if q is None and not self.deterministic and self.dense_weight().dtype == x.dtype:
             return F.linear(x, self.weight, self.bias)
         if q is None:
             y = self._dense(x)

@@ -118,10 +118,10 @@ def _fill(model: nn.Module, tensors, dtype: torch.dtype, progress: bool, total: 
     if missing or pending:
         raise weights.WeightsError(f"checkpoint lacks tensors: {sorted(missing | set(pending))[:5]}")
     if tied:
-        model.lm_head.weight = model.embed_tokens.weight
+        model.lm_head.tie(model.embed_tokens.weight)
         quantize_head = quantization in ("int8", "int4") or (quantization == "auto" and "embed_tokens.weight" in lossy)
         if quantize_head:  # int8 even under int4, as above
-            model.lm_head.set_quantized(quant.Int8Weight(model.embed_tokens.weight), keep_dense=True)
+            model.lm_head.set_quantized(quant.Int8Weight(model.embed_tokens.weight))
         _count(formats, "int8" if quantize_head else "dense")
     return formats
 
@@ -140,8 +140,10 @@ def load_tokenizer(model: str, cache_dir: Path) -> tokenizer.TextTokenizer:
 
 
 def load(model: str, *, dtype: torch.dtype, block_size: int, deterministic: bool,
-         cache_dir: Path, progress: bool = False, quantization: str = "auto") -> LoadedModel:
-    """`quantization`: see EngineConfig (the int4/int8 kernels need dtype bfloat16)."""
+         cache_dir: Path, progress: bool = False, quantization: str = "auto",
+         dense_dtype: torch.dtype | None = None) -> LoadedModel:
+    """`quantization`: see EngineConfig (the int4/int8 kernels need dtype bfloat16);
+    `dense_dtype`: the dtype every Linear's dense products run in (None: `dtype`)."""
     path = bundled.resolve(model, cache_dir)
     lossy: set[str] = set()
     if dtype != torch.bfloat16 and quantization == "auto":
@@ -165,6 +167,9 @@ def load(model: str, *, dtype: torch.dtype, block_size: int, deterministic: bool
         cfg = replace(cfg, eos_token_ids=stops)
     net = cls(cfg, block_size=block_size, deterministic=deterministic)
     formats = _fill(net, tensors, dtype, progress, total, quantization, lossy)
+    for m in net.modules():
+        if isinstance(m, Linear):
+            m.dense_dtype = dense_dtype
     net.eval()
     # The GGUF memory map is not kept: every weight now lives in our own tensors, and its
     # touched file pages (~0.1 GB for SmolLM2) would otherwise stay resident.

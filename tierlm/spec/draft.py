@@ -34,9 +34,9 @@ _GREEDY = SamplingParams(temperature=0)
 
 class DraftModelProposer:
     def __init__(self, model: str, *, vocab_size: int, dtype: torch.dtype, block_size: int, kv_cache_gb: float,
-                 cache_dir: Path, quantization: str = "auto") -> None:
+                 cache_dir: Path, quantization: str = "auto", dense_dtype: torch.dtype | None = None) -> None:
         loaded = model_loader.load(model, dtype=dtype, block_size=block_size, deterministic=False,
-                                   cache_dir=cache_dir, quantization=quantization)
+                                   cache_dir=cache_dir, quantization=quantization, dense_dtype=dense_dtype)
         cfg = loaded.config
         if cfg.vocab_size != vocab_size:
             raise ConfigError(f"draft model {model!r} has a vocabulary of {cfg.vocab_size} tokens, the target "

@@ -13,8 +13,8 @@ hashed (SHA-256) as they are read; the plain text is never kept.
     quality = 1                           # higher = better answers (orders `auto` routing)
     prompt_price_per_mtok = 0.02          # USD per million prompt tokens
     completion_price_per_mtok = 0.08
-    max_num_seqs = 32                     # + dtype, quantization, deterministic, max_model_len,
-                                          #   max_num_batched_tokens, kv_cache_gb, ...
+    max_num_seqs = 32                     # + dtype, quantization, dense_dtype, deterministic,
+                                          #   max_model_len, max_num_batched_tokens, kv_cache_gb, ...
 
     [tenants.acme]
     api_keys = ["sk-acme-1"]              # or api_key_sha256 = ["<hex digest>"]
@@ -66,6 +66,7 @@ class _Tier(_Strict):
     completion_price_per_mtok: float = Field(0.0, ge=0)
     dtype: Literal["bfloat16", "float32"] | None = None
     quantization: Literal["auto", "none", "int8", "int4"] | None = None
+    dense_dtype: Literal["auto", "bfloat16", "float32"] | None = None
     deterministic: bool | None = None
     prefix_caching: bool | None = None
     max_num_seqs: int | None = Field(None, gt=0)
@@ -175,6 +176,7 @@ def _tier(name: str, t: _Tier, base: EngineConfig) -> TierConfig:
     sched = {k: getattr(t, k) for k in _SCHED_KEYS if getattr(t, k) is not None}
     engine = dataclasses.replace(
         base, model=t.model, dtype=t.dtype or base.dtype, quantization=t.quantization or base.quantization,
+        dense_dtype=t.dense_dtype or base.dense_dtype,
         deterministic=base.deterministic if t.deterministic is None else t.deterministic,
         cache=dataclasses.replace(base.cache, **cache) if cache else base.cache,
         scheduler=dataclasses.replace(base.scheduler, **sched) if sched else base.scheduler,
