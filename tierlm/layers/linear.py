@@ -136,11 +136,14 @@ class Linear(nn.Module):
         self.shares_weight = True
         self._converted = None
 
-    def set_quantized(self, q: QuantizedWeight) -> None:
-        """Hold `q` for decode rows. An own dense weight is dropped (built again from `q`
-        when prefill needs it); a shared one stays for the embeddings."""
+    def set_quantized(self, q: QuantizedWeight, dense: torch.Tensor | None = None) -> None:
+        """Hold `q` for decode rows, and `dense` (its weight as the kernel sees it) as the
+        dense copy for prompt rows. Without `dense` an own dense weight is dropped and built
+        from `q` on first use; a shared one stays for the embeddings."""
         self.quantized = q
-        if not self.shares_weight:
+        if dense is not None and not self.shares_weight:
+            self.weight = nn.Parameter(dense.to(self.dense_dtype or torch.bfloat16), requires_grad=False)
+        elif not self.shares_weight:
             self.weight = nn.Parameter(torch.empty(0, dtype=torch.bfloat16), requires_grad=False)
 
     def dense_weight(self) -> torch.Tensor:

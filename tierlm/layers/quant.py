@@ -128,8 +128,14 @@ class Int4Weight:
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.packed, GROUP,
                                                           self.scales_zeros)
 
+    @staticmethod
+    def kernel_view(q: Q4) -> torch.Tensor:
+        """`q` as float32 [N, K] with the kernel's bf16 scale and zero (its weight values,
+        straight from the codes: far cheaper than `dequantize` on a built kernel)."""
+        return Q4(q.codes, q.scale.bfloat16().float(), q.zero.bfloat16().float()).dequantize()
+
     def dequantize(self) -> torch.Tensor:
-        """The weight exactly as the kernel sees it, as float32 [N, K]."""
+        """The weight exactly as the kernel sees it (rounded to bf16), as float32 [N, K]."""
         eye = torch.eye(self.in_features, dtype=torch.bfloat16)
         return self.mm(eye).float().t().contiguous()
 

@@ -54,20 +54,28 @@ def _join(parts: list[torch.Tensor | Q4]) -> torch.Tensor | Q4:
     return torch.cat([p.dequantize() if isinstance(p, Q4) else p for p in parts])
 
 
-def _quantized(layer: Linear, t: torch.Tensor | Q4, quantization: str, lossy: bool) -> quant.QuantizedWeight | None:
-    """The layer's decode-time weight format for checkpoint tensor `t`, or None for dense.
+def _quantized(layer: Linear, t: torch.Tensor | Q4, quantization: str, lossy: bool
+               ) -> tuple[quant.QuantizedWeight, torch.Tensor] | None:
+    """The layer's decode-time weight format for checkpoint tensor `t` and its weight as
+    that kernel sees it (float32, the prompt rows' dense copy), or None for dense.
 
     "auto" keeps 4-bit blocks as int4 and runs other quantized GGUF types (Q8_0, Q5_0,
     Q6_K, ...; `lossy`) as int8 per output channel: no torch kernel reads those blocks,
-    and int8 holds their 5-8 bit values more finely than bf16 holds a float's range."""
+    and int8 holds their 5-8 bit values more finely than bf16 holds a float's range.
+    The dense copy is made here from the codes: from a built int4 kernel it would cost a
+    GEMM of K rows per layer (~5 s for SmolLM2 on AVX2, on the first request)."""
     fits = quant.int4_fits(layer.out_features, layer.in_features)
+    q4 = None
     if isinstance(t, Q4) and fits:
-        return quant.Int4Weight(t)
-    if quantization == "int8" or (quantization == "auto" and (lossy or isinstance(t, Q4))):
-        return quant.Int8Weight(t.dequantize() if isinstance(t, Q4) else t)
-    if quantization == "int4" and fits:
-        return quant.Int4Weight(quant.quantize_q4(t))
-    return None
+        q4 = t
+    elif quantization == "int8" or (quantization == "auto" and (lossy or isinstance(t, Q4))):
+        q8 = quant.Int8Weight(t.dequantize() if isinstance(t, Q4) else t)
+        return q8, q8.dequantize()
+    elif quantization == "int4" and fits:
+        q4 = quant.quantize_q4(t)
+    if q4 is None:
+        return None
+    return quant.Int4Weight(q4), quant.Int4Weight.kernel_view(q4)
 
 
 def _fill(model: nn.Module, tensors, dtype: torch.dtype, progress: bool, total: int,
@@ -106,8 +114,8 @@ def _fill(model: nn.Module, tensors, dtype: torch.dtype, progress: bool, total: 
             mode = "int8" if quantization == "int4" and name == "lm_head.weight" else quantization
             q = _quantized(owner, t, mode, name in lossy)
         if q is not None:
-            owner.set_quantized(q)
-            _count(formats, f"int{q.bits}")
+            owner.set_quantized(*q)
+            _count(formats, f"int{q[0].bits}")
         else:
             params[name].data = (t.dequantize() if isinstance(t, Q4) else t).to(dtype)
             if isinstance(owner, Linear):
@@ -166,10 +174,10 @@ def load(model: str, *, dtype: torch.dtype, block_size: int, deterministic: bool
 
         cfg = replace(cfg, eos_token_ids=stops)
     net = cls(cfg, block_size=block_size, deterministic=deterministic)
-    formats = _fill(net, tensors, dtype, progress, total, quantization, lossy)
     for m in net.modules():
         if isinstance(m, Linear):
             m.dense_dtype = dense_dtype
+    formats = _fill(net, tensors, dtype, progress, total, quantization, lossy)
     net.eval()
     # The GGUF memory map is not kept: every weight now lives in our own tensors, and its
     # touched file pages (~0.1 GB for SmolLM2) would otherwise stay resident.
