@@ -44,7 +44,8 @@ def make_prompt_ids(tokenizer, n_tokens: int, salt: int) -> list[int]:
 
 def machine() -> dict:
     return {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cpu": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d")}
+            "cpu": platform.processor() or platform.machine(), "isa": torch.backends.cpu.get_cpu_capability(),
+            "date": time.strftime("%Y-%m-%d")}
 
 
 def record(name: str, command: str, results: dict) -> Path:

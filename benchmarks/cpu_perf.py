@@ -81,11 +81,12 @@ def single_stream(llm: LLM, peer, workload, runs: int) -> dict:
     return out
 
 
-def speculative(runs: int, deterministic: bool) -> dict:
+def speculative(runs: int, deterministic: bool, dense_dtype: str) -> dict:
     """W4: the copy-heavy prompt, greedy, with n-gram speculation (4 drafts) vs without."""
     w = STANDARD["w4"]
-    plain = LLM("smollm2-135m", deterministic=deterministic, enable_prefix_caching=False)
-    spec = LLM("smollm2-135m", deterministic=deterministic, enable_prefix_caching=False, num_speculative_tokens=4)
+    plain = LLM("smollm2-135m", deterministic=deterministic, enable_prefix_caching=False, dense_dtype=dense_dtype)
+    spec = LLM("smollm2-135m", deterministic=deterministic, enable_prefix_caching=False, num_speculative_tokens=4,
+               dense_dtype=dense_dtype)
     for llm in (plain, spec):  # warm-up
         tierlm_stream(llm, prompt_ids(llm.tokenizer, 64, salt=0), 8)
     rows = []
@@ -158,14 +159,18 @@ def main() -> None:
     ap.add_argument("--w3-concurrency", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--no-deterministic", action="store_true")
     ap.add_argument("--quantization", default="auto", help="tierlm's --quantization (W1-W3)")
+    ap.add_argument("--dense-dtype", default="auto", help="tierlm's --dense-dtype (W1-W4)")
+    ap.add_argument("--tag", default="", help="suffix for the results file (e.g. the machine kind)")
     ap.add_argument("--server-args", nargs=argparse.REMAINDER, default=[],
                     help="extra `tierlm serve` flags for W3, e.g. --kv-cache-gb 0.5 (must come last)")
     args = ap.parse_args()
     chosen = [w for w in ("w1", "w2", "w3", "w4") if getattr(args, w)] or ["w1", "w2", "w3", "w4"]
-    results: dict = {"deterministic": not args.no_deterministic, "quantization": args.quantization, "runs": args.runs}
+    results: dict = {"deterministic": not args.no_deterministic, "quantization": args.quantization,
+                     "dense_dtype": args.dense_dtype, "runs": args.runs}
     if {"w1", "w2"} & set(chosen):
         llm = LLM("smollm2-135m", deterministic=not args.no_deterministic, enable_prefix_caching=False,
-                  quantization=args.quantization)
+                  quantization=args.quantization, dense_dtype=args.dense_dtype)
+        results["dense_dtype_resolved"] = str(llm.engine.dense_dtype).removeprefix("torch.")
         peer = llama_cpp_model(resolve("smollm2-135m", default_cache_dir()), n_ctx=2048,
                                n_threads=torch.get_num_threads())
         tierlm_stream(llm, prompt_ids(llm.tokenizer, 64, salt=0), 8)  # warm-up both
@@ -174,16 +179,18 @@ def main() -> None:
             if name in chosen:
                 results[name] = single_stream(llm, peer, STANDARD[name], args.runs)
     if "w4" in chosen:
-        results["w4"] = speculative(args.runs, not args.no_deterministic)
+        results["w4"] = speculative(args.runs, not args.no_deterministic, args.dense_dtype)
     if "w3" in chosen:
         results["w3"] = throughput(args.runs, not args.no_deterministic, args.w3_requests, args.w3_concurrency,
-                                   args.quantization, args.server_args)
+                                   args.quantization, ["--dense-dtype", args.dense_dtype, *args.server_args])
         results["server_args"] = args.server_args
     cmd = "benchmarks/cpu_perf.py " + " ".join(sys.argv[1:])
     suffix = "_" + "_".join(chosen) + ("_c" + "_".join(map(str, args.w3_concurrency)) if "w3" in chosen else "")
     suffix += "_nondeterministic" if args.no_deterministic else ""
     suffix += f"_{args.quantization}" if args.quantization != "auto" else ""
+    suffix += f"_dense_{args.dense_dtype}" if args.dense_dtype != "auto" else ""
     suffix += "_" + "".join(a.strip("-").replace("-", "_") for a in args.server_args) if args.server_args else ""
+    suffix += f"_{args.tag}" if args.tag else ""
     print("recorded in", record("cpu_perf" + suffix, cmd.strip(), results))
 
 

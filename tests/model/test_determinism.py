@@ -50,3 +50,21 @@ def test_after_preemption(reference, cache_dir):
     assert result(outs[6]) == alone
     llm.engine.kv.check_integrity()
     assert llm.engine.kv.pool.num_free == llm.engine.kv.pool.num_usable
+
+
+def test_decoded_tokens_scored_in_one_forward_repeat_their_logprobs(cache_dir):
+    """80 greedy tokens decoded one per step, then scored as generated rows of one forward
+    (80 decode items in one attention call): bitwise the same logprobs. On an AVX2 CPU
+    with MKL's default (non-reproducible) mode, token 30 of this copy-heavy prompt got
+    other bits: the thread that computed an attention item mattered (tierlm/__init__.py)."""
+    import torch
+
+    from tierlm.bench.workloads import copy_prompt_ids
+
+    llm = LLM("smollm2-135m", cache_dir=cache_dir, enable_prefix_caching=False)
+    ids = copy_prompt_ids(llm.tokenizer)
+    out = llm.generate({"prompt_token_ids": ids}, SamplingParams(temperature=0, max_tokens=80, ignore_eos=True,
+                                                                 logprobs=0))[0].outputs[0]
+    scored = torch.log_softmax(llm.engine.prompt_logits(ids + out.token_ids, prompt_len=len(ids)), dim=-1)
+    again = [float(scored[len(ids) - 1 + i, t]) for i, t in enumerate(out.token_ids)]
+    assert again == [lp.logprob for lp in out.logprobs]
