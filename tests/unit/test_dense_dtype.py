@@ -39,12 +39,14 @@ def test_float32_dense_products_of_a_bf16_layer():
 def test_shared_weight_keeps_its_dtype_for_the_embeddings():
     gen = torch.Generator().manual_seed(1)
     emb = torch.nn.Embedding(96, 160, _weight=torch.randn(96, 160, generator=gen).bfloat16())
+    emb.weight.requires_grad_(False)  # as the models hold it
     layer = Linear(160, 96, deterministic=True)
     layer.tie(emb.weight)
     layer.dense_dtype = torch.float32
     x = torch.randn(4, 160, generator=gen).bfloat16()
     y = layer(x)
     assert emb.weight.dtype == torch.bfloat16 and layer.weight is emb.weight
+    assert layer.dense_weight() is emb.weight  # no second table: products in the table's dtype
     ref = (x.float() @ emb.weight.float().t()).bfloat16()
     assert (y.float() - ref.float()).abs().max() <= ref.float().abs().max() * 2**-7
 

@@ -104,16 +104,17 @@ class Linear(nn.Module):
     The weight is a plain [out, in] parameter so loaders can fill it directly;
     `deterministic` selects the batch-invariant tiled kernel. A layer may also hold a
     quantized copy (`set_quantized`, layers/quant.py): its rows then run in one of two
-    formats, the quantized kernel (decode) or a dense copy (prefill, built from the
-    quantized weight on first use). `dense_rows` says which: the first `dense_rows` rows
-    use the dense copy and the rest the quantized kernel (the caller orders rows so that
-    a token's format follows from its role, never from its batch), or None to choose by
-    the number of rows (faster, batch-variant).
+    formats, the quantized kernel (decode) or a dense copy (prefill: the weight as the
+    kernel sees it, given by the loader or built from it on first use). `dense_rows` says
+    which: the first `dense_rows` rows use the dense copy and the rest the quantized
+    kernel (the caller orders rows so that a token's format follows from its role, never
+    from its batch), or None to choose by the number of rows (faster, batch-variant).
 
-    `dense_dtype` is the dtype dense products run in (None: the weight's own). A CPU
-    without bf16 matrix units multiplies float32 several times faster than bf16
-    (runner/kernel_probe.py measures which), so a bf16 model may run its dense GEMMs on
-    float32 weights: activations are widened exactly and the result rounded back.
+    `dense_dtype` is the dtype dense products run in (None, or a weight shared with the
+    embeddings: the weight's own). A CPU without bf16 matrix units multiplies float32
+    several times faster than bf16 (runner/kernel_probe.py measures which), so a bf16
+    model may run its dense GEMMs on float32 weights: activations are widened exactly
+    and the result rounded back.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
@@ -125,16 +126,15 @@ class Linear(nn.Module):
         self.deterministic = deterministic
         self.quantized: QuantizedWeight | None = None
         self.dense_dtype: torch.dtype | None = None
-        # The weight is the embedding table's too: it keeps its dtype, and a dense GEMM in
-        # another dtype gets its own converted copy.
+        # The weight is the embedding table's too: its dense products stay in the table's
+        # dtype (a converted copy would cost a second vocabulary-sized table, ~0.11 GB for
+        # SmolLM2 in float32, for the few rows a prefill asks logits of).
         self.shares_weight = False
-        self._converted: torch.Tensor | None = None
 
     def tie(self, weight: nn.Parameter) -> None:
         """Use `weight` (the embedding table) as this layer's weight."""
         self.weight = weight
         self.shares_weight = True
-        self._converted = None
 
     def set_quantized(self, q: QuantizedWeight, dense: torch.Tensor | None = None) -> None:
         """Hold `q` for decode rows, and `dense` (its weight as the kernel sees it) as the
@@ -152,13 +152,8 @@ class Linear(nn.Module):
         if w.numel() == 0 and self.quantized is not None:
             w.data = self.quantized.dequantize().to(self.dense_dtype or torch.bfloat16)
             return w
-        if self.dense_dtype in (None, w.dtype):
-            return w
-        if self.shares_weight:
-            if self._converted is None:
-                self._converted = w.detach().to(self.dense_dtype)
-            return self._converted
-        w.data = w.data.to(self.dense_dtype)
+        if self.dense_dtype not in (None, w.dtype) and not self.shares_weight:
+            w.data = w.data.to(self.dense_dtype)
         return w
 
     def _dense(self, x: torch.Tensor) -> torch.Tensor:
