@@ -10,9 +10,9 @@ import os
 # GEMM runs, which importing tierlm first guarantees. A value the user set is kept.
 os.environ.setdefault("MKL_CBWR", "AUTO")
 
-from tierlm.llm import LLM  # noqa: E402
-from tierlm.outputs import CompletionOutput, RequestOutput  # noqa: E402
-from tierlm.sampling_params import SamplingParams  # noqa: E402
+from tierlm.llm import LLM
+from tierlm.outputs import CompletionOutput, RequestOutput
+from tierlm.sampling_params import SamplingParams
 
 __all__ = ["LLM", "CompletionOutput", "RequestOutput", "SamplingParams"]
 __version__ = "0.1.0"
