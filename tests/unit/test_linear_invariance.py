@@ -35,20 +35,20 @@ def test_probe_table_saved_reused_and_damage_ignored(tmp_path, monkeypatch):
     model = torch.nn.Sequential(Linear(48, 40), Linear(40, 24))
     real_probe = linear.probe_tiles
     monkeypatch.setattr(linear, "PROBED", {})
-    kernel_probe.ensure_probed(model, torch.float32, tmp_path)
+    kernel_probe.ensure_probed(model, tmp_path)
     saved = json.loads((tmp_path / "kernel_probes.json").read_text())
     table = saved[kernel_probe.fingerprint()]
     assert set(table) == {"48,40,float32", "40,24,float32"} and all(64 in h for h in table.values())
 
     monkeypatch.setattr(linear, "PROBED", {})
     monkeypatch.setattr(linear, "probe_tiles", lambda *a: pytest.fail("re-probed despite a saved table"))
-    kernel_probe.ensure_probed(model, torch.float32, tmp_path)
+    kernel_probe.ensure_probed(model, tmp_path)
     assert linear.PROBED[(48, 40, "float32")] == tuple(table["48,40,float32"])
 
     (tmp_path / "kernel_probes.json").write_text("{not json")  # damaged: re-probed, not trusted
     monkeypatch.setattr(linear, "PROBED", {})
     monkeypatch.setattr(linear, "probe_tiles", real_probe)
-    kernel_probe.ensure_probed(model, torch.float32, tmp_path)
+    kernel_probe.ensure_probed(model, tmp_path)
     assert (48, 40, "float32") in linear.PROBED
 
 

@@ -84,7 +84,7 @@ class LLMEngine:
                                         deterministic=config.deterministic, cache_dir=cache_dir, progress=progress,
                                         quantization=config.quantization, dense_dtype=self.dense_dtype)
         if config.deterministic:
-            kernel_probe.ensure_probed(self.loaded.model, config.torch_dtype, cache_dir)
+            kernel_probe.ensure_probed(self.loaded.model, cache_dir)
         self.load_seconds = time.perf_counter() - t0
         self.model_config = self.loaded.config
         self.tokenizer = self.loaded.tokenizer

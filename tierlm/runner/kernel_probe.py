@@ -62,7 +62,8 @@ _DENSE_PROBE = (256, 576, 1536)
 
 
 def _gemm_seconds(dtype: torch.dtype, act: torch.dtype) -> float:
-    """Best of 3: x (in `act`) widened or narrowed to `dtype`, multiplied, rounded back."""
+    """Best of four timed calls (the first also warms the kernel up): x (in `act`)
+    widened or narrowed to `dtype`, multiplied, rounded back."""
     m, k, n = _DENSE_PROBE
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(m, k, generator=gen).to(act)
@@ -93,16 +94,16 @@ def dense_dtype(choice: str, act: torch.dtype, cache_dir: Path | None) -> torch.
     return getattr(torch, saved[key])
 
 
-def ensure_probed(model: nn.Module, dtype: torch.dtype, cache_dir: Path | None) -> None:
+def ensure_probed(model: nn.Module, cache_dir: Path | None) -> None:
     """Probe (or load) tile heights for every Linear shape in `model`, in the dtype its
-    dense products run in (the layer's `dense_dtype`, else `dtype`)."""
+    dense products run in."""
     path = _probe_path(cache_dir)
     fp = fingerprint()
     saved = _load(path)
     for key, heights in saved.get(fp, {}).items():
         k, n, dt = key.split(",")
         linear.PROBED.setdefault((int(k), int(n), dt), tuple(heights))
-    shapes = {(m.in_features, m.out_features, m.dense_dtype or dtype) for m in model.modules()
+    shapes = {(m.in_features, m.out_features, m.dense_weight().dtype) for m in model.modules()
               if isinstance(m, linear.Linear) and m.deterministic}
     before = len(linear.PROBED)
     for k, n, dt in sorted(shapes, key=str):
