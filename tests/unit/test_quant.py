@@ -91,10 +91,10 @@ def test_generated_blocks_hash_apart_from_prompt_blocks():
 
 def test_dense_copy_from_the_codes_is_the_kernels_weight():
     """The loader builds prompt rows' dense copy from the Q4 codes (no K-row GEMM through the
-    kernel): the same values the kernel multiplies by, to its bf16 output rounding."""
+    kernel): exactly the weights the kernel reports (bf16 scale and zero, bf16 values)."""
     gen = torch.Generator().manual_seed(5)
     q4 = quant.quantize_q4(torch.randn(48, 96, generator=gen))
     kernel = quant.Int4Weight(q4)
     view = quant.Int4Weight.kernel_view(q4)
     assert view.dtype == torch.float32
-    assert torch.equal(view.bfloat16().float(), kernel.dequantize())
+    assert torch.equal(view, kernel.dequantize())

@@ -130,9 +130,11 @@ class Int4Weight:
 
     @staticmethod
     def kernel_view(q: Q4) -> torch.Tensor:
-        """`q` as float32 [N, K] with the kernel's bf16 scale and zero (its weight values,
-        straight from the codes: far cheaper than `dequantize` on a built kernel)."""
-        return Q4(q.codes, q.scale.bfloat16().float(), q.zero.bfloat16().float()).dequantize()
+        """What `dequantize` gives for the kernel built from `q` (its bf16 scale and zero,
+        the weight rounded to bf16 as the kernel returns it), as float32 [N, K], computed
+        straight from the codes: far cheaper than a K-row product through the kernel."""
+        w = Q4(q.codes, q.scale.bfloat16().float(), q.zero.bfloat16().float()).dequantize()
+        return w.bfloat16().float()
 
     def dequantize(self) -> torch.Tensor:
         """The weight exactly as the kernel sees it (rounded to bf16), as float32 [N, K]."""

@@ -10,6 +10,7 @@ numbers, and so its prefix-cache hashes, the same from one start to the next.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -31,7 +32,10 @@ def fingerprint() -> str:
         pass
     isa = torch.backends.cpu.get_cpu_capability()
     tiles = ",".join(map(str, linear.CANDIDATE_TILES))  # a new candidate list is probed afresh
-    return f"torch={torch.__version__}|threads={torch.get_num_threads()}|isa={isa}|cpu={cpu}|tiles={tiles}"
+    # MKL's reproducibility mode changes its GEMM paths (tierlm/__init__.py sets it).
+    cbwr = os.environ.get("MKL_CBWR", "")
+    return (f"torch={torch.__version__}|threads={torch.get_num_threads()}|isa={isa}|cpu={cpu}|tiles={tiles}"
+            f"|mkl_cbwr={cbwr}")
 
 
 def _load(path: Path | None) -> dict:
