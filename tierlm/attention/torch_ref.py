@@ -34,33 +34,16 @@ import torch
 
 from tierlm.attention.base import AttentionMetadata, QueryTiles
 from tierlm.config import ConfigError
+from tierlm.layers.activation import vector_path
 
 PROMPT_TILE = 64
 KEY_TILE = 128
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
 
-# Below the elementwise kernels' grain (32,768 elements) a call runs on one thread, and a
-# length divisible by 32 (two AVX-512 float vectors, four AVX2 ones) leaves no scalar tail.
-_EXP_SLICE = 16384
-
-
 def _vector_exp(x: torch.Tensor) -> torch.Tensor:
-    """exp with every element on the kernel's vector path. An elementwise kernel runs the
-    elements past the last full vector (and near a thread split) through its scalar
-    function, whose exp can differ in the last bit; which elements those are depends on
-    the tensor's size, i.e. on the batch. So the elements go through in zero-padded
-    slices of _EXP_SLICE: each call one thread, whole vectors only."""
-    flat = x.reshape(-1)
-    n = flat.numel()
-    slices = -(-n // _EXP_SLICE)
-    padded = flat.new_zeros(slices * _EXP_SLICE)
-    padded[:n] = flat
-    rows = padded.view(slices, _EXP_SLICE)
-    out = torch.empty_like(rows)
-    for i in range(slices):
-        torch.exp(rows[i], out=out[i])
-    return out.view(-1)[:n].view(x.shape)
+    """exp with every element on the kernel's vector path (see layers/activation.py)."""
+    return vector_path(torch.exp, x)
 
 
 def keeps_bits(rows: int, kv_heads: int, head_dim: int, dtype: torch.dtype, whole_context: bool) -> bool:

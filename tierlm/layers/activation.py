@@ -31,6 +31,29 @@ def row_tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, out_w
     return out
 
 
+# Below the elementwise kernels' grain a call runs on one thread, and a length divisible by
+# 32 (two AVX-512 float vectors, four AVX2 ones) leaves no scalar tail.
+_VECTOR_SLICE = 16384
+
+
+def vector_path(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """fn (elementwise) with every element on the kernel's vector path. Past the last full
+    vector an elementwise kernel falls back to its scalar function (exp, sigmoid: other
+    last bits), and which elements those are depends on the tensor's size, i.e. on the
+    batch. So the elements go through in zero-padded slices of _VECTOR_SLICE: each call
+    one thread, whole vectors only."""
+    flat = x.reshape(-1)
+    n = flat.numel()
+    slices = -(-n // _VECTOR_SLICE)
+    padded = flat.new_zeros(slices * _VECTOR_SLICE)
+    padded[:n] = flat
+    rows = padded.view(slices, _VECTOR_SLICE)
+    out = torch.empty_like(rows)
+    for i in range(slices):
+        out[i] = fn(rows[i])
+    return out.view(-1)[:n].view(x.shape)
+
+
 def _gated(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
     def apply(gate_up: torch.Tensor) -> torch.Tensor:
         gate, up = gate_up.chunk(2, dim=-1)

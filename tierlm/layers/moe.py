@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from tierlm.config import MoEConfig
+from tierlm.layers.activation import vector_path
 from tierlm.layers.linear import Linear
 from tierlm.layers.mlp import GatedMLP
 
@@ -68,5 +69,6 @@ class SparseMoE(nn.Module):
             y = self.experts[e](x[tokens], rows) * weights.flatten()[entries, None]
             out.index_add_(0, tokens, y.to(x.dtype))
         if self.shared_expert is not None:
-            out = out + torch.sigmoid(self.shared_expert_gate(x, dense_rows)) * self.shared_expert(x, dense_rows)
+            gate = vector_path(torch.sigmoid, self.shared_expert_gate(x, dense_rows))
+            out = out + gate * self.shared_expert(x, dense_rows)
         return out
