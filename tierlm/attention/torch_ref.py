@@ -41,11 +41,6 @@ KEY_TILE = 128
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
 
-def _vector_exp(x: torch.Tensor) -> torch.Tensor:
-    """exp with every element on the kernel's vector path (see layers/activation.py)."""
-    return vector_path(torch.exp, x)
-
-
 def keeps_bits(rows: int, kv_heads: int, head_dim: int, dtype: torch.dtype, whole_context: bool) -> bool:
     """Whether the flash kernel gives an item's rows the same bits however many items share
     the call (every item, on whichever thread it lands) and, for whole-context items,
@@ -147,7 +142,7 @@ class TorchPagedAttention:
         out = torch.cat([out, out.new_zeros((1, *out.shape[1:]))])
         index = tiles.combine.view(-1)
         lse = lse.index_select(0, index).view(qt, m, *lse.shape[1:], 1)
-        weights = _vector_exp(lse - lse.amax(dim=1, keepdim=True))
+        weights = vector_path(torch.exp, lse - lse.amax(dim=1, keepdim=True))  # batch-invariant exp
         parts = out.index_select(0, index).view(qt, m, *out.shape[1:]).float() * weights
         acc, denom = parts[:, 0], weights[:, 0]
         for j in range(1, m):  # ascending, one add per span: the same order at any M
