@@ -87,6 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--shutdown-timeout", type=float, default=30.0,
                      help="seconds in-flight requests may take to finish after SIGTERM")
     srv.add_argument("--served-model-name", default=None, help="model id clients use (default: --model)")
+    srv.add_argument("--keep-alive-timeout", type=float, default=5.0,
+                     help="seconds an idle kept-alive connection stays open (default 5)")
+    srv.add_argument("--header-timeout", type=float, default=10.0,
+                     help="seconds a client has to send a request's headers (default 10)")
+    srv.add_argument("--body-timeout", type=float, default=30.0,
+                     help="seconds a client has to send a request's body: later is 408 (default 30)")
+    srv.add_argument("--max-connections", type=int, default=1024,
+                     help="open connections and in-flight requests before new requests get 503 (default 1024)")
     srv.add_argument("--config", default=None, metavar="FILE",
                      help="TOML file declaring tiers (models, prices, quality) and tenants (API keys, quotas, "
                           "weights); the engine flags above become every tier's defaults")
@@ -160,7 +168,9 @@ def cmd_serve(args) -> None:
     serve(_config(args), ServeOptions(host=args.host, port=args.port, api_keys=tuple(args.api_key),
                                       max_queued_requests=args.max_queued_requests,
                                       shutdown_timeout=args.shutdown_timeout,
-                                      served_model_name=args.served_model_name, tierset=tierset))
+                                      served_model_name=args.served_model_name, tierset=tierset,
+                                      keep_alive_timeout=args.keep_alive_timeout, header_timeout=args.header_timeout,
+                                      body_timeout=args.body_timeout, max_connections=args.max_connections))
 
 
 def _params(args) -> SamplingParams:
@@ -287,14 +297,14 @@ def main(argv: list[str] | None = None) -> int:
     from tierlm.loader.chat_template import ChatTemplateError
     from tierlm.loader.configs import ConfigReadError
     from tierlm.loader.gguf import GGUFError
-    from tierlm.loader.tokenizer import TokenizerError
+    from tierlm.loader.tokenizer import TokenizerError, TokenizerInputError
     from tierlm.loader.weights import WeightsError
     from tierlm.models.registry import UnsupportedArchitecture
     from tierlm.server.run import StartupError
 
     user_errors = (CLIError, PlotError, StartupError, ConfigError, SamplingParamsError, InvalidRequest, ModelNotFound,
-                   GGUFError, TokenizerError, WeightsError, ConfigReadError, UnsupportedArchitecture, ChatTemplateError,
-                   OSError)
+                   GGUFError, TokenizerError, TokenizerInputError, WeightsError, ConfigReadError,
+                   UnsupportedArchitecture, ChatTemplateError, OSError)
     try:
         args = build_parser().parse_args(argv)
         commands = {"serve": cmd_serve, "generate": cmd_generate, "chat": cmd_chat, "models": cmd_models,

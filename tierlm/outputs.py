@@ -49,3 +49,6 @@ class RequestOutput:
     finished: bool
     # Per prompt token (None for the first), when the request asked for prompt logprobs.
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    # Set when this request failed inside a step (its own state, not the batch's): it is
+    # finished, its blocks are free, and the engine goes on with everyone else.
+    error: str | None = None

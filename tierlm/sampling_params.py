@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from tierlm.structured.spec import GuidedSpec
+
+
+# Temperatures below this sample greedily: dividing float32 logits by less overflows them
+# to infinities (NaN probabilities), and the distribution is one-hot long before.
+GREEDY_BELOW = 1e-5
 
 
 class SamplingParamsError(ValueError):
@@ -50,6 +56,13 @@ class SamplingParams:
         self.stop = [s for s in self.stop if s]
         if self.top_k == -1:
             self.top_k = 0
+        floats = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty",
+                  "length_penalty")
+        for name in floats:  # NaN and infinities turn into NaN logits or scores deep inside a step
+            if not math.isfinite(getattr(self, name)):
+                raise SamplingParamsError(name, f"{name} must be a finite number")
+        if not all(math.isfinite(v) and -100.0 <= v <= 100.0 for v in self.logit_bias.values()):
+            raise SamplingParamsError("logit_bias", "logit_bias values must be in [-100, 100]")
         checks = [
             ("n", self.n >= 1, "n must be >= 1"),
             ("max_tokens", self.max_tokens is None or self.max_tokens >= 1
@@ -58,13 +71,13 @@ class SamplingParams:
             ("min_tokens", self.min_tokens >= 0, "min_tokens must be >= 0"),
             ("min_tokens", self.max_tokens is None or self.min_tokens <= self.max_tokens,
              "min_tokens must be <= max_tokens"),
-            ("temperature", self.temperature >= 0.0, "temperature must be >= 0"),
+            ("temperature", 0.0 <= self.temperature <= 100.0, "temperature must be in [0, 100]"),
             ("top_p", 0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
             ("top_k", self.top_k >= 0, "top_k must be -1, 0 (off) or a positive integer"),
             ("min_p", 0.0 <= self.min_p <= 1.0, "min_p must be in [0, 1]"),
             ("presence_penalty", -2.0 <= self.presence_penalty <= 2.0, "presence_penalty must be in [-2, 2]"),
             ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty must be in [-2, 2]"),
-            ("repetition_penalty", self.repetition_penalty > 0.0, "repetition_penalty must be > 0"),
+            ("repetition_penalty", 0.0 < self.repetition_penalty <= 100.0, "repetition_penalty must be in (0, 100]"),
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]"),
             ("prompt_logprobs", self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
              "prompt_logprobs must be in [0, 20]"),
@@ -94,4 +107,4 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW

@@ -10,8 +10,12 @@ The engine is also built on that thread: torch keeps a thread pool per calling t
 and loading on one thread then computing on another ran decode steps ~60% slower here
 (two OpenMP teams on two cores).
 
-If a step raises, every in-flight request receives an `EngineDeadError` and the engine
-is marked unhealthy instead of hanging its callers.
+A request whose own state fails inside a step ends alone (`RequestFailedError`; the
+engine guards per-request work). If a whole step raises (a bug), every in-flight request
+receives an `EngineDeadError` and the engine is rebuilt on its thread, as a supervisor
+would restart it; more than `max_restarts` failures within `restart_window_s` leave it
+dead (`healthy` False), and the server then exits non-zero for its supervisor. It never
+stays up answering errors to everyone.
 """
 
 from __future__ import annotations
@@ -38,6 +42,14 @@ class EngineDeadError(RuntimeError):
 
 class QueueFullError(RuntimeError):
     """Too many requests are waiting; retry later."""
+
+
+class EngineRestartingError(RuntimeError):
+    """The engine failed and is being rebuilt; retry shortly."""
+
+
+class RequestFailedError(RuntimeError):
+    """This request failed inside a step; the engine serves everyone else."""
 
 
 @dataclass
@@ -109,8 +121,12 @@ class FinishedRequest:
 class AsyncEngine:
     def __init__(self, engine_factory: Callable[[], LLMEngine], *, max_queued_requests: int = 1024,
                  on_finish: Callable[[FinishedRequest], None] | None = None,
-                 on_step: Callable[[EngineStats], None] | None = None) -> None:
+                 on_step: Callable[[EngineStats], None] | None = None, max_restarts: int = 3,
+                 restart_window_s: float = 300.0) -> None:
         self._factory = engine_factory
+        self.max_restarts, self.restart_window_s = max_restarts, restart_window_s
+        self.restarts: list[float] = []  # monotonic times of recent rebuilds
+        self.restarting = False
         self.engine: LLMEngine | None = None
         self._loaded = threading.Event()
         self._load_error: BaseException | None = None
@@ -157,12 +173,15 @@ class AsyncEngine:
         if params.guided is not None:
             self.engine.check_guided(params)
 
-    def check_admission(self) -> None:
-        """Raise if a new request would be refused now (engine dead or queue full)."""
+    def check_admission(self, count: int = 1) -> None:
+        """Raise if `count` new requests would be refused now (engine down or queue full)."""
         if not self.healthy:
             raise EngineDeadError(self.error or "the engine is not running")
-        if self._inflight - self.stats.running >= self.max_queued:
-            raise QueueFullError(f"{self.max_queued} requests are already queued")
+        if self.restarting:
+            raise EngineRestartingError("the engine is restarting after a failure")
+        queued = self._inflight - self.stats.running
+        if queued + count > self.max_queued:
+            raise QueueFullError(f"{queued} requests are queued; the limit is {self.max_queued}")
 
     async def generate(self, request_id: str, ids: list[int], params: SamplingParams,
                        priority: int = 0, cache_salt: str | None = None,
@@ -211,14 +230,38 @@ class AsyncEngine:
                 self.load.observe(time.perf_counter() - started, *self.engine.last_step_size)
             except Exception as e:
                 log.exception("engine step failed")
-                self.error = f"engine step failed: {type(e).__name__}: {e}"
-                self._fail_all(EngineDeadError(self.error))
-                return
+                failure = f"engine step failed: {type(e).__name__}: {e}"
+                self._fail_all(EngineDeadError(failure))
+                if not self._restart(failure):
+                    return
+                continue
             self._snapshot()
             now = time.perf_counter()
             for out in outputs:
                 self._deliver(out, now)
         self.engine.close()
+
+    def _restart(self, failure: str) -> bool:
+        """Rebuild the engine after a failed step; False (and dead) when that fails or
+        failures repeat too often for a rebuild to help."""
+        now = time.monotonic()
+        self.restarts = [t for t in self.restarts if now - t < self.restart_window_s]
+        if len(self.restarts) >= self.max_restarts:
+            self.error = f"{failure} ({len(self.restarts) + 1} failures within {self.restart_window_s:.0f} s)"
+            return False
+        self.restarting = True
+        self.restarts.append(now)
+        log.warning("rebuilding the engine (restart %d of at most %d in %.0f s)", len(self.restarts),
+                    self.max_restarts, self.restart_window_s)
+        try:
+            self.engine = self._factory()
+        except BaseException as e:  # noqa: BLE001 - a rebuild that fails leaves the engine dead
+            self.error = f"{failure}; rebuilding the engine failed: {type(e).__name__}: {e}"
+            return False
+        finally:
+            self.restarting = False
+        self._snapshot()
+        return True
 
     def _apply_commands(self) -> None:
         while True:
@@ -247,6 +290,14 @@ class AsyncEngine:
     def _deliver(self, out: RequestOutput, now: float) -> None:
         stream = self._streams.get(out.request_id)
         if stream is None:
+            return
+        if out.error is not None:  # this request alone failed inside the step
+            del self._streams[out.request_id]
+            self._count(-1)
+            stream.timing.finished = now
+            self.on_finish(FinishedRequest(out.request_id, stream.prompt_len, None, stream.timing, aborted=True,
+                                           tenant=stream.tenant))
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, RequestFailedError(out.error))
             return
         new = sum(len(c.delta_token_ids) for c in out.outputs)
         if new and stream.timing.first_token is None:

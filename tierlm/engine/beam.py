@@ -6,11 +6,13 @@ cumulative logprob: extensions ending in a stop token among the best `width` bec
 finished hypotheses, and the best `width` others continue. The search ends at the length
 limit, or once `width` hypotheses are finished and no live beam scores above the worst of
 them (the usual early-stopping heuristic, which assumes a live beam's score only falls).
-Hypotheses are ranked by cum_logprob / output_length ** length_penalty.
+Hypotheses are ranked by cum_logprob / output_length ** length_penalty, compared in the
+log domain (`badness`) so that no finite length_penalty can divide by zero or overflow.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -31,7 +33,21 @@ class Hypothesis:
 
 
 def score(cum_logprob: float, length: int, length_penalty: float) -> float:
-    return cum_logprob / (max(length, 1) ** length_penalty)
+    """cum_logprob / length ** length_penalty; at extreme penalties it saturates to 0 or -inf
+    (rank with `badness`, which keeps the order there)."""
+    try:
+        scale = max(length, 1) ** length_penalty
+    except OverflowError:
+        return -0.0
+    return cum_logprob / scale if scale > 0.0 else (-math.inf if cum_logprob < 0.0 else 0.0)
+
+
+def badness(cum_logprob: float, length: int, length_penalty: float) -> float:
+    """log(-score): orders hypotheses exactly as `score` does (lower is better), finite for
+    any finite inputs. A cumulative logprob is <= 0; 0 (certainty) is the best score."""
+    if cum_logprob >= 0.0:
+        return -math.inf
+    return math.log(-cum_logprob) - length_penalty * math.log(max(length, 1))
 
 
 def select(beams: list[tuple[float, list[tuple[int, float]]]], width: int,
@@ -58,8 +74,8 @@ def select(beams: list[tuple[float, list[tuple[int, float]]]], width: int,
 
 def ranked(hyps: list[Hypothesis], length_penalty: float) -> list[Hypothesis]:
     """Hypotheses best first (ties: earlier finished first)."""
-    order = sorted(range(len(hyps)), key=lambda i: (-score(hyps[i].cum_logprob, len(hyps[i].token_ids),
-                                                          length_penalty), i))
+    order = sorted(range(len(hyps)), key=lambda i: (badness(hyps[i].cum_logprob, len(hyps[i].token_ids),
+                                                            length_penalty), i))
     return [hyps[i] for i in order]
 
 
@@ -98,5 +114,5 @@ class BeamState:
         if len(self.finished) < self.width:
             return False
         worst = ranked(self.finished, self.length_penalty)[self.width - 1]
-        return (score(best_live_cum, length, self.length_penalty)
-                <= score(worst.cum_logprob, len(worst.token_ids), self.length_penalty))
+        return (badness(best_live_cum, length, self.length_penalty)
+                >= badness(worst.cum_logprob, len(worst.token_ids), self.length_penalty))

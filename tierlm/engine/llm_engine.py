@@ -11,6 +11,7 @@ search grows and prunes its beams each round here (engine/beam.py holds the rule
 from __future__ import annotations
 
 import dataclasses
+import logging
 import random
 import threading
 import time
@@ -37,6 +38,7 @@ from tierlm.scheduler.scheduler import Scheduler
 from tierlm.spec.draft import DraftModelProposer
 
 Prompt = str | list[int] | dict
+log = logging.getLogger("tierlm.engine")
 
 
 class InvalidRequest(ValueError):
@@ -288,6 +290,12 @@ class LLMEngine:
         self.last_step_size = (sum(len(s.token_ids) for s in out.scheduled), len(out.scheduled))
         result = self.runner.execute(out)
         finished = self.scheduler.update(out, result)
+        # Per-request work from here on is guarded: a request whose own state fails (its
+        # stop strings, detokenizer, beams, grammar) ends alone with an error.
+        failures: dict[str, Exception] = {}
+        for rid, e in self.scheduler.failed.items():
+            if rid in self._child_parent:
+                failures.setdefault(self._child_parent[rid], e)
         # Requests that end without a token (max_tokens 0: the prompt is scored) report too.
         touched: dict[str, None] = {self._child_parent[r.request_id]: None for r in finished
                                     if r.request_id in self._child_parent}
@@ -295,25 +303,60 @@ class LLMEngine:
         stopped: set[str] = set()
         for tok in self.scheduler.applied:  # the sampled tokens the scheduler kept, in order
             pid = self._child_parent.get(tok.request_id)
-            if pid is None:
+            if pid is None or pid in failures:
                 continue
-            parent = self._parents[pid]
-            if tok.request_id in stopped:  # a draft after a stop string: not part of the output
-                parent.requests[tok.request_id].drop_last_output()
+            try:
+                kind = self._apply_output_token(self._parents[pid], tok, stopped)
+            except Exception as e:  # noqa: BLE001 - see above
+                failures[pid] = e
                 continue
-            if parent.beam is not None:
+            if kind == "beam":
                 beams[pid] = None
-                continue
-            detok = parent.detoks[tok.request_id]
-            detok.add(tok.token_id)
-            parent.new_tokens.setdefault(tok.request_id, []).append(tok.token_id)
-            if detok.stopped_on is not None and tok.request_id in self.scheduler.requests:
-                self.scheduler.finish(tok.request_id, RequestStatus.FINISHED_STOPPED, detok.stopped_on)
-                stopped.add(tok.request_id)
-            touched[pid] = None
-        outputs = [self._beam_output(pid) for pid in beams if self._beam_round(pid)]
-        outputs += [o for o in map(self._output, touched) if o is not None]
+            elif kind == "text":
+                touched[pid] = None
+        outputs = []
+        for pid in beams:
+            outputs += self._guarded(pid, failures, lambda p: self._beam_output(p) if self._beam_round(p) else None)
+        for pid in touched:
+            outputs += self._guarded(pid, failures, self._output)
+        outputs += [self._fail(pid, e) for pid, e in failures.items() if pid in self._parents]
         return outputs
+
+    def _apply_output_token(self, parent: _Parent, tok, stopped: set[str]) -> str | None:
+        """Detokenize one kept token and apply stop strings. Returns "beam" (the round
+        decides), "text" (the parent has news) or None (a draft after a stop string)."""
+        if tok.request_id in stopped:  # a draft after a stop string: not part of the output
+            parent.requests[tok.request_id].drop_last_output()
+            return None
+        if parent.beam is not None:
+            return "beam"
+        detok = parent.detoks[tok.request_id]
+        detok.add(tok.token_id)
+        parent.new_tokens.setdefault(tok.request_id, []).append(tok.token_id)
+        if detok.stopped_on is not None and tok.request_id in self.scheduler.requests:
+            self.scheduler.finish(tok.request_id, RequestStatus.FINISHED_STOPPED, detok.stopped_on)
+            stopped.add(tok.request_id)
+        return "text"
+
+    def _guarded(self, pid: str, failures: dict[str, Exception], make) -> list[RequestOutput]:
+        """`make(pid)` as a list (empty for None); a failure is recorded for `pid` instead."""
+        if pid in failures or pid not in self._parents:
+            return []
+        try:
+            out = make(pid)
+        except Exception as e:  # noqa: BLE001 - one request's failure is that request's alone
+            failures[pid] = e
+            return []
+        return [out] if out is not None else []
+
+    def _fail(self, pid: str, error: Exception) -> RequestOutput:
+        """End request `pid` with an error: its sequences are aborted and their blocks freed."""
+        log.error("request %s failed: %s: %s", pid, type(error).__name__, error,
+                  exc_info=(type(error), error, error.__traceback__))
+        parent = self._parents[pid]
+        self.abort_request(pid)
+        return RequestOutput(pid, parent.prompt, parent.prompt_token_ids, [], True,
+                             error=f"{type(error).__name__}: {error}")
 
     def _output(self, pid: str) -> RequestOutput | None:
         """The request's state now; None while best_of > n samples are still running (only

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -46,12 +47,28 @@ class TokenizerError(ValueError):
     pass
 
 
+class TokenizerInputError(ValueError):
+    """The tokenizer failed on this input (a Rust panic inside `tokenizers`, surfaced by pyo3
+    as a BaseException): the input is refused, the process goes on."""
+
+
+@contextmanager
+def _no_panic(what: str):
+    try:
+        yield
+    except BaseException as e:
+        if type(e).__name__ != "PanicException":
+            raise
+        raise TokenizerInputError(f"the tokenizer could not {what} this input ({e})") from None
+
+
 class TextTokenizer:
     """Text <-> token ids and chat rendering for one model."""
 
     def __init__(self, tok: Tokenizer, *, bos_token_id: int | None, eos_token_ids: tuple[int, ...],
                  add_bos: bool, chat_template_source: str) -> None:
         self._tok = tok
+        self._encode_batch = getattr(tok, "encode_batch_fast", tok.encode_batch)
         self.bos_token_id = bos_token_id
         self.eos_token_ids = eos_token_ids
         self.add_bos = add_bos
@@ -59,13 +76,17 @@ class TextTokenizer:
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = self._tok.encode(text, add_special_tokens=False).ids
+        # The batch entry point releases the GIL (plain `encode` holds it: a megabyte prompt
+        # stalled the server's event loop for seconds); the fast one skips offsets, ~3x quicker.
+        with _no_panic("encode"):
+            ids = self._encode_batch([text], add_special_tokens=False)[0].ids
         if add_special_tokens and self.add_bos and self.bos_token_id is not None:
             ids = [self.bos_token_id, *ids]
         return ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+        with _no_panic("decode"):
+            return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def backend_json(self) -> str:
         """The underlying `tokenizers` model as JSON (grammar engines build their own view of it)."""
@@ -76,7 +97,8 @@ class TextTokenizer:
 
     def token_text(self, token_id: int) -> str:
         """The text of one token as it would print (special tokens included)."""
-        return self._tok.decode([token_id], skip_special_tokens=False)
+        with _no_panic("decode"):
+            return self._tok.decode([token_id], skip_special_tokens=False)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             tools: list[dict] | None = None) -> str:

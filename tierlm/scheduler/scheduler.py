@@ -55,6 +55,7 @@ class Scheduler:
         self.proposer = None  # a draft model (spec/draft.py); None = n-gram lookup
         self._proposed: dict[str, list[int]] = {}  # the draft model's proposals this step
         self.applied: list[SampledToken] = []  # the last update's tokens that were kept
+        self.failed: dict[str, Exception] = {}  # the last update's requests whose own state failed
         self.draft_tokens = 0  # speculative tokens proposed / accepted since start
         self.accepted_tokens = 0
         self.prefix_queries = 0  # tokens looked up in the prefix cache at admission
@@ -372,27 +373,37 @@ class Scheduler:
                 self._release_parked(req, fork=True)
             if req.sampling_params.max_tokens == 0 and req.num_computed_tokens == req.num_tokens:
                 finished.append(self.finish(req.request_id, RequestStatus.FINISHED_LENGTH))  # prompt scored
+        self.failed = {}
         for tok in result.sampled:
             req = self.requests.get(tok.request_id)
-            if req is None:
+            if req is None or req.request_id in self.failed:
                 continue
             if self.vtc is not None:
                 self.vtc.charge(req.tenant, output_tokens=1)
             self.applied.append(tok)
-            if req.sampling_params.use_beam_search:
-                req.beam_candidates = tok.logprob.top  # the engine picks and appends
+            try:
+                done = self._apply_token(req, tok)
+            except Exception as e:  # noqa: BLE001 - one request's own state (e.g. its grammar) failed
+                self.failed[req.request_id] = e
                 continue
-            req.output_token_ids.append(tok.token_id)
-            if tok.logprob is not None:
-                req.output_logprobs.append(tok.logprob)
-            status, reason = self._stop_check(req, tok.token_id)
-            if status is None and req.grammar is not None:
-                req.grammar.accept(tok.token_id)  # the sampler only offered tokens it allows
-                if req.grammar.is_finished():  # nothing may follow: the output is complete
-                    status = RequestStatus.FINISHED_STOPPED
-            if status is not None:
-                finished.append(self.finish(req.request_id, status, reason))
+            if done is not None:
+                finished.append(done)
         return finished
+
+    def _apply_token(self, req: Request, tok) -> Request | None:
+        """Append one sampled token to `req` and apply its stop rules; returns `req` if it finished."""
+        if req.sampling_params.use_beam_search:
+            req.beam_candidates = tok.logprob.top  # the engine picks and appends
+            return None
+        req.output_token_ids.append(tok.token_id)
+        if tok.logprob is not None:
+            req.output_logprobs.append(tok.logprob)
+        status, reason = self._stop_check(req, tok.token_id)
+        if status is None and req.grammar is not None:
+            req.grammar.accept(tok.token_id)  # the sampler only offered tokens it allows
+            if req.grammar.is_finished():  # nothing may follow: the output is complete
+                status = RequestStatus.FINISHED_STOPPED
+        return self.finish(req.request_id, status, reason) if status is not None else None
 
     def _stop_check(self, req: Request, token: int) -> tuple[RequestStatus | None, int | None]:
         p = req.sampling_params

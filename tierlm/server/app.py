@@ -3,34 +3,67 @@
 The guard is plain ASGI (not BaseHTTPMiddleware) so streaming responses and client
 disconnects pass through untouched. It maps the API key to a tenant (401 when the key
 is unknown, or missing and no tenant is anonymous) and hands it to the handlers in the
-request state.
+request state. It reads a POST body itself before the app sees it: over the size limit
+(counted as it arrives, with or without Content-Length) is a 413 without reading the
+rest, and a body that has not arrived within `body_timeout_s` is a 408. Anything that
+still escapes the app (a Rust panic from the tokenizer is a BaseException) becomes the
+OpenAI envelope with a 500, never a bare text response.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from tierlm.server import chat, completions, errors
+from tierlm.server import chat, completions, errors, limits
 from tierlm.server.common import ServerState
 from tierlm.server.errors import envelope
 from tierlm.server.metrics import Metrics
 from tierlm.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 
-MAX_BODY_BYTES = 8 * 1024 * 1024
+log = logging.getLogger("tierlm.server")
+
+
+class _BodyTooLarge(Exception):
+    pass
 
 
 class Guard:
-    """Rejects before the app runs: 413 oversized, 415 non-JSON POST, 401 bad key, 503 draining."""
+    """Rejects before the app runs: 413 oversized, 415 non-JSON POST, 401 bad key, 503 draining,
+    408 a body that does not arrive in time."""
 
-    def __init__(self, app, state: ServerState, max_body_bytes: int) -> None:
-        self.app, self.state, self.max_body = app, state, max_body_bytes
+    def __init__(self, app, state: ServerState, max_body_bytes: int, body_timeout_s: float = 30.0) -> None:
+        self.app, self.state, self.max_body, self.body_timeout_s = app, state, max_body_bytes, body_timeout_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        started = False
+
+        async def tracked_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self._guarded(scope, receive, tracked_send)
+        except (Exception, BaseExceptionGroup) as e:  # noqa: BLE001 - the last line: envelope, never text
+            await self._last_resort(e, started, send)
+        except BaseException as e:
+            if not _is_panic(e):  # cancellation, SystemExit, KeyboardInterrupt: not ours to stop
+                raise
+            await self._last_resort(e, started, send)
+
+    async def _last_resort(self, e: BaseException, started: bool, send) -> None:
+        log.error("unhandled error: %s: %s", type(e).__name__, e, exc_info=(type(e), e, e.__traceback__))
+        if not started:
+            await _send_error(send, 500, "internal server error", "internal_error", None, {})
+
+    async def _guarded(self, scope, receive, send):
         headers = {k.decode().lower(): v.decode("latin-1") for k, v in scope["headers"]}
         path, method = scope["path"], scope["method"]
         problem = None
@@ -40,15 +73,36 @@ class Guard:
                 problem = 401, "missing or invalid API key", "invalid_request_error", "invalid_api_key", {}
             scope.setdefault("state", {})["tenant"] = tenant
         problem = problem or self._check(path, method, headers)
+        if problem is None and method == "POST":
+            try:
+                body = await asyncio.wait_for(self._read_body(receive), self.body_timeout_s)
+            except _BodyTooLarge:
+                problem = 413, f"request body over {self.max_body} bytes", "invalid_request_error", None, {}
+            except TimeoutError:
+                problem = (408, f"the request body did not arrive within {self.body_timeout_s:g} s",
+                           "invalid_request_error", "request_timeout", {"Connection": "close"})
+            else:
+                receive = _replay(body, receive)
         if problem is not None:
-            status, message, kind, code, extra = problem
-            body = json.dumps(envelope(message, kind, None, code)).encode()
-            hdrs = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-            hdrs += [(k.encode(), v.encode()) for k, v in extra.items()]
-            await send({"type": "http.response.start", "status": status, "headers": hdrs})
-            await send({"type": "http.response.body", "body": body})
+            await _send_error(send, *problem)
             return
         await self.app(scope, receive, send)
+
+    async def _read_body(self, receive) -> bytes:
+        """The whole body, counting bytes as they arrive (chunked bodies have no Content-Length)."""
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                raise _BodyTooLarge
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        return b"".join(chunks)
 
     def _check(self, path: str, method: str, headers: dict):
         if method == "POST":
@@ -66,7 +120,36 @@ class Guard:
         return None
 
 
-def create_app(state: ServerState, metrics: Metrics, max_body_bytes: int = MAX_BODY_BYTES):
+def _replay(body: bytes, receive):
+    """A `receive` that yields the already-read body once, then waits on the client again
+    (so disconnects are still seen)."""
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+async def _send_error(send, status: int, message: str, kind: str, code: str | None, extra: dict) -> None:
+    body = json.dumps(envelope(message, kind, None, code)).encode()
+    hdrs = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    hdrs += [(k.encode(), v.encode()) for k, v in extra.items()]
+    await send({"type": "http.response.start", "status": status, "headers": hdrs})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _is_panic(e: BaseException) -> bool:
+    """A Rust panic surfaced by pyo3 (`pyo3_runtime.PanicException`, not importable by name)."""
+    return type(e).__name__ == "PanicException"
+
+
+def create_app(state: ServerState, metrics: Metrics, max_body_bytes: int = limits.MAX_BODY_BYTES,
+               body_timeout_s: float = 30.0):
     app = FastAPI(title="tierlm", docs_url=None, redoc_url=None)
     errors.install(app)
 
@@ -97,12 +180,13 @@ def create_app(state: ServerState, metrics: Metrics, max_body_bytes: int = MAX_B
     async def _tokenize(body: TokenizeRequest):
         tier = state.default if body.model is None else state.resolve(body.model)
         if body.messages is not None:
-            ids = chat.render(tier, body.messages)
+            ids = await asyncio.to_thread(chat.render, tier, body.messages)  # off the event loop: CPU work
         elif body.prompt is not None:
-            ids = tier.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+            ids = await asyncio.to_thread(tier.tokenizer.encode, body.prompt, body.add_special_tokens)
         else:
             raise errors.bad_request("give either prompt or messages", "prompt")
-        return {"tokens": ids, "count": len(ids), "max_model_len": tier.max_model_len}
+        # JSONResponse directly: FastAPI's encoder walks a million-id list in Python for seconds.
+        return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": tier.max_model_len})
 
     @app.post("/detokenize")
     async def _detokenize(body: DetokenizeRequest):
@@ -110,7 +194,7 @@ def create_app(state: ServerState, metrics: Metrics, max_body_bytes: int = MAX_B
         bad = [t for t in body.tokens if not 0 <= t < tier.vocab_size]
         if bad:
             raise errors.bad_request(f"token ids must be in [0, {tier.vocab_size}), got {bad[0]}", "tokens")
-        return {"prompt": tier.tokenizer.decode(body.tokens)}
+        return {"prompt": await asyncio.to_thread(tier.tokenizer.decode, body.tokens)}
 
     def _errors() -> dict[str, str]:
         return {t.model_name: t.engine.error or "the engine is not running" for t in state.tiers.values()
@@ -127,9 +211,10 @@ def create_app(state: ServerState, metrics: Metrics, max_body_bytes: int = MAX_B
 
     @app.get("/ready")
     async def _ready():
-        if state.ready and not state.draining and state.healthy:
+        if state.ready and not state.draining and state.healthy and not state.restarting:
             return {"status": "ready"}
-        why = "draining" if state.draining else ("unhealthy" if not state.healthy else "loading")
+        why = ("draining" if state.draining else "unhealthy" if not state.healthy
+               else "restarting" if state.restarting else "loading")
         return JSONResponse({"status": why}, status_code=503, headers={"Retry-After": "1"})
 
     @app.get("/metrics")
@@ -138,4 +223,4 @@ def create_app(state: ServerState, metrics: Metrics, max_body_bytes: int = MAX_B
             metrics.healthy.labels(t.model_name).set(1 if t.engine.healthy else 0)
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    return Guard(app, state, max_body_bytes)
+    return Guard(app, state, max_body_bytes, body_timeout_s)

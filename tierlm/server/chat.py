@@ -63,8 +63,8 @@ async def create(request: Request, req: ChatCompletionRequest, state: ServerStat
                               "response_format or guided_*", "tool_choice")
         params.guided = tools.guided(tool_plan)
     tenant = route.tenant_of(request)
-    routed = route.choose(state, tenant, req, params,
-                          lambda t: [render(t, req.messages, req.add_generation_prompt, tool_plan)])
+    routed = await route.choose(state, tenant, req, params,
+                                lambda t: [render(t, req.messages, req.add_generation_prompt, tool_plan)])
     tier, ids = routed.tier, routed.prompts[0]
     try:
         await common.validate(tier, ids, params)

@@ -17,12 +17,14 @@ from typing import TYPE_CHECKING
 from fastapi import Request
 
 from tierlm.config import TierConfig
-from tierlm.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError
+from tierlm.engine.async_engine import (AsyncEngine, EngineDeadError, EngineRestartingError, QueueFullError,
+                                       RequestFailedError)
 from tierlm.engine.llm_engine import InvalidRequest
 from tierlm.loader.tokenizer import TextTokenizer
 from tierlm.outputs import RequestOutput
 from tierlm.sampling_params import SamplingParams, SamplingParamsError
-from tierlm.server.errors import APIError, bad_request, sse_error
+from tierlm.server import limits
+from tierlm.server.errors import APIError, ClientDisconnected, bad_request, sse_error
 from tierlm.server.metrics import Metrics, TierMetrics
 from tierlm.server.protocol import _SamplingFields
 from tierlm.structured.spec import GuidedSpec
@@ -78,6 +80,10 @@ class ServerState:
         return all(t.engine.healthy for t in self.tiers.values())
 
     @property
+    def restarting(self) -> bool:  # an engine is being rebuilt after a failed step
+        return any(t.engine.restarting for t in self.tiers.values())
+
+    @property
     def num_inflight(self) -> int:
         return sum(t.engine.num_inflight for t in self.tiers.values())
 
@@ -108,6 +114,9 @@ def sampling_params(req: _SamplingFields, *, max_tokens: int | None, logprobs: i
             raise bad_request("logit_bias values must be in [-100, 100]", "logit_bias")
         bias[token] = value
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if len(stop) > limits.MAX_STOPS or any(len(s) > limits.MAX_STOP_CHARS for s in stop):
+        raise bad_request(f"stop takes at most {limits.MAX_STOPS} strings of at most {limits.MAX_STOP_CHARS} "
+                          "characters", "stop")
     guided = guided_spec(req)
     if req.stream and (req.use_beam_search or (best_of or req.n) > req.n):
         raise bad_request("best_of > n and use_beam_search rank finished sequences: they cannot stream",
@@ -170,11 +179,12 @@ async def validate(tier: Tier, ids: list[int], params: SamplingParams) -> None:
         raise bad_request(str(e), e.param, e.code) from None
 
 
-def admit(tier: Tier) -> None:
-    """Refuse up front (503 queue full / 500 engine dead) before any response starts."""
+def admit(tier: Tier, count: int = 1) -> None:
+    """Refuse up front (503 queue full or engine down) before any response starts: room for
+    all `count` engine requests of this HTTP request, or none of them."""
     try:
-        tier.engine.check_admission()
-    except (QueueFullError, EngineDeadError) as e:
+        tier.engine.check_admission(count)
+    except (QueueFullError, EngineDeadError, EngineRestartingError) as e:
         raise _engine_error(e) from None
 
 
@@ -182,11 +192,18 @@ def _engine_error(e: Exception) -> APIError:
     if isinstance(e, QueueFullError):
         return APIError(503, f"the server is busy: {e}", type="server_error", code="queue_full",
                         headers={"Retry-After": "1"})
+    if isinstance(e, EngineRestartingError):
+        return APIError(503, str(e), type="server_error", code="engine_restarting", headers={"Retry-After": "5"})
     if isinstance(e, EngineDeadError):
         return APIError(500, str(e), type="internal_error", code="engine_dead")
+    if isinstance(e, RequestFailedError):
+        return APIError(500, f"this request failed: {e}", type="internal_error", code="request_failed")
     if isinstance(e, InvalidRequest):
         return bad_request(str(e), e.param, e.code)
     raise e
+
+
+_ENGINE_ERRORS = (QueueFullError, EngineDeadError, EngineRestartingError, RequestFailedError, InvalidRequest)
 
 
 async def merged(tier: Tier, request_id: str, prompts: list[list[int]], params: SamplingParams,
@@ -219,7 +236,7 @@ async def _one(tier: Tier, request_id: str, ids: list[int], *args) -> AsyncItera
     try:
         async for out in gen:
             yield 0, out
-    except (QueueFullError, EngineDeadError, InvalidRequest) as e:
+    except _ENGINE_ERRORS as e:
         raise _engine_error(e) from None
     finally:
         await gen.aclose()  # now, not at garbage collection: an unfinished request is aborted
@@ -272,7 +289,7 @@ async def collect(request: Request, gen: AsyncIterator[tuple[int, RequestOutput]
             await asyncio.gather(consumer, return_exceptions=True)
             await gen.aclose()
     if consumer not in done:
-        raise asyncio.CancelledError("client disconnected")
+        raise ClientDisconnected
     consumer.result()  # re-raise an APIError from the engine
     return finals
 

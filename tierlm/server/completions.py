@@ -5,6 +5,7 @@ request shape evaluation harnesses use for log-likelihoods."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 from fastapi import Request
@@ -12,14 +13,15 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from tierlm.outputs import RequestOutput
 from tierlm.request import TokenLogprob
-from tierlm.server import common, route
+from tierlm.server import common, limits, route
 from tierlm.server.common import ServerState, Tier, sse
 from tierlm.server.errors import bad_request
 from tierlm.server.protocol import CompletionRequest
 
 
-def _prompt_items(req: CompletionRequest) -> list[str | list[int]]:
-    """The request's prompts as a list: each a string or a list of token ids."""
+def _prompt_items(req: CompletionRequest, sequences: int) -> list[str | list[int]]:
+    """The request's prompts as a list: each a string or a list of token ids (each will run
+    `sequences` engine sequences: their total is bounded)."""
     p = req.prompt
     if isinstance(p, str):
         items: list = [p]
@@ -29,6 +31,11 @@ def _prompt_items(req: CompletionRequest) -> list[str | list[int]]:
         items = list(p)
     if not items:
         raise bad_request("the prompt is empty", "prompt")
+    if len(items) > limits.MAX_PROMPTS:
+        raise bad_request(f"at most {limits.MAX_PROMPTS} prompts per request, got {len(items)}", "prompt")
+    if len(items) * sequences > limits.MAX_SEQUENCES:
+        raise bad_request(f"{len(items)} prompts x {sequences} sequences each is over the limit of "
+                          f"{limits.MAX_SEQUENCES} sequences per request", "n")
     return items
 
 
@@ -59,17 +66,18 @@ async def create(request: Request, req: CompletionRequest, state: ServerState):
                           "max_tokens")
     params = common.sampling_params(req, max_tokens=req.max_tokens, logprobs=req.logprobs,
                                     prompt_logprobs=req.logprobs if scoring else None, best_of=req.best_of)
-    items = _prompt_items(req)
+    items = _prompt_items(req, params.num_sequences)
     if req.model == "auto" and len(state.tiers) > 1 and not all(isinstance(i, str) for i in items):
         raise bad_request("token-id prompts belong to one tokenizer: name a tier instead of 'auto'", "prompt")
     tenant = route.tenant_of(request)
-    routed = route.choose(state, tenant, req, params,
-                          lambda t: [t.tokenizer.encode(i) if isinstance(i, str) else list(i) for i in items])
+    routed = await route.choose(state, tenant, req, params,
+                                lambda t: [t.tokenizer.encode(i) if isinstance(i, str) else list(i) for i in items])
     tier, ids = routed.tier, routed.prompts
     for p in ids:
         await common.validate(tier, p, params)  # checks token ids too, so decoding below is safe
-    texts = [i if isinstance(i, str) else tier.tokenizer.decode(p) for i, p in zip(items, ids)]
-    common.admit(tier)
+    texts = await asyncio.to_thread(lambda: [i if isinstance(i, str) else tier.tokenizer.decode(p)
+                                             for i, p in zip(items, ids)])
+    common.admit(tier, len(ids))
     lease = route.reserve(state, tenant, routed, params)
     rid = common.new_id("cmpl")
     gen = common.merged(tier, rid, ids, params, req.priority, req.cache_salt, req.session_id, lease)

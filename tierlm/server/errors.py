@@ -7,8 +7,10 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from tierlm.loader.tokenizer import TokenizerInputError
 
 log = logging.getLogger("tierlm.server")
 
@@ -19,6 +21,10 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = headers
+
+
+class ClientDisconnected(Exception):
+    """The client went away before its response: the request was aborted (one log line)."""
 
 
 def envelope(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
@@ -48,7 +54,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         return "the request body is not valid JSON", None
     param = ".".join(loc) or None
     where = f" ({param})" if param else ""
-    return f"{first.get('msg', 'invalid value')}{where}", param
+    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")  # pydantic's wrapper text
+    return f"{message}{where}", param
 
 
 def install(app: FastAPI) -> None:
@@ -66,6 +73,15 @@ def install(app: FastAPI) -> None:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return JSONResponse(envelope(str(exc.detail), kind), status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(TokenizerInputError)
+    async def _tokenizer(request: Request, exc: TokenizerInputError):
+        return error_response(bad_request(str(exc)))
+
+    @app.exception_handler(ClientDisconnected)
+    async def _gone(request: Request, exc: ClientDisconnected):
+        log.info("client disconnected: %s %s aborted", request.method, request.url.path)
+        return Response(status_code=499)  # nobody reads it; nginx's code for "client closed request"
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception):

@@ -1,18 +1,50 @@
 """Pydantic request models for the OpenAI-compatible API (responses are built as dicts).
 
-Unknown fields are ignored, as OpenAI clients send fields a server may not know.
-Range checks live in SamplingParams; these models check shapes and types.
+Unknown fields are ignored, as OpenAI clients send fields a server may not know. These
+models are the boundary's rules: shapes and types, every number finite, every string
+valid Unicode (a lone surrogate is a 400 naming the field: it cannot be tokenized or
+printed, and replacing it would change the user's text silently), and upper bounds on
+everything that multiplies a request's work or memory (`limits` below). Value ranges of
+the sampling knobs live in SamplingParams, shared with the offline API.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+from tierlm.server import limits
+
+_Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+_Count = Annotated[int, Field(ge=0, le=limits.MAX_TOKENS)]  # token counts: context lengths are far below
+
+
+def _lone_surrogate(value) -> str | None:
+    """The first lone surrogate in a (nested) JSON value, as U+XXXX, else None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return f"U+{ord(value[e.start]):04X}"
+        return None
+    if isinstance(value, dict):
+        value = [*value.keys(), *value.values()]
+    if isinstance(value, (list, tuple)):
+        return next((bad for v in value if (bad := _lone_surrogate(v)) is not None), None)
+    return None
 
 
 class _Base(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _valid_unicode(cls, value, info: ValidationInfo):
+        bad = _lone_surrogate(value) if not isinstance(value, BaseModel) else None
+        if bad is not None:
+            raise ValueError(f"{info.field_name} contains a lone surrogate ({bad}); strings must be valid Unicode")
+        return value
 
 
 class StreamOptions(_Base):
@@ -31,32 +63,33 @@ class ResponseFormat(_Base):
 
 
 class _SamplingFields(_Base):
-    model: str
-    n: int = 1
+    model: str = Field(max_length=limits.MAX_NAME_CHARS)
+    n: int = Field(1, le=limits.MAX_N)
     temperature: float | None = None
     top_p: float | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: str | list[str] | None = None  # counts and lengths: common.sampling_params
+    seed: _Int64 | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = Field(None, max_length=limits.MAX_LOGIT_BIAS)
     user: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     # extensions (vLLM names)
-    top_k: int | None = None
+    top_k: Annotated[int, Field(le=2**31 - 1)] | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
     ignore_eos: bool = False
-    min_tokens: int = 0
-    stop_token_ids: list[int] | None = None
-    priority: int = 0
-    cache_salt: str | None = None  # prefix-cache entries are shared only between equal salts
-    session_id: str | None = None  # keep this conversation's KV warm for the next turn
+    min_tokens: _Count = 0
+    stop_token_ids: list[int] | None = Field(None, max_length=limits.MAX_STOP_TOKEN_IDS)
+    priority: int = Field(0, ge=-(2**31), le=2**31 - 1)
+    cache_salt: str | None = Field(None, max_length=limits.MAX_NAME_CHARS)  # prefix-cache entries are shared
+    # only between equal salts
+    session_id: str | None = Field(None, max_length=limits.MAX_NAME_CHARS)  # keep this conversation's KV warm
     response_format: ResponseFormat | None = None
     guided_json: dict | str | None = None
     guided_regex: str | None = None
-    guided_choice: list[str] | None = None
+    guided_choice: list[str] | None = Field(None, max_length=limits.MAX_CHOICES)
     guided_grammar: str | None = None  # Lark (llguidance's dialect)
     use_beam_search: bool = False  # beam width: best_of (completions) or n
     length_penalty: float = 1.0  # beams rank by cumulative logprob / length ** length_penalty
@@ -68,12 +101,12 @@ class _SamplingFields(_Base):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16
-    logprobs: int | None = None
+    prompt: str | list[str] | list[int] | list[list[int]]  # counts: completions._prompt_items
+    max_tokens: _Count | None = 16
+    logprobs: Annotated[int, Field(ge=0, le=limits.MAX_LOGPROBS)] | None = None
     echo: bool = False
     suffix: str | None = None
-    best_of: int | None = None
+    best_of: Annotated[int, Field(le=limits.MAX_N)] | None = None
 
 
 class TextPart(_Base):
@@ -127,25 +160,26 @@ class NamedToolChoice(_Base):
 
 
 class ChatCompletionRequest(_SamplingFields):
-    messages: list[ChatMessage]
-    tools: list[Tool] | None = None
+    messages: list[ChatMessage] = Field(max_length=limits.MAX_MESSAGES)
+    tools: list[Tool] | None = Field(None, max_length=limits.MAX_TOOLS)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # None: auto if tools
     parallel_tool_calls: bool = True
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    max_tokens: _Count | None = None
+    max_completion_tokens: _Count | None = None
     logprobs: bool = False
-    top_logprobs: int | None = Field(default=None)
+    top_logprobs: Annotated[int, Field(ge=0, le=limits.MAX_LOGPROBS)] | None = None
     add_generation_prompt: bool = True
-    prompt_logprobs: int | None = None  # extension: logprob (+ top-N) of each prompt token
+    prompt_logprobs: Annotated[int, Field(ge=0, le=limits.MAX_LOGPROBS)] | None = None  # extension: logprob
+    # (+ top-N) of each prompt token
 
 
 class TokenizeRequest(_Base):
-    model: str | None = None
+    model: str | None = Field(None, max_length=limits.MAX_NAME_CHARS)
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: list[ChatMessage] | None = Field(None, max_length=limits.MAX_MESSAGES)
     add_special_tokens: bool = True
 
 
 class DetokenizeRequest(_Base):
-    model: str | None = None
+    model: str | None = Field(None, max_length=limits.MAX_NAME_CHARS)
     tokens: list[int]

@@ -11,6 +11,7 @@ with what was actually used when the request ends, however it ends.
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -71,13 +72,15 @@ def _candidates(state: ServerState, tenant: Tenant, model: str) -> tuple[list[Ti
     return [tier], tier.model_name
 
 
-def choose(state: ServerState, tenant: Tenant, body, params: SamplingParams,
-           prompts_for: Callable[[Tier], list[list[int]]]) -> Routed:
-    """The tier for this request, with its prompts tokenized for it (4xx if none fits)."""
+async def choose(state: ServerState, tenant: Tenant, body, params: SamplingParams,
+                 prompts_for: Callable[[Tier], list[list[int]]]) -> Routed:
+    """The tier for this request, with its prompts tokenized for it (4xx if none fits).
+    Tokenizing (and chat rendering) runs on a worker thread: a long prompt must not stall
+    the event loop that serves every other client."""
     tiers, fixed = _candidates(state, tenant, body.model)
     if fixed is not None and body.tier_mode is not None:
         raise bad_request("tier_mode applies to model 'auto' only", "tier_mode")
-    prompts = {t.model_name: prompts_for(t) for t in tiers}
+    prompts = await asyncio.to_thread(lambda: {t.model_name: prompts_for(t) for t in tiers})
     seqs = params.num_sequences
     prompt_tokens, output, max_output = {}, {}, {}
     for t in tiers:

@@ -7,7 +7,13 @@ the server reports ready; it also seeds each tier's step-time measurements.
 Startup failures (bad model, port in use) raise user errors the CLI turns into one
 line and a non-zero exit. SIGTERM/SIGINT flips readiness to 503, refuses new requests,
 lets in-flight ones finish for up to `shutdown_timeout` seconds, then exits 0; a second
-signal exits at once.
+signal exits at once. An engine that dies for good (it rebuilds itself after a failed
+step, up to a limit) makes the server exit non-zero, for a supervisor to restart it.
+
+Connections are bounded: a request head must arrive within `header_timeout` seconds of
+the connection opening (or of the previous response plus the keep-alive time), a body
+within `body_timeout` seconds (the app's guard), idle keep-alive connections close after
+`keep_alive_timeout`, and past `max_connections` new requests get 503.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import time
 from dataclasses import dataclass
 
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from tierlm.config import EngineConfig, TierConfig, TierSetConfig
 from tierlm.engine.async_engine import AsyncEngine, FinishedRequest
@@ -40,6 +47,10 @@ class StartupError(RuntimeError):
     """The server cannot start (message is shown as one line)."""
 
 
+class EngineFailed(StartupError):
+    """An engine died for good while serving: the server exits non-zero (one line)."""
+
+
 @dataclass(frozen=True)
 class ServeOptions:
     host: str = "127.0.0.1"
@@ -49,6 +60,17 @@ class ServeOptions:
     shutdown_timeout: float = 30.0
     served_model_name: str | None = None
     tierset: TierSetConfig | None = None  # --config: tiers and tenants (else one tier, api_keys)
+    keep_alive_timeout: float = 5.0  # idle seconds before a kept-alive connection is closed
+    header_timeout: float = 10.0  # seconds for a request head to arrive
+    body_timeout: float = 30.0  # seconds for a request body to arrive
+    max_connections: int = 1024  # open connections (and in-flight requests) before 503
+
+    def __post_init__(self) -> None:
+        for name in ("keep_alive_timeout", "header_timeout", "body_timeout"):
+            if not getattr(self, name) > 0:
+                raise StartupError(f"--{name.replace('_', '-')} must be > 0")
+        if self.max_connections < 1:
+            raise StartupError("--max-connections must be >= 1")
 
 
 def _log_request(tier: str, f: FinishedRequest) -> None:
@@ -75,15 +97,69 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _timed_protocol(header_timeout: float) -> type[H11Protocol]:
+    """uvicorn's HTTP/1.1 protocol, closing connections whose request head is late
+    (uvicorn only times out idle keep-alive connections, not silent or trickling ones)."""
+
+    class TimedH11(H11Protocol):
+        _head_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm(header_timeout)
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self._head_timer is not None and self.cycle is not None and not self.cycle.response_complete:
+                self._head_timer.cancel()  # the head has arrived; the guard times the body
+                self._head_timer = None
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if self.cycle is None or self.cycle.response_complete:  # waiting for the next head
+                self._arm(self.timeout_keep_alive + header_timeout)
+
+        def connection_lost(self, exc) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+            super().connection_lost(exc)
+
+        def _arm(self, seconds: float) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+            self._head_timer = self.loop.call_later(seconds, self._late)
+
+        def _late(self) -> None:
+            self._head_timer = None
+            if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
+                self.transport.close()
+
+    return TimedH11
+
+
 class _Server(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, state: ServerState, drain_timeout: float) -> None:
         super().__init__(config)
         self.state, self.drain_timeout = state, drain_timeout
         self._tasks: set[asyncio.Task] = set()
+        self.failure: str | None = None  # why an engine died, when it made the server exit
 
     async def startup(self, sockets=None) -> None:
         await super().startup(sockets=sockets)
         self._spawn(self._warm_up())
+        self._spawn(self._watch_engines())
+
+    async def _watch_engines(self) -> None:
+        """Exit (non-zero, see serve) once an engine is dead for good: answering 5xx to
+        everyone is worse than a restart by the supervisor."""
+        while not self.should_exit:
+            if not self.state.healthy:
+                self.failure = "; ".join(f"{t.model_name}: {t.engine.error or 'the engine stopped'}"
+                                         for t in self.state.tiers.values() if not t.engine.healthy)
+                log.error("engine failed, exiting: %s", self.failure)
+                self.should_exit = True
+                return
+            await asyncio.sleep(0.25)
 
     def handle_exit(self, sig, frame) -> None:
         if self.state.draining:  # second signal: stop now
@@ -150,9 +226,10 @@ def serve(config: EngineConfig, opts: ServeOptions) -> None:
         sock.close()
         raise
     state = ServerState(tiers, tenants, tierset.default_tier, metrics)
-    app = create_app(state, metrics)
+    app = create_app(state, metrics, body_timeout_s=opts.body_timeout)
     uv_config = uvicorn.Config(app, host=opts.host, port=opts.port, log_level="warning", access_log=False,
-                               timeout_graceful_shutdown=2, lifespan="off")
+                               timeout_graceful_shutdown=2, lifespan="off", http=_timed_protocol(opts.header_timeout),
+                               timeout_keep_alive=opts.keep_alive_timeout, limit_concurrency=opts.max_connections)
     server = _Server(uv_config, state, opts.shutdown_timeout)
     try:
         server.run(sockets=[sock])
@@ -160,6 +237,8 @@ def serve(config: EngineConfig, opts: ServeOptions) -> None:
         for t in tiers.values():
             t.engine.shutdown()
         sock.close()
+    if server.failure is not None:
+        raise EngineFailed(f"the engine failed: {server.failure}")
 
 
 def _start_tier(tc: TierConfig, metrics: Metrics, opts: ServeOptions) -> Tier:
