@@ -1,8 +1,10 @@
-"""AsyncEngine: outputs reach the caller's loop; a failing step fails callers instead of hanging."""
+"""AsyncEngine: outputs reach the caller's loop; a failing step fails its callers (never hangs them), the
+engine is rebuilt, and repeated failures leave it dead for the server to exit."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -35,26 +37,63 @@ def test_streams_outputs_and_counts(engine):
     assert ae.num_inflight == 0 and finished[0].timing.num_output_tokens == 4
 
 
-def test_step_failure_fails_callers_and_marks_unhealthy(engine, monkeypatch):
-    ae = AsyncEngine(lambda: engine)
+def _failing_factory(path, builds: list, fail_builds: int, monkeypatch):
+    """Builds real engines; the first `fail_builds` of them fail every step (the injected fault)."""
 
-    def boom():
-        raise RuntimeError("kernel exploded")
+    def build():
+        engine = LLM(str(path), dtype="float32").engine
+        if len(builds) < fail_builds:
+            def boom():
+                raise RuntimeError("kernel exploded")
 
-    monkeypatch.setattr(engine, "step", boom)  # the fault being handled, not the code under test
+            monkeypatch.setattr(engine, "step", boom)
+        builds.append(engine)
+        return engine
+
+    return build
+
+
+async def _generate(ae: AsyncEngine, rid: str) -> list[int]:
+    outs = [o async for o in ae.generate(rid, [5, 6], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))]
+    return outs[-1].outputs[0].token_ids
+
+
+def _wait_rebuilt(ae: AsyncEngine, builds: list, count: int) -> None:
+    deadline = time.monotonic() + 60
+    while (len(builds) < count or ae.restarting) and ae.healthy and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def test_step_failure_fails_callers_then_engine_is_rebuilt(tiny_llama, monkeypatch):
+    builds: list = []
+    ae = AsyncEngine(_failing_factory(tiny_llama[0], builds, 1, monkeypatch))
     ae.start()
+    try:
+        with pytest.raises(EngineDeadError, match="kernel exploded"):
+            asyncio.run(asyncio.wait_for(_generate(ae, "r1"), timeout=30))
+        _wait_rebuilt(ae, builds, 2)
+        assert len(builds) == 2 and ae.healthy and ae.num_inflight == 0
+        assert len(asyncio.run(asyncio.wait_for(_generate(ae, "r2"), timeout=30))) == 3  # serving again
+        builds[1].scheduler.check_integrity()
+    finally:
+        ae.shutdown()
 
-    async def run():
-        async for _ in ae.generate("r2", [5, 6], SamplingParams(max_tokens=3)):
-            pass
 
-    with pytest.raises(EngineDeadError, match="kernel exploded"):
-        asyncio.run(asyncio.wait_for(run(), timeout=30))
-    assert not ae.healthy
-    with pytest.raises(EngineDeadError):
-        ae.check_admission()
-    monkeypatch.undo()
-    engine.abort_request("r2")
+def test_repeated_step_failures_leave_the_engine_dead(tiny_llama, monkeypatch):
+    builds: list = []
+    ae = AsyncEngine(_failing_factory(tiny_llama[0], builds, 10, monkeypatch), max_restarts=2)
+    ae.start()
+    try:
+        for i in range(3):  # the first build and two rebuilds each fail one request
+            _wait_rebuilt(ae, builds, i + 1)
+            with pytest.raises(EngineDeadError, match="kernel exploded"):
+                asyncio.run(asyncio.wait_for(_generate(ae, f"r{i}"), timeout=30))
+        _wait_rebuilt(ae, builds, 4)
+        assert len(builds) == 3 and not ae.healthy and "3 failures" in ae.error
+        with pytest.raises(EngineDeadError):
+            ae.check_admission()
+    finally:
+        ae.shutdown()
 
 
 def test_load_failure_surfaces_in_start():

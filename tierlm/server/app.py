@@ -19,7 +19,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from tierlm.server import chat, completions, errors, limits
+from tierlm.server import chat, completions, errors, limits, schemas
 from tierlm.server.common import ServerState
 from tierlm.server.errors import envelope
 from tierlm.server.metrics import Metrics
@@ -153,15 +153,17 @@ def create_app(state: ServerState, metrics: Metrics, max_body_bytes: int = limit
     app = FastAPI(title="tierlm", docs_url=None, redoc_url=None)
     errors.install(app)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses={**schemas.streamed(schemas.CompletionResponse),
+                                            **schemas.GENERATE_ERRORS})
     async def _completions(request: Request, body: CompletionRequest):
         return await completions.create(request, body, state)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses={**schemas.streamed(schemas.ChatCompletionResponse),
+                                                 **schemas.GENERATE_ERRORS})
     async def _chat(request: Request, body: ChatCompletionRequest):
         return await chat.create(request, body, state)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=schemas.ModelList, responses=schemas.errors(401))
     async def _models(request: Request):
         """The tiers this key may use (id = tier name), and `auto` when there is a choice."""
         tenant = request.state.tenant
@@ -176,7 +178,7 @@ def create_app(state: ServerState, metrics: Metrics, max_body_bytes: int = limit
                          "max_model_len": min(d["max_model_len"] for d in data)})
         return {"object": "list", "data": data}
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", response_model=schemas.TokenizeResponse, responses=schemas.TOKENIZE_ERRORS)
     async def _tokenize(body: TokenizeRequest):
         tier = state.default if body.model is None else state.resolve(body.model)
         if body.messages is not None:
@@ -188,7 +190,7 @@ def create_app(state: ServerState, metrics: Metrics, max_body_bytes: int = limit
         # JSONResponse directly: FastAPI's encoder walks a million-id list in Python for seconds.
         return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": tier.max_model_len})
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", response_model=schemas.DetokenizeResponse, responses=schemas.TOKENIZE_ERRORS)
     async def _detokenize(body: DetokenizeRequest):
         tier = state.default if body.model is None else state.resolve(body.model)
         bad = [t for t in body.tokens if not 0 <= t < tier.vocab_size]
@@ -200,7 +202,8 @@ def create_app(state: ServerState, metrics: Metrics, max_body_bytes: int = limit
         return {t.model_name: t.engine.error or "the engine is not running" for t in state.tiers.values()
                 if not t.engine.healthy}
 
-    @app.get("/health")
+    @app.get("/health", response_model=schemas.Status, response_model_exclude_none=True,
+             responses={503: {"model": schemas.Status}})
     async def _health():
         if not state.healthy:
             failed = _errors()
@@ -209,7 +212,8 @@ def create_app(state: ServerState, metrics: Metrics, max_body_bytes: int = limit
             return JSONResponse({"status": "unhealthy", "error": error}, status_code=503)
         return {"status": "ok"}
 
-    @app.get("/ready")
+    @app.get("/ready", response_model=schemas.Status, response_model_exclude_none=True,
+             responses={503: {"model": schemas.Status}})
     async def _ready():
         if state.ready and not state.draining and state.healthy and not state.restarting:
             return {"status": "ready"}
@@ -217,10 +221,14 @@ def create_app(state: ServerState, metrics: Metrics, max_body_bytes: int = limit
                else "restarting" if state.restarting else "loading")
         return JSONResponse({"status": why}, status_code=503, headers={"Retry-After": "1"})
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response,
+             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                              "description": "Prometheus text exposition"}})
     async def _metrics():
         for t in state.tiers.values():
             metrics.healthy.labels(t.model_name).set(1 if t.engine.healthy else 0)
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    names = [*state.tiers, *{t.config.engine.model for t in state.tiers.values()} - set(state.tiers)]
+    schemas.install_openapi(app, names + (["auto"] if len(state.tiers) > 1 else []))
     return Guard(app, state, max_body_bytes, body_timeout_s)

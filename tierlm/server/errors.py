@@ -52,6 +52,9 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     if first.get("type") == "json_invalid":
         return "the request body is not valid JSON", None
+    if first.get("type") == "lone_surrogate":  # the validator saw the whole field: point inside it
+        loc += [str(p) for p in first.get("ctx", {}).get("path", ())]
+        return str(first.get("msg")), ".".join(loc)
     param = ".".join(loc) or None
     where = f" ({param})" if param else ""
     message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")  # pydantic's wrapper text

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 from tierlm.server import limits
 
@@ -20,19 +21,24 @@ _Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 _Count = Annotated[int, Field(ge=0, le=limits.MAX_TOKENS)]  # token counts: context lengths are far below
 
 
-def _lone_surrogate(value) -> str | None:
-    """The first lone surrogate in a (nested) JSON value, as U+XXXX, else None."""
+def _lone_surrogate(value, path: tuple = ()) -> tuple[tuple, str] | None:
+    """(path inside `value`, U+XXXX) of the first lone surrogate in a JSON value, else None.
+    A bad dict key is reported at the dict."""
     if isinstance(value, str):
         try:
             value.encode("utf-8")
         except UnicodeEncodeError as e:
-            return f"U+{ord(value[e.start]):04X}"
+            return path, f"U+{ord(value[e.start]):04X}"
         return None
     if isinstance(value, dict):
-        value = [*value.keys(), *value.values()]
-    if isinstance(value, (list, tuple)):
-        return next((bad for v in value if (bad := _lone_surrogate(v)) is not None), None)
-    return None
+        if (bad := _lone_surrogate(list(value), ())) is not None:
+            return path, bad[1]
+        items = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    else:
+        return None
+    return next((bad for k, v in items if (bad := _lone_surrogate(v, (*path, k))) is not None), None)
 
 
 class _Base(BaseModel):
@@ -43,7 +49,10 @@ class _Base(BaseModel):
     def _valid_unicode(cls, value, info: ValidationInfo):
         bad = _lone_surrogate(value) if not isinstance(value, BaseModel) else None
         if bad is not None:
-            raise ValueError(f"{info.field_name} contains a lone surrogate ({bad}); strings must be valid Unicode")
+            path, char = bad
+            where = ".".join(str(p) for p in (info.field_name, *path))
+            raise PydanticCustomError("lone_surrogate", "{where} contains a lone surrogate ({char}); strings must "
+                                      "be valid Unicode", {"where": where, "path": list(path), "char": char})
         return value
 
 
