@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 MODEL   ?= smollm2-135m
 PORT    ?= 8000
 
-.PHONY: install serve test test-all bench clean
+.PHONY: install serve test test-all check bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -26,6 +26,10 @@ serve: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+check: $(STAMP)
+	$(BIN)/python -m pytest -q -x tests/unit tests/model/test_request_isolation.py tests/server/test_errors.py \
+		tests/server/test_hardening.py
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m ''

@@ -28,6 +28,9 @@ from tierlm.server.protocol import ChatCompletionRequest, CompletionRequest, Det
 log = logging.getLogger("tierlm.server")
 
 
+POST_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"})
+
+
 class _BodyTooLarge(Exception):
     pass
 
@@ -73,7 +76,7 @@ class Guard:
                 problem = 401, "missing or invalid API key", "invalid_request_error", "invalid_api_key", {}
             scope.setdefault("state", {})["tenant"] = tenant
         problem = problem or self._check(path, method, headers)
-        if problem is None and method == "POST":
+        if problem is None and method == "POST" and path in POST_ROUTES:
             try:
                 body = await asyncio.wait_for(self._read_body(receive), self.body_timeout_s)
             except _BodyTooLarge:
@@ -105,7 +108,7 @@ class Guard:
         return b"".join(chunks)
 
     def _check(self, path: str, method: str, headers: dict):
-        if method == "POST":
+        if method == "POST" and path in POST_ROUTES:  # elsewhere the router answers 404 / 405
             try:
                 length = int(headers.get("content-length", "0"))
             except ValueError:
@@ -115,7 +118,7 @@ class Guard:
             ctype = headers.get("content-type", "").split(";")[0].strip().lower()
             if ctype != "application/json":
                 return 415, "Content-Type must be application/json", "invalid_request_error", None, {}
-            if self.state.draining and (path.startswith("/v1/") or path in ("/tokenize", "/detokenize")):
+            if self.state.draining:
                 return 503, "the server is shutting down", "server_error", "shutting_down", {"Retry-After": "5"}
         return None
 
