@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 
 from tierlm.structured.spec import GuidedSpec
 
-
 # Temperatures below this sample greedily: dividing float32 logits by less overflows them
 # to infinities (NaN probabilities), and the distribution is one-hot long before.
 GREEDY_BELOW = 1e-5

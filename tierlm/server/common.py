@@ -17,8 +17,13 @@ from typing import TYPE_CHECKING
 from fastapi import Request
 
 from tierlm.config import TierConfig
-from tierlm.engine.async_engine import (AsyncEngine, EngineDeadError, EngineRestartingError, QueueFullError,
-                                       RequestFailedError)
+from tierlm.engine.async_engine import (
+    AsyncEngine,
+    EngineDeadError,
+    EngineRestartingError,
+    QueueFullError,
+    RequestFailedError,
+)
 from tierlm.engine.llm_engine import InvalidRequest
 from tierlm.loader.tokenizer import TextTokenizer
 from tierlm.outputs import RequestOutput
