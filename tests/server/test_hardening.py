@@ -202,6 +202,15 @@ def strict_server(cache_dir):
     srv.stop()
 
 
+def _read_until_closed(sock: socket.socket, within: float) -> bytes:
+    """Everything the server sends before it closes the connection (a reply may span packets)."""
+    sock.settimeout(within)
+    chunks = []
+    while data := sock.recv(4096):
+        chunks.append(data)
+    return b"".join(chunks)
+
+
 def _closed_by_server(sock: socket.socket, within: float) -> bool:
     sock.settimeout(within)
     try:
@@ -224,8 +233,7 @@ def test_idle_trickling_and_slow_body_connections_are_dropped(strict_server):
     head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             b"Content-Length: 1000\r\n\r\n")
     slow_body.sendall(head + b'{"model": ')  # the body stops arriving
-    slow_body.settimeout(10)
-    reply = slow_body.recv(4096)
+    reply = _read_until_closed(slow_body, 10)
     assert reply.startswith(b"HTTP/1.1 408") and b'"code": "request_timeout"' in reply
     assert all(_closed_by_server(s, 10) for s in [*idle, trickle])
     with httpx.Client(base_url=strict_server.url, timeout=60) as http:
