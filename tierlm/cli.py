@@ -55,6 +55,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cold-dir", default=None,
                    help="directory for a disk tier of cached KV blocks (kept across restarts)")
     p.add_argument("--kv-cold-gb", type=float, default=4.0, help="size limit of --kv-cold-dir (GiB)")
+    p.add_argument("--admission", default="past_future", choices=["past_future", "greedy"],
+                   help="when a waiting request joins the batch: past_future if its predicted peak KV use "
+                        "fits the cache (fewer preemptions), greedy whenever its first blocks are free")
     p.add_argument("--session-ttl", type=float, default=600.0,
                    help="seconds a finished request's KV stays pinned in the warm tier when it "
                         "carried a session_id")
@@ -80,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     srv.add_argument("--max-num-seqs", type=int, default=32, help="sequences decoded together per step")
     srv.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget per step")
+    srv.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"],
+                     help="order of waiting requests: fcfs, or priority (a request's `priority` field, lower "
+                          "first, then arrival); with --config tenants take turns by fair share instead")
     srv.add_argument("--api-key", action="append", default=[],
                      help="require 'Authorization: Bearer KEY' on /v1/* (repeatable)")
     srv.add_argument("--max-queued-requests", type=int, default=1024,
@@ -129,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _config(args) -> EngineConfig:
     sched = {k: getattr(args, k) for k in ("max_num_seqs", "max_num_batched_tokens") if hasattr(args, k)}
+    sched["admission"] = args.admission
+    if getattr(args, "scheduling_policy", None):
+        sched["policy"] = args.scheduling_policy
     if args.speculative != "off":
         sched["num_speculative_tokens"] = args.num_speculative_tokens
     if (args.speculative == "draft") != (args.draft_model is not None):

@@ -10,7 +10,7 @@ import pytest
 
 
 def tierlm(*args, stdin: str | None = None, cache_dir=None):
-    env = dict(os.environ, HOME=str(cache_dir)) if cache_dir else None
+    env = dict(os.environ, HOME=str(cache_dir), TIERLM_CACHE_DIR=str(cache_dir)) if cache_dir else None
     return subprocess.run([sys.executable, "-m", "tierlm.cli", *args], capture_output=True, text=True,
                           input=stdin, timeout=300, env=env)
 

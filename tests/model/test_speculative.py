@@ -111,12 +111,21 @@ def test_a_faithful_draft_model_is_accepted_and_saves_steps(tiny_pair):
     assert (sched.accepted_tokens - accepted) >= 0.9 * (sched.draft_tokens - drafted)
     assert steps["self"] * 3 < steps["plain"]
 
-def test_draft_model_stops_drafting_at_its_own_context(tiny_pair):
-    """Near the draft model's context end it drafts fewer tokens, none past its last position."""
+def test_draft_model_stops_drafting_at_its_own_context(tiny_pair, tiny_checkpoint, cache_dir):
+    """Near the draft model's context end it drafts fewer tokens (2, 1, then 0), none past
+    its last position, and the drafts are the draft model's own greedy tokens."""
     _, other, _ = tiny_pair
+    draft_path, _ = tiny_checkpoint("qwen2")
+    reference = LLM(str(draft_path), dtype="float32", cache_dir=cache_dir)
     proposer = other.engine.scheduler.proposer
     limit = proposer.config.max_position_embeddings
-    drafts = proposer.propose([("edge", [3 + i % 300 for i in range(limit - 2)], 3)])
-    assert len(drafts.get("edge", [])) <= 2
-    proposer.release("edge")
+    for length, want in ((limit - 2, 2), (limit - 1, 1), (limit, 0)):
+        ids = [3 + i % 300 for i in range(length)]
+        drafts = proposer.propose([("edge", ids, 3)]).get("edge", [])
+        proposer.release("edge")
+        assert len(drafts) == want, (length, drafts)
+        if want:
+            greedy = reference.generate({"prompt_token_ids": ids}, SamplingParams(temperature=0, max_tokens=want,
+                                                                                 ignore_eos=True))
+            assert drafts == greedy[0].outputs[0].token_ids
     assert proposer.kv.pool.num_free == proposer.kv.pool.num_usable

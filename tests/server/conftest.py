@@ -27,7 +27,7 @@ class ServerProcess:
     def __init__(self, cache_home, *args: str, model: str | None = MODEL) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = dict(os.environ, HOME=str(cache_home))
+        env = dict(os.environ, HOME=str(cache_home), TIERLM_CACHE_DIR=str(cache_home))
         # A file, not a pipe: an unread pipe fills up and blocks the server's logging.
         self.log = tempfile.NamedTemporaryFile("w+", prefix="tierlm-serve-", suffix=".log", delete=False)
         model_args = ["--model", model] if model is not None else []  # None: a --config names the tiers
@@ -89,3 +89,14 @@ def metric(http_client, name: str) -> float:
             if s.name == name:
                 return s.value
     raise KeyError(name)
+
+
+@pytest.fixture(scope="session")
+def offline(cache_dir):
+    """The offline engine the `server` fixture runs (same model, flags and cache dir): the
+    reference its responses must equal."""
+    from tierlm import LLM
+
+    llm = LLM(MODEL, cache_dir=cache_dir)
+    yield llm
+    llm.close()

@@ -169,7 +169,7 @@ def test_disconnects_log_one_line(server, http):
     with httpx.Client(timeout=0.5, headers={"Authorization": f"Bearer {API_KEY}"}) as c:
         with pytest.raises(httpx.ReadTimeout):  # gives up waiting: the connection closes
             c.post(f"{server.url}/v1/completions", json=body)
-        with c.stream("POST", f"{server.url}/v1/completions", json={**body, "stream": True}) as r:
+        with c.stream("POST", f"{server.url}/v1/completions", json={**body, "stream": True}, timeout=60) as r:
             for i, _ in enumerate(r.iter_lines()):
                 if i == 3:
                     break  # leaving the block closes the stream mid-way

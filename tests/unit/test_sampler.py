@@ -74,6 +74,23 @@ def test_logprobs_are_raw_model_logprobs():
     assert [t for t, _ in lp.top] == [2, 1]
 
 
+def test_tied_logprobs_list_the_greedy_token_first():
+    """bf16 logits tie often: the top list orders equal values by token id, as greedy's
+    argmax (the first maximum) picks, so the chosen token is the top-1."""
+    logits = torch.tensor([[0.0, 1.0, 3.0, 2.0, 3.0, 3.0, 1.0]])
+    [(tok, lp)] = sample(logits.clone(), [row(temperature=0, logprobs=4)], ())
+    assert tok == 2 and [t for t, _ in lp.top] == [2, 4, 5, 3]
+    assert sampler.top_tokens(torch.tensor([5.0, 5.0, 5.0]), 2) == [(0, 5.0), (1, 5.0)]
+
+
+def test_top_k_and_top_p_break_ties_by_token_id():
+    logits = torch.tensor([1.0, 3.0, 0.0, 3.0, 3.0])
+    kept = filter_top_k_top_p_min_p(logits, 2, 1.0, 0.0)
+    assert torch.isfinite(kept).tolist() == [False, True, False, True, False]
+    kept = filter_top_k_top_p_min_p(logits, 0, 1e-9, 0.0)
+    assert torch.isfinite(kept).tolist() == [False, True, False, False, False]
+
+
 @pytest.mark.parametrize("kw,param", [({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"),
                                       ({"n": 0}, "n"), ({"max_tokens": 0}, "max_tokens"),
                                       ({"presence_penalty": 3}, "presence_penalty"), ({"logprobs": 21}, "logprobs")])

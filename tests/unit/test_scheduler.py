@@ -95,6 +95,17 @@ def test_priority_policy_orders_waiting_and_picks_victim():
     s.add(req("high", 4, priority=-1))
     out, _ = step(s)
     assert out.scheduled[0].request_id == "high"
+    # Both run, then blocks run out: the low-priority request yields although it came first
+    # (FCFS would preempt the later arrival, as test_preemption_frees_blocks... shows).
+    s = make(num_blocks=7, block_size=4, max_num_batched_tokens=64, admission="greedy", policy="priority")
+    s.add(req("low", 10, max_tokens=12, priority=5))
+    s.add(req("high", 10, max_tokens=12, priority=-1))
+    preempted = []
+    while s.has_unfinished():
+        out, _ = step(s)
+        preempted += out.preempted
+    assert preempted and set(preempted) == {"low"}
+    assert s.kv.pool.num_free == 6
 
 
 def test_abort_at_any_point_frees_every_block():

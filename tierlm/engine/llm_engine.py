@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import random
 import threading
 import time
@@ -64,7 +65,10 @@ class _Parent:
 
 
 def default_cache_dir() -> Path:
-    return Path.home() / ".cache" / "tierlm"
+    """Where tokenizers, assembled bundled models and kernel probes are kept:
+    $TIERLM_CACHE_DIR, else ~/.cache/tierlm."""
+    env = os.environ.get("TIERLM_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "tierlm"
 
 
 def model_key(path: Path, config: EngineConfig, dense_dtype: torch.dtype) -> str:

@@ -201,10 +201,8 @@ def _score_prompt(logits: torch.Tensor, targets: list[tuple[str, int, int, int]]
     lps = torch.log_softmax(logits.float(), dim=-1)
     chosen = lps.gather(1, torch.tensor([t[2] for t in targets]).unsqueeze(1)).squeeze(1)
     ranks = (lps > chosen.unsqueeze(1)).sum(1) + 1
-    top_n = max(t[3] for t in targets)
-    top_vals, top_idx = torch.topk(lps, top_n) if top_n else (None, None)
     scored: dict[str, list[tuple[int, TokenLogprob]]] = {}
     for r, (rid, pos, _, n) in enumerate(targets):
-        top = list(zip(top_idx[r, :n].tolist(), top_vals[r, :n].tolist())) if n else []
+        top = sampler.top_tokens(lps[r], n)
         scored.setdefault(rid, []).append((pos, TokenLogprob(float(chosen[r]), top, int(ranks[r]))))
     return scored

@@ -67,12 +67,17 @@ def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
 
 
 def filter_top_k_top_p_min_p(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
-    """One row [V] of temperature-scaled logits -> logits with the excluded tokens at -inf."""
+    """One row [V] of temperature-scaled logits -> logits with the excluded tokens at -inf.
+    Equal logits are ranked by token id (lowest first), as greedy's argmax ranks them: top_k
+    keeps exactly k tokens and top_p's cut falls the same way, so top_k 1 is greedy."""
     if top_k and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        keep = logits > kth
+        tied = torch.nonzero(logits == kth).squeeze(1)
+        keep[tied[: top_k - int(keep.sum())]] = True
+        logits = logits.masked_fill(~keep, float("-inf"))
     if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
+        sorted_logits, order = torch.sort(logits, descending=True, stable=True)
         probs = sorted_logits.softmax(-1)
         # Drop a token when the mass before it already reaches top_p (the top token always stays).
         drop = (probs.cumsum(-1) - probs) >= top_p
@@ -94,10 +99,20 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, seed: int, index: i
     return int(torch.argmax(probs / noise))
 
 
+def top_tokens(row: torch.Tensor, n: int) -> list[tuple[int, float]]:
+    """The n likeliest tokens of a logprob row [V], best first, equal values in token-id
+    order: so a greedy token (argmax, the first maximum) is always listed first, and the
+    list does not depend on how `topk` orders ties (bf16 logits tie often)."""
+    if n <= 0:
+        return []
+    kth = torch.topk(row, min(n, row.shape[-1])).values[-1]
+    idx = torch.nonzero(row >= kth).squeeze(1)
+    return sorted(zip(idx.tolist(), row[idx].tolist()), key=lambda t: (-t[1], t[0]))[:n]
+
+
 def beam_candidates(logits: torch.Tensor, k: int) -> tuple[int, TokenLogprob]:
     """The k likeliest next tokens of a processed logits row [V], best first."""
-    vals, idx = torch.topk(torch.log_softmax(logits, dim=-1), min(k, logits.shape[-1]))
-    top = list(zip(idx.tolist(), vals.tolist()))
+    top = top_tokens(torch.log_softmax(logits, dim=-1), k)
     return top[0][0], TokenLogprob(top[0][1], top)
 
 
@@ -129,10 +144,6 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow],
         info = None
         if want_logprobs[i]:
             lp = raw_logprobs[i]
-            top: list[tuple[int, float]] = []
-            if r.params.logprobs:
-                vals, idx = torch.topk(lp, r.params.logprobs)
-                top = list(zip(idx.tolist(), vals.tolist()))
-            info = TokenLogprob(float(lp[token]), top)
+            info = TokenLogprob(float(lp[token]), top_tokens(lp, r.params.logprobs))
         results.append((token, info))
     return results

@@ -33,10 +33,12 @@ def render(tier: Tier, messages: list[ChatMessage], add_generation_prompt: bool 
     return tier.tokenizer.encode(text, add_special_tokens=False)
 
 
-def _logprobs(tier: Tier, token_ids: list[int], lps: list[TokenLogprob]) -> dict:
+def _logprobs(tier: Tier, token_ids: list[int], lps: list[TokenLogprob], as_ids: bool = False) -> dict:
+    """`as_ids` (vLLM's return_tokens_as_token_ids) names tokens "token_id:N" instead of text."""
     def entry(token: int, logprob: float) -> dict:
         text = tier.tokenizer.token_text(token)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+        return {"token": f"token_id:{token}" if as_ids else text, "logprob": logprob,
+                "bytes": list(text.encode("utf-8"))}
 
     return {"content": [{**entry(t, lp.logprob), "top_logprobs": [entry(i, v) for i, v in lp.top]}
                         for t, lp in zip(token_ids, lps)]}
@@ -85,8 +87,9 @@ async def create(request: Request, req: ChatCompletionRequest, state: ServerStat
         return StreamingResponse(common.until_disconnect(request, body), media_type="text/event-stream",
                                  headers=lease.headers())
     out = (await common.collect(request, gen))[0]
+    as_ids = req.return_tokens_as_token_ids
     choices = [{"index": c.index, **_reply(tool_plan, c),
-                "logprobs": _logprobs(tier, c.token_ids, c.logprobs or []) if req.logprobs else None,
+                "logprobs": _logprobs(tier, c.token_ids, c.logprobs or [], as_ids) if req.logprobs else None,
                 "stop_reason": c.stop_reason} for c in out.outputs]
     completion_tokens = sum(len(c.token_ids) for c in out.outputs)
     body = {**base, "choices": choices, "usage": common.usage(len(ids), completion_tokens)}
@@ -137,7 +140,8 @@ async def _stream(tier: Tier, req: ChatCompletionRequest, p: ToolPlan,
                 continue
             lp = None
             if req.logprobs and c.delta_token_ids:
-                lp = _logprobs(tier, c.delta_token_ids, c.logprobs[len(c.logprobs) - len(c.delta_token_ids):])
+                lp = _logprobs(tier, c.delta_token_ids, c.logprobs[len(c.logprobs) - len(c.delta_token_ids):],
+                               req.return_tokens_as_token_ids)
             view = views[c.index]
             deltas = view.feed(c.delta_text, final=c.finish_reason is not None)
             finish = tool_parser.finish_reason(c.finish_reason, view.called)

@@ -39,16 +39,18 @@ def _prompt_items(req: CompletionRequest, sequences: int) -> list[str | list[int
     return items
 
 
-def _logprobs(tier: Tier, token_ids: list[int], lps: list[TokenLogprob | None], offset: int) -> dict:
-    """OpenAI's legacy logprobs object; a None entry (the first prompt token) stays null."""
+def _logprobs(tier: Tier, token_ids: list[int], lps: list[TokenLogprob | None], offset: int,
+              as_ids: bool = False) -> dict:
+    """OpenAI's legacy logprobs object; a None entry (the first prompt token) stays null.
+    `as_ids` (vLLM's return_tokens_as_token_ids) names tokens "token_id:N" instead of text."""
     text = tier.tokenizer.token_text
-    tokens = [text(t) for t in token_ids]
+    label = (lambda t: f"token_id:{t}") if as_ids else text
     offsets, pos = [], offset
-    for t in tokens:
+    for t in token_ids:
         offsets.append(pos)
-        pos += len(t)
-    return {"tokens": tokens, "token_logprobs": [lp.logprob if lp else None for lp in lps],
-            "top_logprobs": [{text(i): v for i, v in lp.top} if lp else None for lp in lps],
+        pos += len(text(t))
+    return {"tokens": [label(t) for t in token_ids], "token_logprobs": [lp.logprob if lp else None for lp in lps],
+            "top_logprobs": [{label(i): v for i, v in lp.top} if lp else None for lp in lps],
             "text_offset": offsets}
 
 
@@ -61,6 +63,7 @@ async def create(request: Request, req: CompletionRequest, state: ServerState):
     if req.suffix:
         raise bad_request("suffix is not supported", "suffix")
     scoring = req.echo and req.logprobs is not None
+    as_ids = req.return_tokens_as_token_ids
     if req.max_tokens is not None and req.max_tokens < (0 if scoring else 1):
         raise bad_request("max_tokens must be >= 1 (0 is allowed with echo and logprobs, to score the prompt)",
                           "max_tokens")
@@ -91,11 +94,11 @@ async def create(request: Request, req: CompletionRequest, state: ServerState):
     choices, completion_tokens = [], 0
     for pi in range(len(ids)):
         prefix = texts[pi] if req.echo else ""
-        head = _logprobs(tier, ids[pi], finals[pi].prompt_logprobs, 0) if scoring else None
+        head = _logprobs(tier, ids[pi], finals[pi].prompt_logprobs, 0, as_ids) if scoring else None
         for c in finals[pi].outputs:
             lp = None
             if req.logprobs is not None:
-                lp = _logprobs(tier, c.token_ids, c.logprobs or [], len(prefix))
+                lp = _logprobs(tier, c.token_ids, c.logprobs or [], len(prefix), as_ids)
                 if head is not None:
                     lp = _merge(head, lp)
             choices.append({"index": pi * req.n + c.index, "text": prefix + c.text, "logprobs": lp,
@@ -111,6 +114,7 @@ async def _stream(tier: Tier, req: CompletionRequest, gen: AsyncIterator[tuple[i
     offsets: dict[int, int] = {}
     completion_tokens = 0
     scoring = req.echo and req.logprobs is not None
+    as_ids = req.return_tokens_as_token_ids
     if req.echo and not scoring:
         for pi, text in enumerate(texts):
             for k in range(req.n):
@@ -121,7 +125,7 @@ async def _stream(tier: Tier, req: CompletionRequest, gen: AsyncIterator[tuple[i
     async for pi, out in gen:
         if scoring and pi not in echoed:  # the prompt's logprobs exist once its prefill is done
             echoed.add(pi)
-            head = _logprobs(tier, ids[pi], out.prompt_logprobs, 0)
+            head = _logprobs(tier, ids[pi], out.prompt_logprobs, 0, as_ids)
             for k in range(req.n):
                 offsets[pi * req.n + k] = len(texts[pi])
                 yield sse({**base, "choices": [{"index": pi * req.n + k, "text": texts[pi], "logprobs": head,
@@ -133,7 +137,7 @@ async def _stream(tier: Tier, req: CompletionRequest, gen: AsyncIterator[tuple[i
             lp = None
             if req.logprobs is not None and c.delta_token_ids:
                 new = c.logprobs[len(c.logprobs) - len(c.delta_token_ids):]
-                lp = _logprobs(tier, c.delta_token_ids, new, offsets.get(index, 0))
+                lp = _logprobs(tier, c.delta_token_ids, new, offsets.get(index, 0), as_ids)
             offsets[index] = offsets.get(index, 0) + len(c.delta_text)
             yield sse({**base, "choices": [{"index": index, "text": c.delta_text, "logprobs": lp,
                                             "finish_reason": c.finish_reason,

@@ -44,21 +44,49 @@ def sse_error(e: APIError) -> str:
     return f"data: {json.dumps(envelope(e.message, e.type, e.param, e.code))}\n\n"
 
 
+def _real_path(error: dict, body) -> list[str]:
+    """The error's location without pydantic's union-member tags ("str", "list[int]", a
+    model's name): only the keys and indices that exist in the request body (and a missing
+    field's name), so `param` names the field as the client wrote it."""
+    loc = [p for p in error.get("loc", ()) if p != "body"]
+    if not isinstance(body, (dict, list)):
+        return [str(p) for p in loc]
+    path, node = [], body
+    for i, part in enumerate(loc):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+        elif not (i == len(loc) - 1 and error.get("type") == "missing"):
+            continue  # a union member's tag
+        path.append(str(part))
+    return path
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     errors = exc.errors()
     if not errors:
         return "invalid request", None
     first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     if first.get("type") == "json_invalid":
         return "the request body is not valid JSON", None
+    body = getattr(exc, "body", None)
+    loc = _real_path(first, body)
     if first.get("type") == "lone_surrogate":  # the validator saw the whole field: point inside it
         loc += [str(p) for p in first.get("ctx", {}).get("path", ())]
         return str(first.get("msg")), ".".join(loc)
     param = ".".join(loc) or None
+    # A union field fails once per member: say every form it could have taken.
+    messages = []
+    for e in errors:
+        if (".".join(_real_path(e, body)) or None) == param:
+            text = str(e.get("msg", "invalid value")).removeprefix("Value error, ")  # pydantic's wrapper text
+            if messages:
+                text = text.removeprefix("Input should be ")
+            if text not in messages:
+                messages.append(text)
     where = f" ({param})" if param else ""
-    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")  # pydantic's wrapper text
-    return f"{message}{where}", param
+    return f"{' or '.join(messages)}{where}", param
 
 
 def install(app: FastAPI) -> None:

@@ -100,6 +100,7 @@ class _SamplingFields(_Base):
     guided_regex: str | None = None
     guided_choice: list[str] | None = Field(None, max_length=limits.MAX_CHOICES)
     guided_grammar: str | None = None  # Lark (llguidance's dialect)
+    return_tokens_as_token_ids: bool = False  # logprobs name tokens "token_id:N" (exact, any vocabulary)
     use_beam_search: bool = False  # beam width: best_of (completions) or n
     length_penalty: float = 1.0  # beams rank by cumulative logprob / length ** length_penalty
     # TierSet routing (model "auto"): preferred tier level and budgets (tenancy/routing.py)
