@@ -15,16 +15,44 @@ def tierlm(*args, stdin: str | None = None, cache_dir=None):
                           input=stdin, timeout=300, env=env)
 
 
-def test_generate_streams_text(cache_dir):
+@pytest.fixture(scope="module")
+def smollm(cache_dir):
+    """The offline engine the CLI runs (same model, defaults and cache dir)."""
+    from tierlm import LLM
+
+    llm = LLM("smollm2-135m", cache_dir=cache_dir)
+    yield llm
+    llm.close()
+
+
+def test_generate_prints_what_llm_generates(cache_dir, smollm):
+    from tierlm import SamplingParams
+
+    r = tierlm("generate", "--temperature", "0.8", "--seed", "7", "--top-k", "40", "--max-tokens", "16",
+               "The sky is", cache_dir=cache_dir)
+    assert r.returncode == 0, r.stderr
+    want = smollm.generate("The sky is", SamplingParams(temperature=0.8, seed=7, top_k=40, max_tokens=16))
+    assert r.stdout == want[0].outputs[0].text + "\n"
     r = tierlm("generate", "--chat", "--temperature", "0", "--max-tokens", "12", "What is 2+2?", cache_dir=cache_dir)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() and "Traceback" not in r.stderr
+    want = smollm.chat([{"role": "user", "content": "What is 2+2?"}], SamplingParams(temperature=0, max_tokens=12))
+    assert r.returncode == 0 and r.stdout == want[0].outputs[0].text + "\n", r.stderr
 
 
-def test_chat_reads_turns(cache_dir):
-    r = tierlm("chat", "--temperature", "0", "--max-tokens", "8", stdin="Hi there\nAnd again\n", cache_dir=cache_dir)
+def test_chat_turns_equal_llm_chat(cache_dir, smollm):
+    from tierlm import SamplingParams
+
+    r = tierlm("chat", "--system", "Be brief.", "--temperature", "0", "--max-tokens", "8",
+               stdin="Hi there\nAnd again\n", cache_dir=cache_dir)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.count("> ") >= 2
+    params = SamplingParams(temperature=0, max_tokens=8)
+    messages = [{"role": "system", "content": "Be brief."}]
+    expected = ""
+    for line in ("Hi there", "And again"):
+        messages.append({"role": "user", "content": line})
+        reply = smollm.chat(messages, params)[0].outputs[0].text
+        messages.append({"role": "assistant", "content": reply})
+        expected += f"> {reply}\n"
+    assert r.stdout == expected + "> "  # the prompt for a third turn, answered by end of input
 
 
 def test_models_lists_bundled():
@@ -71,7 +99,7 @@ def test_chat_with_gemma3_matches_offline_api(cache_dir):
     assert r.returncode == 0, r.stderr
     llm = LLM("gemma3-270m", cache_dir=cache_dir)
     expected = llm.chat([{"role": "user", "content": question}], SamplingParams(temperature=0, max_tokens=8))
-    assert expected[0].outputs[0].text.strip() and expected[0].outputs[0].text.strip() in r.stdout
+    assert expected[0].outputs[0].text.strip() and r.stdout == f"> {expected[0].outputs[0].text}\n> "
 
 
 def test_unsupported_architecture_fails_fast_listing_supported(tmp_path):

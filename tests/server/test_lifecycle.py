@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import subprocess
@@ -96,25 +97,25 @@ def test_queue_full_and_sigterm_drain(cache_dir):
     srv = ServerProcess(cache_dir, "--max-num-seqs", "1", "--max-queued-requests", "1", "--shutdown-timeout", "60")
     try:
         results = {}
+        watch = httpx.Client(base_url=srv.url, timeout=30)
 
         def run(name, body):
             results[name] = httpx.post(f"{srv.url}/v1/completions", json=body, timeout=120)
 
-        # Long enough that the first request still holds the only seat a second later.
+        # Long enough that the first request still holds the only seat while the others arrive.
         body = {"model": MODEL, "prompt": "Tell me about rivers.", "max_tokens": 200, "ignore_eos": True}
         first = threading.Thread(target=run, args=("first", body))
         first.start()
-        time.sleep(0.5)
+        wait_for(lambda: metric(watch, "vllm:num_requests_running") == 1)
         second = threading.Thread(target=run, args=("second", body))
         second.start()
-        time.sleep(0.5)
+        wait_for(lambda: metric(watch, "vllm:num_requests_waiting") == 1)
         full = httpx.post(f"{srv.url}/v1/completions", json=body, timeout=30)
         assert full.status_code == 503 and full.headers.get("retry-after")
         assert full.json()["error"]["code"] == "queue_full"
 
         srv.proc.send_signal(signal.SIGTERM)
-        time.sleep(0.5)
-        assert httpx.get(f"{srv.url}/ready").status_code == 503
+        wait_for(lambda: httpx.get(f"{srv.url}/ready").status_code == 503)
         refused = httpx.post(f"{srv.url}/v1/completions", json=body, timeout=30)
         assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutting_down"
         first.join()
@@ -124,6 +125,45 @@ def test_queue_full_and_sigterm_drain(cache_dir):
         assert srv.proc.wait(timeout=60) == 0
         log = srv.output()
         assert '"event": "request"' in log and "Tell me about rivers" not in log  # no prompt text logged
+    finally:
+        srv.stop()
+
+
+def test_requests_still_running_after_the_shutdown_timeout_end_with_503(cache_dir):
+    """SIGTERM with --shutdown-timeout 1 while two 1,500-token requests run: after the
+    timeout the plain one gets a 503 `shutting_down` envelope and the stream an error
+    event then [DONE] (not a cut connection), and the process exits 0 without a traceback."""
+    srv = ServerProcess(cache_dir, "--shutdown-timeout", "1")
+    try:
+        watch = httpx.Client(base_url=srv.url, timeout=30)
+        results = {}
+
+        def plain():
+            results["plain"] = httpx.post(f"{srv.url}/v1/completions", json=LONG, timeout=120)
+
+        def stream():
+            with httpx.stream("POST", f"{srv.url}/v1/completions", json={**LONG, "stream": True},
+                              timeout=120) as r:
+                results["stream"] = [line for line in r.iter_lines() if line]
+
+        threads = [threading.Thread(target=plain), threading.Thread(target=stream)]
+        for t in threads:
+            t.start()
+        wait_for(lambda: metric(watch, "vllm:num_requests_running") == 2)
+        srv.proc.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join()
+        assert srv.proc.wait(timeout=60) == 0
+        r = results["plain"]
+        assert r.status_code == 503 and r.headers["retry-after"]
+        assert r.json()["error"]["code"] == "shutting_down" and "drain timeout" in r.json()["error"]["message"]
+        events = results["stream"]
+        assert events[-1] == "data: [DONE]"
+        error = json.loads(events[-2].removeprefix("data: "))["error"]
+        assert error["code"] == "shutting_down"
+        assert all("error" not in json.loads(e.removeprefix("data: ")) for e in events[:-2])  # tokens before it
+        log = srv.output()
+        assert "ending 2 requests in flight" in log and "Traceback" not in log
     finally:
         srv.stop()
 

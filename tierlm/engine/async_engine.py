@@ -52,6 +52,10 @@ class RequestFailedError(RuntimeError):
     """This request failed inside a step; the engine serves everyone else."""
 
 
+class ShuttingDownError(RuntimeError):
+    """The server stopped waiting for this request: its drain timeout passed."""
+
+
 @dataclass
 class RequestTiming:
     arrival: float
@@ -107,6 +111,11 @@ class _Abort:
 
 
 @dataclass
+class _CancelAll:
+    message: str
+
+
+@dataclass
 class FinishedRequest:
     """Handed to `on_finish` once per request (for metrics and request logs)."""
 
@@ -159,6 +168,11 @@ class AsyncEngine:
         if self._load_error is not None:
             raise self._load_error
         return self.engine
+
+    def cancel_all(self, message: str) -> None:
+        """End every request in flight with `ShuttingDownError(message)` (thread-safe)."""
+        self._commands.put((_CancelAll(message), None))
+        self._wake.set()
 
     def shutdown(self) -> None:
         self._stop.set()
@@ -275,9 +289,13 @@ class AsyncEngine:
                                             cmd.cache_salt, cmd.session_id, cmd.tenant)
                 except Exception as e:  # noqa: BLE001 - validated already; report, never crash the loop
                     self._count(-1)
-                    stream.loop.call_soon_threadsafe(stream.queue.put_nowait, e)
+                    _put(stream, e)
                     continue
                 self._streams[cmd.request_id] = stream
+            elif isinstance(cmd, _CancelAll):
+                for request_id, stream in list(self._streams.items()):
+                    self.engine.abort_request(request_id)
+                    self._finish_aborted(request_id, ShuttingDownError(cmd.message))
             elif cmd.request_id in self._streams:
                 self.engine.abort_request(cmd.request_id)
                 stream = self._streams.pop(cmd.request_id)
@@ -297,7 +315,7 @@ class AsyncEngine:
             stream.timing.finished = now
             self.on_finish(FinishedRequest(out.request_id, stream.prompt_len, None, stream.timing, aborted=True,
                                            tenant=stream.tenant))
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, RequestFailedError(out.error))
+            _put(stream, RequestFailedError(out.error))
             return
         new = sum(len(c.delta_token_ids) for c in out.outputs)
         if new and stream.timing.first_token is None:
@@ -309,11 +327,19 @@ class AsyncEngine:
             stream.timing.finished = now
             self.on_finish(FinishedRequest(out.request_id, stream.prompt_len, out, stream.timing,
                                            tenant=stream.tenant))
-        stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
+        _put(stream, out)
+
+    def _finish_aborted(self, request_id: str, error: BaseException) -> None:
+        stream = self._streams.pop(request_id)
+        self._count(-1)
+        stream.timing.finished = time.perf_counter()
+        self.on_finish(FinishedRequest(request_id, stream.prompt_len, None, stream.timing, aborted=True,
+                                       tenant=stream.tenant))
+        _put(stream, error)
 
     def _fail_all(self, err: BaseException) -> None:
         for stream in self._streams.values():
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, err)
+            _put(stream, err)
         self._count(-len(self._streams))
         self._streams.clear()
 
@@ -335,3 +361,11 @@ class AsyncEngine:
                                  prefill_s_per_token=self.load.prefill_s_per_token,
                                  spec_draft_tokens=sched.draft_tokens, spec_accepted_tokens=sched.accepted_tokens)
         self.on_step(self.stats)
+
+
+def _put(stream: _Stream, item) -> None:
+    """Hand an output or error to the request's event loop (from the engine thread)."""
+    try:
+        stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+    except RuntimeError:  # the loop is closed (the server stopped): nobody is waiting any more
+        pass

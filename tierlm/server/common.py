@@ -23,6 +23,7 @@ from tierlm.engine.async_engine import (
     EngineRestartingError,
     QueueFullError,
     RequestFailedError,
+    ShuttingDownError,
 )
 from tierlm.engine.llm_engine import InvalidRequest
 from tierlm.loader.tokenizer import TextTokenizer
@@ -201,6 +202,9 @@ def _engine_error(e: Exception) -> APIError:
         return APIError(503, str(e), type="server_error", code="engine_restarting", headers={"Retry-After": "5"})
     if isinstance(e, EngineDeadError):
         return APIError(500, str(e), type="internal_error", code="engine_dead")
+    if isinstance(e, ShuttingDownError):
+        return APIError(503, f"the server is shutting down: {e}", type="server_error", code="shutting_down",
+                        headers={"Retry-After": "5"})
     if isinstance(e, RequestFailedError):
         return APIError(500, f"this request failed: {e}", type="internal_error", code="request_failed")
     if isinstance(e, InvalidRequest):
@@ -208,7 +212,8 @@ def _engine_error(e: Exception) -> APIError:
     raise e
 
 
-_ENGINE_ERRORS = (QueueFullError, EngineDeadError, EngineRestartingError, RequestFailedError, InvalidRequest)
+_ENGINE_ERRORS = (QueueFullError, EngineDeadError, EngineRestartingError, RequestFailedError, ShuttingDownError,
+                  InvalidRequest)
 
 
 async def merged(tier: Tier, request_id: str, prompts: list[list[int]], params: SamplingParams,

@@ -189,9 +189,19 @@ class _Server(uvicorn.Server):
         print(f"tierlm: serving {names} on http://{host}:{port} (ready)", file=sys.stderr, flush=True)
 
     async def _drain(self) -> None:
+        """In-flight requests finish until the drain timeout; those still running then end
+        with a 503 `shutting_down` (an error event on a stream), never a cut connection."""
         deadline = time.monotonic() + self.drain_timeout
         while self.state.num_inflight > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+        if self.state.num_inflight > 0:
+            log.warning("drain timeout (%.0f s): ending %d requests in flight", self.drain_timeout,
+                        self.state.num_inflight)
+            for tier in self.state.tiers.values():
+                tier.engine.cancel_all(f"it did not finish within the drain timeout ({self.drain_timeout:g} s)")
+            ended = time.monotonic() + 5
+            while self.state.num_inflight > 0 and time.monotonic() < ended:
+                await asyncio.sleep(0.05)
         self.should_exit = True
 
 
