@@ -225,33 +225,85 @@ def test_tenant_tokens_are_counted(tierset):
     assert after[key] - before.get(key, 0) == 5
 
 
+def wait_for(condition, timeout: float = 120.0) -> None:
+    """Poll until the server shows what the test waits for (the timeout guards a hang)."""
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, "condition not reached"
+        time.sleep(0.05)
+
+
+def tier_gauge(srv, name: str, tier: str) -> float:
+    return samples(srv, name).get((("model_name", tier),), 0.0)
+
+
 def test_fair_scheduling_lets_a_light_tenant_past_a_flood(tierset):
-    """alpha floods deep (8 seats) with 12 streams; zeta's one request arrives after them.
-    Under FCFS it would wait for the 4 queued flood requests; the fair scheduler gives
-    zeta a seat at once, so it starts before every queued flood request does."""
+    """alpha floods deep (8 seats) with 12 streams: 8 run, 4 queue. zeta's one request
+    arrives after them. Under FCFS it would start after the 4 queued flood requests; the
+    fair scheduler seats zeta first, so at most 8 flood streams have their first token
+    before zeta does (order of first tokens, as the client sees them)."""
     import asyncio
 
-    async def first_token(c: openai.AsyncOpenAI, t0: float) -> float:
+    order: list[str] = []
+
+    async def first_token(c: openai.AsyncOpenAI, name: str) -> None:
         stream = await c.completions.create(model="deep", prompt="Tell me a story.", max_tokens=24, temperature=0,
                                             stream=True, extra_body={"ignore_eos": True})
-        first = None
         async for chunk in stream:
-            if first is None and chunk.choices and chunk.choices[0].text:
-                first = time.perf_counter() - t0
-        return first
+            if name not in order and chunk.choices and chunk.choices[0].text:
+                order.append(name)
 
     async def run():
         alpha = openai.AsyncOpenAI(base_url=f"{tierset.url}/v1", api_key="key-alpha", max_retries=0, timeout=300)
         zeta = openai.AsyncOpenAI(base_url=f"{tierset.url}/v1", api_key="key-zeta", max_retries=0, timeout=300)
-        t0 = time.perf_counter()
-        flood = [asyncio.create_task(first_token(alpha, t0)) for _ in range(12)]
-        await asyncio.sleep(1.0)  # the flood is in: 8 running, 4 queued
-        light = await first_token(zeta, t0)
-        return light, sorted(await asyncio.gather(*flood))
+        flood = [asyncio.create_task(first_token(alpha, f"flood-{i}")) for i in range(12)]
+        while tier_gauge(tierset, "vllm:num_requests_waiting", "deep") < 4:  # the flood is in
+            await asyncio.sleep(0.05)
+        await first_token(zeta, "light")
+        await asyncio.gather(*flood)
 
-    light, flood = asyncio.run(run())
-    # FCFS: zeta starts with the queued flood requests when the first wave ends (~equal times).
-    assert light < flood[8] / 2, (light, flood)
+    asyncio.run(run())
+    assert len(order) == 13 and order.index("light") <= 8, order
+
+
+def test_weighted_tenants_share_a_busy_tier_by_weight(tierset):
+    """alpha (weight 2) and zeta (weight 1) each keep 8 streams busy on deep's 8 seats.
+    The tokens each is served, counted as they stream, split near 2:1 (the start, when
+    both get seats at once, pulls it down a little): far from the 1:1 that serving in
+    arrival order gives two equal closed loops."""
+    import asyncio
+
+    served = {"alpha": 0, "zeta": 0}
+    target = 600
+
+    async def loop(c: openai.AsyncOpenAI, tenant: str) -> None:
+        while sum(served.values()) < target:
+            stream = await c.completions.create(model="deep", prompt=f"A story for {tenant}:", max_tokens=16,
+                                                temperature=0, stream=True, extra_body={"ignore_eos": True})
+            async for chunk in stream:
+                if chunk.choices and chunk.choices[0].text and sum(served.values()) < target:
+                    served[tenant] += 1
+
+    async def run():
+        clients = {t: openai.AsyncOpenAI(base_url=f"{tierset.url}/v1", api_key=f"key-{t}", max_retries=0,
+                                         timeout=300) for t in served}
+        await asyncio.gather(*[loop(clients[t], t) for t in served for _ in range(8)])
+
+    asyncio.run(run())
+    ratio = served["alpha"] / served["zeta"]
+    assert 1.4 <= ratio <= 2.7, served
+
+
+@pytest.mark.parametrize("mode,tier,reason", [("fixed", "fast", "fixed"), ("max", "deep", "preferred"),
+                                              ("deep", "deep", "preferred"), ("balanced", "deep", "preferred"),
+                                              (None, "deep", "preferred")])
+def test_every_tier_mode_on_an_idle_server(tierset, mode, tier, reason):
+    """fixed: the default tier; max: the best quality; deep / balanced: the tier of that
+    name, else the best quality (this file has no tier named balanced); no mode: balanced."""
+    before = samples(tierset, "tierlm:tier_selected_total").get((("reason", reason), ("tier", tier)), 0)
+    raw = ask(client(tierset, "key-zeta"), "auto", max_tokens=2, **({"tier_mode": mode} if mode else {}))
+    assert raw.parse().model == tier and raw.headers["x-tierlm-tier"] == tier
+    assert samples(tierset, "tierlm:tier_selected_total")[(("reason", reason), ("tier", tier))] == before + 1
 
 
 def test_speculative_tier_reports_drafts_and_acceptance(tierset):
@@ -267,3 +319,71 @@ def test_speculative_tier_reports_drafts_and_acceptance(tierset):
     key = (("model_name", "deep"),)
     assert draft[key] > before.get(key, 0) and 0 < accepted[key] <= draft[key]
     assert draft[(("model_name", "fast"),)] == 0  # speculation is per tier
+
+
+def test_latency_budget_moves_to_a_faster_tier_under_load_then_429(tierset):
+    """Budgets from live load: an idle server serves `auto` with max_latency_ms from deep.
+    With deep flooded (its queue holds thousands of prompt tokens) the same request goes to
+    fast (tier_selected reason "latency"); with fast flooded too it is a 429 + Retry-After
+    naming max_latency_ms, not a 400, because an idle server would meet it. Runs last: it
+    leaves both tiers busy until its floods are cancelled."""
+    import re
+
+    alpha = client(tierset, "key-alpha")
+
+    def idle_latency_ms(tier: str) -> float:
+        with pytest.raises(openai.BadRequestError) as e:  # 1 ms is impossible even idle
+            ask(alpha, tier, max_latency_ms=1)
+        return float(re.search(r"latency (\d+) ms", e.value.message).group(1))
+
+    budget = 3 * max(idle_latency_ms("fast"), idle_latency_ms("deep")) + 300
+    assert ask(alpha, "auto", max_latency_ms=budget).headers["x-tierlm-tier"] == "deep"
+
+    import asyncio
+
+    text = "The quick brown fox jumps over the lazy dog. " * 60  # ~600 tokens
+    loop = asyncio.new_event_loop()
+    runner = threading.Thread(target=loop.run_forever, daemon=True)
+    runner.start()
+    streams = openai.AsyncOpenAI(base_url=f"{tierset.url}/v1", api_key="key-alpha", max_retries=0, timeout=300)
+
+    async def flood(tier: str, i: int) -> None:
+        stream = await streams.completions.create(model=tier, prompt=f"{i} {text}", max_tokens=400, stream=True,
+                                                  extra_body={"ignore_eos": True})
+        async for _ in stream:
+            pass
+
+    def status(tier: str) -> int:
+        try:
+            return ask(alpha, tier, max_tokens=1, max_latency_ms=budget).status_code
+        except openai.APIStatusError as e:
+            return e.status_code
+
+    tasks = []
+    try:
+        for tier, count in (("deep", 16), ("fast", 40)):  # twice deep's 8 seats; fast's 32 + 8 queued
+            tasks += [asyncio.run_coroutine_threadsafe(flood(tier, i), loop) for i in range(count)]
+            wait_for(lambda: status(tier) == 429)
+            if tier == "deep":
+                key = (("reason", "latency"), ("tier", "fast"))
+                before = samples(tierset, "tierlm:tier_selected_total").get(key, 0)
+                raw = ask(alpha, "auto", max_latency_ms=budget)
+                assert raw.headers["x-tierlm-tier"] == "fast"
+                assert samples(tierset, "tierlm:tier_selected_total")[key] == before + 1
+        with pytest.raises(openai.RateLimitError) as e:
+            ask(alpha, "auto", max_latency_ms=budget)
+        assert e.value.code == "budget_unmet" and e.value.param == "max_latency_ms"
+        assert int(e.value.response.headers["retry-after"]) >= 1 and "fastest is" in e.value.message
+    finally:
+        async def cancel_floods() -> None:  # closing a stream aborts its request on the server
+            others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in others:
+                t.cancel()
+            await asyncio.gather(*others, return_exceptions=True)
+            await streams.close()
+
+        asyncio.run_coroutine_threadsafe(cancel_floods(), loop).result(60)
+        loop.call_soon_threadsafe(loop.stop)
+        runner.join()
+    wait_for(lambda: all(tier_gauge(tierset, name, t) == 0 for t in ("fast", "deep")
+                         for name in ("vllm:num_requests_running", "vllm:num_requests_waiting")))
