@@ -23,6 +23,24 @@ def gemma3_path(cache_dir):
     return resolve("gemma3-270m", cache_dir)
 
 
+@pytest.fixture(scope="session")
+def hf_gguf(cache_dir):
+    """Factory: bundled model name -> transformers loading the same GGUF (dequantised to
+    fp32), the independent reference; each loaded once per session."""
+    loaded = {}
+
+    def get(name: str):
+        if name not in loaded:
+            import transformers
+
+            path = resolve(name, cache_dir)
+            loaded[name] = transformers.AutoModelForCausalLM.from_pretrained(
+                str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+        return loaded[name]
+
+    return get
+
+
 # Shorter than the tests' sequences, and not a multiple of the block size.
 SLIDING_WINDOW = 24
 ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral", "gemma3", "mixtral", "qwen2_moe", "qwen3_moe")

@@ -7,19 +7,14 @@ import pytest
 import torch
 
 from tierlm import LLM, SamplingParams
-from tierlm.loader.bundled import resolve
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a land far away,",
            "The three laws of thermodynamics are", "Translate to French: I love reading books."]
 
 
 @pytest.mark.parametrize("model", ["smollm2-135m", "gemma3-270m"])
-def test_greedy_matches_transformers(model, cache_dir):
-    import transformers
-
-    path = resolve(model, cache_dir)
-    hf_model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+def test_greedy_matches_transformers(model, cache_dir, hf_gguf):
+    hf_model = hf_gguf(model)
     llm = LLM(model, dtype="float32", cache_dir=cache_dir)
     prompts = [llm.tokenizer.encode(p) for p in PROMPTS]
     ours = llm.generate([{"prompt_token_ids": ids} for ids in prompts],

@@ -85,9 +85,22 @@ def test_dense_dtype_choice_probed_once_and_remembered(tmp_path, monkeypatch):
     assert kernel_probe.dense_dtype("auto", torch.bfloat16, tmp_path / "other") == torch.bfloat16
 
 
-def test_real_probe_times_both_dtypes():
-    assert kernel_probe._gemm_seconds(torch.float32, torch.bfloat16) > 0
-    assert kernel_probe.dense_dtype("auto", torch.bfloat16, None) in (torch.float32, torch.bfloat16)
+def test_real_probe_picks_the_dtype_its_timings_favour(tmp_path, monkeypatch):
+    """The real GEMM probe runs (recorded, not replaced) and the choice follows its two
+    timings: whichever dtype measured faster is the one returned and remembered."""
+    timed: dict[torch.dtype, float] = {}
+    real = kernel_probe._gemm_seconds
+
+    def recorded(dtype, act):
+        timed[dtype] = real(dtype, act)
+        return timed[dtype]
+
+    monkeypatch.setattr(kernel_probe, "_gemm_seconds", recorded)
+    chosen = kernel_probe.dense_dtype("auto", torch.bfloat16, tmp_path)
+    assert set(timed) == {torch.float32, torch.bfloat16} and all(0 < t < 60 for t in timed.values())
+    assert chosen == min(timed, key=lambda d: (timed[d], d != torch.bfloat16))
+    saved = json.loads((tmp_path / "kernel_probes.json").read_text())
+    assert saved[f"dense|bfloat16|{kernel_probe.fingerprint()}"] == str(chosen).removeprefix("torch.")
 
 
 @pytest.mark.parametrize("kwargs,message", [
