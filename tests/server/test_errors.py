@@ -82,3 +82,12 @@ def test_oversized_body(http):
 def test_still_serving_after_bad_requests(http):
     r = http.post("/v1/completions", json={**OK, "max_tokens": 3})
     assert r.status_code == 200 and r.json()["choices"][0]["text"] is not None
+
+
+def test_a_union_field_names_itself_and_every_form_it_takes(http):
+    """`prompt` is a string, strings, token ids or lists of them: a number fails every
+    form, and the error names the field (not pydantic's member tags) and the forms."""
+    r = http.post("/v1/completions", json={**OK, "prompt": 12})
+    assert_envelope(r, 400, "prompt")
+    assert r.json()["error"]["message"] == "Input should be a valid string or a valid list (prompt)"
+    assert_envelope(http.post("/v1/completions", json={**OK, "prompt": [1, "x"]}), 400, "prompt")

@@ -363,7 +363,7 @@ def test_latency_budget_moves_to_a_faster_tier_under_load_then_429(tierset):
     try:
         for tier, count in (("deep", 16), ("fast", 40)):  # twice deep's 8 seats; fast's 32 + 8 queued
             tasks += [asyncio.run_coroutine_threadsafe(flood(tier, i), loop) for i in range(count)]
-            wait_for(lambda: status(tier) == 429)
+            wait_for(lambda t=tier: status(t) == 429)
             if tier == "deep":
                 key = (("reason", "latency"), ("tier", "fast"))
                 before = samples(tierset, "tierlm:tier_selected_total").get(key, 0)

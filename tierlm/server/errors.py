@@ -53,9 +53,9 @@ def _real_path(error: dict, body) -> list[str]:
         return [str(p) for p in loc]
     path, node = [], body
     for i, part in enumerate(loc):
-        if isinstance(node, dict) and part in node:
-            node = node[part]
-        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+        exists = part in node if isinstance(node, dict) else (
+            isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node))
+        if exists:
             node = node[part]
         elif not (i == len(loc) - 1 and error.get("type") == "missing"):
             continue  # a union member's tag
