@@ -80,6 +80,16 @@ def http(server):
         yield c
 
 
+def wait_for(condition, timeout: float = 60.0) -> None:
+    """Poll until `condition()` holds: the engine thread publishes its counters a moment
+    after the response, and the server's state moves on its own. The timeout only guards
+    against a hang."""
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, "condition not reached"
+        time.sleep(0.05)
+
+
 def metric(http_client, name: str) -> float:
     from prometheus_client.parser import text_string_to_metric_families
 

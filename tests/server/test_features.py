@@ -15,7 +15,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.server.conftest import API_KEY, MODEL, ServerProcess
+from tests.server.conftest import API_KEY, MODEL, ServerProcess, wait_for
 from tierlm import LLM, SamplingParams
 
 # One KV block of SmolLM2-135M: K+V x 30 layers x 16 positions x 3 kv heads x 64 dims, bf16.
@@ -37,15 +37,6 @@ def series(url: str, name: str, headers: dict | None = None) -> dict[tuple, floa
 
 def value(url: str, name: str, **labels) -> float:
     return series(url, name).get(tuple(sorted(labels.items())), 0.0)
-
-
-def wait_for(condition, timeout: float = 60.0) -> None:
-    """Poll until the engine thread has published what the test waits for (the timeout
-    only guards against a hang)."""
-    deadline = time.time() + timeout
-    while not condition():
-        assert time.time() < deadline, "condition not reached"
-        time.sleep(0.05)
 
 
 def complete(url: str, headers: dict | None = None, **body) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import signal
 import socket
@@ -14,19 +15,14 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.server import conftest
 from tests.server.conftest import API_KEY, MODEL, ServerProcess, metric
 
 LONG = {"model": MODEL, "prompt": "Write a very long story about the sea.", "max_tokens": 1500,
         "ignore_eos": True, "temperature": 0.8}
 
 
-def wait_for(condition, timeout=30.0) -> None:
-    """Poll until `condition()` holds: the engine thread publishes its counters after its
-    step, a moment after the response. The timeout only guards against a hang."""
-    deadline = time.time() + timeout
-    while not condition():
-        assert time.time() < deadline, "condition not reached"
-        time.sleep(0.05)
+wait_for = functools.partial(conftest.wait_for, timeout=30.0)
 
 
 def wait_idle(http, timeout=15.0):

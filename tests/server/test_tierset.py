@@ -5,6 +5,7 @@ Prometheus' parser."""
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 
@@ -13,6 +14,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.server import conftest
 from tests.server.conftest import ServerProcess
 
 # Two differently configured engines of the bundled model: same tokenizer, so token
@@ -225,12 +227,7 @@ def test_tenant_tokens_are_counted(tierset):
     assert after[key] - before.get(key, 0) == 5
 
 
-def wait_for(condition, timeout: float = 120.0) -> None:
-    """Poll until the server shows what the test waits for (the timeout guards a hang)."""
-    deadline = time.time() + timeout
-    while not condition():
-        assert time.time() < deadline, "condition not reached"
-        time.sleep(0.05)
+wait_for = functools.partial(conftest.wait_for, timeout=120.0)
 
 
 def tier_gauge(srv, name: str, tier: str) -> float:

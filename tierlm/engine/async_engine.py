@@ -293,16 +293,12 @@ class AsyncEngine:
                     continue
                 self._streams[cmd.request_id] = stream
             elif isinstance(cmd, _CancelAll):
-                for request_id, stream in list(self._streams.items()):
+                for request_id in list(self._streams):
                     self.engine.abort_request(request_id)
-                    self._finish_aborted(request_id, ShuttingDownError(cmd.message))
-            elif cmd.request_id in self._streams:
+                    self._finish_aborted(request_id, time.perf_counter(), ShuttingDownError(cmd.message))
+            elif cmd.request_id in self._streams:  # the caller went away: nobody to tell
                 self.engine.abort_request(cmd.request_id)
-                stream = self._streams.pop(cmd.request_id)
-                self._count(-1)
-                stream.timing.finished = time.perf_counter()
-                self.on_finish(FinishedRequest(cmd.request_id, stream.prompt_len, None, stream.timing, aborted=True,
-                                               tenant=stream.tenant))
+                self._finish_aborted(cmd.request_id, time.perf_counter())
         self._snapshot()
 
     def _deliver(self, out: RequestOutput, now: float) -> None:
@@ -310,12 +306,7 @@ class AsyncEngine:
         if stream is None:
             return
         if out.error is not None:  # this request alone failed inside the step
-            del self._streams[out.request_id]
-            self._count(-1)
-            stream.timing.finished = now
-            self.on_finish(FinishedRequest(out.request_id, stream.prompt_len, None, stream.timing, aborted=True,
-                                           tenant=stream.tenant))
-            _put(stream, RequestFailedError(out.error))
+            self._finish_aborted(out.request_id, now, RequestFailedError(out.error))
             return
         new = sum(len(c.delta_token_ids) for c in out.outputs)
         if new and stream.timing.first_token is None:
@@ -329,13 +320,16 @@ class AsyncEngine:
                                            tenant=stream.tenant))
         _put(stream, out)
 
-    def _finish_aborted(self, request_id: str, error: BaseException) -> None:
+    def _finish_aborted(self, request_id: str, now: float, error: BaseException | None = None) -> None:
+        """Forget a request that ends without an output (counted as aborted) and hand its
+        caller `error`, if there is a caller left to tell."""
         stream = self._streams.pop(request_id)
         self._count(-1)
-        stream.timing.finished = time.perf_counter()
+        stream.timing.finished = now
         self.on_finish(FinishedRequest(request_id, stream.prompt_len, None, stream.timing, aborted=True,
                                        tenant=stream.tenant))
-        _put(stream, error)
+        if error is not None:
+            _put(stream, error)
 
     def _fail_all(self, err: BaseException) -> None:
         for stream in self._streams.values():
