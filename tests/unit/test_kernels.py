@@ -1,0 +1,123 @@
+"""The compiled quantized-matmul kernels: every ISA path this CPU runs equals the PyTorch
+reference bit for bit (on the bundled SmolLM2's own Q4_1 and Q8_0 tensors and on random
+blocks with odd block counts), a row's result is the same whatever else is in the batch
+and whatever the thread count, the weight blocks read as gguf reads them, and the error
+against float weights is what int8 activations cost."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from tierlm import kernels
+from tierlm.kernels import reference as ref
+from tierlm.loader.gguf import GGUFFile
+
+PATHS = kernels.supported()
+
+
+@pytest.fixture(scope="module")
+def smollm_tensors(smollm2_path):
+    """(raw blocks, ggml type, N, K) of a Q4_1 projection and a slice of the Q8_0 embedding."""
+    g = GGUFFile(smollm2_path)
+    out = {}
+    for name, rows in (("blk.0.ffn_gate.weight", None), ("blk.3.attn_k.weight", None), ("token_embd.weight", 640)):
+        t = g.tensors[name]
+        n, k = t.shape
+        n = rows or n
+        per_row = k // 32 * ref.BLOCK_BYTES[t.ggml_type]
+        raw = torch.from_numpy(np.asarray(t.raw[: n * per_row]).copy())
+        out[name] = (kernels.pack(raw, t.ggml_type, n, k), t)
+    return out
+
+
+def random_blocks(ggml_type: int, n: int, k: int, seed: int = 0) -> ref.Packed:
+    gen = torch.Generator().manual_seed(seed)
+    nb = k // 32
+    raw = torch.randint(0, 256, (n, nb, ref.BLOCK_BYTES[ggml_type]), dtype=torch.uint8, generator=gen)
+    scales = (torch.rand(n, nb, generator=gen) * 0.02 + 1e-3).half()
+    raw[..., 0:2] = scales.view(torch.uint8).reshape(n, nb, 2)
+    if ggml_type == ref.Q4_1:
+        mins = (-torch.rand(n, nb, generator=gen) * 0.1).half()
+        raw[..., 2:4] = mins.view(torch.uint8).reshape(n, nb, 2)
+    return kernels.pack(raw.reshape(-1), ggml_type, n, k)
+
+
+def activations(m: int, k: int, seed: int = 1) -> torch.Tensor:
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed))
+    x[0, :32] = 0.0  # an all-zero block: scale 0, codes 0
+    x[-1, 5] = 40.0  # an outlier dominating its block's scale
+    return x
+
+
+def test_activation_quantization_equals_reference():
+    x = activations(9, 288)  # 9 blocks, padded to 16
+    got, want = kernels.quantize_rows(x, 16), ref.quantize_rows(x, 16)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    q, d, s = want
+    assert d[0, 0] == 0 and (q[0, :32] == 0).all() and q.abs().max() == 127
+    assert (q[:, 288:] == 0).all() and (d[:, 9:] == 0).all() and (s[:, 9:] == 0).all()
+    assert torch.equal(s, d * q.reshape(9, 16, 32).float().sum(-1))
+
+
+@pytest.mark.parametrize("name", ["blk.0.ffn_gate.weight", "blk.3.attn_k.weight", "token_embd.weight"])
+def test_every_path_equals_the_reference_on_the_bundled_tensors(smollm_tensors, name):
+    w, tensor = smollm_tensors[name]
+    x = activations(5, w.in_features)
+    want = ref.gemm(*ref.quantize_rows(x, w.padded_blocks), w)
+    for path in PATHS:
+        assert torch.equal(kernels.gemm(x, w, path=path), want), path
+    # The blocks read as gguf reads them, and the result is the float product up to what
+    # quantizing the activations to int8 costs.
+    dense = tensor.dequantize()[: w.out_features]
+    assert torch.equal(ref.dequantize(w), dense)
+    exact = x.double() @ dense.double().t()
+    assert ((want.double() - exact).norm() / exact.norm()) < 0.01
+
+
+@pytest.mark.parametrize("ggml_type", [ref.Q4_1, ref.Q8_0])
+@pytest.mark.parametrize("k", [32, 64, 288, 576])  # 1, 2, 9 (a partial group of 8) and 18 blocks
+def test_random_blocks_and_odd_shapes(ggml_type, k):
+    n = 37
+    w = random_blocks(ggml_type, n, k)
+    x = activations(6, k)
+    want = ref.gemm(*ref.quantize_rows(x, w.padded_blocks), w)
+    for path in PATHS:
+        assert torch.equal(kernels.gemm(x, w, path=path), want), path
+
+
+@pytest.mark.parametrize("ggml_type", [ref.Q4_1, ref.Q8_0])
+def test_a_row_has_the_same_bits_in_any_batch_and_thread_count(ggml_type):
+    n, k = 96, 576
+    w = random_blocks(ggml_type, n, k, seed=3)
+    x = activations(512, k, seed=4)
+    threads = torch.get_num_threads()
+    try:
+        for path in PATHS:
+            alone = torch.cat([kernels.gemm(x[i : i + 1], w, path=path) for i in range(0, 512, 37)])
+            for m in (1, 2, 3, 5, 8, 17, 64, 512):
+                batch = kernels.gemm(x[:m], w, path=path)
+                assert torch.equal(batch[::37], alone[: len(batch[::37])]), (path, m)
+            torch.set_num_threads(1)
+            one_thread = kernels.gemm(x, w, path=path)
+            torch.set_num_threads(max(2, threads))
+            assert torch.equal(kernels.gemm(x, w, path=path), one_thread), path
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_isa_can_be_forced_lower_and_a_bad_choice_is_one_clear_error():
+    code = "from tierlm import kernels; print(kernels.isa())"
+    for path in PATHS:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                             env=dict(os.environ, TIERLM_ISA=path))
+        assert out.returncode == 0 and out.stdout.strip() == path, out.stderr
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, TIERLM_ISA="amx"))
+    assert out.returncode != 0 and f"TIERLM_ISA='amx': this CPU runs {', '.join(PATHS)}" in out.stderr

@@ -1,0 +1,83 @@
+"""tierlm's CPU kernels: integer-exact quantized matmul over GGUF blocks.
+
+The compiled extension (`tierlm._kernels`, built from csrc/ by `make install`) runs the
+best ISA path this CPU has: scalar, AVX2 (+FMA, F16C) or AVX-512 VNNI. Every path, and
+the PyTorch reference in reference.py, computes the same bits (see its docstring), so a
+row's result does not depend on the batch, the tiling, the thread count or the path.
+`TIERLM_ISA=scalar|avx2|avx512_vnni` forces a lower path; without the extension the
+reference runs, after one warning.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from tierlm.kernels import reference
+
+log = logging.getLogger("tierlm.kernels")
+
+ISAS = ("scalar", "avx2", "avx512_vnni")
+
+try:
+    from tierlm import _kernels as _ext
+except ImportError as e:  # not built: the reference computes the same numbers, slowly
+    _ext = None
+    _why = str(e)
+
+
+class KernelError(RuntimeError):
+    pass
+
+
+def supported() -> list[str]:
+    """The ISA paths this CPU can run, lowest first (just "reference" without the extension)."""
+    return [ISAS[i] for i in _ext.supported_isas()] if _ext is not None else ["reference"]
+
+
+def _choose() -> str:
+    if _ext is None:
+        log.warning("tierlm: compiled kernels unavailable (%s); running the PyTorch reference kernels", _why)
+        return "reference"
+    have = supported()
+    forced = os.environ.get("TIERLM_ISA")
+    if forced:
+        if forced not in have:
+            raise KernelError(f"TIERLM_ISA={forced!r}: this CPU runs {', '.join(have)}")
+        return forced
+    return have[-1]
+
+
+_ISA: str | None = None
+
+
+def isa() -> str:
+    """The path in use (chosen once per process)."""
+    global _ISA
+    if _ISA is None:
+        _ISA = _choose()
+    return _ISA
+
+
+def pack(raw: torch.Tensor, ggml_type: int, n: int, k: int) -> reference.Packed:
+    """GGUF blocks -> the kernels' layout (done once, at load)."""
+    return reference.pack(raw, ggml_type, n, k)
+
+
+def quantize_rows(x: torch.Tensor, padded_blocks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Activations [M, K] -> (int8 codes, block scales, block sums), padded to `padded_blocks`."""
+    if _ext is None:
+        return reference.quantize_rows(x, padded_blocks)
+    return tuple(_ext.quantize_rows(x, padded_blocks))
+
+
+def gemm(x: torch.Tensor | tuple, w: reference.Packed, path: str | None = None) -> torch.Tensor:
+    """y = x W^T as fp32 [M, N]; `x` fp32/bf16 [M, K] or already quantized by
+    `quantize_rows`. `path` overrides the process's ISA path."""
+    qx, dx, sx = quantize_rows(x, w.padded_blocks) if isinstance(x, torch.Tensor) else x
+    path = path or isa()
+    if path == "reference":
+        return reference.gemm(qx, dx, sx, w)
+    return _ext.gemm(qx, dx, sx, w.qs, w.d, w.mins, w.ggml_type, ISAS.index(path))
