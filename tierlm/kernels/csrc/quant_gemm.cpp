@@ -11,10 +11,11 @@
 // Every (m, n) is computed by that sequence whatever the number of rows, the tiling, the
 // thread count or the ISA path: batch invariance by construction.
 //
-// Weights are repacked at load (tierlm/kernels/reference.py `pack`): per tensor, codes
-// [N, nb, 16] (Q4_1 nibbles, values 0-15 low, 16-31 high) or [N, nb, 32] (Q8_0 int8), and
-// f16 scales (and Q4_1 offsets) [N, nb]. Activations are padded to nbp blocks, a multiple
-// of 8, with zero blocks (read whole groups of 8; the weights' tail group is read partly).
+// Layouts (tierlm/kernels/reference.py has the details): weights repacked at load to an
+// even block count, Q4_1 nibbles as stored, Q8_0 codes and activation codes
+// pair-interleaved ([2p lo16, 2p+1 lo16, 2p hi16, 2p+1 hi16]), so each 32-byte load holds
+// the same values of two blocks on both sides; activations padded to a multiple of 8
+// blocks. Padding blocks are zero: they add +0 to their lane, which changes nothing.
 //
 // Paths: scalar, AVX2 (+FMA, F16C), AVX-512 VNNI on 256-bit vectors. Each SIMD function
 // carries its own target attribute; `isa` picks one at run time (the caller may force a
@@ -61,6 +62,9 @@ inline float f16_to_f32(uint16_t h) {
     return f;
 }
 
+// Position of block b's value i in a pair-interleaved row of codes.
+inline int64_t at(int64_t b, int i) { return (b >> 1) * 64 + (i >> 4) * 32 + (b & 1) * 16 + (i & 15); }
+
 inline float tree8(const float* a) {
     return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
 }
@@ -76,7 +80,7 @@ void quantize_row_scalar(const float* x, int64_t k, int8_t* q, float* d, float* 
         int sum = 0;
         for (int i = 0; i < QK; ++i) {
             const int v = (int)std::nearbyint(xb[i] * id);
-            q[b * QK + i] = (int8_t)v;
+            q[at(b, i)] = (int8_t)v;
             sum += v;
         }
         d[b] = db;
@@ -92,15 +96,14 @@ float dot_scalar(const uint8_t* qs, const uint16_t* D, const uint16_t* MN, int64
     float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     for (int64_t b = 0; b < nb; ++b) {
         int32_t isum = 0;
-        const uint8_t* blk = qs + b * BQ;
-        const int8_t* xb = qx + b * QK;
         if (Q41) {
+            const uint8_t* blk = qs + b * BQ;
             for (int i = 0; i < 16; ++i) {
-                isum += (int32_t)(blk[i] & 0x0f) * xb[i];
-                isum += (int32_t)(blk[i] >> 4) * xb[16 + i];
+                isum += (int32_t)(blk[i] & 0x0f) * qx[at(b, i)];
+                isum += (int32_t)(blk[i] >> 4) * qx[at(b, 16 + i)];
             }
         } else {
-            for (int i = 0; i < QK; ++i) isum += (int32_t)((const int8_t*)blk)[i] * xb[i];
+            for (int i = 0; i < QK; ++i) isum += (int32_t)((const int8_t*)qs)[at(b, i)] * qx[at(b, i)];
         }
         const int j = (int)(b & 7);
         const float dw = f16_to_f32(D[b]);
@@ -177,12 +180,14 @@ torch::Tensor gemm(torch::Tensor qx, torch::Tensor dx, torch::Tensor sx, torch::
     const bool q41 = ggml_type == 3;
     TORCH_CHECK(q41 || ggml_type == 8, "gemm: only Q4_1 (3) and Q8_0 (8) weights");
     TORCH_CHECK(isa >= SCALAR && isa <= AVX512_VNNI && cpu_has((Isa)isa), "gemm: this CPU cannot run isa ", isa);
-    TORCH_CHECK(d.dtype() == torch::kFloat16 && d.dim() == 2 && d.is_contiguous(), "gemm: d must be float16 [N, nb]");
-    const int64_t N = d.size(0), nb = d.size(1), nbp = (nb + 7) / 8 * 8, BQ = q41 ? 16 : 32;
-    TORCH_CHECK(qs.dtype() == torch::kUInt8 && qs.is_contiguous() && qs.numel() == N * nb * BQ,
-                "gemm: qs must be uint8 [N, nb, ", BQ, "]");
-    TORCH_CHECK(mins.dtype() == torch::kFloat16 && mins.is_contiguous() && mins.numel() == N * nb,
-                "gemm: mins must be float16 [N, nb]");
+    TORCH_CHECK(qs.dtype() == torch::kUInt8 && qs.dim() == 3 && qs.is_contiguous() && qs.size(2) == (q41 ? 16 : 32),
+                "gemm: qs must be uint8 [N, nb, 16 | 32]");
+    const int64_t N = qs.size(0), nb = qs.size(1), nbp = (nb + 7) / 8 * 8;
+    // Scales are loaded 8 at a time, past a row's end: 8 slack values after the last row.
+    TORCH_CHECK(d.dtype() == torch::kFloat16 && d.is_contiguous() && d.numel() == N * nb + 8,
+                "gemm: d must be float16 [N * nb + 8]");
+    TORCH_CHECK(mins.dtype() == torch::kFloat16 && mins.is_contiguous() && mins.numel() == N * nb + 8,
+                "gemm: mins must be float16 [N * nb + 8]");
     TORCH_CHECK(qx.dtype() == torch::kInt8 && qx.dim() == 2 && qx.is_contiguous() && qx.size(1) == nbp * QK,
                 "gemm: qx must be int8 [M, nbp * 32], nbp = blocks rounded up to a multiple of 8");
     const int64_t M = qx.size(0);
