@@ -62,22 +62,22 @@ def isa() -> str:
 
 
 def pack(raw: torch.Tensor, ggml_type: int, n: int, k: int) -> reference.Packed:
-    """GGUF blocks -> the kernels' layout (done once, at load)."""
+    """GGUF blocks -> the kernels' row-interleaved layout (done once, at load)."""
     return reference.pack(raw, ggml_type, n, k)
 
 
-def quantize_rows(x: torch.Tensor, padded_blocks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Activations [M, K] -> (int8 codes, block scales, block sums), padded to `padded_blocks`."""
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Activations [M, K] -> (int8 codes, block scales, d * sum(q), sum(q))."""
     if _ext is None:
-        return reference.quantize_rows(x, padded_blocks)
-    return tuple(_ext.quantize_rows(x, padded_blocks))
+        return reference.quantize_rows(x)
+    return tuple(_ext.quantize_rows(x))
 
 
 def gemm(x: torch.Tensor | tuple, w: reference.Packed, path: str | None = None) -> torch.Tensor:
     """y = x W^T as fp32 [M, N]; `x` fp32/bf16 [M, K] or already quantized by
     `quantize_rows`. `path` overrides the process's ISA path."""
-    qx, dx, sx = quantize_rows(x, w.padded_blocks) if isinstance(x, torch.Tensor) else x
+    qx, dx, sx, sq = quantize_rows(x) if isinstance(x, torch.Tensor) else x
     path = path or isa()
     if path == "reference":
         return reference.gemm(qx, dx, sx, w)
-    return _ext.gemm(qx, dx, sx, w.qs, w.d, w.mins, w.ggml_type, ISAS.index(path))
+    return _ext.gemm(qx, dx, sx, sq, w.qs, w.d, w.mins, w.out_features, w.ggml_type, ISAS.index(path))

@@ -1,18 +1,21 @@
 """PyTorch definitions of the compiled kernels' numerics: the oracle the C++ paths must
 equal bit for bit (tests), and the fallback when the extension is not built.
 
-Weights: GGUF blocks repacked at load (`pack`), padded to an even block count with a zero
-block: Q4_1 codes [N, nb, 16] (nibbles as stored: values 0-15 low, 16-31 high, so one
-32-byte load holds two blocks' low halves and, shifted, their high halves), Q8_0 codes
-[N, nb, 32] pair-interleaved (below), f16 scales and Q4_1 offsets [N, nb].
-Activations: per 32-value block, d = amax / 127, q = round-half-even(x * (1 / d)) as
-int8, s = d * sum(q), padded with zero blocks to nbp, a multiple of 8 (the kernels read
-whole groups of 8 blocks). Codes are pair-interleaved: blocks 2p and 2p+1 are stored as
-[2p values 0-15, 2p+1 values 0-15, 2p values 16-31, 2p+1 values 16-31], so each 32-byte
-load lines up with a Q4_1 weight load. A block's integer products are exact int32 sums; the
-fp32 partials accumulate in 8 lanes (block b into lane b % 8), each step rounded on its
-own: acc = (acc + (dw * dx) * isum) [+ mw * s], then
-((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)).
+Activations: per 32-value block, d = amax / 127, q = round-half-even(x * (1 / d)) as int8,
+s = d * sum(q) and the exact sum(q) (int32).
+
+Weights: GGUF blocks repacked at load (`pack`) with 8 output rows interleaved, so that one
+SIMD lane holds one output row: per group of 8 rows and block, Q4_1 codes as 4 chunks of
+[row 0 bytes 4c..4c+3, row 1 bytes 4c..4c+3, ... row 7] (byte i holds value i in its low
+nibble and value 16 + i in its high one), Q8_0 codes as 8 chunks of [row r values
+4c..4c+3 for r in 0..7]; the 8 rows' f16 scales (and Q4_1 offsets) side by side. Rows
+are padded to a multiple of 8 with zero rows.
+
+Output y[m, n], over the blocks b in order, each fp32 multiply and add rounded on its own:
+    isum = sum_i qw[n, b, i] * qx[m, b, i]                        (exact int32)
+    acc  = (acc + (dw[n, b] * dx[m, b]) * isum) [+ mw[n, b] * s[m, b]]   from acc = 0
+so a row's result depends on nothing but that row: not the batch, the tiling, the threads
+or the ISA path.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ QK = 32
 Q4_1, Q8_0 = 3, 8  # ggml type ids
 BLOCK_BYTES = {Q4_1: 20, Q8_0: 34}
 CODE_BYTES = {Q4_1: 16, Q8_0: 32}
+R = 8  # interleaved rows
 
 
 @dataclass(frozen=True)
@@ -34,41 +38,17 @@ class Packed:
     ggml_type: int
     out_features: int
     in_features: int
-    qs: torch.Tensor  # uint8 [N, nb, 16 | 32]
-    d: torch.Tensor  # float16 [N * nb + 8]: row-major [N, nb], then 8 zeros (kernels load 8 at a time)
-    mins: torch.Tensor  # the same for Q4_1's offsets (zeros for Q8_0)
+    qs: torch.Tensor  # uint8 [Np / 8, nb, 8 * (16 | 32)]
+    d: torch.Tensor  # float16 [Np / 8, nb, 8]
+    mins: torch.Tensor  # float16 [Np / 8, nb, 8] (zeros for Q8_0)
 
     @property
     def blocks(self) -> int:
-        return self.qs.shape[1]
-
-    def scales(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(d, mins) as [N, nb] views."""
-        n, nb = self.out_features, self.blocks
-        return self.d[: n * nb].view(n, nb), self.mins[: n * nb].view(n, nb)
-
-    @property
-    def padded_blocks(self) -> int:
-        return padded_blocks(self.in_features)
+        return self.in_features // QK
 
     def nbytes(self) -> int:
         """Bytes a product reads (codes, scales, Q4_1 offsets)."""
         return self.qs.numel() + 2 * self.d.numel() + (2 * self.mins.numel() if self.ggml_type == Q4_1 else 0)
-
-
-def padded_blocks(k: int) -> int:
-    return -(-(k // QK) // 8) * 8
-
-
-def interleave_pairs(codes: torch.Tensor) -> torch.Tensor:
-    """[..., nb, 32] (nb even) -> the pair-interleaved layout, same shape."""
-    *lead, nb, _ = codes.shape
-    return codes.reshape(*lead, nb // 2, 2, 2, 16).transpose(-3, -2).reshape(*lead, nb, QK)
-
-
-def deinterleave_pairs(codes: torch.Tensor) -> torch.Tensor:
-    *lead, nb, _ = codes.shape
-    return codes.reshape(*lead, nb // 2, 2, 2, 16).transpose(-3, -2).reshape(*lead, nb, QK)
 
 
 def pack(raw: torch.Tensor, ggml_type: int, n: int, k: int) -> Packed:
@@ -77,63 +57,71 @@ def pack(raw: torch.Tensor, ggml_type: int, n: int, k: int) -> Packed:
         raise ValueError(f"no kernel for ggml type {ggml_type}")
     if k % QK:
         raise ValueError(f"rows of {k} values are not whole 32-value blocks")
-    nb = k // QK
-    b = torch.nn.functional.pad(raw.reshape(n, nb, BLOCK_BYTES[ggml_type]), (0, 0, 0, nb % 2))  # even count
-    qs = b[..., BLOCK_BYTES[ggml_type] - CODE_BYTES[ggml_type]:]
-    if ggml_type == Q8_0:
-        qs = interleave_pairs(qs)
+    nb, np_ = k // QK, -(-n // R) * R
+    b = torch.nn.functional.pad(raw.reshape(n, nb, BLOCK_BYTES[ggml_type]), (0, 0, 0, 0, 0, np_ - n))
+    codes = b[..., BLOCK_BYTES[ggml_type] - CODE_BYTES[ggml_type]:]  # [Np, nb, 16 | 32]
+    chunks = CODE_BYTES[ggml_type] // 4
+    # [Np/8, 8 rows, nb, chunks, 4] -> [Np/8, nb, chunks, 8 rows, 4]
+    qs = codes.reshape(np_ // R, R, nb, chunks, 4).permute(0, 2, 3, 1, 4).reshape(np_ // R, nb, -1)
     d = b[..., 0:2].contiguous().view(torch.float16)[..., 0]
     mins = b[..., 2:4].contiguous().view(torch.float16)[..., 0] if ggml_type == Q4_1 else torch.zeros_like(d)
     if not (torch.isfinite(d).all() and torch.isfinite(mins).all()):
         raise ValueError("the tensor's block scales are not all finite")
-    slack = torch.zeros(8, dtype=torch.float16)
-    return Packed(ggml_type, n, k, qs.contiguous(), torch.cat([d.reshape(-1), slack]),
-                  torch.cat([mins.reshape(-1), slack]))
+
+    def by_group(t: torch.Tensor) -> torch.Tensor:  # [Np, nb] -> [Np/8, nb, 8]
+        return t.reshape(np_ // R, R, nb).transpose(1, 2).contiguous()
+
+    return Packed(ggml_type, n, k, qs.contiguous(), by_group(d), by_group(mins))
 
 
 def codes(w: Packed) -> torch.Tensor:
-    """The weight codes as int32 [N, nb, 32], in value order (with the padding block)."""
+    """The weight codes as int32 [N, nb, 32] in value order."""
+    groups, nb = w.qs.shape[:2]
+    chunks = CODE_BYTES[w.ggml_type] // 4
+    raw = w.qs.reshape(groups, nb, chunks, R, 4).permute(0, 3, 1, 2, 4).reshape(groups * R, nb, chunks * 4)
     if w.ggml_type == Q4_1:
-        qs = w.qs.to(torch.int32)
-        return torch.cat([qs & 0x0F, qs >> 4], dim=-1)
-    return deinterleave_pairs(w.qs.view(torch.int8)).to(torch.int32)
+        raw = raw.to(torch.int32)
+        full = torch.cat([raw & 0x0F, raw >> 4], dim=-1)
+    else:
+        full = raw.view(torch.int8).to(torch.int32)
+    return full[: w.out_features]
+
+
+def scales(w: Packed) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d, mins) as float32 [N, nb]."""
+    def rows(t: torch.Tensor) -> torch.Tensor:
+        return t.transpose(1, 2).reshape(-1, w.blocks)[: w.out_features].float()
+
+    return rows(w.d), rows(w.mins)
 
 
 def dequantize(w: Packed) -> torch.Tensor:
     """fp32 weights [N, K] (Q4_1: d * q + m; Q8_0: d * q)."""
-    d, mins = w.scales()
-    full = codes(w).float() * d.float()[..., None] + mins.float()[..., None]
-    return full[:, : w.in_features // QK].reshape(w.out_features, w.in_features)
+    d, mins = scales(w)
+    return (codes(w).float() * d[..., None] + mins[..., None]).reshape(w.out_features, w.in_features)
 
 
-def quantize_rows(x: torch.Tensor, nbp: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """[M, K] -> (int8 codes [M, nbp * 32], block scales [M, nbp], block sums [M, nbp])."""
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[M, K] -> (int8 codes [M, K], block scales [M, K/32], block sums d * sum(q), sum(q) int32)."""
     m, k = x.shape
     xb = x.float().reshape(m, k // QK, QK)
     d = xb.abs().amax(-1) / 127.0
     inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
     q = torch.round(xb * inv[..., None])  # round half to even, as nearbyint
-    s = d * q.sum(-1)
-    extra = nbp - k // QK
-    q = interleave_pairs(torch.nn.functional.pad(q, (0, 0, 0, extra)).to(torch.int8)).reshape(m, nbp * QK)
-    return q, torch.nn.functional.pad(d, (0, extra)), torch.nn.functional.pad(s, (0, extra))
+    total = q.sum(-1)
+    return q.to(torch.int8).reshape(m, k), d, d * total, total.to(torch.int32)
 
 
 def gemm(qx: torch.Tensor, dx: torch.Tensor, sx: torch.Tensor, w: Packed) -> torch.Tensor:
     """Quantized activations x packed weights -> fp32 [M, N], the kernels' numerics."""
-    m, nb = dx.shape[0], w.in_features // QK
-    n = w.out_features
-    xq = deinterleave_pairs(qx.reshape(m, -1, QK))[:, :nb].float()
+    m, nb = dx.shape
+    xq = qx.reshape(m, nb, QK).float()
     # Per block: exact integer sums (every partial is an integer below 2^24, so fp32 is exact).
-    isum = torch.einsum("mbi,nbi->mnb", xq, codes(w)[:, :nb].float())
-    dw, mw = (t.float() for t in w.scales())
-    lanes = torch.zeros(m, n, 8)
+    isum = torch.einsum("mbi,nbi->mnb", xq, codes(w).float())
+    dw, mw = scales(w)
+    acc = torch.zeros(m, w.out_features)
     for b in range(nb):
-        j = b % 8
-        step = lanes[:, :, j] + (dw[None, :, b] * dx[:, None, b]) * isum[:, :, b]
+        acc = acc + (dw[None, :, b] * dx[:, None, b]) * isum[:, :, b]
         if w.ggml_type == Q4_1:
-            step = step + mw[None, :, b] * sx[:, None, b]
-        lanes[:, :, j] = step
-    left = (lanes[..., 0] + lanes[..., 4]) + (lanes[..., 2] + lanes[..., 6])
-    right = (lanes[..., 1] + lanes[..., 5]) + (lanes[..., 3] + lanes[..., 7])
-    return left + right
+            acc = acc + mw[None, :, b] * sx[:, None, b]
+    return acc
