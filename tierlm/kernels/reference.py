@@ -4,12 +4,13 @@ equal bit for bit (tests), and the fallback when the extension is not built.
 Activations: per 32-value block, d = amax / 127, q = round-half-even(x * (1 / d)) as int8,
 s = d * sum(q) and the exact sum(q) (int32).
 
-Weights: GGUF blocks repacked at load (`pack`) with 8 output rows interleaved, so that one
-SIMD lane holds one output row: per group of 8 rows and block, Q4_1 codes as 4 chunks of
-[row 0 bytes 4c..4c+3, row 1 bytes 4c..4c+3, ... row 7] (byte i holds value i in its low
-nibble and value 16 + i in its high one), Q8_0 codes as 8 chunks of [row r values
-4c..4c+3 for r in 0..7]; the 8 rows' f16 scales (and Q4_1 offsets) side by side. Rows
-are padded to a multiple of 8 with zero rows.
+Weights: GGUF blocks repacked at load (`pack`) with 16 output rows interleaved, so that one
+32-bit SIMD lane holds one output row: per group of 16 rows and block, Q4_1 codes as 4
+chunks of [row 0 bytes 4c..4c+3, row 1 bytes 4c..4c+3, ... row 15] (byte i holds value i
+in its low nibble and value 16 + i in its high one), Q8_0 codes as 8 chunks of [row r
+values 4c..4c+3 for r in 0..15]; the 16 rows' f16 scales (and Q4_1 offsets) side by side.
+A 512-bit vector takes a whole chunk, a 256-bit one half (rows 0-7 or 8-15). Rows are
+padded to a multiple of 16 with zero rows.
 
 Output y[m, n], over the blocks b in order, each fp32 multiply and add rounded on its own:
     isum = sum_i qw[n, b, i] * qx[m, b, i]                        (exact int32)
@@ -28,7 +29,7 @@ QK = 32
 Q4_1, Q8_0 = 3, 8  # ggml type ids
 BLOCK_BYTES = {Q4_1: 20, Q8_0: 34}
 CODE_BYTES = {Q4_1: 16, Q8_0: 32}
-R = 8  # interleaved rows
+R = 16  # interleaved rows
 
 
 @dataclass(frozen=True)
@@ -38,9 +39,9 @@ class Packed:
     ggml_type: int
     out_features: int
     in_features: int
-    qs: torch.Tensor  # uint8 [Np / 8, nb, 8 * (16 | 32)]
-    d: torch.Tensor  # float16 [Np / 8, nb, 8]
-    mins: torch.Tensor  # float16 [Np / 8, nb, 8] (zeros for Q8_0)
+    qs: torch.Tensor  # uint8 [Np / 16, nb, 16 * (16 | 32)]
+    d: torch.Tensor  # float16 [Np / 16, nb, 16]
+    mins: torch.Tensor  # float16 [Np / 16, nb, 16] (zeros for Q8_0)
 
     @property
     def blocks(self) -> int:
@@ -61,14 +62,14 @@ def pack(raw: torch.Tensor, ggml_type: int, n: int, k: int) -> Packed:
     b = torch.nn.functional.pad(raw.reshape(n, nb, BLOCK_BYTES[ggml_type]), (0, 0, 0, 0, 0, np_ - n))
     codes = b[..., BLOCK_BYTES[ggml_type] - CODE_BYTES[ggml_type]:]  # [Np, nb, 16 | 32]
     chunks = CODE_BYTES[ggml_type] // 4
-    # [Np/8, 8 rows, nb, chunks, 4] -> [Np/8, nb, chunks, 8 rows, 4]
+    # [Np/16, 16 rows, nb, chunks, 4] -> [Np/16, nb, chunks, 16 rows, 4]
     qs = codes.reshape(np_ // R, R, nb, chunks, 4).permute(0, 2, 3, 1, 4).reshape(np_ // R, nb, -1)
     d = b[..., 0:2].contiguous().view(torch.float16)[..., 0]
     mins = b[..., 2:4].contiguous().view(torch.float16)[..., 0] if ggml_type == Q4_1 else torch.zeros_like(d)
     if not (torch.isfinite(d).all() and torch.isfinite(mins).all()):
         raise ValueError("the tensor's block scales are not all finite")
 
-    def by_group(t: torch.Tensor) -> torch.Tensor:  # [Np, nb] -> [Np/8, nb, 8]
+    def by_group(t: torch.Tensor) -> torch.Tensor:  # [Np, nb] -> [Np/16, nb, 16]
         return t.reshape(np_ // R, R, nb).transpose(1, 2).contiguous()
 
     return Packed(ggml_type, n, k, qs.contiguous(), by_group(d), by_group(mins))

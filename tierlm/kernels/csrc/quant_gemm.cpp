@@ -10,11 +10,11 @@
 // Every (m, n) is computed by that sequence whatever the number of rows, the tiling, the
 // thread count or the ISA path: batch invariance by construction.
 //
-// Weights are repacked at load with 8 output rows interleaved (reference.py `pack`): a
-// 256-bit vector holds 4 consecutive codes of each of 8 rows, so one broadcast of 4
-// activation codes feeds 8 outputs at once and no horizontal sums are needed.
+// Weights are repacked at load with 16 output rows interleaved (reference.py `pack`): a
+// 512-bit vector holds 4 consecutive codes of each of 16 rows (a 256-bit one, of 8), so one
+// broadcast of 4 activation codes feeds 16 outputs at once and no horizontal sums are needed.
 //
-// Paths: scalar, AVX2 (+FMA, F16C), AVX-512 VNNI on 256-bit vectors. Each SIMD body is
+// Paths: scalar, AVX2 (+FMA, F16C) on 256-bit halves of a group, AVX-512 VNNI on 512 bits. Each SIMD body is
 // compiled under its own target pragma; `isa` picks one at run time (the caller may force
 // a lower one).
 
@@ -84,29 +84,29 @@ void quantize_row_scalar(const float* x, int64_t k, int8_t* q, float* d, float* 
 template <bool Q41>
 inline int32_t code(const uint8_t* blk8, int l, int i) {
     if (Q41) {
-        const uint8_t byte = blk8[((i & 15) >> 2) * 32 + l * 4 + (i & 3)];
+        const uint8_t byte = blk8[((i & 15) >> 2) * 64 + l * 4 + (i & 3)];
         return i < 16 ? (byte & 0x0f) : (byte >> 4);
     }
-    return (int8_t)blk8[(i >> 2) * 32 + l * 4 + (i & 3)];
+    return (int8_t)blk8[(i >> 2) * 64 + l * 4 + (i & 3)];
 }
 
 template <bool Q41>
 void gemm_scalar(const uint8_t* QS, const uint16_t* D, const uint16_t* MN, int64_t nb, const int8_t* QX,
                  const float* DX, const float* SX, float* Y, int64_t M, int64_t N, int64_t g0, int64_t g1) {
-    constexpr int64_t BQ8 = Q41 ? 128 : 256;
+    constexpr int64_t BQ = Q41 ? 256 : 512;  // code bytes of one block for 16 rows
     for (int64_t m = 0; m < M; ++m)
-        for (int64_t n = g0 * 8; n < std::min(N, g1 * 8); ++n) {
-            const int64_t g = n / 8;
-            const int l = (int)(n % 8);
+        for (int64_t n = g0 * 16; n < std::min(N, g1 * 16); ++n) {
+            const int64_t g = n / 16;
+            const int l = (int)(n % 16);
             float acc = 0.0f;
             for (int64_t b = 0; b < nb; ++b) {
                 const int64_t gb = g * nb + b;
-                const uint8_t* blk = QS + gb * BQ8;
+                const uint8_t* blk = QS + gb * BQ;
                 const int8_t* xb = QX + (m * nb + b) * QK;
                 int32_t isum = 0;
                 for (int i = 0; i < QK; ++i) isum += code<Q41>(blk, l, i) * xb[i];
-                acc = acc + (f16_to_f32(D[gb * 8 + l]) * DX[m * nb + b]) * (float)isum;
-                if (Q41) acc = acc + f16_to_f32(MN[gb * 8 + l]) * SX[m * nb + b];
+                acc = acc + (f16_to_f32(D[gb * 16 + l]) * DX[m * nb + b]) * (float)isum;
+                if (Q41) acc = acc + f16_to_f32(MN[gb * 16 + l]) * SX[m * nb + b];
             }
             Y[m * N + n] = acc;
         }
@@ -169,14 +169,14 @@ torch::Tensor gemm(torch::Tensor qx, torch::Tensor dx, torch::Tensor sx, torch::
     const bool q41 = ggml_type == 3;
     TORCH_CHECK(q41 || ggml_type == 8, "gemm: only Q4_1 (3) and Q8_0 (8) weights");
     TORCH_CHECK(isa >= SCALAR && isa <= AVX512_VNNI && cpu_has((Isa)isa), "gemm: this CPU cannot run isa ", isa);
-    const int64_t BQ8 = q41 ? 128 : 256;
-    TORCH_CHECK(qs.dtype() == torch::kUInt8 && qs.dim() == 3 && qs.is_contiguous() && qs.size(2) == BQ8,
-                "gemm: qs must be uint8 [N/8, nb, ", BQ8, "]");
+    const int64_t BQ = q41 ? 256 : 512;
+    TORCH_CHECK(qs.dtype() == torch::kUInt8 && qs.dim() == 3 && qs.is_contiguous() && qs.size(2) == BQ,
+                "gemm: qs must be uint8 [N/16, nb, ", BQ, "]");
     const int64_t groups = qs.size(0), nb = qs.size(1);
-    TORCH_CHECK(n_out > (groups - 1) * 8 && n_out <= groups * 8, "gemm: n_out does not match the packed rows");
+    TORCH_CHECK(n_out > (groups - 1) * 16 && n_out <= groups * 16, "gemm: n_out does not match the packed rows");
     for (const auto& t : {d, mins})
-        TORCH_CHECK(t.dtype() == torch::kFloat16 && t.is_contiguous() && t.numel() == groups * nb * 8,
-                    "gemm: scales must be float16 [N/8, nb, 8]");
+        TORCH_CHECK(t.dtype() == torch::kFloat16 && t.is_contiguous() && t.numel() == groups * nb * 16,
+                    "gemm: scales must be float16 [N/16, nb, 16]");
     TORCH_CHECK(qx.dtype() == torch::kInt8 && qx.dim() == 2 && qx.is_contiguous() && qx.size(1) == nb * QK,
                 "gemm: qx must be int8 [M, K]");
     const int64_t M = qx.size(0);
@@ -191,8 +191,8 @@ torch::Tensor gemm(torch::Tensor qx, torch::Tensor dx, torch::Tensor sx, torch::
     const float *DX = dx.data_ptr<float>(), *SX = sx.data_ptr<float>();
     const int32_t* SQ = sq.data_ptr<int32_t>();
     float* Y = y.data_ptr<float>();
-    // Threads split the groups of 8 outputs: each y[m, n] is computed whole by one thread.
-    at::parallel_for(0, groups, 8, [&](int64_t g0, int64_t g1) {
+    // Threads split the groups of 16 outputs: each y[m, n] is computed whole by one thread.
+    at::parallel_for(0, groups, 4, [&](int64_t g0, int64_t g1) {
         if (isa == AVX512_VNNI) {
             q41 ? vnni::gemm<true>(QS, D, MN, nb, QX, DX, SX, SQ, Y, M, n_out, g0, g1)
                 : vnni::gemm<false>(QS, D, MN, nb, QX, DX, SX, SQ, Y, M, n_out, g0, g1);
