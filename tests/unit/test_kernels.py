@@ -112,12 +112,28 @@ def test_a_row_has_the_same_bits_in_any_batch_and_thread_count(ggml_type):
         torch.set_num_threads(threads)
 
 
+def run_python(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, **env))
+
+
 def test_isa_can_be_forced_lower_and_a_bad_choice_is_one_clear_error():
+    assert PATHS[0] == "reference" and len(PATHS) >= 2, "the extension is not built: run `make install`"
     code = "from tierlm import kernels; print(kernels.isa())"
     for path in PATHS:
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                             env=dict(os.environ, TIERLM_ISA=path))
+        out = run_python(code, TIERLM_ISA=path)
         assert out.returncode == 0 and out.stdout.strip() == path, out.stderr
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         env=dict(os.environ, TIERLM_ISA="amx"))
-    assert out.returncode != 0 and f"TIERLM_ISA='amx': this CPU runs {', '.join(PATHS)}" in out.stderr
+    out = run_python(code, TIERLM_ISA="amx")
+    assert out.returncode != 0 and f"TIERLM_ISA='amx': this machine runs {', '.join(PATHS)}" in out.stderr
+
+
+def test_without_the_extension_the_reference_runs_after_one_warning():
+    code = ("import logging, sys, torch; logging.basicConfig(); sys.modules['tierlm._kernels'] = None\n"
+            "from tierlm import kernels\n"
+            "from tierlm.kernels import reference as ref\n"
+            "w = kernels.pack(torch.zeros(16 * 20, dtype=torch.uint8), ref.Q4_1, 16, 32)\n"
+            "kernels.gemm(torch.randn(2, 32), w); kernels.gemm(torch.randn(2, 32), w)\n"
+            "print(kernels.isa(), kernels.supported())")
+    out = run_python(code)
+    assert out.returncode == 0 and out.stdout.strip() == "reference ['reference']", out.stderr
+    assert out.stderr.count("compiled kernels unavailable") == 1

@@ -4,8 +4,8 @@ The compiled extension (`tierlm._kernels`, built from csrc/ by `make install`) r
 best ISA path this CPU has: scalar, AVX2 (+FMA, F16C) or AVX-512 VNNI. Every path, and
 the PyTorch reference in reference.py, computes the same bits (see its docstring), so a
 row's result does not depend on the batch, the tiling, the thread count or the path.
-`TIERLM_ISA=scalar|avx2|avx512_vnni` forces a lower path; without the extension the
-reference runs, after one warning.
+`TIERLM_ISA=reference|scalar|avx2|avx512_vnni` forces a lower path (reference: the
+PyTorch definition); without the extension the reference runs, after one warning.
 """
 
 from __future__ import annotations
@@ -33,20 +33,20 @@ class KernelError(RuntimeError):
 
 
 def supported() -> list[str]:
-    """The ISA paths this CPU can run, lowest first (just "reference" without the extension)."""
-    return [ISAS[i] for i in _ext.supported_isas()] if _ext is not None else ["reference"]
+    """The paths this machine can run, slowest first: "reference" (PyTorch) and, with the
+    extension built, the ISA paths this CPU has."""
+    return ["reference"] + ([ISAS[i] for i in _ext.supported_isas()] if _ext is not None else [])
 
 
 def _choose() -> str:
-    if _ext is None:
-        log.warning("tierlm: compiled kernels unavailable (%s); running the PyTorch reference kernels", _why)
-        return "reference"
     have = supported()
     forced = os.environ.get("TIERLM_ISA")
     if forced:
         if forced not in have:
-            raise KernelError(f"TIERLM_ISA={forced!r}: this CPU runs {', '.join(have)}")
+            raise KernelError(f"TIERLM_ISA={forced!r}: this machine runs {', '.join(have)}")
         return forced
+    if _ext is None:
+        log.warning("tierlm: compiled kernels unavailable (%s); running the PyTorch reference kernels", _why)
     return have[-1]
 
 
@@ -68,7 +68,7 @@ def pack(raw: torch.Tensor, ggml_type: int, n: int, k: int) -> reference.Packed:
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Activations [M, K] -> (int8 codes, block scales, d * sum(q), sum(q))."""
-    if _ext is None:
+    if _ext is None or isa() == "reference":
         return reference.quantize_rows(x)
     return tuple(_ext.quantize_rows(x))
 
