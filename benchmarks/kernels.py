@@ -1,14 +1,16 @@
-"""The quantized-matmul kernels (tierlm/kernels) on every linear layer of the bundled
-SmolLM2 (Q4_1 projections, Q8_0 output layer), against the aten int4 kernel the engine
-runs today and the machine's measured read bandwidth.
+"""The quantized-matmul kernels (tierlm/kernels) on every weight matrix of a bundled model
+they cover, against the aten int4 / int8 kernels the engine runs today and the machine's
+measured read bandwidth.
 
-    .venv/bin/python benchmarks/kernels.py [--rows 1 4 32] [--repeats 7]
+    .venv/bin/python benchmarks/kernels.py [--model smollm2-135m|gemma3-270m] [--rows 1 4 32]
 
-For each ISA path and row count: the time of one pass over all 211 weight matrices
-(what one decode step multiplies), the weight bytes streamed per second, and the share of
-the measured read bandwidth (torch.sum over 1 GiB, same threads). The aten baseline runs
-the same matrices through `_weight_int4pack_mm_for_cpu` (Q4_1 mapped onto int4 groups;
-the Q8_0 layer through `_weight_int8pack_mm`), as the engine does for generated rows.
+SmolLM2: all 211 matrices (Q4_1 projections, Q8_0 embedding / output). Gemma-3: its Q5_0
+and Q8_0 matrices (the Q4_K and Q6_K ones have no kernel yet). For each ISA path and row
+count: the time of one pass over the matrices (what one decode step multiplies), the
+weight bytes streamed per second, and the share of the measured read bandwidth (torch.sum
+over 1 GiB, same threads). The aten baseline runs the same matrices as the engine does for
+generated rows: Q4_1 through `_weight_int4pack_mm_for_cpu`, the others through
+`_weight_int8pack_mm` (requantized per output channel).
 """
 
 from __future__ import annotations
@@ -47,13 +49,14 @@ def _timed(fn) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m", choices=["smollm2-135m", "gemma3-270m"])
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 4, 32])
     ap.add_argument("--repeats", type=int, default=7)
     args = ap.parse_args()
-    g = GGUFFile(resolve("smollm2-135m", default_cache_dir()))
+    g = GGUFFile(resolve(args.model, default_cache_dir()))
     packed, aten = [], []
     for t in g.tensors.values():
-        if t.ggml_type in (reference.Q4_1, reference.Q8_0) and len(t.shape) == 2:
+        if t.ggml_type in reference.BLOCK_BYTES and len(t.shape) == 2:
             n, k = t.shape
             raw = torch.from_numpy(np.asarray(t.raw).copy())
             packed.append(kernels.pack(raw, t.ggml_type, n, k))
@@ -61,7 +64,7 @@ def main() -> None:
                         else Int8Weight(t.dequantize()))
     weight_bytes = sum(w.nbytes() for w in packed)
     bandwidth = read_bandwidth()
-    results = {"isa_paths": kernels.supported(), "weight_matrices": len(packed), "weight_mb": weight_bytes / 1e6,
+    results = {"model": args.model, "isa_paths": kernels.supported(), "weight_matrices": len(packed), "weight_mb": weight_bytes / 1e6,
                "read_bandwidth_gb_s": round(bandwidth, 1), "threads": torch.get_num_threads(), "runs": []}
     print(f"{len(packed)} matrices, {weight_bytes / 1e6:.1f} MB; read bandwidth {bandwidth:.1f} GB/s")
     for rows in args.rows:
@@ -69,7 +72,7 @@ def main() -> None:
         quantized = {k: kernels.quantize_rows(x) for k, x in xs.items()}
         cases = {"aten": lambda: [w.mm(xs[w.in_features].bfloat16()) for w in aten]}
         for path in kernels.supported():
-            if path != "scalar":
+            if path not in ("reference", "scalar"):
                 cases[path] = lambda p=path: [kernels.gemm(quantized[w.in_features], w, path=p) for w in packed]
         for name, fn in cases.items():
             fn()
@@ -82,7 +85,8 @@ def main() -> None:
             print(f"rows {rows:3} {name:12} {run['median_ms']:8.2f} ms  {run['weight_gb_s']:5.1f} GB/s  "
                   f"{100 * run['bandwidth_share']:5.1f}% of read bandwidth")
     cmd = "benchmarks/kernels.py " + " ".join(sys.argv[1:])
-    print("recorded in", record("kernels", cmd.strip(), results))
+    name = "kernels" if args.model == "smollm2-135m" else f"kernels_{args.model}"
+    print("recorded in", record(name, cmd.strip(), results))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The compiled quantized-matmul kernels: every ISA path this CPU runs equals the PyTorch
-reference bit for bit (on the bundled SmolLM2's own Q4_1 and Q8_0 tensors and on random
-blocks with odd block counts), a row's result is the same whatever else is in the batch
+reference bit for bit (on the bundled models' own Q4_1, Q5_0 and Q8_0 tensors and on
+random blocks with odd block counts), a row's result is the same whatever else is in the batch
 and whatever the thread count, the weight blocks read as gguf reads them, and the error
 against float weights is what int8 activations cost."""
 
@@ -22,12 +22,16 @@ PATHS = kernels.supported()
 
 
 @pytest.fixture(scope="module")
-def smollm_tensors(smollm2_path):
-    """(raw blocks, ggml type, N, K) of a Q4_1 projection and a slice of the Q8_0 embedding."""
-    g = GGUFFile(smollm2_path)
+def bundled_tensors(smollm2_path, gemma3_path):
+    """(packed weight, GGUF tensor): SmolLM2's Q4_1 projections and a slice of its Q8_0
+    embedding; Gemma-3's Q5_0 and Q8_0 projections."""
+    files = {"smollm2": GGUFFile(smollm2_path), "gemma3": GGUFFile(gemma3_path)}
     out = {}
-    for name, rows in (("blk.0.ffn_gate.weight", None), ("blk.3.attn_k.weight", None), ("token_embd.weight", 640)):
-        t = g.tensors[name]
+    for name, rows in (("smollm2/blk.0.ffn_gate.weight", None), ("smollm2/blk.3.attn_k.weight", None),
+                       ("smollm2/token_embd.weight", 640), ("gemma3/blk.0.attn_q.weight", None),
+                       ("gemma3/blk.2.attn_v.weight", None)):
+        model, _, tensor_name = name.partition("/")
+        t = files[model].tensors[tensor_name]
         n, k = t.shape
         n = rows or n
         per_row = k // 32 * ref.BLOCK_BYTES[t.ggml_type]
@@ -66,9 +70,11 @@ def test_activation_quantization_equals_reference():
     assert torch.equal(total, blocks.sum(-1, dtype=torch.int32)) and torch.equal(s, d * total.float())
 
 
-@pytest.mark.parametrize("name", ["blk.0.ffn_gate.weight", "blk.3.attn_k.weight", "token_embd.weight"])
-def test_every_path_equals_the_reference_on_the_bundled_tensors(smollm_tensors, name):
-    w, tensor = smollm_tensors[name]
+@pytest.mark.parametrize("name", ["smollm2/blk.0.ffn_gate.weight", "smollm2/blk.3.attn_k.weight",
+                                  "smollm2/token_embd.weight", "gemma3/blk.0.attn_q.weight",
+                                  "gemma3/blk.2.attn_v.weight"])
+def test_every_path_equals_the_reference_on_the_bundled_tensors(bundled_tensors, name):
+    w, tensor = bundled_tensors[name]
     x = activations(5, w.in_features)
     want = ref.gemm(*ref.quantize_rows(x)[:3], w)
     for path in PATHS:
@@ -81,7 +87,7 @@ def test_every_path_equals_the_reference_on_the_bundled_tensors(smollm_tensors, 
     assert ((want.double() - exact).norm() / exact.norm()) < 0.01
 
 
-@pytest.mark.parametrize("ggml_type", [ref.Q4_1, ref.Q8_0])
+@pytest.mark.parametrize("ggml_type", [ref.Q4_1, ref.Q5_0, ref.Q8_0])
 @pytest.mark.parametrize("k", [32, 64, 288, 576])  # 1, 2, 9 and 18 blocks
 def test_random_blocks_and_odd_shapes(ggml_type, k):
     n = 37  # not a multiple of the 8 interleaved rows
@@ -92,7 +98,7 @@ def test_random_blocks_and_odd_shapes(ggml_type, k):
         assert torch.equal(kernels.gemm(x, w, path=path), want), path
 
 
-@pytest.mark.parametrize("ggml_type", [ref.Q4_1, ref.Q8_0])
+@pytest.mark.parametrize("ggml_type", [ref.Q4_1, ref.Q5_0, ref.Q8_0])
 def test_a_row_has_the_same_bits_in_any_batch_and_thread_count(ggml_type):
     n, k = 96, 576
     w = random_blocks(ggml_type, n, k, seed=3)

@@ -9,6 +9,9 @@ Weights: GGUF blocks repacked at load (`pack`) with 16 output rows interleaved, 
 chunks of [row 0 bytes 4c..4c+3, row 1 bytes 4c..4c+3, ... row 15] (byte i holds value i
 in its low nibble and value 16 + i in its high one), Q8_0 codes as 8 chunks of [row r
 values 4c..4c+3 for r in 0..15]; the 16 rows' f16 scales (and Q4_1 offsets) side by side.
+Q5_0 keeps its low 4 bits as Q4_1's nibbles and its fifth bits in a 64-byte plane per
+block: byte (row r, t) holds, at bit 2c, value 4c+t's and at bit 2c+1, value 16+4c+t's;
+its codes are the 5-bit values minus 16.
 A 512-bit vector takes a whole chunk, a 256-bit one half (rows 0-7 or 8-15). Rows are
 padded to a multiple of 16 with zero rows.
 
@@ -26,9 +29,9 @@ from dataclasses import dataclass
 import torch
 
 QK = 32
-Q4_1, Q8_0 = 3, 8  # ggml type ids
-BLOCK_BYTES = {Q4_1: 20, Q8_0: 34}
-CODE_BYTES = {Q4_1: 16, Q8_0: 32}
+Q4_1, Q5_0, Q8_0 = 3, 6, 8  # ggml type ids
+BLOCK_BYTES = {Q4_1: 20, Q5_0: 22, Q8_0: 34}
+CODE_BYTES = {Q4_1: 16, Q5_0: 16, Q8_0: 32}  # nibbles (Q5_0: the low 4 bits) or int8
 R = 16  # interleaved rows
 
 
@@ -41,7 +44,8 @@ class Packed:
     in_features: int
     qs: torch.Tensor  # uint8 [Np / 16, nb, 16 * (16 | 32)]
     d: torch.Tensor  # float16 [Np / 16, nb, 16]
-    mins: torch.Tensor  # float16 [Np / 16, nb, 16] (zeros for Q8_0)
+    mins: torch.Tensor  # float16 [Np / 16, nb, 16] (zeros but for Q4_1)
+    high: torch.Tensor  # uint8 [Np / 16, nb, 64]: Q5_0's fifth bits (empty for the others)
 
     @property
     def blocks(self) -> int:
@@ -49,7 +53,8 @@ class Packed:
 
     def nbytes(self) -> int:
         """Bytes a product reads (codes, scales, Q4_1 offsets)."""
-        return self.qs.numel() + 2 * self.d.numel() + (2 * self.mins.numel() if self.ggml_type == Q4_1 else 0)
+        return (self.qs.numel() + self.high.numel() + 2 * self.d.numel()
+                + (2 * self.mins.numel() if self.ggml_type == Q4_1 else 0))
 
 
 def pack(raw: torch.Tensor, ggml_type: int, n: int, k: int) -> Packed:
@@ -72,7 +77,15 @@ def pack(raw: torch.Tensor, ggml_type: int, n: int, k: int) -> Packed:
     def by_group(t: torch.Tensor) -> torch.Tensor:  # [Np, nb] -> [Np/16, nb, 16]
         return t.reshape(np_ // R, R, nb).transpose(1, 2).contiguous()
 
-    return Packed(ggml_type, n, k, qs.contiguous(), by_group(d), by_group(mins))
+    high = torch.empty(0, dtype=torch.uint8)
+    if ggml_type == Q5_0:
+        qh = b[..., 2:6].to(torch.int64)
+        bits = (qh[..., 0] | qh[..., 1] << 8 | qh[..., 2] << 16 | qh[..., 3] << 24)[..., None] >> torch.arange(32) & 1
+        c = torch.arange(4)
+        plane = torch.stack([((bits[..., 4 * c + t] << 2 * c) | (bits[..., 16 + 4 * c + t] << 2 * c + 1)).sum(-1)
+                             for t in range(4)], dim=-1)  # [Np, nb, 4]
+        high = plane.reshape(np_ // R, R, nb, 4).transpose(1, 2).reshape(np_ // R, nb, 64).to(torch.uint8)
+    return Packed(ggml_type, n, k, qs.contiguous(), by_group(d), by_group(mins), high.contiguous())
 
 
 def codes(w: Packed) -> torch.Tensor:
@@ -80,11 +93,17 @@ def codes(w: Packed) -> torch.Tensor:
     groups, nb = w.qs.shape[:2]
     chunks = CODE_BYTES[w.ggml_type] // 4
     raw = w.qs.reshape(groups, nb, chunks, R, 4).permute(0, 3, 1, 2, 4).reshape(groups * R, nb, chunks * 4)
-    if w.ggml_type == Q4_1:
+    if w.ggml_type in (Q4_1, Q5_0):
         raw = raw.to(torch.int32)
         full = torch.cat([raw & 0x0F, raw >> 4], dim=-1)
     else:
         full = raw.view(torch.int8).to(torch.int32)
+    if w.ggml_type == Q5_0:  # the fifth bits, back in value order, and the offset of 16
+        plane = w.high.reshape(groups, nb, R, 4).permute(0, 2, 1, 3).reshape(groups * R, nb, 4).to(torch.int32)
+        c = torch.arange(4)
+        low = (plane[..., None, :] >> (2 * c)[:, None] & 1).reshape(groups * R, nb, 16)  # value 4c + t
+        up = (plane[..., None, :] >> (2 * c + 1)[:, None] & 1).reshape(groups * R, nb, 16)  # value 16 + 4c + t
+        full = full + 16 * torch.cat([low, up], dim=-1) - 16
     return full[: w.out_features]
 
 

@@ -1,4 +1,4 @@
-// Integer-exact quantized matmul over GGUF blocks (Q4_1, Q8_0), CPU.
+// Integer-exact quantized matmul over GGUF blocks (Q4_1, Q5_0, Q8_0), CPU.
 //
 // Numerics (one definition, every path; tierlm/kernels/reference.py is its oracle):
 //   activations: each row, per 32-value block b: d = amax / 127, q = nearbyint(x * (1 / d))
@@ -27,6 +27,7 @@
 #include <cstdint>
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -34,6 +35,7 @@ namespace {
 constexpr int QK = 32;          // values per block
 
 enum Isa { SCALAR = 0, AVX2 = 1, AVX512_VNNI = 2 };
+enum Format { FMT_Q4_1 = 0, FMT_Q8_0 = 1, FMT_Q5_0 = 2 };
 
 inline float f16_to_f32(uint16_t h) {
     const uint32_t sign = (uint32_t)(h & 0x8000) << 16;
@@ -81,19 +83,21 @@ void quantize_row_scalar(const float* x, int64_t k, int8_t* q, float* d, float* 
 
 // ---- scalar path (the definition, spelled out) -----------------------------------------
 // Code i of block b of row n (lane l of its group) in the interleaved layout.
-template <bool Q41>
-inline int32_t code(const uint8_t* blk8, int l, int i) {
-    if (Q41) {
-        const uint8_t byte = blk8[((i & 15) >> 2) * 64 + l * 4 + (i & 3)];
-        return i < 16 ? (byte & 0x0f) : (byte >> 4);
-    }
-    return (int8_t)blk8[(i >> 2) * 64 + l * 4 + (i & 3)];
+template <int F>
+inline int32_t code(const uint8_t* blk, const uint8_t* plane, int l, int i) {
+    if (F == FMT_Q8_0) return (int8_t)blk[(i >> 2) * 64 + l * 4 + (i & 3)];
+    const uint8_t byte = blk[((i & 15) >> 2) * 64 + l * 4 + (i & 3)];
+    const int32_t nib = i < 16 ? (byte & 0x0f) : (byte >> 4);
+    if (F == FMT_Q4_1) return nib;
+    const int bit = (plane[l * 4 + (i & 3)] >> (2 * ((i & 15) >> 2) + (i >> 4))) & 1;
+    return nib + 16 * bit - 16;
 }
 
-template <bool Q41>
-void gemm_scalar(const uint8_t* QS, const uint16_t* D, const uint16_t* MN, int64_t nb, const int8_t* QX,
-                 const float* DX, const float* SX, float* Y, int64_t M, int64_t N, int64_t g0, int64_t g1) {
-    constexpr int64_t BQ = Q41 ? 256 : 512;  // code bytes of one block for 16 rows
+template <int F>
+void gemm_scalar(const uint8_t* QS, const uint8_t* HB, const uint16_t* D, const uint16_t* MN, int64_t nb,
+                 const int8_t* QX, const float* DX, const float* SX, float* Y, int64_t M, int64_t N, int64_t g0,
+                 int64_t g1) {
+    constexpr int64_t BQ = F == FMT_Q8_0 ? 512 : 256;  // code bytes of one block for 16 rows
     for (int64_t m = 0; m < M; ++m)
         for (int64_t n = g0 * 16; n < std::min(N, g1 * 16); ++n) {
             const int64_t g = n / 16;
@@ -101,12 +105,11 @@ void gemm_scalar(const uint8_t* QS, const uint16_t* D, const uint16_t* MN, int64
             float acc = 0.0f;
             for (int64_t b = 0; b < nb; ++b) {
                 const int64_t gb = g * nb + b;
-                const uint8_t* blk = QS + gb * BQ;
                 const int8_t* xb = QX + (m * nb + b) * QK;
                 int32_t isum = 0;
-                for (int i = 0; i < QK; ++i) isum += code<Q41>(blk, l, i) * xb[i];
+                for (int i = 0; i < QK; ++i) isum += code<F>(QS + gb * BQ, HB + gb * 64, l, i) * xb[i];
                 acc = acc + (f16_to_f32(D[gb * 16 + l]) * DX[m * nb + b]) * (float)isum;
-                if (Q41) acc = acc + f16_to_f32(MN[gb * 16 + l]) * SX[m * nb + b];
+                if (F == FMT_Q4_1) acc = acc + f16_to_f32(MN[gb * 16 + l]) * SX[m * nb + b];
             }
             Y[m * N + n] = acc;
         }
@@ -128,6 +131,14 @@ namespace vnni {
 }  // namespace vnni
 #undef TIERLM_VNNI
 #pragma GCC pop_options
+
+// Calls fn with the format as a compile-time constant.
+template <typename Fn>
+void run_format(int fmt, Fn&& fn) {
+    if (fmt == FMT_Q4_1) fn(std::integral_constant<int, FMT_Q4_1>{});
+    else if (fmt == FMT_Q8_0) fn(std::integral_constant<int, FMT_Q8_0>{});
+    else fn(std::integral_constant<int, FMT_Q5_0>{});
+}
 
 bool cpu_has(Isa isa) {
     __builtin_cpu_init();
@@ -165,11 +176,12 @@ std::vector<torch::Tensor> quantize_rows(torch::Tensor x) {
 }
 
 torch::Tensor gemm(torch::Tensor qx, torch::Tensor dx, torch::Tensor sx, torch::Tensor sq, torch::Tensor qs,
-                   torch::Tensor d, torch::Tensor mins, int64_t n_out, int64_t ggml_type, int64_t isa) {
-    const bool q41 = ggml_type == 3;
-    TORCH_CHECK(q41 || ggml_type == 8, "gemm: only Q4_1 (3) and Q8_0 (8) weights");
+                   torch::Tensor high, torch::Tensor d, torch::Tensor mins, int64_t n_out, int64_t ggml_type,
+                   int64_t isa) {
+    const int fmt = ggml_type == 3 ? FMT_Q4_1 : ggml_type == 8 ? FMT_Q8_0 : ggml_type == 6 ? FMT_Q5_0 : -1;
+    TORCH_CHECK(fmt >= 0, "gemm: only Q4_1 (3), Q5_0 (6) and Q8_0 (8) weights");
     TORCH_CHECK(isa >= SCALAR && isa <= AVX512_VNNI && cpu_has((Isa)isa), "gemm: this CPU cannot run isa ", isa);
-    const int64_t BQ = q41 ? 256 : 512;
+    const int64_t BQ = fmt == FMT_Q8_0 ? 512 : 256;
     TORCH_CHECK(qs.dtype() == torch::kUInt8 && qs.dim() == 3 && qs.is_contiguous() && qs.size(2) == BQ,
                 "gemm: qs must be uint8 [N/16, nb, ", BQ, "]");
     const int64_t groups = qs.size(0), nb = qs.size(1);
@@ -177,6 +189,9 @@ torch::Tensor gemm(torch::Tensor qx, torch::Tensor dx, torch::Tensor sx, torch::
     for (const auto& t : {d, mins})
         TORCH_CHECK(t.dtype() == torch::kFloat16 && t.is_contiguous() && t.numel() == groups * nb * 16,
                     "gemm: scales must be float16 [N/16, nb, 16]");
+    TORCH_CHECK(high.dtype() == torch::kUInt8 && high.is_contiguous() &&
+                    high.numel() == (fmt == FMT_Q5_0 ? groups * nb * 64 : 0),
+                "gemm: high must be uint8 [N/16, nb, 64] for Q5_0, empty otherwise");
     TORCH_CHECK(qx.dtype() == torch::kInt8 && qx.dim() == 2 && qx.is_contiguous() && qx.size(1) == nb * QK,
                 "gemm: qx must be int8 [M, K]");
     const int64_t M = qx.size(0);
@@ -185,6 +200,7 @@ torch::Tensor gemm(torch::Tensor qx, torch::Tensor dx, torch::Tensor sx, torch::
                 "gemm: dx, sx and sq must be [M, K/32]");
     auto y = torch::empty({M, n_out}, torch::kFloat32);
     const uint8_t* QS = qs.data_ptr<uint8_t>();
+    const uint8_t* HB = high.data_ptr<uint8_t>();
     const uint16_t* D = reinterpret_cast<const uint16_t*>(d.data_ptr<at::Half>());
     const uint16_t* MN = reinterpret_cast<const uint16_t*>(mins.data_ptr<at::Half>());
     const int8_t* QX = qx.data_ptr<int8_t>();
@@ -193,16 +209,16 @@ torch::Tensor gemm(torch::Tensor qx, torch::Tensor dx, torch::Tensor sx, torch::
     float* Y = y.data_ptr<float>();
     // Threads split the groups of 16 outputs: each y[m, n] is computed whole by one thread.
     at::parallel_for(0, groups, 4, [&](int64_t g0, int64_t g1) {
-        if (isa == AVX512_VNNI) {
-            q41 ? vnni::gemm<true>(QS, D, MN, nb, QX, DX, SX, SQ, Y, M, n_out, g0, g1)
-                : vnni::gemm<false>(QS, D, MN, nb, QX, DX, SX, SQ, Y, M, n_out, g0, g1);
-        } else if (isa == AVX2) {
-            q41 ? avx2::gemm<true>(QS, D, MN, nb, QX, DX, SX, SQ, Y, M, n_out, g0, g1)
-                : avx2::gemm<false>(QS, D, MN, nb, QX, DX, SX, SQ, Y, M, n_out, g0, g1);
-        } else {
-            q41 ? gemm_scalar<true>(QS, D, MN, nb, QX, DX, SX, Y, M, n_out, g0, g1)
-                : gemm_scalar<false>(QS, D, MN, nb, QX, DX, SX, Y, M, n_out, g0, g1);
-        }
+        run_format(fmt, [&](auto f) {
+            constexpr int F = decltype(f)::value;
+            if (isa == AVX512_VNNI) {
+                vnni::gemm<F>(QS, HB, D, MN, nb, QX, DX, SX, SQ, Y, M, n_out, g0, g1);
+            } else if (isa == AVX2) {
+                avx2::gemm<F>(QS, HB, D, MN, nb, QX, DX, SX, SQ, Y, M, n_out, g0, g1);
+            } else {
+                gemm_scalar<F>(QS, HB, D, MN, nb, QX, DX, SX, Y, M, n_out, g0, g1);
+            }
+        });
     });
     return y;
 }
