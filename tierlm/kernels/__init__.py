@@ -1,4 +1,4 @@
-"""tierlm's CPU kernels: integer-exact quantized matmul over GGUF blocks (Q4_1, Q5_0, Q8_0).
+"""tierlm's CPU kernels: integer-exact quantized matmul over GGUF blocks (Q4_1, Q5_0, Q8_0, Q4_K).
 
 The compiled extension (`tierlm._kernels`, built from csrc/ by `make install`) runs the
 best ISA path this CPU has: scalar, AVX2 (+FMA, F16C) or AVX-512 VNNI. Every path, and
@@ -80,4 +80,5 @@ def gemm(x: torch.Tensor | tuple, w: reference.Packed, path: str | None = None) 
     path = path or isa()
     if path == "reference":
         return reference.gemm(qx, dx, sx, w)
-    return _ext.gemm(qx, dx, sx, sq, w.qs, w.high, w.d, w.mins, w.out_features, w.ggml_type, ISAS.index(path))
+    return _ext.gemm(qx, dx, sx, sq, w.qs, w.high, w.sub, w.d, w.mins, w.out_features, w.ggml_type,
+                     ISAS.index(path))

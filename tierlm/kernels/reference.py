@@ -11,7 +11,11 @@ in its low nibble and value 16 + i in its high one), Q8_0 codes as 8 chunks of [
 values 4c..4c+3 for r in 0..15]; the 16 rows' f16 scales (and Q4_1 offsets) side by side.
 Q5_0 keeps its low 4 bits as Q4_1's nibbles and its fifth bits in a 64-byte plane per
 block: byte (row r, t) holds, at bit 2c, value 4c+t's and at bit 2c+1, value 16+4c+t's;
-its codes are the 5-bit values minus 16.
+its codes are the 5-bit values minus 16. Q4_K's 32-value sub-blocks are re-nibbled into
+Q4_1's layout; its f16 d and dmin stay per 256 values ([Np / 16, nb / 8, 16]) and its
+6-bit sub-block scale and min per block (`sub`: [Np / 16, nb, 32], 16 scales then 16 mins),
+so a block's scale d * sc and offset dmin * m are exact fp32 products; its term is
+acc = (acc + (dw * dx) * isum) - (dmin * m) * s.
 A 512-bit vector takes a whole chunk, a 256-bit one half (rows 0-7 or 8-15). Rows are
 padded to a multiple of 16 with zero rows.
 
@@ -29,9 +33,10 @@ from dataclasses import dataclass
 import torch
 
 QK = 32
-Q4_1, Q5_0, Q8_0 = 3, 6, 8  # ggml type ids
-BLOCK_BYTES = {Q4_1: 20, Q5_0: 22, Q8_0: 34}
-CODE_BYTES = {Q4_1: 16, Q5_0: 16, Q8_0: 32}  # nibbles (Q5_0: the low 4 bits) or int8
+Q4_1, Q5_0, Q8_0, Q4_K = 3, 6, 8, 12  # ggml type ids
+BLOCK_BYTES = {Q4_1: 20, Q5_0: 22, Q8_0: 34}  # per 32 values (Q4_K: 144 per 256)
+CODE_BYTES = {Q4_1: 16, Q5_0: 16, Q8_0: 32, Q4_K: 16}  # nibbles (Q5_0: the low 4 bits) or int8
+FORMATS = (Q4_1, Q5_0, Q8_0, Q4_K)
 R = 16  # interleaved rows
 
 
@@ -44,8 +49,9 @@ class Packed:
     in_features: int
     qs: torch.Tensor  # uint8 [Np / 16, nb, 16 * (16 | 32)]
     d: torch.Tensor  # float16 [Np / 16, nb, 16]
-    mins: torch.Tensor  # float16 [Np / 16, nb, 16] (zeros but for Q4_1)
+    mins: torch.Tensor  # float16 [Np / 16, nb, 16]: Q4_1's offsets, Q4_K's dmin per 256 (else zeros)
     high: torch.Tensor  # uint8 [Np / 16, nb, 64]: Q5_0's fifth bits (empty for the others)
+    sub: torch.Tensor  # uint8 [Np / 16, nb, 32]: Q4_K's 6-bit scales and mins (empty for the others)
 
     @property
     def blocks(self) -> int:
@@ -53,16 +59,18 @@ class Packed:
 
     def nbytes(self) -> int:
         """Bytes a product reads (codes, scales, Q4_1 offsets)."""
-        return (self.qs.numel() + self.high.numel() + 2 * self.d.numel()
-                + (2 * self.mins.numel() if self.ggml_type == Q4_1 else 0))
+        return (self.qs.numel() + self.high.numel() + self.sub.numel() + 2 * self.d.numel()
+                + (2 * self.mins.numel() if self.ggml_type in (Q4_1, Q4_K) else 0))
 
 
 def pack(raw: torch.Tensor, ggml_type: int, n: int, k: int) -> Packed:
     """GGUF blocks (uint8, n rows of k values) -> the kernels' layout."""
-    if ggml_type not in BLOCK_BYTES:
+    if ggml_type not in FORMATS:
         raise ValueError(f"no kernel for ggml type {ggml_type}")
-    if k % QK:
-        raise ValueError(f"rows of {k} values are not whole 32-value blocks")
+    if k % (256 if ggml_type == Q4_K else QK):
+        raise ValueError(f"rows of {k} values are not whole blocks")
+    if ggml_type == Q4_K:
+        return _pack_q4_k(raw, n, k)
     nb, np_ = k // QK, -(-n // R) * R
     b = torch.nn.functional.pad(raw.reshape(n, nb, BLOCK_BYTES[ggml_type]), (0, 0, 0, 0, 0, np_ - n))
     codes = b[..., BLOCK_BYTES[ggml_type] - CODE_BYTES[ggml_type]:]  # [Np, nb, 16 | 32]
@@ -85,7 +93,37 @@ def pack(raw: torch.Tensor, ggml_type: int, n: int, k: int) -> Packed:
         plane = torch.stack([((bits[..., 4 * c + t] << 2 * c) | (bits[..., 16 + 4 * c + t] << 2 * c + 1)).sum(-1)
                              for t in range(4)], dim=-1)  # [Np, nb, 4]
         high = plane.reshape(np_ // R, R, nb, 4).transpose(1, 2).reshape(np_ // R, nb, 64).to(torch.uint8)
-    return Packed(ggml_type, n, k, qs.contiguous(), by_group(d), by_group(mins), high.contiguous())
+    return Packed(ggml_type, n, k, qs.contiguous(), by_group(d), by_group(mins), high.contiguous(),
+                  torch.empty(0, dtype=torch.uint8))
+
+
+def _interleave(t: torch.Tensor, np_: int) -> torch.Tensor:
+    """[Np, nb, 4 * chunks] row-major codes -> [Np/16, nb, chunks * 16 rows * 4]."""
+    nb, width = t.shape[1], t.shape[2]
+    return t.reshape(np_ // R, R, nb, width // 4, 4).permute(0, 2, 3, 1, 4).reshape(np_ // R, nb, -1)
+
+
+def _pack_q4_k(raw: torch.Tensor, n: int, k: int) -> Packed:
+    from tierlm.layers.quant import _k_scales
+
+    nsb, np_ = k // 256, -(-n // R) * R
+    b = torch.nn.functional.pad(raw.reshape(n, nsb, 144), (0, 0, 0, 0, 0, np_ - n))
+    d = b[..., 0:2].contiguous().view(torch.float16)[..., 0]  # [Np, nsb]
+    dmin = b[..., 2:4].contiguous().view(torch.float16)[..., 0]
+    if not (torch.isfinite(d).all() and torch.isfinite(dmin).all()):
+        raise ValueError("the tensor's block scales are not all finite")
+    sc, mn = _k_scales(b[..., 4:16].reshape(-1, 12))  # [Np * nsb, 8] each
+    qs = b[..., 16:].reshape(np_, nsb, 4, 32)  # 4 runs of 32 bytes: sub-blocks 2j (low) and 2j+1 (high)
+    codes = torch.stack([qs & 0x0F, qs >> 4], dim=3).reshape(np_, nsb * 8, 32)  # value order per sub-block
+    nibbles = codes[..., :16] | (codes[..., 16:] << 4)  # Q4_1's layout
+
+    def by_group(t: torch.Tensor) -> torch.Tensor:  # [Np, x] -> [Np/16, x, 16]
+        return t.reshape(np_ // R, R, -1).transpose(1, 2).contiguous()
+
+    sub = torch.cat([by_group(sc.reshape(np_, nsb * 8).to(torch.uint8)),
+                     by_group(mn.reshape(np_, nsb * 8).to(torch.uint8))], dim=-1)
+    return Packed(Q4_K, n, k, _interleave(nibbles, np_).contiguous(), by_group(d), by_group(dmin),
+                  torch.empty(0, dtype=torch.uint8), sub.contiguous())
 
 
 def codes(w: Packed) -> torch.Tensor:
@@ -93,7 +131,7 @@ def codes(w: Packed) -> torch.Tensor:
     groups, nb = w.qs.shape[:2]
     chunks = CODE_BYTES[w.ggml_type] // 4
     raw = w.qs.reshape(groups, nb, chunks, R, 4).permute(0, 3, 1, 2, 4).reshape(groups * R, nb, chunks * 4)
-    if w.ggml_type in (Q4_1, Q5_0):
+    if w.ggml_type in (Q4_1, Q5_0, Q4_K):
         raw = raw.to(torch.int32)
         full = torch.cat([raw & 0x0F, raw >> 4], dim=-1)
     else:
@@ -108,11 +146,16 @@ def codes(w: Packed) -> torch.Tensor:
 
 
 def scales(w: Packed) -> tuple[torch.Tensor, torch.Tensor]:
-    """(d, mins) as float32 [N, nb]."""
+    """(scale, offset) per block as float32 [N, nb]: y gains (scale * dx) * isum + offset * s.
+    Q4_K's are the exact products d * sc and -(dmin * m)."""
     def rows(t: torch.Tensor) -> torch.Tensor:
-        return t.transpose(1, 2).reshape(-1, w.blocks)[: w.out_features].float()
+        return t.transpose(1, 2).reshape(w.qs.shape[0] * R, -1)[: w.out_features].float()
 
-    return rows(w.d), rows(w.mins)
+    if w.ggml_type != Q4_K:
+        return rows(w.d), rows(w.mins)
+    sc, mn = rows(w.sub[..., :R]), rows(w.sub[..., R:])
+    d, dmin = (rows(t).repeat_interleave(8, dim=1) for t in (w.d, w.mins))
+    return d * sc, -(dmin * mn)
 
 
 def dequantize(w: Packed) -> torch.Tensor:
@@ -144,4 +187,6 @@ def gemm(qx: torch.Tensor, dx: torch.Tensor, sx: torch.Tensor, w: Packed) -> tor
         acc = acc + (dw[None, :, b] * dx[:, None, b]) * isum[:, :, b]
         if w.ggml_type == Q4_1:
             acc = acc + mw[None, :, b] * sx[:, None, b]
+        elif w.ggml_type == Q4_K:  # acc - (dmin * m) * s: the same bits as adding the negated product
+            acc = acc - (-mw[None, :, b]) * sx[:, None, b]
     return acc

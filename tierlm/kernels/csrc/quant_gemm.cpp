@@ -1,4 +1,4 @@
-// Integer-exact quantized matmul over GGUF blocks (Q4_1, Q5_0, Q8_0), CPU.
+// Integer-exact quantized matmul over GGUF blocks (Q4_1, Q5_0, Q8_0, Q4_K), CPU.
 //
 // Numerics (one definition, every path; tierlm/kernels/reference.py is its oracle):
 //   activations: each row, per 32-value block b: d = amax / 127, q = nearbyint(x * (1 / d))
@@ -35,7 +35,7 @@ namespace {
 constexpr int QK = 32;          // values per block
 
 enum Isa { SCALAR = 0, AVX2 = 1, AVX512_VNNI = 2 };
-enum Format { FMT_Q4_1 = 0, FMT_Q8_0 = 1, FMT_Q5_0 = 2 };
+enum Format { FMT_Q4_1 = 0, FMT_Q8_0 = 1, FMT_Q5_0 = 2, FMT_Q4_K = 3 };
 
 inline float f16_to_f32(uint16_t h) {
     const uint32_t sign = (uint32_t)(h & 0x8000) << 16;
@@ -88,15 +88,15 @@ inline int32_t code(const uint8_t* blk, const uint8_t* plane, int l, int i) {
     if (F == FMT_Q8_0) return (int8_t)blk[(i >> 2) * 64 + l * 4 + (i & 3)];
     const uint8_t byte = blk[((i & 15) >> 2) * 64 + l * 4 + (i & 3)];
     const int32_t nib = i < 16 ? (byte & 0x0f) : (byte >> 4);
-    if (F == FMT_Q4_1) return nib;
+    if (F == FMT_Q4_1 || F == FMT_Q4_K) return nib;
     const int bit = (plane[l * 4 + (i & 3)] >> (2 * ((i & 15) >> 2) + (i >> 4))) & 1;
     return nib + 16 * bit - 16;
 }
 
 template <int F>
-void gemm_scalar(const uint8_t* QS, const uint8_t* HB, const uint16_t* D, const uint16_t* MN, int64_t nb,
-                 const int8_t* QX, const float* DX, const float* SX, float* Y, int64_t M, int64_t N, int64_t g0,
-                 int64_t g1) {
+void gemm_scalar(const uint8_t* QS, const uint8_t* HB, const uint8_t* SUB, const uint16_t* D, const uint16_t* MN,
+                 int64_t nb, const int8_t* QX, const float* DX, const float* SX, float* Y, int64_t M, int64_t N,
+                 int64_t g0, int64_t g1) {
     constexpr int64_t BQ = F == FMT_Q8_0 ? 512 : 256;  // code bytes of one block for 16 rows
     for (int64_t m = 0; m < M; ++m)
         for (int64_t n = g0 * 16; n < std::min(N, g1 * 16); ++n) {
@@ -108,6 +108,14 @@ void gemm_scalar(const uint8_t* QS, const uint8_t* HB, const uint16_t* D, const 
                 const int8_t* xb = QX + (m * nb + b) * QK;
                 int32_t isum = 0;
                 for (int i = 0; i < QK; ++i) isum += code<F>(QS + gb * BQ, HB + gb * 64, l, i) * xb[i];
+                if (F == FMT_Q4_K) {
+                    const int64_t sb = gb / 8 * 16 + l;
+                    const float dw = f16_to_f32(D[sb]) * (float)SUB[gb * 32 + l];
+                    const float dm = f16_to_f32(MN[sb]) * (float)SUB[gb * 32 + 16 + l];
+                    acc = acc + (dw * DX[m * nb + b]) * (float)isum;
+                    acc = acc - dm * SX[m * nb + b];
+                    continue;
+                }
                 acc = acc + (f16_to_f32(D[gb * 16 + l]) * DX[m * nb + b]) * (float)isum;
                 if (F == FMT_Q4_1) acc = acc + f16_to_f32(MN[gb * 16 + l]) * SX[m * nb + b];
             }
@@ -137,7 +145,8 @@ template <typename Fn>
 void run_format(int fmt, Fn&& fn) {
     if (fmt == FMT_Q4_1) fn(std::integral_constant<int, FMT_Q4_1>{});
     else if (fmt == FMT_Q8_0) fn(std::integral_constant<int, FMT_Q8_0>{});
-    else fn(std::integral_constant<int, FMT_Q5_0>{});
+    else if (fmt == FMT_Q5_0) fn(std::integral_constant<int, FMT_Q5_0>{});
+    else fn(std::integral_constant<int, FMT_Q4_K>{});
 }
 
 bool cpu_has(Isa isa) {
@@ -176,19 +185,28 @@ std::vector<torch::Tensor> quantize_rows(torch::Tensor x) {
 }
 
 torch::Tensor gemm(torch::Tensor qx, torch::Tensor dx, torch::Tensor sx, torch::Tensor sq, torch::Tensor qs,
-                   torch::Tensor high, torch::Tensor d, torch::Tensor mins, int64_t n_out, int64_t ggml_type,
-                   int64_t isa) {
-    const int fmt = ggml_type == 3 ? FMT_Q4_1 : ggml_type == 8 ? FMT_Q8_0 : ggml_type == 6 ? FMT_Q5_0 : -1;
-    TORCH_CHECK(fmt >= 0, "gemm: only Q4_1 (3), Q5_0 (6) and Q8_0 (8) weights");
+                   torch::Tensor high, torch::Tensor sub, torch::Tensor d, torch::Tensor mins, int64_t n_out,
+                   int64_t ggml_type, int64_t isa) {
+    const int fmt = ggml_type == 3    ? FMT_Q4_1
+                    : ggml_type == 8  ? FMT_Q8_0
+                    : ggml_type == 6  ? FMT_Q5_0
+                    : ggml_type == 12 ? FMT_Q4_K
+                                      : -1;
+    TORCH_CHECK(fmt >= 0, "gemm: only Q4_1 (3), Q5_0 (6), Q8_0 (8) and Q4_K (12) weights");
     TORCH_CHECK(isa >= SCALAR && isa <= AVX512_VNNI && cpu_has((Isa)isa), "gemm: this CPU cannot run isa ", isa);
     const int64_t BQ = fmt == FMT_Q8_0 ? 512 : 256;
     TORCH_CHECK(qs.dtype() == torch::kUInt8 && qs.dim() == 3 && qs.is_contiguous() && qs.size(2) == BQ,
                 "gemm: qs must be uint8 [N/16, nb, ", BQ, "]");
     const int64_t groups = qs.size(0), nb = qs.size(1);
     TORCH_CHECK(n_out > (groups - 1) * 16 && n_out <= groups * 16, "gemm: n_out does not match the packed rows");
+    const int64_t per_scale = fmt == FMT_Q4_K ? 8 : 1;  // Q4_K: d and dmin per 8 blocks
+    TORCH_CHECK(fmt != FMT_Q4_K || nb % 8 == 0, "gemm: Q4_K rows are whole 256-value super-blocks");
     for (const auto& t : {d, mins})
-        TORCH_CHECK(t.dtype() == torch::kFloat16 && t.is_contiguous() && t.numel() == groups * nb * 16,
-                    "gemm: scales must be float16 [N/16, nb, 16]");
+        TORCH_CHECK(t.dtype() == torch::kFloat16 && t.is_contiguous() && t.numel() == groups * nb / per_scale * 16,
+                    "gemm: scales must be float16 [N/16, nb (Q4_K: nb / 8), 16]");
+    TORCH_CHECK(sub.dtype() == torch::kUInt8 && sub.is_contiguous() &&
+                    sub.numel() == (fmt == FMT_Q4_K ? groups * nb * 32 : 0),
+                "gemm: sub must be uint8 [N/16, nb, 32] for Q4_K, empty otherwise");
     TORCH_CHECK(high.dtype() == torch::kUInt8 && high.is_contiguous() &&
                     high.numel() == (fmt == FMT_Q5_0 ? groups * nb * 64 : 0),
                 "gemm: high must be uint8 [N/16, nb, 64] for Q5_0, empty otherwise");
@@ -201,6 +219,7 @@ torch::Tensor gemm(torch::Tensor qx, torch::Tensor dx, torch::Tensor sx, torch::
     auto y = torch::empty({M, n_out}, torch::kFloat32);
     const uint8_t* QS = qs.data_ptr<uint8_t>();
     const uint8_t* HB = high.data_ptr<uint8_t>();
+    const uint8_t* SUB = sub.data_ptr<uint8_t>();
     const uint16_t* D = reinterpret_cast<const uint16_t*>(d.data_ptr<at::Half>());
     const uint16_t* MN = reinterpret_cast<const uint16_t*>(mins.data_ptr<at::Half>());
     const int8_t* QX = qx.data_ptr<int8_t>();
@@ -212,11 +231,11 @@ torch::Tensor gemm(torch::Tensor qx, torch::Tensor dx, torch::Tensor sx, torch::
         run_format(fmt, [&](auto f) {
             constexpr int F = decltype(f)::value;
             if (isa == AVX512_VNNI) {
-                vnni::gemm<F>(QS, HB, D, MN, nb, QX, DX, SX, SQ, Y, M, n_out, g0, g1);
+                vnni::gemm<F>(QS, HB, SUB, D, MN, nb, QX, DX, SX, SQ, Y, M, n_out, g0, g1);
             } else if (isa == AVX2) {
-                avx2::gemm<F>(QS, HB, D, MN, nb, QX, DX, SX, SQ, Y, M, n_out, g0, g1);
+                avx2::gemm<F>(QS, HB, SUB, D, MN, nb, QX, DX, SX, SQ, Y, M, n_out, g0, g1);
             } else {
-                gemm_scalar<F>(QS, HB, D, MN, nb, QX, DX, SX, Y, M, n_out, g0, g1);
+                gemm_scalar<F>(QS, HB, SUB, D, MN, nb, QX, DX, SX, Y, M, n_out, g0, g1);
             }
         });
     });
