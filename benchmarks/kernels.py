@@ -4,8 +4,8 @@ measured read bandwidth.
 
     .venv/bin/python benchmarks/kernels.py [--model smollm2-135m|gemma3-270m] [--rows 1 4 32]
 
-SmolLM2: all 211 matrices (Q4_1 projections, Q8_0 embedding / output). Gemma-3: its Q5_0, Q4_K
-and Q8_0 matrices (the 9 Q6_K ones have no kernel yet). For each ISA path and row
+SmolLM2: all 211 matrices (Q4_1 projections, Q8_0 embedding / output). Gemma-3: all 127
+(Q5_0, Q4_K, Q6_K, Q8_0; the embedding / output is Q8_0). For each ISA path and row
 count: the time of one pass over the matrices (what one decode step multiplies), the
 weight bytes streamed per second, and the share of the measured read bandwidth (torch.sum
 over 1 GiB, same threads). The aten baseline runs the same matrices as the engine does for

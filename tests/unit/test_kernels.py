@@ -30,12 +30,13 @@ def bundled_tensors(smollm2_path, gemma3_path):
     for name, rows in (("smollm2/blk.0.ffn_gate.weight", None), ("smollm2/blk.3.attn_k.weight", None),
                        ("smollm2/token_embd.weight", 640), ("gemma3/blk.0.attn_q.weight", None),
                        ("gemma3/blk.2.attn_v.weight", None),
-                       ("gemma3/blk.0.attn_output.weight", None)):
+                       ("gemma3/blk.0.attn_output.weight", None), ("gemma3/blk.0.ffn_down.weight", None)):
         model, _, tensor_name = name.partition("/")
         t = files[model].tensors[tensor_name]
         n, k = t.shape
         n = rows or n
-        per_row = k // 256 * 144 if t.ggml_type == ref.Q4_K else k // 32 * ref.BLOCK_BYTES[t.ggml_type]
+        per_row = {ref.Q4_K: k // 256 * 144, ref.Q6_K: k // 256 * 210}.get(
+            t.ggml_type, k // 32 * ref.BLOCK_BYTES.get(t.ggml_type, 0))
         raw = torch.from_numpy(np.asarray(t.raw[: n * per_row]).copy())
         out[name] = (kernels.pack(raw, t.ggml_type, n, k), t)
     return out
@@ -43,10 +44,12 @@ def bundled_tensors(smollm2_path, gemma3_path):
 
 def random_blocks(ggml_type: int, n: int, k: int, seed: int = 0) -> ref.Packed:
     gen = torch.Generator().manual_seed(seed)
-    nb, size = (k // 256, 144) if ggml_type == ref.Q4_K else (k // 32, ref.BLOCK_BYTES[ggml_type])
+    size = {ref.Q4_K: 144, ref.Q6_K: 210}.get(ggml_type, ref.BLOCK_BYTES.get(ggml_type))
+    nb = k // (256 if ggml_type in ref.SUPER else 32)
     raw = torch.randint(0, 256, (n, nb, size), dtype=torch.uint8, generator=gen)
     scales = (torch.rand(n, nb, generator=gen) * 0.02 + 1e-3).half()
-    raw[..., 0:2] = scales.view(torch.uint8).reshape(n, nb, 2)
+    at = 208 if ggml_type == ref.Q6_K else 0  # where the block's f16 d sits
+    raw[..., at:at + 2] = scales.view(torch.uint8).reshape(n, nb, 2)
     if ggml_type in (ref.Q4_1, ref.Q4_K):  # Q4_1's offset, Q4_K's dmin
         mins = (-torch.rand(n, nb, generator=gen) * 0.1).half()
         raw[..., 2:4] = mins.view(torch.uint8).reshape(n, nb, 2)
@@ -65,15 +68,17 @@ def test_activation_quantization_equals_reference():
     got, want = kernels.quantize_rows(x), ref.quantize_rows(x)
     for a, b in zip(got, want):
         assert a.dtype == b.dtype and torch.equal(a, b)
-    q, d, s, total = want
+    q, d, s, total, halves = want
     blocks = q.reshape(9, 9, 32)
     assert d[0, 0] == 0 and (blocks[0, 0] == 0).all() and q.abs().max() == 127
     assert torch.equal(total, blocks.sum(-1, dtype=torch.int32)) and torch.equal(s, d * total.float())
+    assert torch.equal(halves, q.reshape(9, 18, 16).sum(-1, dtype=torch.int32))
 
 
 @pytest.mark.parametrize("name", ["smollm2/blk.0.ffn_gate.weight", "smollm2/blk.3.attn_k.weight",
                                   "smollm2/token_embd.weight", "gemma3/blk.0.attn_q.weight",
-                                  "gemma3/blk.2.attn_v.weight", "gemma3/blk.0.attn_output.weight"])
+                                  "gemma3/blk.2.attn_v.weight", "gemma3/blk.0.attn_output.weight",
+                                  "gemma3/blk.0.ffn_down.weight"])
 def test_every_path_equals_the_reference_on_the_bundled_tensors(bundled_tensors, name):
     w, tensor = bundled_tensors[name]
     x = activations(5, w.in_features)
@@ -89,7 +94,7 @@ def test_every_path_equals_the_reference_on_the_bundled_tensors(bundled_tensors,
 
 
 @pytest.mark.parametrize("ggml_type,k", [(t, k) for t in (ref.Q4_1, ref.Q5_0, ref.Q8_0) for k in (32, 64, 288, 576)]
-                         + [(ref.Q4_K, 256), (ref.Q4_K, 768)])  # 1, 2, 9, 18 blocks; 1 and 3 super-blocks
+                         + [(t, k) for t in ref.SUPER for k in (256, 768)])  # 1, 2, 9, 18 blocks; 1, 3 super-blocks
 def test_random_blocks_and_odd_shapes(ggml_type, k):
     n = 37  # not a multiple of the 8 interleaved rows
     w = random_blocks(ggml_type, n, k)
@@ -99,7 +104,7 @@ def test_random_blocks_and_odd_shapes(ggml_type, k):
         assert torch.equal(kernels.gemm(x, w, path=path), want), path
 
 
-@pytest.mark.parametrize("ggml_type", [ref.Q4_1, ref.Q5_0, ref.Q8_0, ref.Q4_K])
+@pytest.mark.parametrize("ggml_type", ref.FORMATS)
 def test_a_row_has_the_same_bits_in_any_batch_and_thread_count(ggml_type):
     n, k = 96, 768
     w = random_blocks(ggml_type, n, k, seed=3)

@@ -67,7 +67,7 @@ def pack(raw: torch.Tensor, ggml_type: int, n: int, k: int) -> reference.Packed:
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Activations [M, K] -> (int8 codes, block scales, d * sum(q), sum(q))."""
+    """Activations [M, K] -> (int8 codes, block scales, d * sum(q), sum(q), sums of 16)."""
     if _ext is None or isa() == "reference":
         return reference.quantize_rows(x)
     return tuple(_ext.quantize_rows(x))
@@ -76,9 +76,9 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
 def gemm(x: torch.Tensor | tuple, w: reference.Packed, path: str | None = None) -> torch.Tensor:
     """y = x W^T as fp32 [M, N]; `x` fp32/bf16 [M, K] or already quantized by
     `quantize_rows`. `path` overrides the process's ISA path."""
-    qx, dx, sx, sq = quantize_rows(x) if isinstance(x, torch.Tensor) else x
+    qx, dx, sx, sq, sq16 = quantize_rows(x) if isinstance(x, torch.Tensor) else x
     path = path or isa()
     if path == "reference":
         return reference.gemm(qx, dx, sx, w)
-    return _ext.gemm(qx, dx, sx, sq, w.qs, w.high, w.sub, w.d, w.mins, w.out_features, w.ggml_type,
+    return _ext.gemm(qx, dx, sx, sq, sq16, w.qs, w.high, w.sub, w.d, w.mins, w.out_features, w.ggml_type,
                      ISAS.index(path))

@@ -16,6 +16,11 @@ Q4_1's layout; its f16 d and dmin stay per 256 values ([Np / 16, nb / 8, 16]) an
 6-bit sub-block scale and min per block (`sub`: [Np / 16, nb, 32], 16 scales then 16 mins),
 so a block's scale d * sc and offset dmin * m are exact fp32 products; its term is
 acc = (acc + (dw * dx) * isum) - (dmin * m) * s.
+Q6_K keeps its low 4 bits as nibbles and its top 2 bits in two 64-byte planes per block
+(plane p, byte (row r, t): bits 4j..4j+1 value 4c+t's, 4j+2..4j+3 value 16+4c+t's, for
+c = 2p + j); codes are the 6-bit values minus 32. Its int8 scale per 16 values times the
+super-block's d is exact in fp32 (`sub`: 16 scales of values 0-15, then 16 of 16-31), and
+a block adds its halves in order: acc = (acc + (d * sc0 * dx) * isum0) + (d * sc1 * dx) * isum1.
 A 512-bit vector takes a whole chunk, a 256-bit one half (rows 0-7 or 8-15). Rows are
 padded to a multiple of 16 with zero rows.
 
@@ -33,10 +38,11 @@ from dataclasses import dataclass
 import torch
 
 QK = 32
-Q4_1, Q5_0, Q8_0, Q4_K = 3, 6, 8, 12  # ggml type ids
+Q4_1, Q5_0, Q8_0, Q4_K, Q6_K = 3, 6, 8, 12, 14  # ggml type ids
 BLOCK_BYTES = {Q4_1: 20, Q5_0: 22, Q8_0: 34}  # per 32 values (Q4_K: 144 per 256)
-CODE_BYTES = {Q4_1: 16, Q5_0: 16, Q8_0: 32, Q4_K: 16}  # nibbles (Q5_0: the low 4 bits) or int8
-FORMATS = (Q4_1, Q5_0, Q8_0, Q4_K)
+CODE_BYTES = {Q4_1: 16, Q5_0: 16, Q8_0: 32, Q4_K: 16, Q6_K: 16}  # nibbles (low 4 bits) or int8
+FORMATS = (Q4_1, Q5_0, Q8_0, Q4_K, Q6_K)
+SUPER = (Q4_K, Q6_K)  # 256-value super-blocks
 R = 16  # interleaved rows
 
 
@@ -51,7 +57,8 @@ class Packed:
     d: torch.Tensor  # float16 [Np / 16, nb, 16]
     mins: torch.Tensor  # float16 [Np / 16, nb, 16]: Q4_1's offsets, Q4_K's dmin per 256 (else zeros)
     high: torch.Tensor  # uint8 [Np / 16, nb, 64]: Q5_0's fifth bits (empty for the others)
-    sub: torch.Tensor  # uint8 [Np / 16, nb, 32]: Q4_K's 6-bit scales and mins (empty for the others)
+    sub: torch.Tensor  # uint8 [Np / 16, nb, 32]: Q4_K's 6-bit scales and mins, Q6_K's int8 scales
+    # (Q6_K: `high` is [Np / 16, nb, 128], its two planes of top bits)
 
     @property
     def blocks(self) -> int:
@@ -67,10 +74,12 @@ def pack(raw: torch.Tensor, ggml_type: int, n: int, k: int) -> Packed:
     """GGUF blocks (uint8, n rows of k values) -> the kernels' layout."""
     if ggml_type not in FORMATS:
         raise ValueError(f"no kernel for ggml type {ggml_type}")
-    if k % (256 if ggml_type == Q4_K else QK):
+    if k % (256 if ggml_type in SUPER else QK):
         raise ValueError(f"rows of {k} values are not whole blocks")
     if ggml_type == Q4_K:
         return _pack_q4_k(raw, n, k)
+    if ggml_type == Q6_K:
+        return _pack_q6_k(raw, n, k)
     nb, np_ = k // QK, -(-n // R) * R
     b = torch.nn.functional.pad(raw.reshape(n, nb, BLOCK_BYTES[ggml_type]), (0, 0, 0, 0, 0, np_ - n))
     codes = b[..., BLOCK_BYTES[ggml_type] - CODE_BYTES[ggml_type]:]  # [Np, nb, 16 | 32]
@@ -126,12 +135,48 @@ def _pack_q4_k(raw: torch.Tensor, n: int, k: int) -> Packed:
                   torch.empty(0, dtype=torch.uint8), sub.contiguous())
 
 
+def _pack_q6_k(raw: torch.Tensor, n: int, k: int) -> Packed:
+    nsb, np_ = k // 256, -(-n // R) * R
+    b = torch.nn.functional.pad(raw.reshape(n, nsb, 210), (0, 0, 0, 0, 0, np_ - n))
+    ql, qh = b[..., :128].to(torch.int32), b[..., 128:192].to(torch.int32)
+    scales = b[..., 192:208].contiguous().view(torch.int8)  # [Np, nsb, 16], one per 16 values
+    d = b[..., 208:210].contiguous().view(torch.float16)[..., 0]
+    if not torch.isfinite(d).all():
+        raise ValueError("the tensor's block scales are not all finite")
+    halves = []
+    for h in range(2):  # ggml's order: 128 values from 64 bytes of ql and 32 of qh
+        lq, hq = ql[..., 64 * h:64 * h + 64], qh[..., 32 * h:32 * h + 32]
+        halves += [(lq[..., :32] & 15) | ((hq & 3) << 4), (lq[..., 32:] & 15) | (((hq >> 2) & 3) << 4),
+                   (lq[..., :32] >> 4) | (((hq >> 4) & 3) << 4), (lq[..., 32:] >> 4) | (((hq >> 6) & 3) << 4)]
+    codes = torch.cat(halves, dim=-1).reshape(np_, nsb * 8, 32)  # 0..63, value order
+    low, top = codes & 15, codes >> 4
+    nibbles = (low[..., :16] | (low[..., 16:] << 4)).to(torch.uint8)
+    planes = []
+    for p in range(2):
+        js = torch.arange(2)
+        byte = sum(((top[..., 4 * (2 * p + j) + torch.arange(4)] << 4 * j)
+                    | (top[..., 16 + 4 * (2 * p + j) + torch.arange(4)] << 4 * j + 2)) for j in js)
+        planes.append(byte)  # [Np, nb, 4]
+
+    def by_group(t: torch.Tensor) -> torch.Tensor:  # [Np, x] -> [Np/16, x, 16]
+        return t.reshape(np_ // R, R, -1).transpose(1, 2).contiguous()
+
+    def plane_layout(t: torch.Tensor) -> torch.Tensor:  # [Np, nb, 4] -> [Np/16, nb, 64]
+        return t.reshape(np_ // R, R, nsb * 8, 4).transpose(1, 2).reshape(np_ // R, nsb * 8, 64)
+
+    high = torch.cat([plane_layout(pl) for pl in planes], dim=-1).to(torch.uint8)
+    sc = scales.reshape(np_, nsb * 8, 2)  # per block: values 0-15, 16-31
+    sub = torch.cat([by_group(sc[..., 0].view(torch.uint8)), by_group(sc[..., 1].view(torch.uint8))], dim=-1)
+    return Packed(Q6_K, n, k, _interleave(nibbles, np_).contiguous(), by_group(d), torch.zeros_like(by_group(d)),
+                  high.contiguous(), sub.contiguous())
+
+
 def codes(w: Packed) -> torch.Tensor:
     """The weight codes as int32 [N, nb, 32] in value order."""
     groups, nb = w.qs.shape[:2]
     chunks = CODE_BYTES[w.ggml_type] // 4
     raw = w.qs.reshape(groups, nb, chunks, R, 4).permute(0, 3, 1, 2, 4).reshape(groups * R, nb, chunks * 4)
-    if w.ggml_type in (Q4_1, Q5_0, Q4_K):
+    if w.ggml_type in (Q4_1, Q5_0, Q4_K, Q6_K):
         raw = raw.to(torch.int32)
         full = torch.cat([raw & 0x0F, raw >> 4], dim=-1)
     else:
@@ -142,6 +187,16 @@ def codes(w: Packed) -> torch.Tensor:
         low = (plane[..., None, :] >> (2 * c)[:, None] & 1).reshape(groups * R, nb, 16)  # value 4c + t
         up = (plane[..., None, :] >> (2 * c + 1)[:, None] & 1).reshape(groups * R, nb, 16)  # value 16 + 4c + t
         full = full + 16 * torch.cat([low, up], dim=-1) - 16
+    if w.ggml_type == Q6_K:  # the top two bits, back in value order, and the offset of 32
+        planes = w.high.reshape(groups, nb, 2, R, 4).permute(0, 3, 1, 2, 4).reshape(groups * R, nb, 2, 4)
+        planes = planes.to(torch.int32)
+        top = torch.zeros(groups * R, nb, 32, dtype=torch.int32)
+        for p in range(2):
+            for j in range(2):
+                c = 2 * p + j
+                top[..., 4 * c:4 * c + 4] = (planes[..., p, :] >> 4 * j) & 3
+                top[..., 16 + 4 * c:20 + 4 * c] = (planes[..., p, :] >> 4 * j + 2) & 3
+        full = full + 16 * top - 32
     return full[: w.out_features]
 
 
@@ -151,6 +206,10 @@ def scales(w: Packed) -> tuple[torch.Tensor, torch.Tensor]:
     def rows(t: torch.Tensor) -> torch.Tensor:
         return t.transpose(1, 2).reshape(w.qs.shape[0] * R, -1)[: w.out_features].float()
 
+    if w.ggml_type == Q6_K:  # per 16 values: [N, nb, 2]
+        d = rows(w.d).repeat_interleave(8, dim=1)
+        halves = [rows(w.sub[..., R * i:R * (i + 1)].view(torch.int8)) for i in range(2)]
+        return torch.stack([d * halves[0], d * halves[1]], dim=-1), torch.zeros_like(d)
     if w.ggml_type != Q4_K:
         return rows(w.d), rows(w.mins)
     sc, mn = rows(w.sub[..., :R]), rows(w.sub[..., R:])
@@ -161,18 +220,23 @@ def scales(w: Packed) -> tuple[torch.Tensor, torch.Tensor]:
 def dequantize(w: Packed) -> torch.Tensor:
     """fp32 weights [N, K] (Q4_1: d * q + m; Q8_0: d * q)."""
     d, mins = scales(w)
+    if w.ggml_type == Q6_K:
+        d = d.repeat_interleave(16, dim=-1).reshape(*d.shape[:2], 32)
+        return (codes(w).float() * d).reshape(w.out_features, w.in_features)
     return (codes(w).float() * d[..., None] + mins[..., None]).reshape(w.out_features, w.in_features)
 
 
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """[M, K] -> (int8 codes [M, K], block scales [M, K/32], block sums d * sum(q), sum(q) int32)."""
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """[M, K] -> (int8 codes [M, K], block scales [M, K/32], d * sum(q) [M, K/32],
+    sum(q) int32 [M, K/32], sums of each 16 codes int32 [M, K/16])."""
     m, k = x.shape
     xb = x.float().reshape(m, k // QK, QK)
     d = xb.abs().amax(-1) / 127.0
     inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
     q = torch.round(xb * inv[..., None])  # round half to even, as nearbyint
     total = q.sum(-1)
-    return q.to(torch.int8).reshape(m, k), d, d * total, total.to(torch.int32)
+    halves = q.reshape(m, k // 16, 16).sum(-1).to(torch.int32)
+    return q.to(torch.int8).reshape(m, k), d, d * total, total.to(torch.int32), halves
 
 
 def gemm(qx: torch.Tensor, dx: torch.Tensor, sx: torch.Tensor, w: Packed) -> torch.Tensor:
@@ -180,9 +244,15 @@ def gemm(qx: torch.Tensor, dx: torch.Tensor, sx: torch.Tensor, w: Packed) -> tor
     m, nb = dx.shape
     xq = qx.reshape(m, nb, QK).float()
     # Per block: exact integer sums (every partial is an integer below 2^24, so fp32 is exact).
-    isum = torch.einsum("mbi,nbi->mnb", xq, codes(w).float())
     dw, mw = scales(w)
     acc = torch.zeros(m, w.out_features)
+    if w.ggml_type == Q6_K:  # two halves of 16 values per block, each with its own scale
+        isum = torch.einsum("mbhi,nbhi->mnbh", xq.reshape(m, nb, 2, 16), codes(w).float().reshape(-1, nb, 2, 16))
+        for b in range(nb):
+            acc = acc + (dw[None, :, b, 0] * dx[:, None, b]) * isum[:, :, b, 0]
+            acc = acc + (dw[None, :, b, 1] * dx[:, None, b]) * isum[:, :, b, 1]
+        return acc
+    isum = torch.einsum("mbi,nbi->mnb", xq, codes(w).float())
     for b in range(nb):
         acc = acc + (dw[None, :, b] * dx[:, None, b]) * isum[:, :, b]
         if w.ggml_type == Q4_1:

@@ -1,4 +1,4 @@
-// Integer-exact quantized matmul over GGUF blocks (Q4_1, Q5_0, Q8_0, Q4_K), CPU.
+// Integer-exact quantized matmul over GGUF blocks (Q4_1, Q5_0, Q8_0, Q4_K, Q6_K), CPU.
 //
 // Numerics (one definition, every path; tierlm/kernels/reference.py is its oracle):
 //   activations: each row, per 32-value block b: d = amax / 127, q = nearbyint(x * (1 / d))
@@ -35,7 +35,7 @@ namespace {
 constexpr int QK = 32;          // values per block
 
 enum Isa { SCALAR = 0, AVX2 = 1, AVX512_VNNI = 2 };
-enum Format { FMT_Q4_1 = 0, FMT_Q8_0 = 1, FMT_Q5_0 = 2, FMT_Q4_K = 3 };
+enum Format { FMT_Q4_1 = 0, FMT_Q8_0 = 1, FMT_Q5_0 = 2, FMT_Q4_K = 3, FMT_Q6_K = 4 };
 
 inline float f16_to_f32(uint16_t h) {
     const uint32_t sign = (uint32_t)(h & 0x8000) << 16;
@@ -62,19 +62,22 @@ inline float f16_to_f32(uint16_t h) {
 }
 
 // ---- activation quantization ----------------------------------------------------------
-void quantize_row_scalar(const float* x, int64_t k, int8_t* q, float* d, float* s, int32_t* sq) {
+void quantize_row_scalar(const float* x, int64_t k, int8_t* q, float* d, float* s, int32_t* sq, int32_t* sq16) {
     for (int64_t b = 0; b < k / QK; ++b) {
         const float* xb = x + b * QK;
         float amax = 0.0f;
         for (int i = 0; i < QK; ++i) amax = std::fmax(amax, std::fabs(xb[i]));
         const float db = amax / 127.0f;
         const float id = db != 0.0f ? 1.0f / db : 0.0f;
-        int sum = 0;
+        int sum = 0, half = 0;
         for (int i = 0; i < QK; ++i) {
             const int v = (int)std::nearbyint(xb[i] * id);
             q[b * QK + i] = (int8_t)v;
             sum += v;
+            if (i == 15) half = sum;
         }
+        sq16[2 * b] = half;
+        sq16[2 * b + 1] = sum - half;
         d[b] = db;
         s[b] = db * (float)sum;
         sq[b] = sum;
@@ -89,6 +92,11 @@ inline int32_t code(const uint8_t* blk, const uint8_t* plane, int l, int i) {
     const uint8_t byte = blk[((i & 15) >> 2) * 64 + l * 4 + (i & 3)];
     const int32_t nib = i < 16 ? (byte & 0x0f) : (byte >> 4);
     if (F == FMT_Q4_1 || F == FMT_Q4_K) return nib;
+    if (F == FMT_Q6_K) {  // top bits: plane c / 2, bits 4 (c % 2) (+ 2 for values 16-31)
+        const int c = (i & 15) >> 2;
+        const int top = (plane[(c >> 1) * 64 + l * 4 + (i & 3)] >> (4 * (c & 1) + 2 * (i >> 4))) & 3;
+        return nib + 16 * top - 32;
+    }
     const int bit = (plane[l * 4 + (i & 3)] >> (2 * ((i & 15) >> 2) + (i >> 4))) & 1;
     return nib + 16 * bit - 16;
 }
@@ -106,6 +114,17 @@ void gemm_scalar(const uint8_t* QS, const uint8_t* HB, const uint8_t* SUB, const
             for (int64_t b = 0; b < nb; ++b) {
                 const int64_t gb = g * nb + b;
                 const int8_t* xb = QX + (m * nb + b) * QK;
+                if (F == FMT_Q6_K) {  // two halves of 16 values, each with its int8 scale
+                    const float d = f16_to_f32(D[gb / 8 * 16 + l]);
+                    for (int hf = 0; hf < 2; ++hf) {
+                        int32_t part = 0;
+                        for (int i = 16 * hf; i < 16 * hf + 16; ++i)
+                            part += code<F>(QS + gb * BQ, HB + gb * 128, l, i) * xb[i];
+                        const float dw = d * (float)(int8_t)SUB[gb * 32 + 16 * hf + l];
+                        acc = acc + (dw * DX[m * nb + b]) * (float)part;
+                    }
+                    continue;
+                }
                 int32_t isum = 0;
                 for (int i = 0; i < QK; ++i) isum += code<F>(QS + gb * BQ, HB + gb * 64, l, i) * xb[i];
                 if (F == FMT_Q4_K) {
@@ -146,7 +165,8 @@ void run_format(int fmt, Fn&& fn) {
     if (fmt == FMT_Q4_1) fn(std::integral_constant<int, FMT_Q4_1>{});
     else if (fmt == FMT_Q8_0) fn(std::integral_constant<int, FMT_Q8_0>{});
     else if (fmt == FMT_Q5_0) fn(std::integral_constant<int, FMT_Q5_0>{});
-    else fn(std::integral_constant<int, FMT_Q4_K>{});
+    else if (fmt == FMT_Q4_K) fn(std::integral_constant<int, FMT_Q4_K>{});
+    else fn(std::integral_constant<int, FMT_Q6_K>{});
 }
 
 bool cpu_has(Isa isa) {
@@ -164,7 +184,8 @@ bool cpu_has(Isa isa) {
 }
 
 // ---- Python-facing ---------------------------------------------------------------------
-// x [M, K] -> codes [M, K] int8, scales and d * sum(q) [M, K/32] float32, sum(q) int32.
+// x [M, K] -> codes [M, K] int8, scales and d * sum(q) [M, K/32] float32, sum(q) int32,
+// and the sums of each 16 codes [M, K/16] int32.
 std::vector<torch::Tensor> quantize_rows(torch::Tensor x) {
     TORCH_CHECK(x.dim() == 2 && x.size(1) % QK == 0, "quantize_rows: x must be [M, K] with K a multiple of 32");
     x = x.to(torch::kFloat32).contiguous();
@@ -173,49 +194,54 @@ std::vector<torch::Tensor> quantize_rows(torch::Tensor x) {
     auto d = torch::empty({M, nb}, torch::kFloat32);
     auto s = torch::empty({M, nb}, torch::kFloat32);
     auto sq = torch::empty({M, nb}, torch::kInt32);
+    auto sq16 = torch::empty({M, 2 * nb}, torch::kInt32);
     const float* xp = x.data_ptr<float>();
     int8_t* qp = q.data_ptr<int8_t>();
     float *dp = d.data_ptr<float>(), *sp = s.data_ptr<float>();
-    int32_t* sqp = sq.data_ptr<int32_t>();
+    int32_t *sqp = sq.data_ptr<int32_t>(), *sq16p = sq16.data_ptr<int32_t>();
     at::parallel_for(0, M, 16, [&](int64_t a, int64_t b) {
         for (int64_t m = a; m < b; ++m)
-            quantize_row_scalar(xp + m * K, K, qp + m * K, dp + m * nb, sp + m * nb, sqp + m * nb);
+            quantize_row_scalar(xp + m * K, K, qp + m * K, dp + m * nb, sp + m * nb, sqp + m * nb,
+                                sq16p + m * 2 * nb);
     });
-    return {q, d, s, sq};
+    return {q, d, s, sq, sq16};
 }
 
-torch::Tensor gemm(torch::Tensor qx, torch::Tensor dx, torch::Tensor sx, torch::Tensor sq, torch::Tensor qs,
-                   torch::Tensor high, torch::Tensor sub, torch::Tensor d, torch::Tensor mins, int64_t n_out,
-                   int64_t ggml_type, int64_t isa) {
+torch::Tensor gemm(torch::Tensor qx, torch::Tensor dx, torch::Tensor sx, torch::Tensor sq, torch::Tensor sq16,
+                   torch::Tensor qs, torch::Tensor high, torch::Tensor sub, torch::Tensor d, torch::Tensor mins,
+                   int64_t n_out, int64_t ggml_type, int64_t isa) {
     const int fmt = ggml_type == 3    ? FMT_Q4_1
                     : ggml_type == 8  ? FMT_Q8_0
                     : ggml_type == 6  ? FMT_Q5_0
                     : ggml_type == 12 ? FMT_Q4_K
+                    : ggml_type == 14 ? FMT_Q6_K
                                       : -1;
-    TORCH_CHECK(fmt >= 0, "gemm: only Q4_1 (3), Q5_0 (6), Q8_0 (8) and Q4_K (12) weights");
+    TORCH_CHECK(fmt >= 0, "gemm: only Q4_1 (3), Q5_0 (6), Q8_0 (8), Q4_K (12) and Q6_K (14) weights");
+    const bool super = fmt == FMT_Q4_K || fmt == FMT_Q6_K;
     TORCH_CHECK(isa >= SCALAR && isa <= AVX512_VNNI && cpu_has((Isa)isa), "gemm: this CPU cannot run isa ", isa);
     const int64_t BQ = fmt == FMT_Q8_0 ? 512 : 256;
     TORCH_CHECK(qs.dtype() == torch::kUInt8 && qs.dim() == 3 && qs.is_contiguous() && qs.size(2) == BQ,
                 "gemm: qs must be uint8 [N/16, nb, ", BQ, "]");
     const int64_t groups = qs.size(0), nb = qs.size(1);
     TORCH_CHECK(n_out > (groups - 1) * 16 && n_out <= groups * 16, "gemm: n_out does not match the packed rows");
-    const int64_t per_scale = fmt == FMT_Q4_K ? 8 : 1;  // Q4_K: d and dmin per 8 blocks
-    TORCH_CHECK(fmt != FMT_Q4_K || nb % 8 == 0, "gemm: Q4_K rows are whole 256-value super-blocks");
+    const int64_t per_scale = super ? 8 : 1;  // K-quants: d (and dmin) per 8 blocks
+    TORCH_CHECK(!super || nb % 8 == 0, "gemm: K-quant rows are whole 256-value super-blocks");
     for (const auto& t : {d, mins})
         TORCH_CHECK(t.dtype() == torch::kFloat16 && t.is_contiguous() && t.numel() == groups * nb / per_scale * 16,
-                    "gemm: scales must be float16 [N/16, nb (Q4_K: nb / 8), 16]");
-    TORCH_CHECK(sub.dtype() == torch::kUInt8 && sub.is_contiguous() &&
-                    sub.numel() == (fmt == FMT_Q4_K ? groups * nb * 32 : 0),
-                "gemm: sub must be uint8 [N/16, nb, 32] for Q4_K, empty otherwise");
-    TORCH_CHECK(high.dtype() == torch::kUInt8 && high.is_contiguous() &&
-                    high.numel() == (fmt == FMT_Q5_0 ? groups * nb * 64 : 0),
-                "gemm: high must be uint8 [N/16, nb, 64] for Q5_0, empty otherwise");
+                    "gemm: scales must be float16 [N/16, nb (K-quants: nb / 8), 16]");
+    TORCH_CHECK(sub.dtype() == torch::kUInt8 && sub.is_contiguous() && sub.numel() == (super ? groups * nb * 32 : 0),
+                "gemm: sub must be uint8 [N/16, nb, 32] for K-quants, empty otherwise");
+    const int64_t plane_bytes = fmt == FMT_Q5_0 ? 64 : fmt == FMT_Q6_K ? 128 : 0;
+    TORCH_CHECK(high.dtype() == torch::kUInt8 && high.is_contiguous() && high.numel() == groups * nb * plane_bytes,
+                "gemm: high must be uint8 [N/16, nb, 64 (Q5_0) | 128 (Q6_K)], empty otherwise");
     TORCH_CHECK(qx.dtype() == torch::kInt8 && qx.dim() == 2 && qx.is_contiguous() && qx.size(1) == nb * QK,
                 "gemm: qx must be int8 [M, K]");
     const int64_t M = qx.size(0);
     TORCH_CHECK(dx.is_contiguous() && sx.is_contiguous() && sq.is_contiguous() && dx.numel() == M * nb &&
                     sx.numel() == M * nb && sq.numel() == M * nb && sq.dtype() == torch::kInt32,
                 "gemm: dx, sx and sq must be [M, K/32]");
+    TORCH_CHECK(sq16.dtype() == torch::kInt32 && sq16.is_contiguous() && sq16.numel() == 2 * M * nb,
+                "gemm: sq16 must be int32 [M, K/16]");
     auto y = torch::empty({M, n_out}, torch::kFloat32);
     const uint8_t* QS = qs.data_ptr<uint8_t>();
     const uint8_t* HB = high.data_ptr<uint8_t>();
@@ -225,15 +251,16 @@ torch::Tensor gemm(torch::Tensor qx, torch::Tensor dx, torch::Tensor sx, torch::
     const int8_t* QX = qx.data_ptr<int8_t>();
     const float *DX = dx.data_ptr<float>(), *SX = sx.data_ptr<float>();
     const int32_t* SQ = sq.data_ptr<int32_t>();
+    const int32_t* SQ16 = sq16.data_ptr<int32_t>();
     float* Y = y.data_ptr<float>();
     // Threads split the groups of 16 outputs: each y[m, n] is computed whole by one thread.
     at::parallel_for(0, groups, 4, [&](int64_t g0, int64_t g1) {
         run_format(fmt, [&](auto f) {
             constexpr int F = decltype(f)::value;
             if (isa == AVX512_VNNI) {
-                vnni::gemm<F>(QS, HB, SUB, D, MN, nb, QX, DX, SX, SQ, Y, M, n_out, g0, g1);
+                vnni::gemm<F>(QS, HB, SUB, D, MN, nb, QX, DX, SX, SQ, SQ16, Y, M, n_out, g0, g1);
             } else if (isa == AVX2) {
-                avx2::gemm<F>(QS, HB, SUB, D, MN, nb, QX, DX, SX, SQ, Y, M, n_out, g0, g1);
+                avx2::gemm<F>(QS, HB, SUB, D, MN, nb, QX, DX, SX, SQ, SQ16, Y, M, n_out, g0, g1);
             } else {
                 gemm_scalar<F>(QS, HB, SUB, D, MN, nb, QX, DX, SX, Y, M, n_out, g0, g1);
             }
@@ -253,7 +280,7 @@ std::vector<int64_t> supported_isas() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.doc() = "tierlm's CPU kernels: integer-exact quantized matmul over GGUF blocks";
-    m.def("quantize_rows", &quantize_rows, "fp32 rows -> (int8 codes, block scales, d * sum(q), sum(q))");
+    m.def("quantize_rows", &quantize_rows, "fp32 rows -> (int8 codes, block scales, d * sum(q), sum(q), sums of 16)");
     m.def("gemm", &gemm, "quantized activations x row-interleaved GGUF weight blocks -> fp32 [M, N]");
     m.def("supported_isas", &supported_isas, "ISA paths this CPU runs (0 scalar, 1 avx2, 2 avx512-vnni)");
 }
