@@ -70,10 +70,10 @@ def main() -> None:
     for rows in args.rows:
         xs = {w.in_features: torch.randn(rows, w.in_features) for w in packed}
         quantized = {k: kernels.quantize_rows(x) for k, x in xs.items()}
-        cases = {"aten": lambda: [w.mm(xs[w.in_features].bfloat16()) for w in aten]}
+        cases = {"aten": lambda xs=xs: [w.mm(xs[w.in_features].bfloat16()) for w in aten]}
         for path in kernels.supported():
             if path not in ("reference", "scalar"):
-                cases[path] = lambda p=path: [kernels.gemm(quantized[w.in_features], w, path=p) for w in packed]
+                cases[path] = lambda p=path, q=quantized: [kernels.gemm(q[w.in_features], w, path=p) for w in packed]
         for name, fn in cases.items():
             fn()
             times = sorted(_timed(fn) for _ in range(args.repeats))
