@@ -82,3 +82,48 @@ def gemm(x: torch.Tensor | tuple, w: reference.Packed, path: str | None = None) 
         return reference.gemm(qx, dx, sx, w)
     return _ext.gemm(qx, dx, sx, sq, sq16, w.qs, w.high, w.sub, w.d, w.mins, w.out_features, w.ggml_type,
                      ISAS.index(path))
+
+
+class Blocks:
+    """One weight matrix as its GGUF file stores it (raw blocks, rows independent), until
+    a layer packs it: row order and row concatenation (fused q/k/v, gate/up) are done on
+    the raw bytes, so the values stay exactly the file's."""
+
+    def __init__(self, raw: torch.Tensor, ggml_type: int, n: int, k: int) -> None:
+        self.raw, self.ggml_type, self.n, self.k = raw.reshape(n, -1), ggml_type, n, k
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.n, self.k)
+
+    def rows(self, index: torch.Tensor) -> Blocks:
+        return Blocks(self.raw[index], self.ggml_type, self.n, self.k)
+
+    def packed(self) -> reference.Packed:
+        return pack(self.raw.reshape(-1).contiguous(), self.ggml_type, self.n, self.k)
+
+    def dequantize(self) -> torch.Tensor:
+        return reference.dequantize(self.packed())
+
+
+class BlockWeight:
+    """A layer's weight as one or more packed GGUF matrices stacked by rows (a fused q/k/v
+    may mix formats); every row of every batch runs on the same kernels."""
+
+    bits = 0  # reported as its GGUF formats
+
+    def __init__(self, parts: list[Blocks]) -> None:
+        self.parts = [p.packed() for p in parts]
+        self.out_features = sum(p.out_features for p in self.parts)
+        self.in_features = parts[0].k
+
+    def mm(self, x: torch.Tensor) -> torch.Tensor:
+        q = quantize_rows(x)
+        ys = [gemm(q, p) for p in self.parts]
+        return (ys[0] if len(ys) == 1 else torch.cat(ys, dim=1)).to(x.dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        return torch.cat([reference.dequantize(p) for p in self.parts])
+
+    def nbytes(self) -> int:
+        return sum(p.nbytes() for p in self.parts)

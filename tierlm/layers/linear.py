@@ -168,6 +168,8 @@ class Linear(nn.Module):
             return F.linear(x, self.weight, self.bias)
         if q is None:
             y = self._dense(x)
+        elif getattr(q, "bits", None) == 0:  # GGUF blocks: one batch-invariant kernel for every row
+            y = q.mm(x)
         else:
             m = x.shape[0]
             dense = (m if m >= DENSE_MIN_ROWS else 0) if dense_rows is None else min(dense_rows, m)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import torch
 from torch import nn
 
 from tierlm.config import ModelConfig
+from tierlm.kernels import BlockWeight, Blocks
 from tierlm.layers import quant
 from tierlm.layers.linear import Linear
 from tierlm.layers.quant import Q4
@@ -47,8 +49,11 @@ def _fusion_target(name: str) -> tuple[str, str, int] | None:
     return f"{stem}.{dst}", dst, i
 
 
-def _join(parts: list[torch.Tensor | Q4]) -> torch.Tensor | Q4:
-    """Concatenate fused sources by rows; quantized only if every part is."""
+def _join(parts: list) -> torch.Tensor | Q4 | list[Blocks]:
+    """Concatenate fused sources by rows; quantized only if every part is (GGUF blocks
+    stay a list of parts: a fused q/k/v may mix formats)."""
+    if all(isinstance(p, Blocks) for p in parts):
+        return list(parts)
     if all(isinstance(p, Q4) for p in parts):
         return Q4.cat(parts)
     return torch.cat([p.dequantize() if isinstance(p, Q4) else p for p in parts])
@@ -64,6 +69,8 @@ def _quantized(layer: Linear, t: torch.Tensor | Q4, quantization: str, lossy: bo
     and int8 holds their 5-8 bit values more finely than bf16 holds a float's range.
     The dense copy is made here from the codes: from a built int4 kernel it would cost a
     GEMM of K rows per layer (~5 s for SmolLM2 on AVX2, on the first request)."""
+    if isinstance(t, (Blocks, list)):  # the file's own blocks, run by tierlm.kernels for every row
+        return BlockWeight(t if isinstance(t, list) else [t]), None
     fits = quant.int4_fits(layer.out_features, layer.in_features)
     q4 = None
     if isinstance(t, Q4) and fits:
@@ -87,6 +94,7 @@ def _fill(model: nn.Module, tensors, dtype: torch.dtype, progress: bool, total: 
     pending: dict[str, dict[int, torch.Tensor | Q4]] = {}
     seen: set[str] = set()
     formats: dict[str, int] = {}
+    head_blocks = None  # the embedding's GGUF blocks: a tied output layer runs on them
     from tqdm import tqdm
 
     for name, t in tqdm(tensors, total=total, desc="loading weights", unit="tensor",
@@ -104,9 +112,15 @@ def _fill(model: nn.Module, tensors, dtype: torch.dtype, progress: bool, total: 
             del pending[target]
         if name not in params:
             raise weights.WeightsError(f"checkpoint tensor {name!r} has no place in the model")
-        if params[name].shape != t.shape:
+        if isinstance(t, list):
+            shape = (sum(p.shape[0] for p in t), t[0].shape[1])
+        else:
+            shape = tuple(t.shape)
+        if name == "embed_tokens.weight" and isinstance(t, Blocks):
+            head_blocks = t
+        if params[name].shape != shape:
             raise weights.WeightsError(
-                f"{name}: checkpoint shape {tuple(t.shape)} != model {tuple(params[name].shape)}")
+                f"{name}: checkpoint shape {shape} != model {tuple(params[name].shape)}")
         owner = modules.get(name.removesuffix(".weight"))
         q = None
         if isinstance(owner, Linear) and name.endswith(".weight") and quantization != "none":
@@ -115,9 +129,9 @@ def _fill(model: nn.Module, tensors, dtype: torch.dtype, progress: bool, total: 
             q = _quantized(owner, t, mode, name in lossy)
         if q is not None:
             owner.set_quantized(*q)
-            _count(formats, f"int{q[0].bits}")
+            _count(formats, f"int{q[0].bits}" if q[0].bits else "gguf-blocks")
         else:
-            params[name].data = (t.dequantize() if isinstance(t, Q4) else t).to(dtype)
+            params[name].data = (t.dequantize() if isinstance(t, (Q4, Blocks)) else t).to(dtype)
             if isinstance(owner, Linear):
                 _count(formats, "dense")
         seen.add(name)
@@ -128,9 +142,14 @@ def _fill(model: nn.Module, tensors, dtype: torch.dtype, progress: bool, total: 
     if tied:
         model.lm_head.tie(model.embed_tokens.weight)
         quantize_head = quantization in ("int8", "int4") or (quantization == "auto" and "embed_tokens.weight" in lossy)
-        if quantize_head:  # int8 even under int4, as above
+        if head_blocks is not None:
+            model.lm_head.set_quantized(BlockWeight([head_blocks]))
+            _count(formats, "gguf-blocks")
+        elif quantize_head:  # int8 even under int4, as above
             model.lm_head.set_quantized(quant.Int8Weight(model.embed_tokens.weight))
-        _count(formats, "int8" if quantize_head else "dense")
+            _count(formats, "int8" if quantize_head else "dense")
+        else:
+            _count(formats, "dense")
     return formats
 
 
@@ -161,7 +180,8 @@ def load(model: str, *, dtype: torch.dtype, block_size: int, deterministic: bool
         cls = model_class(g.architecture)
         cfg = configs.gguf_config(g)
         tok = tokenizer.from_gguf(g, cache_dir)
-        tensors = weights.gguf_weights(g, cfg, keep_q4=quantization != "none", lossy=lossy)
+        blocks = quantization == "auto" and os.environ.get("TIERLM_BLOCK_KERNELS") == "1"  # prototype switch
+        tensors = weights.gguf_weights(g, cfg, keep_q4=quantization != "none", lossy=lossy, keep_blocks=blocks)
         total = len(g.tensors)
     else:
         cls = model_class(configs.hf_architecture(path))

@@ -13,10 +13,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from tierlm.config import ModelConfig
 from tierlm.layers import quant
+from tierlm.kernels import Blocks
+from tierlm.kernels.reference import FORMATS as kernel_formats
 from tierlm.layers.quant import Q4
 from tierlm.loader.gguf import BF16, F16, F32, GGUFFile
 
@@ -55,16 +58,16 @@ _GGUF_GLOBAL_NAMES = {
 }
 
 
-def _unpermute(w: torch.Tensor | Q4, n_heads: int) -> torch.Tensor | Q4:
+def _unpermute(w: torch.Tensor | Q4 | Blocks, n_heads: int) -> torch.Tensor | Q4 | Blocks:
     """Undo llama.cpp's convert-time permute (interleaved -> rotate-half rows): a row
     permutation, so it applies to quantized rows (whole 32-element groups) alike."""
     rows = w.shape[0]
     order = torch.arange(rows).reshape(n_heads, rows // n_heads // 2, 2).swapaxes(1, 2).reshape(rows)
-    return w.rows(order) if isinstance(w, Q4) else w[order]
+    return w.rows(order) if isinstance(w, (Q4, Blocks)) else w[order]
 
 
 def gguf_weights(g: GGUFFile, cfg: ModelConfig, keep_q4: bool = False,
-                 lossy: set[str] | None = None) -> Iterator[tuple[str, torch.Tensor | Q4]]:
+                 lossy: set[str] | None = None, keep_blocks: bool = False) -> Iterator[tuple[str, torch.Tensor | Q4]]:
     """Yield (name, float32 tensor) one at a time so peak memory stays one tensor; with
     `keep_q4`, 2-D tensors stored as Q4_0/Q4_1/Q4_K come as `Q4` instead. The names of
     tensors the file stores quantized (any type but F32/F16/BF16) are added to `lossy`."""
@@ -82,7 +85,10 @@ def gguf_weights(g: GGUFFile, cfg: ModelConfig, keep_q4: bool = False,
             name = f"layers.{parts[1]}.{names[local]}"
         else:
             raise WeightsError(f"unexpected tensor {gname!r} in GGUF file")
-        w = (quant.gguf_q4(t.raw, t.ggml_type, t.shape) if keep_q4 else None) or t.dequantize()
+        if keep_blocks and len(t.shape) == 2 and t.ggml_type in kernel_formats:
+            w = Blocks(torch.from_numpy(np.asarray(t.raw).copy()), t.ggml_type, *t.shape)
+        else:
+            w = (quant.gguf_q4(t.raw, t.ggml_type, t.shape) if keep_q4 else None) or t.dequantize()
         if lossy is not None and t.ggml_type not in (F32, F16, BF16):
             lossy.add(name)
         if permute and local.startswith("attn_q."):
