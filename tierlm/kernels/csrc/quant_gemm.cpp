@@ -21,6 +21,8 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include "pool.h"
+
 #include <immintrin.h>
 
 #include <cmath>
@@ -183,6 +185,12 @@ bool cpu_has(Isa isa) {
     return false;
 }
 
+// The kernels' workers: as many threads as torch's intra-op setting when first used.
+tierlm::Pool& pool() {
+    static tierlm::Pool p(at::get_num_threads());
+    return p;
+}
+
 // ---- Python-facing ---------------------------------------------------------------------
 // x [M, K] -> codes [M, K] int8, scales and d * sum(q) [M, K/32] float32, sum(q) int32,
 // and the sums of each 16 codes [M, K/16] int32.
@@ -254,7 +262,7 @@ torch::Tensor gemm(torch::Tensor qx, torch::Tensor dx, torch::Tensor sx, torch::
     const int32_t* SQ16 = sq16.data_ptr<int32_t>();
     float* Y = y.data_ptr<float>();
     // Threads split the groups of 16 outputs: each y[m, n] is computed whole by one thread.
-    at::parallel_for(0, groups, 4, [&](int64_t g0, int64_t g1) {
+    pool().run(groups, 4, [&](int64_t g0, int64_t g1) {
         run_format(fmt, [&](auto f) {
             constexpr int F = decltype(f)::value;
             if (isa == AVX512_VNNI) {
