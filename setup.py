@@ -12,10 +12,10 @@ except ImportError:  # no torch at build time: nothing to compile against
     ext_modules, cmdclass = [], {}
 else:
     ext_modules = [CppExtension(
-        "tierlm._kernels", ["tierlm/kernels/csrc/quant_gemm.cpp"],
+        "tierlm._kernels", ["tierlm/kernels/csrc/quant_gemm.cpp", "tierlm/kernels/csrc/attention.cpp"],
         # -ffp-contract=off: every fp32 multiply and add rounds on its own, as the
         # reference kernels in tierlm/kernels/reference.py compute them.
-        extra_compile_args=["-O3", "-ffp-contract=off", "-fopenmp"], extra_link_args=["-fopenmp"],
+        extra_compile_args=["-O3", "-ffp-contract=off"],
         optional=True)]
     cmdclass = {"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)}
 

@@ -54,12 +54,18 @@ class AttentionMetadata:
     token_tile_index: [T] index of each token in the tiles' rows, flattened and
                    concatenated in `tiles` order.
     window:        sliding window of the group's layers (None = full causal attention).
+    tables, seq, positions: the kernels' attention (attention/kernel.py) instead of tiles:
+                   int32 [S, max blocks] block tables, int32 [T] each token's table row,
+                   int64 [T] its position.
     """
 
     slot_mapping: torch.Tensor
     tiles: tuple[QueryTiles, ...]
     token_tile_index: torch.Tensor
     window: int | None = None
+    tables: torch.Tensor | None = None
+    seq: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
 
 
 class AttentionBackend(Protocol):

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from tierlm import kernels
 from tierlm.config import CacheConfig, EngineConfig
 from tierlm.engine import beam
 from tierlm.engine.detokenizer import IncrementalDetokenizer
@@ -71,13 +72,15 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "tierlm"
 
 
-def model_key(path: Path, config: EngineConfig, dense_dtype: torch.dtype) -> str:
+def model_key(path: Path, config: EngineConfig, dense_dtype: torch.dtype, on_kernels: bool = False) -> str:
     """What a block's KV depends on besides its tokens: the weights (files by name, size
     and mtime), the compute dtypes and the kernel mode. Part of every prefix-cache hash."""
     files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
     stamp = ";".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
     return (f"{path.resolve()}|{stamp}|{config.dtype}|quantization={config.quantization}"
-            f"|dense={str(dense_dtype).removeprefix('torch.')}|deterministic={config.deterministic}")
+            f"|dense={str(dense_dtype).removeprefix('torch.')}|deterministic={config.deterministic}"
+            # every compiled path computes the same bits; the PyTorch reference does not
+            + (f"|kernels={'reference' if kernels.isa() == 'reference' else 'compiled'}" if on_kernels else ""))
 
 
 class LLMEngine:
@@ -89,7 +92,7 @@ class LLMEngine:
         self.loaded = model_loader.load(config.model, dtype=config.torch_dtype, block_size=config.cache.block_size,
                                         deterministic=config.deterministic, cache_dir=cache_dir, progress=progress,
                                         quantization=config.quantization, dense_dtype=self.dense_dtype)
-        if config.deterministic:
+        if config.deterministic and not self.loaded.kernels:
             kernel_probe.ensure_probed(self.loaded.model, cache_dir)
         self.load_seconds = time.perf_counter() - t0
         self.model_config = self.loaded.config
@@ -99,12 +102,12 @@ class LLMEngine:
         blocks = num_kv_blocks(self.model_config, config.cache, config.torch_dtype)
         self.kv = KVCacheManager(blocks, config.cache.block_size, layout_for(self.model_config).windows,
                                  enable_caching=config.cache.enable_prefix_caching)
-        self._model_key = model_key(self.loaded.path, config, self.dense_dtype)
+        self._model_key = model_key(self.loaded.path, config, self.dense_dtype, self.loaded.kernels)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.model_config.eos_token_ids)
-        self.scheduler.split_formats = config.deterministic and any(
+        self.scheduler.split_formats = config.deterministic and not self.loaded.kernels and any(
             k != "dense" for k in self.loaded.formats)
         self.runner = ModelRunner(self.loaded.model, self.model_config, blocks, config.cache.block_size,
-                                  config.torch_dtype, config.deterministic)
+                                  config.torch_dtype, config.deterministic, kernels=self.loaded.kernels)
         if config.draft_model:  # its KV pool: a quarter of the target's (committed only as written)
             self.scheduler.proposer = DraftModelProposer(
                 config.draft_model, vocab_size=self.model_config.vocab_size, dtype=config.torch_dtype,

@@ -1,4 +1,5 @@
-"""tierlm's CPU kernels: integer-exact quantized matmul over GGUF blocks (Q4_1, Q5_0, Q8_0, Q4_K).
+"""tierlm's CPU kernels: integer-exact quantized matmul over GGUF blocks (Q4_1, Q5_0, Q8_0,
+Q4_K, Q6_K) and paged attention with one fixed arithmetic per query row.
 
 The compiled extension (`tierlm._kernels`, built from csrc/ by `make install`) runs the
 best ISA path this CPU has: scalar, AVX2 (+FMA, F16C) or AVX-512 VNNI. Every path, and
@@ -61,6 +62,28 @@ def isa() -> str:
     return _ISA
 
 
+_THREADS: int | None = None
+SPIN_US = 100  # how long idle workers spin before sleeping: longer than a step's gaps between products
+
+
+def use_threads(threads: int | None = None) -> int:
+    """Run the kernels on `threads` threads (default: torch's intra-op count before this
+    first call) and set torch's own intra-op threads to 1, so one pool does the parallel
+    work: two spinning pools on the same cores slow each other ~10x, and OpenMP regions
+    opened from two threads (the server's engine thread and the main one) cost ~50 us
+    each. Called when a model loads onto the kernels; returns the pool size."""
+    global _THREADS
+    if threads is None:
+        threads = _THREADS or torch.get_num_threads()
+    if threads < 1:
+        raise KernelError(f"threads must be >= 1, got {threads}")
+    if _ext is not None:
+        _ext.set_threads(threads, SPIN_US)
+    torch.set_num_threads(1)
+    _THREADS = threads
+    return threads
+
+
 def pack(raw: torch.Tensor, ggml_type: int, n: int, k: int) -> reference.Packed:
     """GGUF blocks -> the kernels' row-interleaved layout (done once, at load)."""
     return reference.pack(raw, ggml_type, n, k)
@@ -82,6 +105,31 @@ def gemm(x: torch.Tensor | tuple, w: reference.Packed, path: str | None = None) 
         return reference.gemm(qx, dx, sx, w)
     return _ext.gemm(qx, dx, sx, sq, sq16, w.qs, w.high, w.sub, w.d, w.mins, w.out_features, w.ggml_type,
                      ISAS.index(path))
+
+
+def kv_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slots: torch.Tensor) -> None:
+    """Write k, v [T, kv_heads, D] at flat cache slots; K [blocks, kv_heads, D, block_size]
+    (transposed per block), V [blocks, block_size, kv_heads, D]."""
+    if _ext is None or isa() == "reference":
+        bs = k_cache.shape[3]
+        blocks, offsets = slots // bs, slots % bs
+        k_cache[blocks, :, :, offsets] = k.to(k_cache.dtype)
+        v_cache[blocks, offsets] = v.to(v_cache.dtype)
+        return
+    _ext.kv_write(k, v, k_cache, v_cache, slots)
+
+
+def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
+              seq: torch.Tensor, pos: torch.Tensor, window: int, scale: float, path: str | None = None
+              ) -> torch.Tensor:
+    """Paged attention [T, H * D] of q [T, H, D] (csrc/attention.cpp has the numerics):
+    `tables` int32 [S, max blocks], `seq` int32 [T] each token's table row, `pos` int64 [T]
+    its position (a sequence's tokens consecutive), `window` 0 for full causal attention."""
+    path = path or isa()
+    if path == "reference":
+        return reference.attention(q, k_cache, v_cache, tables, seq, pos, window, scale)
+    return _ext.attention(q, k_cache, v_cache, tables, seq, pos, window, scale, ISAS.index(path))
 
 
 class Blocks:

@@ -260,3 +260,25 @@ def gemm(qx: torch.Tensor, dx: torch.Tensor, sx: torch.Tensor, w: Packed) -> tor
         elif w.ggml_type == Q4_K:  # acc - (dmin * m) * s: the same bits as adding the negated product
             acc = acc - (-mw[None, :, b]) * sx[:, None, b]
     return acc
+
+
+def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
+              seq: torch.Tensor, pos: torch.Tensor, window: int, scale: float) -> torch.Tensor:
+    """The kernels' paged attention (csrc/attention.cpp) in float64, row by row: the oracle
+    its results match to float32 rounding. K [blocks, kv_heads, D, block_size], V [blocks,
+    block_size, kv_heads, D]; returns [T, H * D] in q's dtype."""
+    t, h, d = q.shape
+    hkv, bs = k_cache.shape[1], k_cache.shape[3]
+    out = torch.empty(t, h, d, dtype=torch.float64)
+    for i in range(t):
+        p = int(pos[i])
+        lo = max(0, p - window + 1) if window > 0 else 0
+        keys = torch.arange(lo, p + 1)
+        blocks = tables[int(seq[i])].long()[keys // bs]
+        k = k_cache[blocks, :, :, keys % bs].double()  # [n, kv_heads, D]
+        v = v_cache[blocks, keys % bs].double()
+        for head in range(h):
+            kv = head // (h // hkv)
+            w = torch.softmax((k[:, kv] @ q[i, head].double()) * scale, dim=0)
+            out[i, head] = w @ v[:, kv]
+    return out.reshape(t, h * d).to(q.dtype)

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from tierlm import kernels
+from tierlm.attention.kernel import KernelPagedAttention
+from tierlm.attention.torch_ref import TorchPagedAttention
 from tierlm.config import ModelConfig
 from tierlm.kernels import BlockWeight, Blocks
+from tierlm.kernels.reference import FORMATS as kernel_formats
 from tierlm.layers import quant
 from tierlm.layers.linear import Linear
 from tierlm.layers.quant import Q4
 from tierlm.loader import bundled, configs, tokenizer, weights
-from tierlm.loader.gguf import GGUFFile
+from tierlm.loader.gguf import BF16, F16, F32, GGUFFile
 from tierlm.models.registry import model_class
 
 
@@ -27,6 +30,9 @@ class LoadedModel:
     path: Path
     # Linear layers per decode weight format, e.g. {"int4": 210, "dense": 1}.
     formats: dict[str, int] = field(default_factory=dict)
+    # Whether it runs on tierlm's kernels (GGUF blocks, kernel attention): one numeric
+    # format for every row, so no role-based split anywhere downstream.
+    kernels: bool = False
 
 
 # Checkpoint tensors fused into one of our parameters, by the last two name parts
@@ -180,20 +186,25 @@ def load(model: str, *, dtype: torch.dtype, block_size: int, deterministic: bool
         cls = model_class(g.architecture)
         cfg = configs.gguf_config(g)
         tok = tokenizer.from_gguf(g, cache_dir)
-        blocks = quantization == "auto" and os.environ.get("TIERLM_BLOCK_KERNELS") == "1"  # prototype switch
+        blocks = quantization == "auto" and on_kernels(g, block_size)
         tensors = weights.gguf_weights(g, cfg, keep_q4=quantization != "none", lossy=lossy, keep_blocks=blocks)
+        if blocks:
+            kernels.use_threads()
         total = len(g.tensors)
     else:
         cls = model_class(configs.hf_architecture(path))
         cfg = configs.hf_config(path)
         tok = tokenizer.from_hf_dir(path, cfg.eos_token_ids, cfg.bos_token_id)
         tensors, total = weights.hf_weights(path), None
+        blocks = False
     stops = tuple(sorted(set(cfg.eos_token_ids) | set(tok.eos_token_ids)))
     if stops != cfg.eos_token_ids:  # the tokenizer knows end-of-turn tokens the config omits
         from dataclasses import replace
 
         cfg = replace(cfg, eos_token_ids=stops)
     net = cls(cfg, block_size=block_size, deterministic=deterministic)
+    if blocks:
+        _attention_on_kernels(net, block_size)
     for m in net.modules():
         if isinstance(m, Linear):
             m.dense_dtype = dense_dtype
@@ -201,4 +212,23 @@ def load(model: str, *, dtype: torch.dtype, block_size: int, deterministic: bool
     net.eval()
     # The GGUF memory map is not kept: every weight now lives in our own tensors, and its
     # touched file pages (~0.1 GB for SmolLM2) would otherwise stay resident.
-    return LoadedModel(net, cfg, tok, path, formats)
+    return LoadedModel(net, cfg, tok, path, formats, kernels=blocks)
+
+
+def on_kernels(g: GGUFFile, block_size: int) -> bool:
+    """Whether a GGUF model runs on tierlm's kernels: every quantized matrix in a format
+    they compute (else the PyTorch path runs it whole, never a mix of the two), and cache
+    blocks of whole 16-key chunks for their attention."""
+    quantized = {t.ggml_type for t in g.tensors.values() if len(t.shape) == 2 and t.ggml_type not in (F32, F16, BF16)}
+    return block_size % 16 == 0 and quantized <= set(kernel_formats)
+
+
+def _attention_on_kernels(net: nn.Module, block_size: int) -> None:
+    """Swap every attention module's backend for the kernels' (one instance, shared)."""
+    swapped: dict[int, KernelPagedAttention] = {}
+    for m in net.modules():
+        b = getattr(m, "backend", None)
+        if isinstance(b, TorchPagedAttention):
+            if id(b) not in swapped:
+                swapped[id(b)] = KernelPagedAttention(b.h, b.hkv, b.d, b.scale, block_size)
+            m.backend = swapped[id(b)]

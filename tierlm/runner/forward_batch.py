@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,8 @@ class ForwardBatch:
     # Rows [0, prompt_rows) hold prompt-position tokens, the rest generated ones, so a
     # token's weight format can follow its role (see layers/linear.py).
     prompt_rows: int = 0
+    # Per scheduled request, the row of its first prompt-position token this step.
+    prompt_row_starts: tuple[int, ...] = ()
 
 
 class _Tiling:
@@ -154,6 +157,46 @@ def build(out: SchedulerOutput, block_size: int, windows: tuple[int | None, ...]
                                    decode_layout[1] and window is None and t is generated_tiles)
                       for t in (prompt_tiles, generated_tiles) if t.rows)
         metas.append(AttentionMetadata(torch.tensor(slots[g], dtype=torch.long), tiles, index_t, window))
+    starts = tuple(itertools.accumulate(prompt_counts, initial=0))[:-1]
     return ForwardBatch(torch.tensor(ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long),
                         tuple(metas), torch.tensor(logits_indices, dtype=torch.long), sample_ids, offsets,
-                        prompt_rows)
+                        prompt_rows, starts)
+
+
+def build_flat(out: SchedulerOutput, block_size: int, windows: tuple[int | None, ...] = (None,)) -> ForwardBatch:
+    """The layout of models on the kernels: rows in schedule order, each request's tokens
+    consecutive, and attention addressed by block tables (attention/kernel.py). Every row
+    runs the same arithmetic whatever its role, so there is no prompt/generated split."""
+    ids: list[int] = []
+    positions: list[int] = []
+    seq: list[int] = []
+    logits_indices: list[int] = []
+    sample_ids: list[str] = []
+    offsets: list[int] = []
+    starts: list[int] = []
+    for si, s in enumerate(out.scheduled):
+        n, row = len(s.token_ids), len(ids)
+        starts.append(row)
+        ids.extend(s.token_ids)
+        positions.extend(range(s.start, s.start + n))
+        seq.extend([si] * n)
+        if s.sample:  # the last known token's row, then each draft's
+            d = len(s.draft_token_ids)
+            logits_indices.extend(range(row + n - 1 - d, row + n))
+            sample_ids.extend([s.request_id] * (d + 1))
+            offsets.extend(range(d + 1))
+    pos_t = torch.tensor(positions, dtype=torch.long)
+    seq_t = torch.tensor(seq, dtype=torch.int32)
+    metas = []
+    for g, window in enumerate(windows):
+        width = max(len(s.block_tables[g]) for s in out.scheduled)
+        tables = torch.full((len(out.scheduled), width), NULL_BLOCK, dtype=torch.int32)
+        for si, s in enumerate(out.scheduled):
+            tables[si, : len(s.block_tables[g])] = torch.tensor(s.block_tables[g], dtype=torch.int32)
+        slots = tables[seq_t.long(), pos_t // block_size].long() * block_size + pos_t % block_size
+        metas.append(AttentionMetadata(slots, (), _NO_INDEX, window, tables, seq_t, pos_t))
+    return ForwardBatch(torch.tensor(ids, dtype=torch.long), pos_t, tuple(metas),
+                        torch.tensor(logits_indices, dtype=torch.long), sample_ids, offsets, 0, tuple(starts))
+
+
+_NO_INDEX = torch.empty(0, dtype=torch.long)

@@ -57,16 +57,20 @@ def lazily_zeroed(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 
 class ModelRunner:
     def __init__(self, model: nn.Module, cfg: ModelConfig, num_blocks: int, block_size: int,
-                 dtype: torch.dtype, deterministic: bool = True) -> None:
+                 dtype: torch.dtype, deterministic: bool = True, kernels: bool = False) -> None:
         self.model = model
         # Deterministic: a row's weight format follows its role (prompt rows dense, generated
-        # rows quantized); otherwise each layer picks by its row count.
+        # rows quantized); otherwise each layer picks by its row count. A model on the
+        # kernels (`kernels`) is deterministic by construction: one format, one layout.
         self.deterministic = deterministic
+        self.kernels = kernels
         self.cfg = cfg
         self.block_size = block_size
         self.layout = layout_for(cfg)
         shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
-        slots = [(lazily_zeroed(shape, dtype), lazily_zeroed(shape, dtype)) for _ in range(self.layout.group_size)]
+        # The kernels' attention reads K transposed per block (attention/kernel.py).
+        k_shape = (num_blocks, cfg.num_kv_heads, cfg.head_dim, block_size) if kernels else shape
+        slots = [(lazily_zeroed(k_shape, dtype), lazily_zeroed(shape, dtype)) for _ in range(self.layout.group_size)]
         places = [self.layout.place(i) for i in range(cfg.num_layers)]
         self.kv_caches = [slots[slot] for _, slot in places]
         self.layer_group = [group for group, _ in places]
@@ -74,25 +78,27 @@ class ModelRunner:
         # Decode attention layout: probed for batch invariance, or the cheapest when not asked for.
         group = cfg.num_heads // cfg.num_kv_heads
         self.decode_layout = (torch_ref.decode_layout(group, cfg.num_kv_heads, cfg.head_dim, dtype)
-                              if deterministic else (1, True))
+                              if deterministic and not kernels else (1, True))
         self._mask_worker: ThreadPoolExecutor | None = None
 
     def read_block(self, block: int) -> torch.Tensor:
-        """A copy of one block's K/V pages: [2 * group_size, block_size, kv_heads, head_dim]."""
-        return torch.stack([t[block] for t in self._pages])
+        """A copy of one block's K/V pages, flat: [2 * group_size, page elements]."""
+        return torch.stack([t[block].reshape(-1) for t in self._pages])
 
     def write_block(self, block: int, data: torch.Tensor) -> None:
         for t, page in zip(self._pages, data):
-            t[block].copy_(page)
+            t[block].copy_(page.view(t[block].shape))
 
     def _build(self, out: SchedulerOutput) -> forward_batch.ForwardBatch:
+        if self.kernels:
+            return forward_batch.build_flat(out, self.block_size, self.layout.windows)
         return forward_batch.build(out, self.block_size, self.layout.windows,
                                    self.cfg.num_heads // self.cfg.num_kv_heads, self.kv_caches[0][0].dtype,
                                    self.decode_layout)
 
     def _forward(self, batch: forward_batch.ForwardBatch, logits_indices: torch.Tensor) -> torch.Tensor:
         metas = [batch.attn[g] for g in self.layer_group]
-        dense_rows = batch.prompt_rows if self.deterministic else None
+        dense_rows = 0 if self.kernels else batch.prompt_rows if self.deterministic else None
         return self.model(batch.input_ids, batch.positions, self.kv_caches, metas, logits_indices, dense_rows)
 
     @torch.inference_mode()
@@ -140,7 +146,7 @@ class ModelRunner:
         ids = batch.sample_request_ids
         by_id = {s.request_id: s for s in out.scheduled}
         masks = self._grammar_masks([by_id[i].grammar for i in ids])
-        score_rows, targets = _prompt_scoring_rows(out)
+        score_rows, targets = _prompt_scoring_rows(out, batch.prompt_row_starts)
         logits = self._forward(batch, torch.cat([batch.logits_indices, torch.tensor(score_rows, dtype=torch.long)]))
         scored = _score_prompt(logits[len(ids):], targets)
         logits = logits[: len(ids)]
@@ -177,20 +183,19 @@ def _verify(ids: list[str], drawn: list, by_id: dict[str, ScheduledRequest]
     return sampled, accepted
 
 
-def _prompt_scoring_rows(out: SchedulerOutput) -> tuple[list[int], list[tuple[str, int, int, int]]]:
+def _prompt_scoring_rows(out: SchedulerOutput, starts: tuple[int, ...]
+                         ) -> tuple[list[int], list[tuple[str, int, int, int]]]:
     """Rows whose logits score the next prompt token, and per row (request id, position of
     the scored token, its id, top-N). Position p's logits score prompt token p + 1; the
-    scored positions are prompt positions, laid out first (see forward_batch.build)."""
+    scored positions are prompt positions, each request's consecutive from `starts`."""
     rows: list[int] = []
     targets: list[tuple[str, int, int, int]] = []
-    row0 = 0
-    for s in out.scheduled:
+    for s, row0 in zip(out.scheduled, starts):
         if s.prompt_logprobs is not None:
             end = min(s.start + len(s.token_ids), len(s.prompt_token_ids) - 1)
             for p in range(s.start, end):
                 rows.append(row0 + p - s.start)
                 targets.append((s.request_id, p + 1, s.prompt_token_ids[p + 1], s.prompt_logprobs))
-        row0 += s.num_prompt_tokens
     return rows, targets
 
 

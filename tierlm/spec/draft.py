@@ -44,7 +44,8 @@ class DraftModelProposer:
         self.config = cfg
         num_blocks = num_kv_blocks(cfg, CacheConfig(block_size=block_size, kv_cache_gb=kv_cache_gb), dtype)
         self.kv = KVCacheManager(num_blocks, block_size, layout_for(cfg).windows)
-        self.runner = ModelRunner(loaded.model, cfg, num_blocks, block_size, dtype, deterministic=False)
+        self.runner = ModelRunner(loaded.model, cfg, num_blocks, block_size, dtype, deterministic=False,
+                                  kernels=loaded.kernels)
         self._held: dict[str, list[int]] = {}  # request id -> tokens whose KV the draft cache holds
 
     def propose(self, batch: list[tuple[str, list[int], int]]) -> dict[str, list[int]]:

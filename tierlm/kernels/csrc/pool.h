@@ -1,6 +1,9 @@
-// A persistent worker pool for the kernels. OpenMP regions opened from a thread other
-// than the process's first cost ~50 us each here (the engine runs on such a thread), more
-// than a whole GEMV; these workers stay alive, spin briefly between jobs, then sleep.
+// The process's one worker pool for the kernels (llama.cpp keeps its own for the same
+// reason). OpenMP regions cost ~50-70 us each once two threads own OpenMP teams (libgomp
+// then stops spinning: measured here, the server's engine thread beside the main one),
+// more than a whole GEMV. These workers stay alive, spin for `spin_us` after a job (the
+// next layer's product comes within microseconds), then sleep; torch's own intra-op
+// threads are set to 1 while the kernels run a model, so the two never contend.
 // Work is handed out in chunks from an atomic counter: which thread computes an output
 // never changes its bits (each output is computed whole by one thread).
 #pragma once
@@ -8,6 +11,7 @@
 #include <immintrin.h>
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
@@ -19,19 +23,17 @@ namespace tierlm {
 
 class Pool {
    public:
-    explicit Pool(int threads) {
-        for (int i = 1; i < threads; ++i) workers_.emplace_back([this] { loop(); });
-    }
-    ~Pool() {
-        {
-            std::lock_guard<std::mutex> lock(mutex_);
-            stop_ = true;
-            generation_.fetch_add(1);
-        }
-        wake_.notify_all();
-        for (auto& t : workers_) t.join();
-    }
+    explicit Pool(int threads) { start(threads); }
+    ~Pool() { stop(); }
     int size() const { return (int)workers_.size() + 1; }
+
+    // `threads` in all (the caller counts as one); waits for a running job first.
+    void resize(int threads) {
+        std::lock_guard<std::mutex> one_job(job_mutex_);
+        stop();
+        start(threads);
+    }
+    void set_spin_us(int64_t us) { spin_us_.store(us); }
 
     // fn(begin, end) over [0, n) in chunks of `grain`, on the caller and every worker.
     void run(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
@@ -56,6 +58,22 @@ class Pool {
     }
 
    private:
+    void start(int threads) {
+        stop_ = false;
+        const uint64_t now = generation_.load();  // a job published after this is new to them
+        for (int i = 1; i < threads; ++i) workers_.emplace_back([this, now] { loop(now); });
+    }
+    void stop() {
+        {
+            std::lock_guard<std::mutex> lock(mutex_);
+            stop_ = true;
+            generation_.fetch_add(1);
+        }
+        wake_.notify_all();
+        for (auto& t : workers_) t.join();
+        workers_.clear();
+    }
+
     void work() {
         for (;;) {
             const int64_t begin = next_.fetch_add(grain_);
@@ -64,15 +82,12 @@ class Pool {
         }
     }
 
-    void loop() {
-        uint64_t seen = 0;  // the generation at construction: a job published before this
-                            // thread got going is still seen as new
+    void loop(uint64_t seen) {
         for (;;) {
-            // Spin a little (the next layer's product comes within microseconds), then sleep.
-            int spins = 0;
-            while (generation_.load(std::memory_order_acquire) == seen && spins < (1 << 16)) {
+            const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(spin_us_.load());
+            for (int spins = 0; generation_.load(std::memory_order_acquire) == seen; ++spins) {
                 _mm_pause();
-                ++spins;
+                if ((spins & 63) == 63 && std::chrono::steady_clock::now() >= until) break;
             }
             if (generation_.load(std::memory_order_acquire) == seen) {
                 std::unique_lock<std::mutex> lock(mutex_);
@@ -91,9 +106,16 @@ class Pool {
     std::atomic<uint64_t> generation_{0};
     std::atomic<int64_t> next_{0};
     std::atomic<int> pending_{0};
+    std::atomic<int64_t> spin_us_{100};
     const std::function<void(int64_t, int64_t)>* fn_ = nullptr;
     int64_t n_ = 0, grain_ = 1;
-    bool stop_ = false;
+    std::atomic<bool> stop_{false};
 };
+
+// The process's pool (one thread until `resize`); shared by every kernel file.
+inline Pool& pool() {
+    static Pool p(1);
+    return p;
+}
 
 }  // namespace tierlm

@@ -19,7 +19,6 @@
 // a lower one).
 
 #include <torch/extension.h>
-#include <ATen/Parallel.h>
 
 #include "pool.h"
 
@@ -185,11 +184,16 @@ bool cpu_has(Isa isa) {
     return false;
 }
 
-// The kernels' workers: as many threads as torch's intra-op setting when first used.
-tierlm::Pool& pool() {
-    static tierlm::Pool p(at::get_num_threads());
-    return p;
+using tierlm::pool;
+
+void set_threads(int64_t threads, int64_t spin_us) {
+    TORCH_CHECK(threads >= 1 && threads <= 1024, "set_threads: threads must be 1..1024");
+    TORCH_CHECK(spin_us >= 0, "set_threads: spin_us must be >= 0");
+    pool().set_spin_us(spin_us);
+    if (pool().size() != threads) pool().resize((int)threads);
 }
+
+int64_t threads() { return pool().size(); }
 
 // ---- Python-facing ---------------------------------------------------------------------
 // x [M, K] -> codes [M, K] int8, scales and d * sum(q) [M, K/32] float32, sum(q) int32,
@@ -207,7 +211,7 @@ std::vector<torch::Tensor> quantize_rows(torch::Tensor x) {
     int8_t* qp = q.data_ptr<int8_t>();
     float *dp = d.data_ptr<float>(), *sp = s.data_ptr<float>();
     int32_t *sqp = sq.data_ptr<int32_t>(), *sq16p = sq16.data_ptr<int32_t>();
-    at::parallel_for(0, M, 16, [&](int64_t a, int64_t b) {
+    pool().run(M, 16, [&](int64_t a, int64_t b) {
         for (int64_t m = a; m < b; ++m)
             quantize_row_scalar(xp + m * K, K, qp + m * K, dp + m * nb, sp + m * nb, sqp + m * nb,
                                 sq16p + m * 2 * nb);
@@ -286,9 +290,14 @@ std::vector<int64_t> supported_isas() {
 
 }  // namespace
 
+void register_attention(pybind11::module& m);  // attention.cpp
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.doc() = "tierlm's CPU kernels: integer-exact quantized matmul over GGUF blocks";
     m.def("quantize_rows", &quantize_rows, "fp32 rows -> (int8 codes, block scales, d * sum(q), sum(q), sums of 16)");
     m.def("gemm", &gemm, "quantized activations x row-interleaved GGUF weight blocks -> fp32 [M, N]");
+    m.def("set_threads", &set_threads, "size the kernels' worker pool (threads in all, spin before sleeping)");
+    m.def("threads", &threads, "the kernels' worker pool size");
     m.def("supported_isas", &supported_isas, "ISA paths this CPU runs (0 scalar, 1 avx2, 2 avx512-vnni)");
+    register_attention(m);
 }
