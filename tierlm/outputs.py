@@ -52,3 +52,5 @@ class RequestOutput:
     # Set when this request failed inside a step (its own state, not the batch's): it is
     # finished, its blocks are free, and the engine goes on with everyone else.
     error: str | None = None
+    # Prompt tokens whose KV came from the prefix cache (OpenAI's usage.prompt_tokens_details.cached_tokens).
+    num_cached_tokens: int = 0

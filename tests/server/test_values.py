@@ -232,3 +232,52 @@ def test_concurrent_async_clients_equal_sequential_runs(server, client):
         return await asyncio.gather(*[aclient.chat.completions.create(**ask(i)) for i in range(6)])
 
     assert [view(r) for r in asyncio.run(main())] == sequential
+
+
+def _chat_ids(server, messages) -> list[int]:
+    import httpx
+
+    r = httpx.post(f"{server.url}/tokenize", json={"model": MODEL, "messages": messages},
+                   headers={"Authorization": f"Bearer {API_KEY}"})
+    assert r.status_code == 200, r.text
+    return r.json()["tokens"]
+
+
+def _cacheable(shared: int, prompt_len: int, block: int = 16) -> int:
+    """Prompt tokens a prefix-cache hit covers: whole blocks of the shared prefix, leaving
+    at least one prompt token to compute."""
+    return min(shared, prompt_len - 1) // block * block
+
+
+def _common(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def test_next_chat_turn_reuses_the_previous_prompt_and_reply(server, client):
+    """Turn k of a chat reuses turn k-1's prompt and reply KV (every token runs one numeric
+    format, so a generated token's KV is the KV its re-read as prompt would compute): the
+    usage's cached_tokens count the whole blocks of the shared prefix, the reply's included."""
+    messages = [{"role": "user", "content": "Describe a lighthouse keeper's morning in four sentences."}]
+    first = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=48, temperature=0,
+                                           logprobs=True, extra_body={"return_tokens_as_token_ids": True})
+    ids1 = _chat_ids(server, messages)
+    reply = ids_of([t.token for t in first.choices[0].logprobs.content])
+    assert first.usage.prompt_tokens == len(ids1)
+    messages += [{"role": "assistant", "content": first.choices[0].message.content},
+                 {"role": "user", "content": "And the evening?"}]
+    second = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0)
+    ids2 = _chat_ids(server, messages)
+    expected = _cacheable(_common(ids2, ids1 + reply), len(ids2))
+    assert expected >= _cacheable(len(ids1), len(ids2)) + 16  # at least one block of the reply
+    assert second.usage.prompt_tokens_details.cached_tokens == expected
+    # The stream's usage chunk reports it too.
+    messages += [{"role": "assistant", "content": second.choices[0].message.content},
+                 {"role": "user", "content": "Thanks."}]
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    ids3 = _chat_ids(server, messages)
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens >= _cacheable(_common(ids3, ids2), len(ids3))
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens >= expected

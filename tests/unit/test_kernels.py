@@ -6,6 +6,7 @@ against float weights is what int8 activations cost."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -109,19 +110,26 @@ def test_a_row_has_the_same_bits_in_any_batch_and_thread_count(ggml_type):
     n, k = 96, 768
     w = random_blocks(ggml_type, n, k, seed=3)
     x = activations(512, k, seed=4)
-    threads = torch.get_num_threads()
-    try:
-        for path in PATHS:
-            alone = torch.cat([kernels.gemm(x[i : i + 1], w, path=path) for i in range(0, 512, 37)])
-            for m in (1, 2, 3, 5, 8, 17, 64, 512):
-                batch = kernels.gemm(x[:m], w, path=path)
-                assert torch.equal(batch[::37], alone[: len(batch[::37])]), (path, m)
-            torch.set_num_threads(1)
+    for path in PATHS:
+        alone = torch.cat([kernels.gemm(x[i : i + 1], w, path=path) for i in range(0, 512, 37)])
+        for m in (1, 2, 3, 5, 8, 17, 64, 512):
+            batch = kernels.gemm(x[:m], w, path=path)
+            assert torch.equal(batch[::37], alone[: len(batch[::37])]), (path, m)
+        with pool_threads(1):
             one_thread = kernels.gemm(x, w, path=path)
-            torch.set_num_threads(max(2, threads))
+        with pool_threads(2):
             assert torch.equal(kernels.gemm(x, w, path=path), one_thread), path
+
+
+@contextlib.contextmanager
+def pool_threads(n: int):
+    """The kernels' pool at n threads (torch's intra-op count restored after)."""
+    before, torch_threads = kernels.use_threads(), torch.get_num_threads()
+    try:
+        yield kernels.use_threads(n)
     finally:
-        torch.set_num_threads(threads)
+        kernels.use_threads(before)
+        torch.set_num_threads(torch_threads)
 
 
 def run_python(code: str, **env) -> subprocess.CompletedProcess:
@@ -149,3 +157,59 @@ def test_without_the_extension_the_reference_runs_after_one_warning():
     out = run_python(code)
     assert out.returncode == 0 and out.stdout.strip() == "reference ['reference']", out.stderr
     assert out.stderr.count("compiled kernels unavailable") == 1
+
+
+# ---- attention ------------------------------------------------------------------------
+def paged(seed: int, dtype: torch.dtype, heads=(9, 3), d=64, bs=16, blocks=48):
+    """Random K/V caches in the kernels' layout, block tables of two sequences, queries."""
+    gen = torch.Generator().manual_seed(seed)
+    h, hkv = heads
+    kc = torch.randn(blocks, hkv, d, bs, generator=gen).to(dtype)
+    vc = torch.randn(blocks, bs, hkv, d, generator=gen).to(dtype)
+    tables = torch.randperm(blocks, generator=gen)[:32].int().view(2, 16)
+    q = torch.randn(64, h, d, generator=gen).to(dtype)
+    return q, kc, vc, tables
+
+
+# A prompt chunk of 40 tokens of sequence 0 (positions 150..189) and one decode of sequence 1.
+SEQ = torch.tensor([0] * 40 + [1], dtype=torch.int32)
+POS = torch.tensor([*range(150, 190), 97])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [0, 37])
+def test_attention_paths_agree_bitwise_and_match_the_reference(dtype, window):
+    q, kc, vc, tables = paged(5, dtype)
+    q = q[: len(SEQ)]
+    want = kernels.attention(q, kc, vc, tables, SEQ, POS, window, 0.125, path="reference").double()
+    outs = [kernels.attention(q, kc, vc, tables, SEQ, POS, window, 0.125, path=p) for p in PATHS[1:]]
+    for path, out in zip(PATHS[1:], outs):
+        assert torch.equal(out, outs[0]), path
+        # float32 rounding only (bf16: the output's own rounding)
+        tol = 2e-6 if dtype == torch.float32 else 2 ** -8
+        assert torch.allclose(out.double(), want, atol=tol, rtol=tol), path
+
+
+def test_attention_row_has_the_same_bits_alone_chunked_batched_and_threaded():
+    q, kc, vc, tables = paged(6, torch.bfloat16, heads=(8, 2), d=128, bs=32)
+    q = q[: len(SEQ)]
+    for path in PATHS[1:]:
+        whole = kernels.attention(q, kc, vc, tables, SEQ, POS, 0, 0.09, path=path)
+        alone = torch.cat([kernels.attention(q[i : i + 1], kc, vc, tables, SEQ[i : i + 1], POS[i : i + 1], 0,
+                                             0.09, path=path) for i in range(len(SEQ))])
+        chunks = torch.cat([kernels.attention(q[a:b], kc, vc, tables, SEQ[a:b], POS[a:b], 0, 0.09, path=path)
+                            for a, b in ((0, 7), (7, 8), (8, 33), (33, 41))])
+        assert torch.equal(whole, alone) and torch.equal(whole, chunks), path
+        for n in (1, 2):
+            with pool_threads(n):
+                assert torch.equal(kernels.attention(q, kc, vc, tables, SEQ, POS, 0, 0.09, path=path), whole)
+
+
+def test_kv_write_places_keys_transposed_per_block():
+    _, kc, vc, _ = paged(7, torch.bfloat16)
+    k, v = torch.randn(5, 3, 64), torch.randn(5, 3, 64)
+    slots = torch.tensor([0, 17, 18, 100, 767])
+    kernels.kv_write(k, v, kc, vc, slots)
+    for i, s in enumerate(slots.tolist()):
+        assert torch.equal(kc[s // 16, :, :, s % 16], k[i].to(torch.bfloat16))
+        assert torch.equal(vc[s // 16, s % 16], v[i].to(torch.bfloat16))

@@ -393,9 +393,11 @@ class LLMEngine:
                 o.index = i
         if finished:
             self._forget(pid)
-        scored = parent.requests[parent.children[0]].prompt_logprobs
+        first = parent.requests[parent.children[0]]
+        scored = first.prompt_logprobs
         return RequestOutput(pid, parent.prompt, parent.prompt_token_ids, outs, finished,
-                             list(scored) if scored is not None else None)
+                             list(scored) if scored is not None else None,
+                             num_cached_tokens=first.num_cached_tokens or 0)
 
     def _forget(self, pid: str) -> None:
         parent = self._parents.pop(pid)

@@ -144,6 +144,17 @@ class Blocks:
     def shape(self) -> tuple[int, int]:
         return (self.n, self.k)
 
+    @staticmethod
+    def join(parts: list[Blocks]) -> list[Blocks]:
+        """Stack matrices by rows, runs of one format as one matrix (one kernel call each)."""
+        out: list[Blocks] = []
+        for p in parts:
+            if out and out[-1].ggml_type == p.ggml_type and out[-1].k == p.k:
+                last = out.pop()
+                p = Blocks(torch.cat([last.raw, p.raw]), p.ggml_type, last.n + p.n, p.k)
+            out.append(p)
+        return out
+
     def rows(self, index: torch.Tensor) -> Blocks:
         return Blocks(self.raw[index], self.ggml_type, self.n, self.k)
 

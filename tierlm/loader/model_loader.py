@@ -59,7 +59,7 @@ def _join(parts: list) -> torch.Tensor | Q4 | list[Blocks]:
     """Concatenate fused sources by rows; quantized only if every part is (GGUF blocks
     stay a list of parts: a fused q/k/v may mix formats)."""
     if all(isinstance(p, Blocks) for p in parts):
-        return list(parts)
+        return Blocks.join(parts)
     if all(isinstance(p, Q4) for p in parts):
         return Q4.cat(parts)
     return torch.cat([p.dequantize() if isinstance(p, Q4) else p for p in parts])

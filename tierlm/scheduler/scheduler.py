@@ -175,6 +175,8 @@ class Scheduler:
                 self.prefix_queries += req.num_tokens
                 self.prefix_hits += hit
                 self.kv.hot_block_hits += hot
+            if req.num_cached_tokens is None:  # reported as usage.prompt_tokens_details.cached_tokens
+                req.num_cached_tokens = hit
             self.waiting.remove(req)
             req.status = RequestStatus.RUNNING
             self.running.append(req)

@@ -92,7 +92,7 @@ async def create(request: Request, req: ChatCompletionRequest, state: ServerStat
                 "logprobs": _logprobs(tier, c.token_ids, c.logprobs or [], as_ids) if req.logprobs else None,
                 "stop_reason": c.stop_reason} for c in out.outputs]
     completion_tokens = sum(len(c.token_ids) for c in out.outputs)
-    body = {**base, "choices": choices, "usage": common.usage(len(ids), completion_tokens)}
+    body = {**base, "choices": choices, "usage": common.usage(len(ids), completion_tokens, out.num_cached_tokens)}
     if req.prompt_logprobs is not None:
         body["prompt_logprobs"] = _prompt_logprobs(tier, ids, out.prompt_logprobs)
     return JSONResponse(body, headers=lease.headers())
@@ -128,13 +128,14 @@ def _reply(p: ToolPlan, c: CompletionOutput) -> dict:
 
 async def _stream(tier: Tier, req: ChatCompletionRequest, p: ToolPlan,
                   gen: AsyncIterator[tuple[int, RequestOutput]], base: dict, prompt_tokens: int, include_usage: bool):
-    completion_tokens = 0
+    completion_tokens = cached = 0
     views = [ChoiceStream(p.mode, p.names, p.function, p.parallel) for _ in range(req.n)]
     for k in range(req.n):
         # With tools the reply may be calls only, whose content is null, not "".
         first = {"role": "assistant", "content": "" if p.mode == "none" else None}
         yield sse({**base, "choices": [{"index": k, "delta": first, "logprobs": None, "finish_reason": None}]})
     async for _, out in gen:
+        cached = out.num_cached_tokens
         for c in out.outputs:
             if not (c.delta_text or c.delta_token_ids or c.finish_reason):
                 continue
@@ -154,4 +155,4 @@ async def _stream(tier: Tier, req: ChatCompletionRequest, p: ToolPlan,
             if c.finish_reason:
                 completion_tokens += len(c.token_ids)
     if include_usage:
-        yield sse({**base, "choices": [], "usage": common.usage(prompt_tokens, completion_tokens)})
+        yield sse({**base, "choices": [], "usage": common.usage(prompt_tokens, completion_tokens, cached)})

@@ -105,7 +105,8 @@ async def create(request: Request, req: CompletionRequest, state: ServerState):
                             "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
             completion_tokens += len(c.token_ids)
     prompt_tokens = sum(len(p) for p in ids)
-    return JSONResponse({**base, "choices": choices, "usage": common.usage(prompt_tokens, completion_tokens)},
+    cached = sum(f.num_cached_tokens for f in finals)
+    return JSONResponse({**base, "choices": choices, "usage": common.usage(prompt_tokens, completion_tokens, cached)},
                         headers=lease.headers())
 
 
@@ -113,6 +114,7 @@ async def _stream(tier: Tier, req: CompletionRequest, gen: AsyncIterator[tuple[i
                   base: dict, ids: list[list[int]], texts: list[str], include_usage: bool):
     offsets: dict[int, int] = {}
     completion_tokens = 0
+    cached: dict[int, int] = {}  # per prompt
     scoring = req.echo and req.logprobs is not None
     as_ids = req.return_tokens_as_token_ids
     if req.echo and not scoring:
@@ -123,6 +125,7 @@ async def _stream(tier: Tier, req: CompletionRequest, gen: AsyncIterator[tuple[i
                                                 "finish_reason": None}]})
     echoed: set[int] = set()
     async for pi, out in gen:
+        cached[pi] = out.num_cached_tokens
         if scoring and pi not in echoed:  # the prompt's logprobs exist once its prefill is done
             echoed.add(pi)
             head = _logprobs(tier, ids[pi], out.prompt_logprobs, 0, as_ids)
@@ -145,4 +148,5 @@ async def _stream(tier: Tier, req: CompletionRequest, gen: AsyncIterator[tuple[i
             if c.finish_reason:
                 completion_tokens += len(c.token_ids)
     if include_usage:
-        yield sse({**base, "choices": [], "usage": common.usage(sum(len(p) for p in ids), completion_tokens)})
+        yield sse({**base, "choices": [], "usage": common.usage(sum(len(p) for p in ids), completion_tokens,
+                                                               sum(cached.values()))})
