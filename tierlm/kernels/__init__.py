@@ -132,6 +132,54 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tab
     return _ext.attention(q, k_cache, v_cache, tables, seq, pos, window, scale, ISAS.index(path))
 
 
+def _native() -> bool:
+    return _ext is not None and isa() != "reference"
+
+
+def linear(x: torch.Tensor, parts: list[reference.Packed]) -> torch.Tensor:
+    """fp32 [M, sum N]: x (fp32/bf16 [M, K]) quantized once, times every packed matrix,
+    their outputs side by side (a fused q/k/v or gate/up in one call)."""
+    if not _native():
+        q = reference.quantize_rows(x)
+        ys = [reference.gemm(q[0], q[1], q[2], p) for p in parts]
+        return ys[0] if len(ys) == 1 else torch.cat(ys, dim=1)
+    return _ext.linear(x, [[p.qs, p.high, p.sub, p.d, p.mins] for p in parts],
+                       [(p.out_features, p.ggml_type) for p in parts], ISAS.index(isa()))
+
+
+def residual_norm(x: torch.Tensor, y: torch.Tensor | None, post_w: torch.Tensor | None, w: torch.Tensor,
+                  eps: float) -> torch.Tensor:
+    """x (fp32 [T, H] residual stream) += y (first RMS-normed by post_w, Gemma's post-norms,
+    when given), in place; returns RMSNorm(x) * w. Weights fp32, effective (1 + w for Gemma)."""
+    if not _native():
+        return reference.residual_norm(x, y, post_w, w, eps)
+    return _ext.residual_norm(x, y, post_w, w, eps, ISAS.index(isa()))
+
+
+GATED = {"silu": 0, "gelu_tanh": 1}
+
+
+def gated(gate_up: torch.Tensor, act: str) -> torch.Tensor:
+    """act(gate) * up over fp32 rows [T, 2I] (gate first) -> [T, I]."""
+    if not _native():
+        return reference.gated(gate_up, GATED[act])
+    return _ext.gated(gate_up, GATED[act], ISAS.index(isa()))
+
+
+def rope_attention(qkv: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.Tensor,
+                   q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, eps: float,
+                   k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor, seq: torch.Tensor,
+                   pos: torch.Tensor, window: int, scale: float) -> torch.Tensor:
+    """The attention sub-layer after a fused q/k/v projection (fp32 [T, (H + 2 Hkv) D]):
+    q/k norms when given, RoPE from cos/sin tables [positions, D], K/V into the cache, then
+    `attention`. Returns fp32 [T, H * D]."""
+    if not _native():
+        return reference.rope_attention(qkv, heads, cos, sin, q_norm, k_norm, eps, k_cache, v_cache, tables,
+                                        seq, pos, window, scale)
+    return _ext.rope_attention(qkv, heads, cos, sin, q_norm, k_norm, eps, k_cache, v_cache, tables, seq, pos,
+                               window, scale, ISAS.index(isa()))
+
+
 class Blocks:
     """One weight matrix as its GGUF file stores it (raw blocks, rows independent), until
     a layer packs it: row order and row concatenation (fused q/k/v, gate/up) are done on

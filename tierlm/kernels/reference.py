@@ -282,3 +282,47 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tab
             w = torch.softmax((k[:, kv] @ q[i, head].double()) * scale, dim=0)
             out[i, head] = w @ v[:, kv]
     return out.reshape(t, h * d).to(q.dtype)
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """x * rsqrt(mean(x^2) + eps) * w (w the effective fp32 weight), in float32."""
+    x = x.float()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+def residual_norm(x: torch.Tensor, y: torch.Tensor | None, post_w: torch.Tensor | None, w: torch.Tensor,
+                  eps: float) -> torch.Tensor:
+    """csrc/fused.cpp `residual_norm`: x += y (post-normed when post_w), return norm(x) * w."""
+    if y is not None:
+        x += rms_norm(y, post_w, eps) if post_w is not None else y
+    return rms_norm(x, w, eps)
+
+
+def gated(gu: torch.Tensor, kind: int) -> torch.Tensor:
+    gate, up = gu.float().chunk(2, dim=-1)
+    act = torch.nn.functional.silu(gate) if kind == 0 else torch.nn.functional.gelu(gate, approximate="tanh")
+    return act * up
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE of x [T, heads, D] with per-token rows cos/sin [T, D]."""
+    h = x.shape[-1] // 2
+    rot = torch.cat([-x[..., h:], x[..., :h]], dim=-1)
+    return x * cos[:, None] + rot * sin[:, None]
+
+
+def rope_attention(qkv: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.Tensor, q_norm, k_norm,
+                   eps: float, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
+                   seq: torch.Tensor, pos: torch.Tensor, window: int, scale: float) -> torch.Tensor:
+    """csrc/attention.cpp `rope_attention`: norms, RoPE, K/V write, attention."""
+    t, (hkv, d, bs) = qkv.shape[0], k_cache.shape[1:]
+    q, k, v = qkv.float().split([heads * d, hkv * d, hkv * d], dim=-1)
+    q, k, v = q.view(t, heads, d), k.view(t, hkv, d), v.view(t, hkv, d)
+    if q_norm is not None:
+        q, k = rms_norm(q, q_norm, eps), rms_norm(k, k_norm, eps)
+    c, s = cos[pos], sin[pos]
+    q, k = rope(q, c, s), rope(k, c, s)
+    blocks, offsets = tables[seq.long(), pos // bs].long(), pos % bs
+    k_cache[blocks, :, :, offsets] = k.to(k_cache.dtype)
+    v_cache[blocks, offsets] = v.to(v_cache.dtype)
+    return attention(q, k_cache, v_cache, tables, seq, pos, window, scale).float()

@@ -16,6 +16,7 @@ from torch import nn
 from tierlm.attention import torch_ref
 from tierlm.config import CacheConfig, ModelConfig
 from tierlm.kv_cache import layout as kv_layout
+from tierlm.models.fused import FusedDecoder
 from tierlm.outputs import SampledToken, StepResult
 from tierlm.request import TokenLogprob
 from tierlm.runner import forward_batch
@@ -80,6 +81,8 @@ class ModelRunner:
         self.decode_layout = (torch_ref.decode_layout(group, cfg.num_kv_heads, cfg.head_dim, dtype)
                               if deterministic and not kernels else (1, True))
         self._mask_worker: ThreadPoolExecutor | None = None
+        # On the kernels, a whole step runs on the fused kernels where the model allows it.
+        self.fused = FusedDecoder(model) if kernels and FusedDecoder.supports(model) else None
 
     def read_block(self, block: int) -> torch.Tensor:
         """A copy of one block's K/V pages, flat: [2 * group_size, page elements]."""
@@ -98,6 +101,8 @@ class ModelRunner:
 
     def _forward(self, batch: forward_batch.ForwardBatch, logits_indices: torch.Tensor) -> torch.Tensor:
         metas = [batch.attn[g] for g in self.layer_group]
+        if self.fused is not None:
+            return self.fused.forward(batch.input_ids, batch.positions, self.kv_caches, metas, logits_indices)
         dense_rows = 0 if self.kernels else batch.prompt_rows if self.deterministic else None
         return self.model(batch.input_ids, batch.positions, self.kv_caches, metas, logits_indices, dense_rows)
 

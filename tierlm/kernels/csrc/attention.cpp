@@ -40,6 +40,18 @@ struct Args {
     bool q_bf16, kv_bf16;
 };
 
+// rope_attention's first stage (attention_body.inc `prep_token`).
+struct PrepArgs {
+    const float *qkv, *cos, *sin, *qn, *kn;
+    float* qbuf;
+    void *k_cache, *v_cache;
+    const int32_t *tables, *seq;
+    const int64_t* pos;
+    int64_t H, Hkv, D, BS, MB;
+    float eps;
+    bool kv_bf16;
+};
+
 inline float to_f32(float v) { return v; }
 inline float to_f32(uint16_t v) {  // bf16 bits
     const uint32_t b = (uint32_t)v << 16;
@@ -131,6 +143,49 @@ torch::Tensor attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_
     return out;
 }
 
+// The attention sub-layer after the q/k/v projection, in one call: per token, q-norm and
+// k-norm (when given, fp32 [D] effective weights), RoPE (fp32 cos/sin tables [positions,
+// D], rotate-half), K/V written at the token's slot; then `attention` over fp32 queries.
+// qkv fp32 [T, (H + 2 * kv_heads) * D]; returns fp32 [T, H * D].
+torch::Tensor rope_attention(torch::Tensor qkv, int64_t H, torch::Tensor cos, torch::Tensor sin,
+                             c10::optional<torch::Tensor> q_norm, c10::optional<torch::Tensor> k_norm, double eps,
+                             torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor tables, torch::Tensor seq,
+                             torch::Tensor pos, int64_t window, double scale, int64_t isa) {
+    const int64_t T = qkv.size(0), Hkv = k_cache.size(1), D = k_cache.size(2);
+    TORCH_CHECK(qkv.scalar_type() == torch::kFloat32 && qkv.is_contiguous() && qkv.dim() == 2 &&
+                    qkv.size(1) == (H + 2 * Hkv) * D,
+                "rope_attention: qkv must be contiguous fp32 [T, (H + 2 * kv_heads) * D]");
+    TORCH_CHECK(D <= 512 && D % 2 == 0, "rope_attention: head_dim must be even and <= 512");
+    TORCH_CHECK(cos.scalar_type() == torch::kFloat32 && sin.scalar_type() == torch::kFloat32 && cos.is_contiguous() &&
+                    sin.is_contiguous() && cos.size(1) == D && sin.sizes() == cos.sizes(),
+                "rope_attention: cos/sin must be contiguous fp32 [positions, head_dim]");
+    for (const auto& n : {q_norm, k_norm})
+        TORCH_CHECK(!n || (n->scalar_type() == torch::kFloat32 && n->is_contiguous() && n->numel() == D),
+                    "rope_attention: q/k norm weights must be fp32 [head_dim]");
+    TORCH_CHECK(seq.scalar_type() == torch::kInt32 && seq.numel() == T && pos.scalar_type() == torch::kInt64 &&
+                    pos.numel() == T && tables.scalar_type() == torch::kInt32 && tables.dim() == 2,
+                "rope_attention: seq int32 [T], pos int64 [T], tables int32 [S, max blocks]");
+    const int64_t* ps = pos.data_ptr<int64_t>();
+    const int32_t* sq = seq.data_ptr<int32_t>();
+    for (int64_t t = 0; t < T; ++t)
+        TORCH_CHECK(ps[t] >= 0 && ps[t] < cos.size(0) && sq[t] >= 0 && sq[t] < tables.size(0) &&
+                        ps[t] / k_cache.size(3) < tables.size(1),
+                    "rope_attention: token ", t, " has no rotary row or cache block for its position");
+    auto qbuf = torch::empty({T, H, D}, torch::kFloat32);
+    PrepArgs p{qkv.data_ptr<float>(), cos.data_ptr<float>(), sin.data_ptr<float>(),
+               q_norm ? q_norm->data_ptr<float>() : nullptr, k_norm ? k_norm->data_ptr<float>() : nullptr,
+               qbuf.data_ptr<float>(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr<int32_t>(), sq, ps,
+               H, Hkv, D, k_cache.size(3), tables.size(1), (float)eps, is_bf16(k_cache)};
+    tierlm::pool().run(T, 4, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t) {
+            if (isa == 2) vnni::prep(p, t);
+            else if (isa == 1) avx2::prep(p, t);
+            else generic::prep(p, t);
+        }
+    });
+    return attention(qbuf, k_cache, v_cache, tables, seq, pos, window, scale, isa).view({T, H * D});
+}
+
 // Writes k, v [T, kv_heads, D] at flat slots (block * block_size + offset) of the caches
 // (layouts above), converting to the caches' dtype (bf16: round to nearest even).
 void kv_write(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots) {
@@ -166,4 +221,5 @@ void kv_write(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Te
 void register_attention(pybind11::module& m) {
     m.def("attention", &attention, "paged attention, one fixed arithmetic per query row");
     m.def("kv_write", &kv_write, "write k/v into the kernels' paged cache layout");
+    m.def("rope_attention", &rope_attention, "q/k norm, RoPE, K/V write and attention after a fused q/k/v projection");
 }

@@ -104,8 +104,8 @@ inline int32_t code(const uint8_t* blk, const uint8_t* plane, int l, int i) {
 
 template <int F>
 void gemm_scalar(const uint8_t* QS, const uint8_t* HB, const uint8_t* SUB, const uint16_t* D, const uint16_t* MN,
-                 int64_t nb, const int8_t* QX, const float* DX, const float* SX, float* Y, int64_t M, int64_t N,
-                 int64_t g0, int64_t g1) {
+                 int64_t nb, const int8_t* QX, const float* DX, const float* SX, float* Y, int64_t ldy, int64_t M,
+                 int64_t N, int64_t g0, int64_t g1) {
     constexpr int64_t BQ = F == FMT_Q8_0 ? 512 : 256;  // code bytes of one block for 16 rows
     for (int64_t m = 0; m < M; ++m)
         for (int64_t n = g0 * 16; n < std::min(N, g1 * 16); ++n) {
@@ -139,7 +139,7 @@ void gemm_scalar(const uint8_t* QS, const uint8_t* HB, const uint8_t* SUB, const
                 acc = acc + (f16_to_f32(D[gb * 16 + l]) * DX[m * nb + b]) * (float)isum;
                 if (F == FMT_Q4_1) acc = acc + f16_to_f32(MN[gb * 16 + l]) * SX[m * nb + b];
             }
-            Y[m * N + n] = acc;
+            Y[m * ldy + n] = acc;
         }
 }
 
@@ -219,9 +219,16 @@ std::vector<torch::Tensor> quantize_rows(torch::Tensor x) {
     return {q, d, s, sq, sq16};
 }
 
-torch::Tensor gemm(torch::Tensor qx, torch::Tensor dx, torch::Tensor sx, torch::Tensor sq, torch::Tensor sq16,
-                   torch::Tensor qs, torch::Tensor high, torch::Tensor sub, torch::Tensor d, torch::Tensor mins,
-                   int64_t n_out, int64_t ggml_type, int64_t isa) {
+// One packed weight matrix (reference.py `Packed`), checked once per call.
+struct Part {
+    const uint8_t *QS, *HB, *SUB;
+    const uint16_t *D, *MN;
+    int64_t groups, nb, n_out;
+    int fmt;
+};
+
+Part part_of(const torch::Tensor& qs, const torch::Tensor& high, const torch::Tensor& sub, const torch::Tensor& d,
+             const torch::Tensor& mins, int64_t n_out, int64_t ggml_type) {
     const int fmt = ggml_type == 3    ? FMT_Q4_1
                     : ggml_type == 8  ? FMT_Q8_0
                     : ggml_type == 6  ? FMT_Q5_0
@@ -230,7 +237,6 @@ torch::Tensor gemm(torch::Tensor qx, torch::Tensor dx, torch::Tensor sx, torch::
                                       : -1;
     TORCH_CHECK(fmt >= 0, "gemm: only Q4_1 (3), Q5_0 (6), Q8_0 (8), Q4_K (12) and Q6_K (14) weights");
     const bool super = fmt == FMT_Q4_K || fmt == FMT_Q6_K;
-    TORCH_CHECK(isa >= SCALAR && isa <= AVX512_VNNI && cpu_has((Isa)isa), "gemm: this CPU cannot run isa ", isa);
     const int64_t BQ = fmt == FMT_Q8_0 ? 512 : 256;
     TORCH_CHECK(qs.dtype() == torch::kUInt8 && qs.dim() == 3 && qs.is_contiguous() && qs.size(2) == BQ,
                 "gemm: qs must be uint8 [N/16, nb, ", BQ, "]");
@@ -246,39 +252,92 @@ torch::Tensor gemm(torch::Tensor qx, torch::Tensor dx, torch::Tensor sx, torch::
     const int64_t plane_bytes = fmt == FMT_Q5_0 ? 64 : fmt == FMT_Q6_K ? 128 : 0;
     TORCH_CHECK(high.dtype() == torch::kUInt8 && high.is_contiguous() && high.numel() == groups * nb * plane_bytes,
                 "gemm: high must be uint8 [N/16, nb, 64 (Q5_0) | 128 (Q6_K)], empty otherwise");
-    TORCH_CHECK(qx.dtype() == torch::kInt8 && qx.dim() == 2 && qx.is_contiguous() && qx.size(1) == nb * QK,
+    return {qs.data_ptr<uint8_t>(), high.data_ptr<uint8_t>(), sub.data_ptr<uint8_t>(),
+            reinterpret_cast<const uint16_t*>(d.data_ptr<at::Half>()),
+            reinterpret_cast<const uint16_t*>(mins.data_ptr<at::Half>()), groups, nb, n_out, fmt};
+}
+
+struct Acts {  // quantized activations (quantize_rows)
+    const int8_t* QX;
+    const float *DX, *SX;
+    const int32_t *SQ, *SQ16;
+    int64_t M, nb;
+};
+
+Acts acts_of(const torch::Tensor& qx, const torch::Tensor& dx, const torch::Tensor& sx, const torch::Tensor& sq,
+             const torch::Tensor& sq16) {
+    TORCH_CHECK(qx.dtype() == torch::kInt8 && qx.dim() == 2 && qx.is_contiguous() && qx.size(1) % QK == 0,
                 "gemm: qx must be int8 [M, K]");
-    const int64_t M = qx.size(0);
+    const int64_t M = qx.size(0), nb = qx.size(1) / QK;
     TORCH_CHECK(dx.is_contiguous() && sx.is_contiguous() && sq.is_contiguous() && dx.numel() == M * nb &&
                     sx.numel() == M * nb && sq.numel() == M * nb && sq.dtype() == torch::kInt32,
                 "gemm: dx, sx and sq must be [M, K/32]");
     TORCH_CHECK(sq16.dtype() == torch::kInt32 && sq16.is_contiguous() && sq16.numel() == 2 * M * nb,
                 "gemm: sq16 must be int32 [M, K/16]");
-    auto y = torch::empty({M, n_out}, torch::kFloat32);
-    const uint8_t* QS = qs.data_ptr<uint8_t>();
-    const uint8_t* HB = high.data_ptr<uint8_t>();
-    const uint8_t* SUB = sub.data_ptr<uint8_t>();
-    const uint16_t* D = reinterpret_cast<const uint16_t*>(d.data_ptr<at::Half>());
-    const uint16_t* MN = reinterpret_cast<const uint16_t*>(mins.data_ptr<at::Half>());
-    const int8_t* QX = qx.data_ptr<int8_t>();
-    const float *DX = dx.data_ptr<float>(), *SX = sx.data_ptr<float>();
-    const int32_t* SQ = sq.data_ptr<int32_t>();
-    const int32_t* SQ16 = sq16.data_ptr<int32_t>();
+    return {qx.data_ptr<int8_t>(), dx.data_ptr<float>(), sx.data_ptr<float>(), sq.data_ptr<int32_t>(),
+            sq16.data_ptr<int32_t>(), M, nb};
+}
+
+// Groups [g0, g1) of `p` for every row of `x`, into Y (row stride ldy).
+void run_groups(const Part& p, const Acts& x, float* Y, int64_t ldy, int64_t g0, int64_t g1, int64_t isa) {
+    run_format(p.fmt, [&](auto f) {
+        constexpr int F = decltype(f)::value;
+        if (isa == AVX512_VNNI) {
+            vnni::gemm<F>(p.QS, p.HB, p.SUB, p.D, p.MN, p.nb, x.QX, x.DX, x.SX, x.SQ, x.SQ16, Y, ldy, x.M, p.n_out,
+                          g0, g1);
+        } else if (isa == AVX2) {
+            avx2::gemm<F>(p.QS, p.HB, p.SUB, p.D, p.MN, p.nb, x.QX, x.DX, x.SX, x.SQ, x.SQ16, Y, ldy, x.M, p.n_out,
+                          g0, g1);
+        } else {
+            gemm_scalar<F>(p.QS, p.HB, p.SUB, p.D, p.MN, p.nb, x.QX, x.DX, x.SX, Y, ldy, x.M, p.n_out, g0, g1);
+        }
+    });
+}
+
+// Every part's output columns side by side, [M, sum n_out]. Threads take chunks of 4 groups
+// of 16 outputs across all parts: each y[m, n] is computed whole by one thread.
+torch::Tensor run_parts(const std::vector<Part>& parts, const Acts& x, int64_t isa) {
+    TORCH_CHECK(isa >= SCALAR && isa <= AVX512_VNNI && cpu_has((Isa)isa), "gemm: this CPU cannot run isa ", isa);
+    int64_t total = 0;
+    std::vector<std::pair<int64_t, int64_t>> chunks;  // (part, first group)
+    std::vector<int64_t> col;
+    for (size_t i = 0; i < parts.size(); ++i) {
+        TORCH_CHECK(parts[i].nb == x.nb, "gemm: the activations' K does not match the weight's");
+        col.push_back(total);
+        total += parts[i].n_out;
+        for (int64_t g = 0; g < parts[i].groups; g += 4) chunks.emplace_back((int64_t)i, g);
+    }
+    auto y = torch::empty({x.M, total}, torch::kFloat32);
     float* Y = y.data_ptr<float>();
-    // Threads split the groups of 16 outputs: each y[m, n] is computed whole by one thread.
-    pool().run(groups, 4, [&](int64_t g0, int64_t g1) {
-        run_format(fmt, [&](auto f) {
-            constexpr int F = decltype(f)::value;
-            if (isa == AVX512_VNNI) {
-                vnni::gemm<F>(QS, HB, SUB, D, MN, nb, QX, DX, SX, SQ, SQ16, Y, M, n_out, g0, g1);
-            } else if (isa == AVX2) {
-                avx2::gemm<F>(QS, HB, SUB, D, MN, nb, QX, DX, SX, SQ, SQ16, Y, M, n_out, g0, g1);
-            } else {
-                gemm_scalar<F>(QS, HB, SUB, D, MN, nb, QX, DX, SX, Y, M, n_out, g0, g1);
-            }
-        });
+    pool().run((int64_t)chunks.size(), 1, [&](int64_t c0, int64_t c1) {
+        for (int64_t c = c0; c < c1; ++c) {
+            const auto [i, g] = chunks[c];
+            const Part& p = parts[i];
+            run_groups(p, x, Y + col[i], total, g, std::min(p.groups, g + 4), isa);
+        }
     });
     return y;
+}
+
+torch::Tensor gemm(torch::Tensor qx, torch::Tensor dx, torch::Tensor sx, torch::Tensor sq, torch::Tensor sq16,
+                   torch::Tensor qs, torch::Tensor high, torch::Tensor sub, torch::Tensor d, torch::Tensor mins,
+                   int64_t n_out, int64_t ggml_type, int64_t isa) {
+    return run_parts({part_of(qs, high, sub, d, mins, n_out, ggml_type)}, acts_of(qx, dx, sx, sq, sq16), isa);
+}
+
+// x (fp32 / bf16 [M, K]) quantized, then every part: one call for a fused projection.
+// `parts`: per matrix (qs, high, sub, d, mins); `shapes`: per matrix (n_out, ggml_type).
+torch::Tensor linear(torch::Tensor x, const std::vector<std::vector<torch::Tensor>>& parts,
+                     const std::vector<std::pair<int64_t, int64_t>>& shapes, int64_t isa) {
+    TORCH_CHECK(parts.size() == shapes.size() && !parts.empty(), "linear: one shape per part");
+    std::vector<Part> ps;
+    for (size_t i = 0; i < parts.size(); ++i) {
+        TORCH_CHECK(parts[i].size() == 5, "linear: a part is (qs, high, sub, d, mins)");
+        ps.push_back(part_of(parts[i][0], parts[i][1], parts[i][2], parts[i][3], parts[i][4], shapes[i].first,
+                             shapes[i].second));
+    }
+    const auto q = quantize_rows(x);
+    return run_parts(ps, acts_of(q[0], q[1], q[2], q[3], q[4]), isa);
 }
 
 std::vector<int64_t> supported_isas() {
@@ -291,13 +350,16 @@ std::vector<int64_t> supported_isas() {
 }  // namespace
 
 void register_attention(pybind11::module& m);  // attention.cpp
+void register_fused(pybind11::module& m);      // fused.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.doc() = "tierlm's CPU kernels: integer-exact quantized matmul over GGUF blocks";
     m.def("quantize_rows", &quantize_rows, "fp32 rows -> (int8 codes, block scales, d * sum(q), sum(q), sums of 16)");
     m.def("gemm", &gemm, "quantized activations x row-interleaved GGUF weight blocks -> fp32 [M, N]");
+    m.def("linear", &linear, "rows quantized, then every packed part's outputs side by side -> fp32 [M, sum N]");
     m.def("set_threads", &set_threads, "size the kernels' worker pool (threads in all, spin before sleeping)");
     m.def("threads", &threads, "the kernels' worker pool size");
     m.def("supported_isas", &supported_isas, "ISA paths this CPU runs (0 scalar, 1 avx2, 2 avx512-vnni)");
     register_attention(m);
+    register_fused(m);
 }

@@ -1,0 +1,127 @@
+"""A decoder step on tierlm's fused kernels: ~8 calls per layer instead of ~60 PyTorch ops.
+
+Built from a loaded Llama-family or Gemma-3 model whose every projection runs on the
+kernels (GGUF blocks, `tierlm.kernels.BlockWeight`), it reads the modules' weights once
+and runs a step as: residual add + RMSNorm, fused q/k/v projection, q/k norm + RoPE +
+K/V write + paged attention, output projection, residual + norm, gate/up projection,
+gated activation, down projection. The residual stream stays float32 between layers
+(the module path rounds it to bf16 at every op); each kernel computes a row whole, in a
+fixed order, so a token's logits do not depend on the batch, its role or the threads.
+Models it does not cover (sparse MoE blocks, dense projections) run their modules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from tierlm import kernels
+from tierlm.attention.base import AttentionMetadata
+from tierlm.kernels import BlockWeight
+from tierlm.layers.linear import Linear
+from tierlm.layers.mlp import GatedMLP
+from tierlm.layers.norm import GemmaRMSNorm, RMSNorm
+
+
+def _weight(norm: nn.Module | None) -> torch.Tensor | None:
+    """A norm's effective fp32 scale: w (RMSNorm) or 1 + w (Gemma's)."""
+    if norm is None:
+        return None
+    w = norm.weight.detach().float()
+    return (1.0 + w).contiguous() if isinstance(norm, GemmaRMSNorm) else w.contiguous()
+
+
+def _parts(layer: Linear) -> list:
+    return layer.quantized.parts
+
+
+def _bias(layer: Linear) -> torch.Tensor | None:
+    return None if layer.bias is None else layer.bias.detach().float()
+
+
+@dataclass
+class _Layer:
+    in_norm: torch.Tensor
+    qkv: list
+    qkv_bias: torch.Tensor | None
+    q_norm: torch.Tensor | None
+    k_norm: torch.Tensor | None
+    cos: torch.Tensor
+    sin: torch.Tensor
+    o: list
+    post_attn: torch.Tensor | None  # Gemma: the attention branch's own norm before the add
+    pre_mlp: torch.Tensor
+    gate_up: list
+    down: list
+    post_mlp: torch.Tensor | None  # Gemma
+
+
+class FusedDecoder:
+    def __init__(self, model: nn.Module) -> None:
+        cfg = model.config
+        self.cfg = cfg
+        self.gemma = hasattr(model, "embed_scale")
+        self.embed = model.embed_tokens
+        self.embed_scale = getattr(model, "embed_scale", None)
+        self.eps = cfg.rms_norm_eps
+        self.act = cfg.hidden_act
+        self.heads = cfg.num_heads
+        self.scale = model.layers[0].self_attn.backend.scale
+        self.layers = []
+        for layer in model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            self.layers.append(_Layer(
+                in_norm=_weight(layer.input_layernorm), qkv=_parts(attn.qkv_proj), qkv_bias=_bias(attn.qkv_proj),
+                q_norm=_weight(attn.q_norm), k_norm=_weight(attn.k_norm),
+                cos=attn.rope.cos.contiguous(), sin=attn.rope.sin.contiguous(), o=_parts(attn.o_proj),
+                post_attn=_weight(layer.post_attention_layernorm) if self.gemma else None,
+                pre_mlp=_weight(layer.pre_feedforward_layernorm if self.gemma else layer.post_attention_layernorm),
+                gate_up=_parts(mlp.gate_up_proj), down=_parts(mlp.down_proj),
+                post_mlp=_weight(layer.post_feedforward_layernorm) if self.gemma else None))
+        self.final_norm = _weight(model.norm)
+        self.head = _parts(model.lm_head)
+        self.softcap = getattr(cfg, "final_logit_softcap", None)
+
+    @staticmethod
+    def supports(model: nn.Module) -> bool:
+        """Every projection on the kernels, dense gated MLPs, the norms this file knows."""
+        layers = getattr(model, "layers", None)
+        if layers is None or not hasattr(model, "lm_head"):
+            return False
+        linears = [m for m in model.modules() if isinstance(m, Linear)]
+        norms_ok = all(isinstance(m, (RMSNorm, GemmaRMSNorm)) for name, m in model.named_modules()
+                       if name.endswith("norm") or name.endswith("layernorm"))
+        qkv = {id(layer.self_attn.qkv_proj) for layer in layers}
+        return (norms_ok and all(isinstance(m.quantized, BlockWeight) for m in linears)
+                and all(isinstance(layer.mlp, GatedMLP) for layer in layers)
+                and model.config.hidden_act in kernels.GATED
+                and all(m.bias is None for m in linears if id(m) not in qkv))
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], metas: list[AttentionMetadata],
+                logits_indices: torch.Tensor) -> torch.Tensor:
+        """One step -> float32 logits [len(logits_indices), vocab] (as the model's forward)."""
+        x = self.embed(input_ids)
+        if self.embed_scale is not None:  # rounded to the table's dtype, as the reference does
+            x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
+        x = x.float().contiguous()
+        h = kernels.residual_norm(x, None, None, self.layers[0].in_norm, self.eps)
+        for i, (layer, (k_cache, v_cache), meta) in enumerate(zip(self.layers, kv_caches, metas)):
+            qkv = kernels.linear(h, layer.qkv)
+            if layer.qkv_bias is not None:
+                qkv += layer.qkv_bias
+            a = kernels.rope_attention(qkv, self.heads, layer.cos, layer.sin, layer.q_norm, layer.k_norm, self.eps,
+                                       k_cache, v_cache, meta.tables, meta.seq, meta.positions, meta.window or 0,
+                                       self.scale)
+            h = kernels.residual_norm(x, kernels.linear(a, layer.o), layer.post_attn, layer.pre_mlp, self.eps)
+            m = kernels.gated(kernels.linear(h, layer.gate_up), self.act)
+            following = self.layers[i + 1].in_norm if i + 1 < len(self.layers) else self.final_norm
+            h = kernels.residual_norm(x, kernels.linear(m, layer.down), layer.post_mlp, following, self.eps)
+        logits = kernels.linear(h.index_select(0, logits_indices), self.head)
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
