@@ -213,3 +213,88 @@ def test_kv_write_places_keys_transposed_per_block():
     for i, s in enumerate(slots.tolist()):
         assert torch.equal(kc[s // 16, :, :, s % 16], k[i].to(torch.bfloat16))
         assert torch.equal(vc[s // 16, s % 16], v[i].to(torch.bfloat16))
+
+
+# ---- fused step kernels ---------------------------------------------------------------
+def native_paths():
+    return [p for p in PATHS if p != "reference"]
+
+
+@contextlib.contextmanager
+def forced(path: str):
+    """Run the kernels' Python entry points on `path` for the block."""
+    before = kernels._ISA
+    kernels._ISA = path
+    try:
+        yield
+    finally:
+        kernels._ISA = before
+
+
+def on_every_path(fn):
+    """fn() on each compiled path (must agree bitwise) and on the reference: (compiled, reference)."""
+    outs = []
+    for path in native_paths():
+        with forced(path):
+            outs.append(fn())
+    for path, out in zip(native_paths(), outs):
+        for a, b in zip(out, outs[0]):
+            assert torch.equal(a, b), path
+    with forced("reference"):
+        want = fn()
+    return outs[0] if outs else want, want
+
+
+@pytest.mark.parametrize("post", [False, True])
+def test_residual_norm_matches_reference_and_updates_the_stream(post):
+    gen = torch.Generator().manual_seed(8)
+    x0, y = torch.randn(37, 640, generator=gen), torch.randn(37, 640, generator=gen)
+    w, pw = torch.rand(640, generator=gen) + 0.5, torch.rand(640, generator=gen) + 0.5
+
+    def run():
+        x = x0.clone()
+        return kernels.residual_norm(x, y, pw if post else None, w, 1e-6), x
+
+    (out, x), (want, want_x) = on_every_path(run)
+    assert torch.allclose(x, want_x, atol=1e-5) and torch.allclose(out, want, atol=1e-4, rtol=1e-4)
+    alone = torch.cat([kernels.residual_norm(x0[i : i + 1].clone(), y[i : i + 1], pw if post else None, w, 1e-6)
+                       for i in range(37)])
+    assert torch.equal(alone, out)
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+def test_gated_activations_match_torch(act):
+    gu = torch.randn(19, 2 * 1536, generator=torch.Generator().manual_seed(9)) * 4
+    (out,), (want,) = on_every_path(lambda: (kernels.gated(gu, act),))
+    assert torch.allclose(out, want, atol=1e-5, rtol=1e-5)  # tanh via exp: a few ulps of the larger terms
+
+
+def test_multi_part_linear_equals_one_gemm_per_part(bundled_tensors):
+    w1, _ = bundled_tensors["smollm2/blk.3.attn_k.weight"]
+    w2, _ = bundled_tensors["smollm2/blk.0.ffn_gate.weight"]
+    x = activations(9, w1.in_features, seed=10)
+    (y,), (want,) = on_every_path(lambda: (kernels.linear(x, [w1, w2]),))
+    assert torch.equal(y, want)
+    assert torch.equal(y, torch.cat([kernels.gemm(x, w1), kernels.gemm(x, w2)], dim=1))
+
+
+@pytest.mark.parametrize("norms", [False, True])
+def test_rope_attention_matches_reference(norms):
+    q, kc0, vc0, tables = paged(11, torch.bfloat16, heads=(4, 2), d=64)
+    gen = torch.Generator().manual_seed(12)
+    t, h, hkv, d = len(SEQ), 4, 2, 64
+    qkv = torch.randn(t, (h + 2 * hkv) * d, generator=gen)
+    angles = torch.arange(256).float()[:, None] * torch.rand(d // 2, generator=gen)[None]
+    cos, sin = torch.cat([angles.cos()] * 2, 1), torch.cat([angles.sin()] * 2, 1)
+    qn = kn = None
+    if norms:
+        qn, kn = torch.rand(d, generator=gen) + 0.5, torch.rand(d, generator=gen) + 0.5
+
+    def run():
+        kc, vc = kc0.clone(), vc0.clone()
+        return kernels.rope_attention(qkv, h, cos, sin, qn, kn, 1e-6, kc, vc, tables, SEQ, POS, 0, 0.125), kc, vc
+
+    (out, kc, vc), (want, want_kc, want_vc) = on_every_path(run)
+    assert torch.equal(vc, want_vc)
+    assert (kc.float() - want_kc.float()).abs().max() <= 2 ** -6  # bf16 K after fp32 RoPE
+    assert torch.allclose(out, want, atol=2e-2, rtol=2e-2)  # queries vs bf16 keys rounded apart

@@ -18,6 +18,8 @@
 
 #include <torch/extension.h>
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -78,14 +80,20 @@ namespace generic {
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 namespace avx2 {
+#define TIERLM_SIMD
 #include "attention_body.inc"
+#undef TIERLM_SIMD
 }  // namespace avx2
 #pragma GCC pop_options
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")
 namespace vnni {
+#define TIERLM_SIMD
+#define TIERLM_AVX512
 #include "attention_body.inc"
+#undef TIERLM_AVX512
+#undef TIERLM_SIMD
 }  // namespace vnni
 #pragma GCC pop_options
 
@@ -135,8 +143,9 @@ torch::Tensor attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_
     tierlm::pool().run((int64_t)tiles.size() * Hkv, 1, [&](int64_t i0, int64_t i1) {
         for (int64_t i = i0; i < i1; ++i) {
             const auto [t0, t1] = tiles[i / Hkv];
-            if (isa == 2) vnni::run(a, t0, t1, i % Hkv);
-            else if (isa == 1) avx2::run(a, t0, t1, i % Hkv);
+            // The SIMD bodies assume whole 16-lane slices of head_dim (same bits as generic).
+            if (isa == 2 && D % 16 == 0) vnni::run(a, t0, t1, i % Hkv);
+            else if (isa >= 1 && D % 16 == 0) avx2::run(a, t0, t1, i % Hkv);
             else generic::run(a, t0, t1, i % Hkv);
         }
     });
