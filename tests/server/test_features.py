@@ -177,7 +177,7 @@ def test_priority_policy_serves_the_urgent_request_first(ngram_priority):
         ids[name] = complete(url, prompt=f"Request {name}:", max_tokens=max_tokens, ignore_eos=True,
                              priority=priority)["id"]
 
-    holder = threading.Thread(target=send, args=("holder", 0, 60))
+    holder = threading.Thread(target=send, args=("holder", 0, 500))  # long enough to queue behind
     holder.start()
     wait_for(lambda: value(url, "vllm:num_requests_running") == 1)
     low = threading.Thread(target=send, args=("low", 10, 2))

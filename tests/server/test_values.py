@@ -212,7 +212,9 @@ def test_content_parts_equal_the_plain_string(client):
     assert a.choices[0].message.content == b.choices[0].message.content
     assert [(t.token, t.logprob) for t in a.choices[0].logprobs.content] == \
         [(t.token, t.logprob) for t in b.choices[0].logprobs.content]
-    assert a.usage == b.usage
+    assert (a.usage.prompt_tokens, a.usage.completion_tokens) == (b.usage.prompt_tokens, b.usage.completion_tokens)
+    # b's prompt is a's token for token: every whole block of it comes from the prefix cache
+    assert b.usage.prompt_tokens_details.cached_tokens == _cacheable(b.usage.prompt_tokens, b.usage.prompt_tokens)
 
 
 def test_concurrent_async_clients_equal_sequential_runs(server, client):

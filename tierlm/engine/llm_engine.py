@@ -88,7 +88,11 @@ class LLMEngine:
         self.config = config
         t0 = time.perf_counter()
         cache_dir = cache_dir or default_cache_dir()
-        self.dense_dtype = kernel_probe.dense_dtype(config.dense_dtype, config.torch_dtype, cache_dir)
+        # A model on the kernels has no dense products: skip the one-off dtype probe.
+        on_kernels = model_loader.runs_on_kernels(config.model, dtype=config.torch_dtype, cache_dir=cache_dir,
+                                                  block_size=config.cache.block_size, quantization=config.quantization)
+        self.dense_dtype = (config.torch_dtype if on_kernels else
+                            kernel_probe.dense_dtype(config.dense_dtype, config.torch_dtype, cache_dir))
         self.loaded = model_loader.load(config.model, dtype=config.torch_dtype, block_size=config.cache.block_size,
                                         deterministic=config.deterministic, cache_dir=cache_dir, progress=progress,
                                         quantization=config.quantization, dense_dtype=self.dense_dtype)

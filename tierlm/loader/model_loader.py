@@ -215,6 +215,14 @@ def load(model: str, *, dtype: torch.dtype, block_size: int, deterministic: bool
     return LoadedModel(net, cfg, tok, path, formats, kernels=blocks)
 
 
+def runs_on_kernels(model: str, *, dtype: torch.dtype, block_size: int, cache_dir: Path,
+                    quantization: str = "auto") -> bool:
+    """Whether `load` will put this model on tierlm's kernels (checked without loading)."""
+    path = bundled.resolve(model, cache_dir)
+    return (path.is_file() and quantization == "auto" and dtype == torch.bfloat16
+            and on_kernels(GGUFFile(path), block_size))
+
+
 def on_kernels(g: GGUFFile, block_size: int) -> bool:
     """Whether a GGUF model runs on tierlm's kernels: every quantized matrix in a format
     they compute (else the PyTorch path runs it whole, never a mix of the two), and cache

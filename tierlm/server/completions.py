@@ -105,7 +105,7 @@ async def create(request: Request, req: CompletionRequest, state: ServerState):
                             "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
             completion_tokens += len(c.token_ids)
     prompt_tokens = sum(len(p) for p in ids)
-    cached = sum(f.num_cached_tokens for f in finals)
+    cached = sum(f.num_cached_tokens for f in finals.values())
     return JSONResponse({**base, "choices": choices, "usage": common.usage(prompt_tokens, completion_tokens, cached)},
                         headers=lease.headers())
 

@@ -7,6 +7,7 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -94,9 +95,26 @@ torch::Tensor gated(torch::Tensor gu, int64_t kind, int64_t isa) {
     return out;
 }
 
+// Reads every byte of `t` once on the pool (64-bit XOR of its words): the memory read
+// bandwidth the kernels can reach, the roofline of one decoding stream.
+int64_t read_all(torch::Tensor t) {
+    TORCH_CHECK(t.is_contiguous() && t.nbytes() % 64 == 0, "read_all: a contiguous tensor of whole 64-byte lines");
+    const uint64_t* w = static_cast<const uint64_t*>(t.data_ptr());
+    const int64_t lines = (int64_t)t.nbytes() / 64;
+    std::atomic<uint64_t> total{0};
+    tierlm::pool().run(lines, 4096, [&](int64_t a, int64_t b) {
+        uint64_t x[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        for (int64_t l = a; l < b; ++l)
+            for (int k = 0; k < 8; ++k) x[k] ^= w[l * 8 + k];
+        total.fetch_xor(x[0] ^ x[1] ^ x[2] ^ x[3] ^ x[4] ^ x[5] ^ x[6] ^ x[7]);
+    });
+    return (int64_t)total.load();
+}
+
 }  // namespace
 
 void register_fused(pybind11::module& m) {
     m.def("residual_norm", &residual_norm, "x += y (post-normed), then RMSNorm(x) * w; fp32 rows");
+    m.def("read_all", &read_all, "read every byte once on the pool (bandwidth probe)");
     m.def("gated", &gated, "act(gate) * up over [T, 2I] rows (0 silu, 1 gelu_tanh)");
 }
