@@ -27,6 +27,7 @@
 #include <cmath>
 #include <cstdint>
 #include <algorithm>
+#include <array>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -298,22 +299,26 @@ void run_groups(const Part& p, const Acts& x, float* Y, int64_t ldy, int64_t g0,
 // of 16 outputs across all parts: each y[m, n] is computed whole by one thread.
 torch::Tensor run_parts(const std::vector<Part>& parts, const Acts& x, int64_t isa) {
     TORCH_CHECK(isa >= SCALAR && isa <= AVX512_VNNI && cpu_has((Isa)isa), "gemm: this CPU cannot run isa ", isa);
-    int64_t total = 0;
-    std::vector<std::pair<int64_t, int64_t>> chunks;  // (part, first group)
+    int64_t total = 0, groups = 0;
+    for (const auto& p : parts) groups += p.groups;
+    // Few rows stream the weights once (memory-bound): each thread takes long contiguous
+    // runs, which the hardware prefetchers follow; many rows take chunks of 4 groups.
+    const int64_t span = x.M <= 8 ? std::max<int64_t>(4, groups / (4 * pool().size())) : 4;
+    std::vector<std::array<int64_t, 3>> chunks;  // (part, first group, end group)
     std::vector<int64_t> col;
     for (size_t i = 0; i < parts.size(); ++i) {
         TORCH_CHECK(parts[i].nb == x.nb, "gemm: the activations' K does not match the weight's");
         col.push_back(total);
         total += parts[i].n_out;
-        for (int64_t g = 0; g < parts[i].groups; g += 4) chunks.emplace_back((int64_t)i, g);
+        for (int64_t g = 0; g < parts[i].groups; g += span)
+            chunks.push_back({(int64_t)i, g, std::min(parts[i].groups, g + span)});
     }
     auto y = torch::empty({x.M, total}, torch::kFloat32);
     float* Y = y.data_ptr<float>();
     pool().run((int64_t)chunks.size(), 1, [&](int64_t c0, int64_t c1) {
         for (int64_t c = c0; c < c1; ++c) {
-            const auto [i, g] = chunks[c];
-            const Part& p = parts[i];
-            run_groups(p, x, Y + col[i], total, g, std::min(p.groups, g + 4), isa);
+            const auto [i, g0, g1] = chunks[c];
+            run_groups(parts[i], x, Y + col[i], total, g0, g1, isa);
         }
     });
     return y;
