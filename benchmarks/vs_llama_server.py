@@ -35,7 +35,7 @@ from benchmarks.common import record
 from benchmarks.serve_bench import free_port
 from tierlm import kernels
 from tierlm.bench.runner import run_level
-from tierlm.bench.targets import HTTPTarget
+from tierlm.bench.targets import BenchError, HTTPTarget
 from tierlm.bench.workloads import prompt_ids
 from tierlm.engine.llm_engine import default_cache_dir
 from tierlm.loader.bundled import resolve
@@ -125,6 +125,7 @@ def main() -> None:
     for w in chosen:
         for c in W[w][3]:
             rows: dict[str, list[dict]] = {"tierlm": [], "llama-server": []}
+            failures: dict[str, list[dict]] = {}
             for run in range(args.runs):
                 order = ["tierlm", "llama-server"] if run % 2 == 0 else ["llama-server", "tierlm"]
                 for kind in order:
@@ -132,16 +133,19 @@ def main() -> None:
                     try:
                         m = asyncio.run(measure(server, tokenizer, args.model, w, c, 10_000 * (run + 1) + 100 * c))
                         m.update(peak_rss_mb=round(server.peak_rss_mb(), 1), ready_s=round(server.ready_s, 2))
+                    except BenchError as e:  # recorded, and left out of the medians
+                        m = {"error": str(e), "exit_code": server.proc.poll()}
                     finally:
                         server.stop()
-                    rows[kind].append(m)
+                    (rows[kind] if "error" not in m else failures.setdefault(kind, [])).append(m)
                     print(f"{w} c={c} run {run + 1} {kind}: {m}", flush=True)
             key = "ttft_p50_s" if w == "w2" else "output_tok_per_s"
             med = {k: statistics.median(r[key] for r in v) for k, v in rows.items()}
             results[f"{w}_c{c}"] = {"metric": key, "median": med, "ratio_tierlm_to_llama": round(
                 med["tierlm"] / med["llama-server"], 3),
                 "peak_rss_mb_median": {k: statistics.median(r["peak_rss_mb"] for r in v) for k, v in rows.items()},
-                "tierlm_ready_s_median": statistics.median(r["ready_s"] for r in rows["tierlm"]), "runs": rows}
+                "tierlm_ready_s_median": statistics.median(r["ready_s"] for r in rows["tierlm"]), "runs": rows,
+                "failed_runs": failures}
             print(f"== {w} c={c}: {key} tierlm {med['tierlm']} vs llama-server {med['llama-server']}", flush=True)
     name = f"vs_llama_server_{args.model}" + (f"_{args.tag}" if args.tag else "")
     out = record(name, " ".join(["benchmarks/vs_llama_server.py", *sys.argv[1:]]),
