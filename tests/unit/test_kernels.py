@@ -298,3 +298,20 @@ def test_rope_attention_matches_reference(norms):
     assert torch.equal(vc, want_vc)
     assert (kc.float() - want_kc.float()).abs().max() <= 2 ** -6  # bf16 K after fp32 RoPE
     assert torch.allclose(out, want, atol=2e-2, rtol=2e-2)  # queries vs bf16 keys rounded apart
+
+
+@pytest.mark.parametrize("ggml_type", ref.FORMATS)
+def test_embedding_rows_equal_the_dequantized_matrix(ggml_type):
+    """A lookup on the blocks gives exactly the dequantized rows, on every path."""
+    w = random_blocks(ggml_type, 50, 512, seed=13)
+    ids = torch.tensor([0, 49, 17, 17, 31, 16, 15])
+    want = ref.dequantize(w)[ids]
+    (rows,), (reference_rows,) = on_every_path(lambda: (kernels.embedding(ids, w),))
+    assert torch.equal(rows, want) and torch.equal(reference_rows, want)
+
+
+def test_embedding_rejects_ids_out_of_range():
+    if "reference" == PATHS[-1]:
+        pytest.skip("needs the compiled kernels")
+    with pytest.raises(RuntimeError, match="out of range"):
+        kernels.embedding(torch.tensor([50]), random_blocks(ref.Q8_0, 50, 64))

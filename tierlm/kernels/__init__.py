@@ -180,6 +180,30 @@ def rope_attention(qkv: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.
                                window, scale, ISAS.index(isa()))
 
 
+def embedding(ids: torch.Tensor, w: reference.Packed) -> torch.Tensor:
+    """Rows `ids` of a packed matrix as fp32 [T, K]: an embedding lookup on the GGUF blocks."""
+    if not _native():
+        return reference.dequantize_rows(w, ids)
+    return _ext.dequant_rows(ids, w.qs, w.high, w.sub, w.d, w.mins, w.out_features, w.ggml_type)
+
+
+class BlockEmbedding(torch.nn.Module):
+    """An embedding table kept as the file's GGUF blocks (no dense copy): a lookup
+    dequantizes the rows it needs. A tied output layer runs on the same blocks."""
+
+    def __init__(self, weight: BlockWeight, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.blocks = weight
+        self.dtype = dtype
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """fp32 [T, hidden]."""
+        return embedding(ids.reshape(-1), self.blocks.parts[0])
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.rows(ids).to(self.dtype)
+
+
 class Blocks:
     """One weight matrix as its GGUF file stores it (raw blocks, rows independent), until
     a layer packs it: row order and row concatenation (fused q/k/v, gate/up) are done on

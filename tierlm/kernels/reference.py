@@ -33,6 +33,7 @@ or the ISA path.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -81,7 +82,9 @@ def pack(raw: torch.Tensor, ggml_type: int, n: int, k: int) -> Packed:
     if ggml_type == Q6_K:
         return _pack_q6_k(raw, n, k)
     nb, np_ = k // QK, -(-n // R) * R
-    b = torch.nn.functional.pad(raw.reshape(n, nb, BLOCK_BYTES[ggml_type]), (0, 0, 0, 0, 0, np_ - n))
+    b = raw.reshape(n, nb, BLOCK_BYTES[ggml_type])
+    if np_ != n:  # whole groups of 16 rows (a copy only when padding is needed)
+        b = torch.nn.functional.pad(b, (0, 0, 0, 0, 0, np_ - n))
     codes = b[..., BLOCK_BYTES[ggml_type] - CODE_BYTES[ggml_type]:]  # [Np, nb, 16 | 32]
     chunks = CODE_BYTES[ggml_type] // 4
     # [Np/16, 16 rows, nb, chunks, 4] -> [Np/16, nb, chunks, 16 rows, 4]
@@ -326,3 +329,12 @@ def rope_attention(qkv: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.
     k_cache[blocks, :, :, offsets] = k.to(k_cache.dtype)
     v_cache[blocks, offsets] = v.to(v_cache.dtype)
     return attention(q, k_cache, v_cache, tables, seq, pos, window, scale).float()
+
+
+def dequantize_rows(w: Packed, ids: torch.Tensor) -> torch.Tensor:
+    """fp32 rows `ids` of `w` (an embedding lookup): only the 16-row groups they fall in."""
+    groups, inverse = torch.unique(ids // R, return_inverse=True)
+    sub = dataclasses.replace(w, out_features=len(groups) * R, qs=w.qs[groups], d=w.d[groups],
+                              mins=w.mins[groups], high=w.high[groups] if w.high.numel() else w.high,
+                              sub=w.sub[groups] if w.sub.numel() else w.sub)
+    return dequantize(sub)[inverse * R + ids % R]

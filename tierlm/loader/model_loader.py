@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from tierlm import kernels
 from tierlm.attention.kernel import KernelPagedAttention
 from tierlm.attention.torch_ref import TorchPagedAttention
 from tierlm.config import ModelConfig
-from tierlm.kernels import BlockWeight, Blocks
+from tierlm.kernels import BlockEmbedding, BlockWeight, Blocks
 from tierlm.kernels.reference import FORMATS as kernel_formats
 from tierlm.layers import quant
 from tierlm.layers.linear import Linear
@@ -122,8 +123,6 @@ def _fill(model: nn.Module, tensors, dtype: torch.dtype, progress: bool, total: 
             shape = (sum(p.shape[0] for p in t), t[0].shape[1])
         else:
             shape = tuple(t.shape)
-        if name == "embed_tokens.weight" and isinstance(t, Blocks):
-            head_blocks = t
         if params[name].shape != shape:
             raise weights.WeightsError(
                 f"{name}: checkpoint shape {shape} != model {tuple(params[name].shape)}")
@@ -133,7 +132,11 @@ def _fill(model: nn.Module, tensors, dtype: torch.dtype, progress: bool, total: 
             # int8 for the output layer even under int4: it is the most sensitive one.
             mode = "int8" if quantization == "int4" and name == "lm_head.weight" else quantization
             q = _quantized(owner, t, mode, name in lossy)
-        if q is not None:
+        if name == "embed_tokens.weight" and isinstance(t, Blocks):
+            # The table stays the file's blocks (looked up row by row); a tied output layer shares them.
+            head_blocks = BlockWeight([t])
+            model.embed_tokens = BlockEmbedding(head_blocks, dtype)
+        elif q is not None:
             owner.set_quantized(*q)
             _count(formats, f"int{q[0].bits}" if q[0].bits else "gguf-blocks")
         else:
@@ -145,13 +148,14 @@ def _fill(model: nn.Module, tensors, dtype: torch.dtype, progress: bool, total: 
     missing = set(params) - seen - tied
     if missing or pending:
         raise weights.WeightsError(f"checkpoint lacks tensors: {sorted(missing | set(pending))[:5]}")
-    if tied:
+    if tied and head_blocks is not None:
+        model.lm_head.shares_weight = False  # drops the placeholder table it was tied to
+        model.lm_head.set_quantized(head_blocks)
+        _count(formats, "gguf-blocks")
+    elif tied:
         model.lm_head.tie(model.embed_tokens.weight)
         quantize_head = quantization in ("int8", "int4") or (quantization == "auto" and "embed_tokens.weight" in lossy)
-        if head_blocks is not None:
-            model.lm_head.set_quantized(BlockWeight([head_blocks]))
-            _count(formats, "gguf-blocks")
-        elif quantize_head:  # int8 even under int4, as above
+        if quantize_head:  # int8 even under int4, as above
             model.lm_head.set_quantized(quant.Int8Weight(model.embed_tokens.weight))
             _count(formats, "int8" if quantize_head else "dense")
         else:
@@ -210,9 +214,19 @@ def load(model: str, *, dtype: torch.dtype, block_size: int, deterministic: bool
             m.dense_dtype = dense_dtype
     formats = _fill(net, tensors, dtype, progress, total, quantization, lossy)
     net.eval()
+    _return_freed_memory()
     # The GGUF memory map is not kept: every weight now lives in our own tensors, and its
     # touched file pages (~0.1 GB for SmolLM2) would otherwise stay resident.
     return LoadedModel(net, cfg, tok, path, formats, kernels=blocks)
+
+
+def _return_freed_memory() -> None:
+    """Give the allocator's freed pages back to the OS (glibc keeps large freed chunks
+    in its heap: the load's transient copies would stay resident for the process's life)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def runs_on_kernels(model: str, *, dtype: torch.dtype, block_size: int, cache_dir: Path,

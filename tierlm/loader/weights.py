@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -86,7 +88,9 @@ def gguf_weights(g: GGUFFile, cfg: ModelConfig, keep_q4: bool = False,
         else:
             raise WeightsError(f"unexpected tensor {gname!r} in GGUF file")
         if keep_blocks and len(t.shape) == 2 and t.ggml_type in kernel_formats:
-            w = Blocks(torch.from_numpy(np.asarray(t.raw).copy()), t.ggml_type, *t.shape)
+            with warnings.catch_warnings():  # read-only file pages: packing copies what it keeps
+                warnings.simplefilter("ignore", UserWarning)
+                w = Blocks(torch.from_numpy(np.asarray(t.raw)), t.ggml_type, *t.shape)
         else:
             w = (quant.gguf_q4(t.raw, t.ggml_type, t.shape) if keep_q4 else None) or t.dequantize()
         if lossy is not None and t.ggml_type not in (F32, F16, BF16):

@@ -19,7 +19,7 @@ from torch import nn
 
 from tierlm import kernels
 from tierlm.attention.base import AttentionMetadata
-from tierlm.kernels import BlockWeight
+from tierlm.kernels import BlockEmbedding, BlockWeight
 from tierlm.layers.linear import Linear
 from tierlm.layers.mlp import GatedMLP
 from tierlm.layers.norm import GemmaRMSNorm, RMSNorm
@@ -65,6 +65,7 @@ class FusedDecoder:
         self.gemma = hasattr(model, "embed_scale")
         self.embed = model.embed_tokens
         self.embed_scale = getattr(model, "embed_scale", None)
+        self.dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
         self.eps = cfg.rms_norm_eps
         self.act = cfg.hidden_act
         self.heads = cfg.num_heads
@@ -104,10 +105,10 @@ class FusedDecoder:
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], metas: list[AttentionMetadata],
                 logits_indices: torch.Tensor) -> torch.Tensor:
         """One step -> float32 logits [len(logits_indices), vocab] (as the model's forward)."""
-        x = self.embed(input_ids)
-        if self.embed_scale is not None:  # rounded to the table's dtype, as the reference does
-            x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
-        x = x.float().contiguous()
+        x = self.embed.rows(input_ids) if isinstance(self.embed, BlockEmbedding) else self.embed(input_ids).float()
+        if self.embed_scale is not None:  # the scale rounded to the model dtype, as the reference rounds it
+            x = x * float(torch.tensor(self.embed_scale, dtype=self.dtype))
+        x = x.contiguous()
         h = kernels.residual_norm(x, None, None, self.layers[0].in_norm, self.eps)
         for i, (layer, (k_cache, v_cache), meta) in enumerate(zip(self.layers, kv_caches, metas)):
             qkv = kernels.linear(h, layer.qkv)

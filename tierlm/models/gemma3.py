@@ -93,8 +93,8 @@ class Gemma3ForCausalLM(nn.Module):
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], metas: list[AttentionMetadata],
                 logits_indices: torch.Tensor, dense_rows: int | None = 0) -> torch.Tensor:
         """One step -> float32 logits [len(logits_indices), vocab] (see LlamaForCausalLM.forward)."""
-        weight = self.embed_tokens.weight
-        x = self.embed_tokens(input_ids) * torch.tensor(self.embed_scale, dtype=weight.dtype)
+        x = self.embed_tokens(input_ids)
+        x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
         for layer, kv, meta in zip(self.layers, kv_caches, metas):
             x = layer(x, positions, kv, meta, dense_rows)
         dense = logits_indices < (dense_rows or 0)

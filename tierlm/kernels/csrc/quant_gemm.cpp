@@ -345,6 +345,51 @@ torch::Tensor linear(torch::Tensor x, const std::vector<std::vector<torch::Tenso
     return run_parts(ps, acts_of(q[0], q[1], q[2], q[3], q[4]), isa);
 }
 
+// Rows `ids` of a packed matrix as fp32 [T, K] (an embedding lookup on GGUF blocks):
+// Q4_1 d * q + m, Q4_K (d * sc) * q - dmin * m, Q6_K (d * sc) * q, others d * q, each
+// value one rounding from the file's (half-precision scale) x (integer code).
+torch::Tensor dequant_rows(torch::Tensor ids, torch::Tensor qs, torch::Tensor high, torch::Tensor sub,
+                           torch::Tensor d, torch::Tensor mins, int64_t n_out, int64_t ggml_type) {
+    const Part p = part_of(qs, high, sub, d, mins, n_out, ggml_type);
+    TORCH_CHECK(ids.scalar_type() == torch::kInt64 && ids.dim() == 1, "dequant_rows: ids must be int64 [T]");
+    auto idc = ids.contiguous();
+    const int64_t* I = idc.data_ptr<int64_t>();
+    const int64_t T = ids.size(0), K = p.nb * QK;
+    for (int64_t t = 0; t < T; ++t)
+        TORCH_CHECK(I[t] >= 0 && I[t] < n_out, "dequant_rows: row id ", I[t], " out of range [0, ", n_out, ")");
+    auto y = torch::empty({T, K}, torch::kFloat32);
+    float* Y = y.data_ptr<float>();
+    pool().run(T, 1, [&](int64_t t0, int64_t t1) {
+        run_format(p.fmt, [&](auto f) {
+            constexpr int F = decltype(f)::value;
+            constexpr int64_t BQ = F == FMT_Q8_0 ? 512 : 256;
+            for (int64_t t = t0; t < t1; ++t) {
+                const int64_t g = I[t] / 16;
+                const int l = (int)(I[t] % 16);
+                for (int64_t b = 0; b < p.nb; ++b) {
+                    const int64_t gb = g * p.nb + b;
+                    float* out = Y + t * K + b * QK;
+                    for (int i = 0; i < QK; ++i) {
+                        const float q = (float)code<F>(p.QS + gb * BQ, p.HB + gb * (F == FMT_Q6_K ? 128 : 64), l, i);
+                        if (F == FMT_Q6_K) {
+                            out[i] = (f16_to_f32(p.D[gb / 8 * 16 + l]) * (float)(int8_t)p.SUB[gb * 32 + 16 * (i / 16) + l]) * q;
+                        } else if (F == FMT_Q4_K) {
+                            const int64_t sb = gb / 8 * 16 + l;
+                            out[i] = (f16_to_f32(p.D[sb]) * (float)p.SUB[gb * 32 + l]) * q -
+                                     f16_to_f32(p.MN[sb]) * (float)p.SUB[gb * 32 + 16 + l];
+                        } else if (F == FMT_Q4_1) {
+                            out[i] = f16_to_f32(p.D[gb * 16 + l]) * q + f16_to_f32(p.MN[gb * 16 + l]);
+                        } else {
+                            out[i] = f16_to_f32(p.D[gb * 16 + l]) * q;
+                        }
+                    }
+                }
+            }
+        });
+    });
+    return y;
+}
+
 std::vector<int64_t> supported_isas() {
     std::vector<int64_t> out;
     for (int i = SCALAR; i <= AVX512_VNNI; ++i)
@@ -361,6 +406,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.doc() = "tierlm's CPU kernels: integer-exact quantized matmul over GGUF blocks";
     m.def("quantize_rows", &quantize_rows, "fp32 rows -> (int8 codes, block scales, d * sum(q), sum(q), sums of 16)");
     m.def("gemm", &gemm, "quantized activations x row-interleaved GGUF weight blocks -> fp32 [M, N]");
+    m.def("dequant_rows", &dequant_rows, "rows of a packed matrix as fp32 (embedding lookup on GGUF blocks)");
     m.def("linear", &linear, "rows quantized, then every packed part's outputs side by side -> fp32 [M, sum N]");
     m.def("set_threads", &set_threads, "size the kernels' worker pool (threads in all, spin before sleeping)");
     m.def("threads", &threads, "the kernels' worker pool size");
