@@ -21,6 +21,7 @@ from tierlm.kernels import reference
 log = logging.getLogger("tierlm.kernels")
 
 ISAS = ("scalar", "avx2", "avx512_vnni")
+_ISA_INDEX = {name: i for i, name in enumerate(ISAS)}
 
 try:
     from tierlm import _kernels as _ext
@@ -136,15 +137,26 @@ def _native() -> bool:
     return _ext is not None and isa() != "reference"
 
 
-def linear(x: torch.Tensor, parts: list[reference.Packed]) -> torch.Tensor:
+class Parts:
+    """Packed matrices stacked by rows, with the extension's arguments built once (a step
+    makes ~120 products: rebuilding them per call costs more than a small product)."""
+
+    def __init__(self, parts: list[reference.Packed]) -> None:
+        self.parts = parts
+        self.tensors = [[p.qs, p.high, p.sub, p.d, p.mins] for p in parts]
+        self.shapes = [(p.out_features, p.ggml_type) for p in parts]
+
+
+def linear(x: torch.Tensor, parts: list[reference.Packed] | Parts) -> torch.Tensor:
     """fp32 [M, sum N]: x (fp32/bf16 [M, K]) quantized once, times every packed matrix,
     their outputs side by side (a fused q/k/v or gate/up in one call)."""
+    if not isinstance(parts, Parts):
+        parts = Parts(parts)
     if not _native():
         q = reference.quantize_rows(x)
-        ys = [reference.gemm(q[0], q[1], q[2], p) for p in parts]
+        ys = [reference.gemm(q[0], q[1], q[2], p) for p in parts.parts]
         return ys[0] if len(ys) == 1 else torch.cat(ys, dim=1)
-    return _ext.linear(x, [[p.qs, p.high, p.sub, p.d, p.mins] for p in parts],
-                       [(p.out_features, p.ggml_type) for p in parts], ISAS.index(isa()))
+    return _ext.linear(x, parts.tensors, parts.shapes, _ISA_INDEX[isa()])
 
 
 def residual_norm(x: torch.Tensor, y: torch.Tensor | None, post_w: torch.Tensor | None, w: torch.Tensor,

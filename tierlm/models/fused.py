@@ -33,8 +33,8 @@ def _weight(norm: nn.Module | None) -> torch.Tensor | None:
     return (1.0 + w).contiguous() if isinstance(norm, GemmaRMSNorm) else w.contiguous()
 
 
-def _parts(layer: Linear) -> list:
-    return layer.quantized.parts
+def _parts(layer: Linear) -> kernels.Parts:
+    return kernels.Parts(layer.quantized.parts)
 
 
 def _bias(layer: Linear) -> torch.Tensor | None:
@@ -44,17 +44,17 @@ def _bias(layer: Linear) -> torch.Tensor | None:
 @dataclass
 class _Layer:
     in_norm: torch.Tensor
-    qkv: list
+    qkv: kernels.Parts
     qkv_bias: torch.Tensor | None
     q_norm: torch.Tensor | None
     k_norm: torch.Tensor | None
     cos: torch.Tensor
     sin: torch.Tensor
-    o: list
+    o: kernels.Parts
     post_attn: torch.Tensor | None  # Gemma: the attention branch's own norm before the add
     pre_mlp: torch.Tensor
-    gate_up: list
-    down: list
+    gate_up: kernels.Parts
+    down: kernels.Parts
     post_mlp: torch.Tensor | None  # Gemma
 
 
