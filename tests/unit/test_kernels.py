@@ -51,7 +51,7 @@ def random_blocks(ggml_type: int, n: int, k: int, seed: int = 0) -> ref.Packed:
     scales = (torch.rand(n, nb, generator=gen) * 0.02 + 1e-3).half()
     at = 208 if ggml_type == ref.Q6_K else 0  # where the block's f16 d sits
     raw[..., at:at + 2] = scales.view(torch.uint8).reshape(n, nb, 2)
-    if ggml_type in (ref.Q4_1, ref.Q4_K):  # Q4_1's offset, Q4_K's dmin
+    if ggml_type in (*ref.OFFSET, ref.Q4_K):  # Q4_1's and Q5_1's offset, Q4_K's dmin
         mins = (-torch.rand(n, nb, generator=gen) * 0.1).half()
         raw[..., 2:4] = mins.view(torch.uint8).reshape(n, nb, 2)
     return kernels.pack(raw.reshape(-1), ggml_type, n, k)
@@ -94,7 +94,8 @@ def test_every_path_equals_the_reference_on_the_bundled_tensors(bundled_tensors,
     assert ((want.double() - exact).norm() / exact.norm()) < 0.01
 
 
-@pytest.mark.parametrize("ggml_type,k", [(t, k) for t in (ref.Q4_1, ref.Q5_0, ref.Q8_0) for k in (32, 64, 288, 576)]
+@pytest.mark.parametrize("ggml_type,k", [(t, k) for t in (ref.Q4_0, ref.Q4_1, ref.Q5_0, ref.Q5_1, ref.Q8_0)
+                                         for k in (32, 64, 288, 576)]
                          + [(t, k) for t in ref.SUPER for k in (256, 768)])  # 1, 2, 9, 18 blocks; 1, 3 super-blocks
 def test_random_blocks_and_odd_shapes(ggml_type, k):
     n = 37  # not a multiple of the 8 interleaved rows
@@ -315,3 +316,21 @@ def test_embedding_rejects_ids_out_of_range():
         pytest.skip("needs the compiled kernels")
     with pytest.raises(RuntimeError, match="out of range"):
         kernels.embedding(torch.tensor([50]), random_blocks(ref.Q8_0, 50, 64))
+
+
+@pytest.mark.parametrize("ggml_type", ref.FORMATS)
+def test_random_blocks_read_as_gguf_reads_them(ggml_type):
+    """Every format's packing against the GGUF reader's own dequantization of the same bytes."""
+    from tierlm.loader.gguf import dequantize as gguf_dequantize
+
+    n, k = 21, 512
+    gen = torch.Generator().manual_seed(14)
+    size = {ref.Q4_K: 144, ref.Q6_K: 210}.get(ggml_type, ref.BLOCK_BYTES.get(ggml_type))
+    nb = k // (256 if ggml_type in ref.SUPER else 32)
+    raw = torch.randint(0, 256, (n, nb, size), dtype=torch.uint8, generator=gen)
+    at = 208 if ggml_type == ref.Q6_K else 0
+    raw[..., at:at + 2] = (torch.rand(n, nb, generator=gen) * 0.02 + 1e-3).half().view(torch.uint8).reshape(n, nb, 2)
+    if ggml_type in (*ref.OFFSET, ref.Q4_K):
+        raw[..., 2:4] = (-torch.rand(n, nb, generator=gen) * 0.1).half().view(torch.uint8).reshape(n, nb, 2)
+    w = kernels.pack(raw.reshape(-1), ggml_type, n, k)
+    assert torch.equal(ref.dequantize(w), gguf_dequantize(raw.reshape(-1).numpy(), ggml_type, (n, k)))

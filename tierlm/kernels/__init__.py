@@ -1,5 +1,5 @@
-"""tierlm's CPU kernels: integer-exact quantized matmul over GGUF blocks (Q4_1, Q5_0, Q8_0,
-Q4_K, Q6_K) and paged attention with one fixed arithmetic per query row.
+"""tierlm's CPU kernels: integer-exact quantized matmul over GGUF blocks (Q4_0, Q4_1, Q5_0,
+Q5_1, Q8_0, Q4_K, Q6_K) and paged attention with one fixed arithmetic per query row.
 
 The compiled extension (`tierlm._kernels`, built from csrc/ by `make install`) runs the
 best ISA path this CPU has: scalar, AVX2 (+FMA, F16C) or AVX-512 VNNI. Every path, and

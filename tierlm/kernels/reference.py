@@ -9,9 +9,10 @@ Weights: GGUF blocks repacked at load (`pack`) with 16 output rows interleaved, 
 chunks of [row 0 bytes 4c..4c+3, row 1 bytes 4c..4c+3, ... row 15] (byte i holds value i
 in its low nibble and value 16 + i in its high one), Q8_0 codes as 8 chunks of [row r
 values 4c..4c+3 for r in 0..15]; the 16 rows' f16 scales (and Q4_1 offsets) side by side.
-Q5_0 keeps its low 4 bits as Q4_1's nibbles and its fifth bits in a 64-byte plane per
-block: byte (row r, t) holds, at bit 2c, value 4c+t's and at bit 2c+1, value 16+4c+t's;
-its codes are the 5-bit values minus 16. Q4_K's 32-value sub-blocks are re-nibbled into
+Q4_0 is Q4_1's layout without offsets, its codes the nibbles minus 8. Q5_0 and Q5_1 keep
+their low 4 bits as Q4_1's nibbles and their fifth bits in a 64-byte plane per block:
+byte (row r, t) holds, at bit 2c, value 4c+t's and at bit 2c+1, value 16+4c+t's; Q5_0's
+codes are the 5-bit values minus 16, Q5_1's the values (with Q4_1's offset term). Q4_K's 32-value sub-blocks are re-nibbled into
 Q4_1's layout; its f16 d and dmin stay per 256 values ([Np / 16, nb / 8, 16]) and its
 6-bit sub-block scale and min per block (`sub`: [Np / 16, nb, 32], 16 scales then 16 mins),
 so a block's scale d * sc and offset dmin * m are exact fp32 products; its term is
@@ -39,10 +40,12 @@ from dataclasses import dataclass
 import torch
 
 QK = 32
-Q4_1, Q5_0, Q8_0, Q4_K, Q6_K = 3, 6, 8, 12, 14  # ggml type ids
-BLOCK_BYTES = {Q4_1: 20, Q5_0: 22, Q8_0: 34}  # per 32 values (Q4_K: 144 per 256)
-CODE_BYTES = {Q4_1: 16, Q5_0: 16, Q8_0: 32, Q4_K: 16, Q6_K: 16}  # nibbles (low 4 bits) or int8
-FORMATS = (Q4_1, Q5_0, Q8_0, Q4_K, Q6_K)
+Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K = 2, 3, 6, 7, 8, 12, 14  # ggml type ids
+BLOCK_BYTES = {Q4_0: 18, Q4_1: 20, Q5_0: 22, Q5_1: 24, Q8_0: 34}  # per 32 values (Q4_K: 144 per 256)
+CODE_BYTES = {Q4_0: 16, Q4_1: 16, Q5_0: 16, Q5_1: 16, Q8_0: 32, Q4_K: 16, Q6_K: 16}  # nibbles or int8
+FORMATS = (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K)
+OFFSET = (Q4_1, Q5_1)  # blocks with an offset m: value d * q + m
+FIFTH = {Q5_0: 2, Q5_1: 4}  # where a block's 32 fifth bits sit
 SUPER = (Q4_K, Q6_K)  # 256-value super-blocks
 R = 16  # interleaved rows
 
@@ -68,7 +71,7 @@ class Packed:
     def nbytes(self) -> int:
         """Bytes a product reads (codes, scales, Q4_1 offsets)."""
         return (self.qs.numel() + self.high.numel() + self.sub.numel() + 2 * self.d.numel()
-                + (2 * self.mins.numel() if self.ggml_type in (Q4_1, Q4_K) else 0))
+                + (2 * self.mins.numel() if self.ggml_type in (*OFFSET, Q4_K) else 0))
 
 
 def pack(raw: torch.Tensor, ggml_type: int, n: int, k: int) -> Packed:
@@ -90,7 +93,7 @@ def pack(raw: torch.Tensor, ggml_type: int, n: int, k: int) -> Packed:
     # [Np/16, 16 rows, nb, chunks, 4] -> [Np/16, nb, chunks, 16 rows, 4]
     qs = codes.reshape(np_ // R, R, nb, chunks, 4).permute(0, 2, 3, 1, 4).reshape(np_ // R, nb, -1)
     d = b[..., 0:2].contiguous().view(torch.float16)[..., 0]
-    mins = b[..., 2:4].contiguous().view(torch.float16)[..., 0] if ggml_type == Q4_1 else torch.zeros_like(d)
+    mins = b[..., 2:4].contiguous().view(torch.float16)[..., 0] if ggml_type in OFFSET else torch.zeros_like(d)
     if not (torch.isfinite(d).all() and torch.isfinite(mins).all()):
         raise ValueError("the tensor's block scales are not all finite")
 
@@ -98,8 +101,9 @@ def pack(raw: torch.Tensor, ggml_type: int, n: int, k: int) -> Packed:
         return t.reshape(np_ // R, R, nb).transpose(1, 2).contiguous()
 
     high = torch.empty(0, dtype=torch.uint8)
-    if ggml_type == Q5_0:
-        qh = b[..., 2:6].to(torch.int64)
+    if ggml_type in FIFTH:
+        at = FIFTH[ggml_type]
+        qh = b[..., at:at + 4].to(torch.int64)
         bits = (qh[..., 0] | qh[..., 1] << 8 | qh[..., 2] << 16 | qh[..., 3] << 24)[..., None] >> torch.arange(32) & 1
         c = torch.arange(4)
         plane = torch.stack([((bits[..., 4 * c + t] << 2 * c) | (bits[..., 16 + 4 * c + t] << 2 * c + 1)).sum(-1)
@@ -179,17 +183,19 @@ def codes(w: Packed) -> torch.Tensor:
     groups, nb = w.qs.shape[:2]
     chunks = CODE_BYTES[w.ggml_type] // 4
     raw = w.qs.reshape(groups, nb, chunks, R, 4).permute(0, 3, 1, 2, 4).reshape(groups * R, nb, chunks * 4)
-    if w.ggml_type in (Q4_1, Q5_0, Q4_K, Q6_K):
+    if w.ggml_type != Q8_0:
         raw = raw.to(torch.int32)
         full = torch.cat([raw & 0x0F, raw >> 4], dim=-1)
     else:
         full = raw.view(torch.int8).to(torch.int32)
-    if w.ggml_type == Q5_0:  # the fifth bits, back in value order, and the offset of 16
+    if w.ggml_type == Q4_0:
+        full = full - 8
+    if w.ggml_type in FIFTH:  # the fifth bits, back in value order (Q5_0: and the offset of 16)
         plane = w.high.reshape(groups, nb, R, 4).permute(0, 2, 1, 3).reshape(groups * R, nb, 4).to(torch.int32)
         c = torch.arange(4)
         low = (plane[..., None, :] >> (2 * c)[:, None] & 1).reshape(groups * R, nb, 16)  # value 4c + t
         up = (plane[..., None, :] >> (2 * c + 1)[:, None] & 1).reshape(groups * R, nb, 16)  # value 16 + 4c + t
-        full = full + 16 * torch.cat([low, up], dim=-1) - 16
+        full = full + 16 * torch.cat([low, up], dim=-1) - (16 if w.ggml_type == Q5_0 else 0)
     if w.ggml_type == Q6_K:  # the top two bits, back in value order, and the offset of 32
         planes = w.high.reshape(groups, nb, 2, R, 4).permute(0, 3, 1, 2, 4).reshape(groups * R, nb, 2, 4)
         planes = planes.to(torch.int32)
@@ -258,7 +264,7 @@ def gemm(qx: torch.Tensor, dx: torch.Tensor, sx: torch.Tensor, w: Packed) -> tor
     isum = torch.einsum("mbi,nbi->mnb", xq, codes(w).float())
     for b in range(nb):
         acc = acc + (dw[None, :, b] * dx[:, None, b]) * isum[:, :, b]
-        if w.ggml_type == Q4_1:
+        if w.ggml_type in OFFSET:
             acc = acc + mw[None, :, b] * sx[:, None, b]
         elif w.ggml_type == Q4_K:  # acc - (dmin * m) * s: the same bits as adding the negated product
             acc = acc - (-mw[None, :, b]) * sx[:, None, b]

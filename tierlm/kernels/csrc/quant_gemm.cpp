@@ -1,4 +1,4 @@
-// Integer-exact quantized matmul over GGUF blocks (Q4_1, Q5_0, Q8_0, Q4_K, Q6_K), CPU.
+// Integer-exact quantized matmul over GGUF blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K), CPU.
 //
 // Numerics (one definition, every path; tierlm/kernels/reference.py is its oracle):
 //   activations: each row, per 32-value block b: d = amax / 127, q = nearbyint(x * (1 / d))
@@ -37,7 +37,7 @@ namespace {
 constexpr int QK = 32;          // values per block
 
 enum Isa { SCALAR = 0, AVX2 = 1, AVX512_VNNI = 2 };
-enum Format { FMT_Q4_1 = 0, FMT_Q8_0 = 1, FMT_Q5_0 = 2, FMT_Q4_K = 3, FMT_Q6_K = 4 };
+enum Format { FMT_Q4_1 = 0, FMT_Q8_0 = 1, FMT_Q5_0 = 2, FMT_Q4_K = 3, FMT_Q6_K = 4, FMT_Q4_0 = 5, FMT_Q5_1 = 6 };
 
 inline float f16_to_f32(uint16_t h) {
     const uint32_t sign = (uint32_t)(h & 0x8000) << 16;
@@ -94,13 +94,14 @@ inline int32_t code(const uint8_t* blk, const uint8_t* plane, int l, int i) {
     const uint8_t byte = blk[((i & 15) >> 2) * 64 + l * 4 + (i & 3)];
     const int32_t nib = i < 16 ? (byte & 0x0f) : (byte >> 4);
     if (F == FMT_Q4_1 || F == FMT_Q4_K) return nib;
+    if (F == FMT_Q4_0) return nib - 8;
     if (F == FMT_Q6_K) {  // top bits: plane c / 2, bits 4 (c % 2) (+ 2 for values 16-31)
         const int c = (i & 15) >> 2;
         const int top = (plane[(c >> 1) * 64 + l * 4 + (i & 3)] >> (4 * (c & 1) + 2 * (i >> 4))) & 3;
         return nib + 16 * top - 32;
     }
     const int bit = (plane[l * 4 + (i & 3)] >> (2 * ((i & 15) >> 2) + (i >> 4))) & 1;
-    return nib + 16 * bit - 16;
+    return F == FMT_Q5_1 ? nib + 16 * bit : nib + 16 * bit - 16;
 }
 
 template <int F>
@@ -138,7 +139,7 @@ void gemm_scalar(const uint8_t* QS, const uint8_t* HB, const uint8_t* SUB, const
                     continue;
                 }
                 acc = acc + (f16_to_f32(D[gb * 16 + l]) * DX[m * nb + b]) * (float)isum;
-                if (F == FMT_Q4_1) acc = acc + f16_to_f32(MN[gb * 16 + l]) * SX[m * nb + b];
+                if (F == FMT_Q4_1 || F == FMT_Q5_1) acc = acc + f16_to_f32(MN[gb * 16 + l]) * SX[m * nb + b];
             }
             Y[m * ldy + n] = acc;
         }
@@ -168,6 +169,8 @@ void run_format(int fmt, Fn&& fn) {
     else if (fmt == FMT_Q8_0) fn(std::integral_constant<int, FMT_Q8_0>{});
     else if (fmt == FMT_Q5_0) fn(std::integral_constant<int, FMT_Q5_0>{});
     else if (fmt == FMT_Q4_K) fn(std::integral_constant<int, FMT_Q4_K>{});
+    else if (fmt == FMT_Q4_0) fn(std::integral_constant<int, FMT_Q4_0>{});
+    else if (fmt == FMT_Q5_1) fn(std::integral_constant<int, FMT_Q5_1>{});
     else fn(std::integral_constant<int, FMT_Q6_K>{});
 }
 
@@ -231,12 +234,14 @@ struct Part {
 Part part_of(const torch::Tensor& qs, const torch::Tensor& high, const torch::Tensor& sub, const torch::Tensor& d,
              const torch::Tensor& mins, int64_t n_out, int64_t ggml_type) {
     const int fmt = ggml_type == 3    ? FMT_Q4_1
+                    : ggml_type == 2  ? FMT_Q4_0
+                    : ggml_type == 7  ? FMT_Q5_1
                     : ggml_type == 8  ? FMT_Q8_0
                     : ggml_type == 6  ? FMT_Q5_0
                     : ggml_type == 12 ? FMT_Q4_K
                     : ggml_type == 14 ? FMT_Q6_K
                                       : -1;
-    TORCH_CHECK(fmt >= 0, "gemm: only Q4_1 (3), Q5_0 (6), Q8_0 (8), Q4_K (12) and Q6_K (14) weights");
+    TORCH_CHECK(fmt >= 0, "gemm: only Q4_0 (2), Q4_1 (3), Q5_0 (6), Q5_1 (7), Q8_0 (8), Q4_K (12) and Q6_K (14) weights");
     const bool super = fmt == FMT_Q4_K || fmt == FMT_Q6_K;
     const int64_t BQ = fmt == FMT_Q8_0 ? 512 : 256;
     TORCH_CHECK(qs.dtype() == torch::kUInt8 && qs.dim() == 3 && qs.is_contiguous() && qs.size(2) == BQ,
@@ -250,9 +255,9 @@ Part part_of(const torch::Tensor& qs, const torch::Tensor& high, const torch::Te
                     "gemm: scales must be float16 [N/16, nb (K-quants: nb / 8), 16]");
     TORCH_CHECK(sub.dtype() == torch::kUInt8 && sub.is_contiguous() && sub.numel() == (super ? groups * nb * 32 : 0),
                 "gemm: sub must be uint8 [N/16, nb, 32] for K-quants, empty otherwise");
-    const int64_t plane_bytes = fmt == FMT_Q5_0 ? 64 : fmt == FMT_Q6_K ? 128 : 0;
+    const int64_t plane_bytes = (fmt == FMT_Q5_0 || fmt == FMT_Q5_1) ? 64 : fmt == FMT_Q6_K ? 128 : 0;
     TORCH_CHECK(high.dtype() == torch::kUInt8 && high.is_contiguous() && high.numel() == groups * nb * plane_bytes,
-                "gemm: high must be uint8 [N/16, nb, 64 (Q5_0) | 128 (Q6_K)], empty otherwise");
+                "gemm: high must be uint8 [N/16, nb, 64 (Q5_0, Q5_1) | 128 (Q6_K)], empty otherwise");
     return {qs.data_ptr<uint8_t>(), high.data_ptr<uint8_t>(), sub.data_ptr<uint8_t>(),
             reinterpret_cast<const uint16_t*>(d.data_ptr<at::Half>()),
             reinterpret_cast<const uint16_t*>(mins.data_ptr<at::Half>()), groups, nb, n_out, fmt};
@@ -377,7 +382,7 @@ torch::Tensor dequant_rows(torch::Tensor ids, torch::Tensor qs, torch::Tensor hi
                             const int64_t sb = gb / 8 * 16 + l;
                             out[i] = (f16_to_f32(p.D[sb]) * (float)p.SUB[gb * 32 + l]) * q -
                                      f16_to_f32(p.MN[sb]) * (float)p.SUB[gb * 32 + 16 + l];
-                        } else if (F == FMT_Q4_1) {
+                        } else if (F == FMT_Q4_1 || F == FMT_Q5_1) {
                             out[i] = f16_to_f32(p.D[gb * 16 + l]) * q + f16_to_f32(p.MN[gb * 16 + l]);
                         } else {
                             out[i] = f16_to_f32(p.D[gb * 16 + l]) * q;
