@@ -43,9 +43,15 @@ def test_stop_string_truncates(llm):
 
 
 def test_chat(llm):
-    out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
-                   SamplingParams(temperature=0, max_tokens=16))[0].outputs[0]
-    assert "Paris" in out.text
+    """chat() is generate() on the chat template's tokens; the greedy answer is the model's.
+    (France is a near tie for this model under int8 activations: llama.cpp and tierlm both
+    start "L'Étoile", fp32 transformers "The capital": Germany is not.)"""
+    messages = [{"role": "user", "content": "What is the capital of Germany?"}]
+    params = SamplingParams(temperature=0, max_tokens=16)
+    out = llm.chat(messages, params)[0].outputs[0]
+    ids = llm.tokenizer.encode(llm.tokenizer.apply_chat_template(messages), add_special_tokens=False)
+    assert out.token_ids == llm.generate({"prompt_token_ids": ids}, params)[0].outputs[0].token_ids
+    assert "Berlin" in out.text
 
 
 @pytest.mark.parametrize("prompt,params,param", [
