@@ -30,12 +30,13 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                                                   "(default: smollm2-135m)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="compute dtype")
     p.add_argument("--quantization", default="auto", choices=["auto", "none", "int8", "int4"],
-                   help="linear-layer weights for decode: auto runs a GGUF file's 4-bit blocks as int4 and "
-                        "its other quantized tensors as int8 (float weights dense); int8/int4 also quantize "
-                        "dense weights on load (HF checkpoints); none runs dense weights throughout "
-                        "(prefill always uses dense copies, in --dense-dtype)")
+                   help="linear-layer weights: auto runs a GGUF file on tierlm's kernels over its own blocks "
+                        "(Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q6_K; a file with other formats runs its 4-bit blocks as "
+                        "int4 and the rest as int8) and HF checkpoints dense; int8/int4 quantize an HF "
+                        "checkpoint on load; none runs dense weights throughout")
     p.add_argument("--dense-dtype", default="auto", choices=["auto", "bfloat16", "float32"],
-                   help="dtype of dense products (prefill, unquantized layers): auto measures which this CPU "
+                   help="dtype of dense products (models off the kernels: prefill, unquantized layers): auto "
+                        "measures which this CPU "
                         "multiplies faster (bf16 needs matrix units such as AMX; without them float32 is "
                         "several times faster) and remembers it per machine")
     p.add_argument("--speculative", default="off", choices=["off", "ngram", "draft"],
@@ -45,7 +46,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="with --speculative draft: a smaller model with the same vocabulary (name, .gguf or HF dir)")
     p.add_argument("--num-speculative-tokens", type=int, default=4, help="draft tokens per step (with --speculative)")
     p.add_argument("--no-deterministic", action="store_true",
-                   help="allow faster kernels whose results depend on batch composition")
+                   help="allow faster kernels whose results depend on batch composition (models off tierlm's "
+                        "kernels; on them results never depend on the batch)")
     p.add_argument("--max-model-len", type=int, default=None, help="context length cap (default: the model's)")
     p.add_argument("--kv-cache-gb", type=float, default=1.0, help="KV cache size in GiB")
     p.add_argument("--no-prefix-caching", action="store_true",
