@@ -64,7 +64,8 @@ def isa() -> str:
 
 
 _THREADS: int | None = None
-SPIN_US = 100  # how long idle workers spin before sleeping: longer than a step's gaps between products
+# How long idle workers spin before sleeping: longer than a step's gaps between products.
+SPIN_US = int(os.environ.get("TIERLM_SPIN_US", "100"))
 
 
 def use_threads(threads: int | None = None) -> int:
