@@ -8,7 +8,7 @@
 //   m'   = max(m, max_j s_j);  a = exp(m - m');  e_j = exp(s_j - m')
 //   l    = l * a + tree16(e)   (a fixed pairwise tree over the 16 lanes; masked lanes 0)
 //   acc  = acc * a, then acc += e_j v_j for j ascending
-// and out = acc / l. exp is the polynomial in attention_body.inc. A row's result thus
+// and out = acc / l. exp is the polynomial in vmath.inc. A row's result thus
 // depends on its own query, position and keys only: never on the rows batched with it,
 // how a prompt is chunked, the thread count or the ISA path.
 //
@@ -26,6 +26,7 @@
 #include <cstring>
 #include <vector>
 
+#include "isa.h"
 #include "pool.h"
 
 namespace {
@@ -77,17 +78,15 @@ namespace generic {
 #include "attention_body.inc"
 }  // namespace generic
 
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
+TIERLM_TARGET_AVX2
 namespace avx2 {
 #define TIERLM_SIMD
 #include "attention_body.inc"
 #undef TIERLM_SIMD
 }  // namespace avx2
-#pragma GCC pop_options
+TIERLM_TARGET_END
 
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")
+TIERLM_TARGET_AVX512_VNNI
 namespace vnni {
 #define TIERLM_SIMD
 #define TIERLM_AVX512
@@ -95,7 +94,7 @@ namespace vnni {
 #undef TIERLM_AVX512
 #undef TIERLM_SIMD
 }  // namespace vnni
-#pragma GCC pop_options
+TIERLM_TARGET_END
 
 bool is_bf16(const torch::Tensor& t) { return t.scalar_type() == torch::kBFloat16; }
 
@@ -104,6 +103,7 @@ bool is_bf16(const torch::Tensor& t) { return t.scalar_type() == torch::kBFloat1
 // with ascending positions. Returns [T, H * D] in q's dtype.
 torch::Tensor attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor tables,
                         torch::Tensor seq, torch::Tensor pos, int64_t window, double scale, int64_t isa) {
+    tierlm::check_isa(isa, "attention");
     TORCH_CHECK(q.dim() == 3 && q.is_contiguous(), "attention: q must be contiguous [T, H, D]");
     TORCH_CHECK(k_cache.dim() == 4 && v_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous(),
                 "attention: caches must be contiguous 4-D");
@@ -143,10 +143,8 @@ torch::Tensor attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_
     tierlm::pool().run((int64_t)tiles.size() * Hkv, 1, [&](int64_t i0, int64_t i1) {
         for (int64_t i = i0; i < i1; ++i) {
             const auto [t0, t1] = tiles[i / Hkv];
-            // The SIMD bodies assume whole 16-lane slices of head_dim (same bits as generic).
-            if (isa == 2 && D % 16 == 0) vnni::run(a, t0, t1, i % Hkv);
-            else if (isa >= 1 && D % 16 == 0) avx2::run(a, t0, t1, i % Hkv);
-            else generic::run(a, t0, t1, i % Hkv);
+            // The SIMD bodies take whole 16-lane slices of head_dim (same bits as generic).
+            TIERLM_DISPATCH(D % 16 == 0 ? isa : tierlm::SCALAR, run, a, t0, t1, i % Hkv);
         }
     });
     return out;
@@ -160,6 +158,7 @@ torch::Tensor rope_attention(torch::Tensor qkv, int64_t H, torch::Tensor cos, to
                              c10::optional<torch::Tensor> q_norm, c10::optional<torch::Tensor> k_norm, double eps,
                              torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor tables, torch::Tensor seq,
                              torch::Tensor pos, int64_t window, double scale, int64_t isa) {
+    tierlm::check_isa(isa, "rope_attention");
     const int64_t T = qkv.size(0), Hkv = k_cache.size(1), D = k_cache.size(2);
     TORCH_CHECK(qkv.scalar_type() == torch::kFloat32 && qkv.is_contiguous() && qkv.dim() == 2 &&
                     qkv.size(1) == (H + 2 * Hkv) * D,
@@ -187,9 +186,7 @@ torch::Tensor rope_attention(torch::Tensor qkv, int64_t H, torch::Tensor cos, to
                H, Hkv, D, k_cache.size(3), tables.size(1), (float)eps, is_bf16(k_cache)};
     tierlm::pool().run(T, 4, [&](int64_t t0, int64_t t1) {
         for (int64_t t = t0; t < t1; ++t) {
-            if (isa == 2) vnni::prep(p, t);
-            else if (isa == 1) avx2::prep(p, t);
-            else generic::prep(p, t);
+            TIERLM_DISPATCH(isa, prep, p, t);
         }
     });
     return attention(qbuf, k_cache, v_cache, tables, seq, pos, window, scale, isa).view({T, H * D});

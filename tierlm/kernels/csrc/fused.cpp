@@ -13,6 +13,7 @@
 #include <cstring>
 #include <vector>
 
+#include "isa.h"
 #include "pool.h"
 
 namespace {
@@ -21,19 +22,17 @@ namespace generic {
 #include "fused_body.inc"
 }  // namespace generic
 
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
+TIERLM_TARGET_AVX2
 namespace avx2 {
 #include "fused_body.inc"
 }  // namespace avx2
-#pragma GCC pop_options
+TIERLM_TARGET_END
 
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")
+TIERLM_TARGET_AVX512_VNNI
 namespace vnni {
 #include "fused_body.inc"
 }  // namespace vnni
-#pragma GCC pop_options
+TIERLM_TARGET_END
 
 void check_rows(const torch::Tensor& t, int64_t n, const char* what) {
     TORCH_CHECK(t.scalar_type() == torch::kFloat32 && t.is_contiguous() && t.dim() == 2 && t.size(1) == n, what,
@@ -45,6 +44,7 @@ void check_rows(const torch::Tensor& t, int64_t n, const char* what) {
 // (Gemma's 1 + w already added).
 torch::Tensor residual_norm(torch::Tensor x, c10::optional<torch::Tensor> y, c10::optional<torch::Tensor> post_w,
                             torch::Tensor w, double eps, int64_t isa) {
+    tierlm::check_isa(isa, "residual_norm");
     const int64_t H = x.size(-1);
     check_rows(x, H, "residual_norm: x");
     if (y) check_rows(*y, H, "residual_norm: y");
@@ -62,9 +62,7 @@ torch::Tensor residual_norm(torch::Tensor x, c10::optional<torch::Tensor> y, c10
         std::vector<float> tmp(H);
         for (int64_t t = a; t < b; ++t) {
             const float* yt = Y ? Y + t * H : nullptr;
-            if (isa == 2) vnni::residual_row(X + t * H, yt, P, W, H, (float)eps, O + t * H, tmp.data());
-            else if (isa == 1) avx2::residual_row(X + t * H, yt, P, W, H, (float)eps, O + t * H, tmp.data());
-            else generic::residual_row(X + t * H, yt, P, W, H, (float)eps, O + t * H, tmp.data());
+            TIERLM_DISPATCH(isa, residual_row, X + t * H, yt, P, W, H, (float)eps, O + t * H, tmp.data());
         }
     });
     return out;
@@ -72,6 +70,7 @@ torch::Tensor residual_norm(torch::Tensor x, c10::optional<torch::Tensor> y, c10
 
 // gate_up fp32 [T, 2I] -> act(gate) * up [T, I]; kind 0 SiLU, 1 GELU (tanh approximation).
 torch::Tensor gated(torch::Tensor gu, int64_t kind, int64_t isa) {
+    tierlm::check_isa(isa, "gated");
     TORCH_CHECK(gu.dim() == 2 && gu.size(1) % 2 == 0, "gated: gate_up must be [T, 2I]");
     const int64_t I = gu.size(1) / 2;
     check_rows(gu, 2 * I, "gated: gate_up");
@@ -83,13 +82,8 @@ torch::Tensor gated(torch::Tensor gu, int64_t kind, int64_t isa) {
         for (int64_t t = a; t < b; ++t) {
             const float* g = G + t * 2 * I;
             float* o = O + t * I;
-            if (kind == 0) {
-                if (isa == 2) vnni::silu_row(g, I, o); else if (isa == 1) avx2::silu_row(g, I, o);
-                else generic::silu_row(g, I, o);
-            } else {
-                if (isa == 2) vnni::gelu_tanh_row(g, I, o); else if (isa == 1) avx2::gelu_tanh_row(g, I, o);
-                else generic::gelu_tanh_row(g, I, o);
-            }
+            if (kind == 0) TIERLM_DISPATCH(isa, silu_row, g, I, o);
+            else TIERLM_DISPATCH(isa, gelu_tanh_row, g, I, o);
         }
     });
     return out;

@@ -20,6 +20,7 @@
 
 #include <torch/extension.h>
 
+#include "isa.h"
 #include "pool.h"
 
 #include <immintrin.h>
@@ -36,7 +37,10 @@ namespace {
 
 constexpr int QK = 32;          // values per block
 
-enum Isa { SCALAR = 0, AVX2 = 1, AVX512_VNNI = 2 };
+using tierlm::AVX2;
+using tierlm::AVX512_VNNI;
+using tierlm::Isa;
+using tierlm::SCALAR;
 enum Format { FMT_Q4_1 = 0, FMT_Q8_0 = 1, FMT_Q5_0 = 2, FMT_Q4_K = 3, FMT_Q6_K = 4, FMT_Q4_0 = 5, FMT_Q5_1 = 6 };
 
 inline float f16_to_f32(uint16_t h) {
@@ -146,21 +150,19 @@ void gemm_scalar(const uint8_t* QS, const uint8_t* HB, const uint8_t* SUB, const
 }
 
 // ---- SIMD paths: one body, compiled per ISA ------------------------------------------------
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
+TIERLM_TARGET_AVX2
 namespace avx2 {
 #include "gemm_simd.inc"
 }  // namespace avx2
-#pragma GCC pop_options
+TIERLM_TARGET_END
 
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")
+TIERLM_TARGET_AVX512_VNNI
 #define TIERLM_VNNI 1
 namespace vnni {
 #include "gemm_simd.inc"
 }  // namespace vnni
 #undef TIERLM_VNNI
-#pragma GCC pop_options
+TIERLM_TARGET_END
 
 // Calls fn with the format as a compile-time constant.
 template <typename Fn>
@@ -173,6 +175,10 @@ void run_format(int fmt, Fn&& fn) {
     else if (fmt == FMT_Q5_1) fn(std::integral_constant<int, FMT_Q5_1>{});
     else fn(std::integral_constant<int, FMT_Q6_K>{});
 }
+
+}  // namespace
+
+namespace tierlm {
 
 bool cpu_has(Isa isa) {
     __builtin_cpu_init();
@@ -188,6 +194,15 @@ bool cpu_has(Isa isa) {
     return false;
 }
 
+void check_isa(int64_t isa, const char* what) {
+    TORCH_CHECK(isa >= SCALAR && isa <= AVX512_VNNI && cpu_has((Isa)isa), what, ": this CPU cannot run isa ", isa);
+}
+
+}  // namespace tierlm
+
+namespace {
+
+using tierlm::cpu_has;
 using tierlm::pool;
 
 void set_threads(int64_t threads, int64_t spin_us) {
@@ -303,7 +318,7 @@ void run_groups(const Part& p, const Acts& x, float* Y, int64_t ldy, int64_t g0,
 // Every part's output columns side by side, [M, sum n_out]. Threads take chunks of 4 groups
 // of 16 outputs across all parts: each y[m, n] is computed whole by one thread.
 torch::Tensor run_parts(const std::vector<Part>& parts, const Acts& x, int64_t isa) {
-    TORCH_CHECK(isa >= SCALAR && isa <= AVX512_VNNI && cpu_has((Isa)isa), "gemm: this CPU cannot run isa ", isa);
+    tierlm::check_isa(isa, "gemm");
     int64_t total = 0, groups = 0;
     for (const auto& p : parts) groups += p.groups;
     // Few rows stream the weights once (memory-bound): each thread takes long contiguous
