@@ -88,14 +88,12 @@ class LLMEngine:
         self.config = config
         t0 = time.perf_counter()
         cache_dir = cache_dir or default_cache_dir()
-        # A model on the kernels has no dense products: skip the one-off dtype probe.
-        on_kernels = model_loader.runs_on_kernels(config.model, dtype=config.torch_dtype, cache_dir=cache_dir,
-                                                  block_size=config.cache.block_size, quantization=config.quantization)
-        self.dense_dtype = (config.torch_dtype if on_kernels else
-                            kernel_probe.dense_dtype(config.dense_dtype, config.torch_dtype, cache_dir))
+        # Asked only for a model off the kernels (they have no dense products): the one-off probe.
+        probe = lambda: kernel_probe.dense_dtype(config.dense_dtype, config.torch_dtype, cache_dir)  # noqa: E731
         self.loaded = model_loader.load(config.model, dtype=config.torch_dtype, block_size=config.cache.block_size,
                                         deterministic=config.deterministic, cache_dir=cache_dir, progress=progress,
-                                        quantization=config.quantization, dense_dtype=self.dense_dtype)
+                                        quantization=config.quantization, dense_dtype=probe)
+        self.dense_dtype = self.loaded.dense_dtype
         if config.deterministic and not self.loaded.kernels:
             kernel_probe.ensure_probed(self.loaded.model, cache_dir)
         self.load_seconds = time.perf_counter() - t0

@@ -91,9 +91,13 @@ def pack(raw: torch.Tensor, ggml_type: int, n: int, k: int) -> reference.Packed:
     return reference.pack(raw, ggml_type, n, k)
 
 
+def _native() -> bool:
+    return _ext is not None and isa() != "reference"
+
+
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Activations [M, K] -> (int8 codes, block scales, d * sum(q), sum(q), sums of 16)."""
-    if _ext is None or isa() == "reference":
+    if not _native():
         return reference.quantize_rows(x)
     return tuple(_ext.quantize_rows(x))
 
@@ -106,18 +110,15 @@ def gemm(x: torch.Tensor | tuple, w: reference.Packed, path: str | None = None) 
     if path == "reference":
         return reference.gemm(qx, dx, sx, w)
     return _ext.gemm(qx, dx, sx, sq, sq16, w.qs, w.high, w.sub, w.d, w.mins, w.out_features, w.ggml_type,
-                     ISAS.index(path))
+                     _ISA_INDEX[path])
 
 
 def kv_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slots: torch.Tensor) -> None:
     """Write k, v [T, kv_heads, D] at flat cache slots; K [blocks, kv_heads, D, block_size]
     (transposed per block), V [blocks, block_size, kv_heads, D]."""
-    if _ext is None or isa() == "reference":
-        bs = k_cache.shape[3]
-        blocks, offsets = slots // bs, slots % bs
-        k_cache[blocks, :, :, offsets] = k.to(k_cache.dtype)
-        v_cache[blocks, offsets] = v.to(v_cache.dtype)
+    if not _native():
+        reference.kv_write(k, v, k_cache, v_cache, slots)
         return
     _ext.kv_write(k, v, k_cache, v_cache, slots)
 
@@ -131,11 +132,7 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tab
     path = path or isa()
     if path == "reference":
         return reference.attention(q, k_cache, v_cache, tables, seq, pos, window, scale)
-    return _ext.attention(q, k_cache, v_cache, tables, seq, pos, window, scale, ISAS.index(path))
-
-
-def _native() -> bool:
-    return _ext is not None and isa() != "reference"
+    return _ext.attention(q, k_cache, v_cache, tables, seq, pos, window, scale, _ISA_INDEX[path])
 
 
 class Parts:
@@ -166,7 +163,7 @@ def residual_norm(x: torch.Tensor, y: torch.Tensor | None, post_w: torch.Tensor 
     when given), in place; returns RMSNorm(x) * w. Weights fp32, effective (1 + w for Gemma)."""
     if not _native():
         return reference.residual_norm(x, y, post_w, w, eps)
-    return _ext.residual_norm(x, y, post_w, w, eps, ISAS.index(isa()))
+    return _ext.residual_norm(x, y, post_w, w, eps, _ISA_INDEX[isa()])
 
 
 GATED = {"silu": 0, "gelu_tanh": 1}
@@ -176,7 +173,7 @@ def gated(gate_up: torch.Tensor, act: str) -> torch.Tensor:
     """act(gate) * up over fp32 rows [T, 2I] (gate first) -> [T, I]."""
     if not _native():
         return reference.gated(gate_up, GATED[act])
-    return _ext.gated(gate_up, GATED[act], ISAS.index(isa()))
+    return _ext.gated(gate_up, GATED[act], _ISA_INDEX[isa()])
 
 
 def rope_attention(qkv: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.Tensor,
@@ -190,7 +187,7 @@ def rope_attention(qkv: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.
         return reference.rope_attention(qkv, heads, cos, sin, q_norm, k_norm, eps, k_cache, v_cache, tables,
                                         seq, pos, window, scale)
     return _ext.rope_attention(qkv, heads, cos, sin, q_norm, k_norm, eps, k_cache, v_cache, tables, seq, pos,
-                               window, scale, ISAS.index(isa()))
+                               window, scale, _ISA_INDEX[isa()])
 
 
 def embedding(ids: torch.Tensor, w: reference.Packed) -> torch.Tensor:
@@ -258,13 +255,12 @@ class BlockWeight:
 
     def __init__(self, parts: list[Blocks]) -> None:
         self.parts = [p.packed() for p in parts]
+        self.args = Parts(self.parts)
         self.out_features = sum(p.out_features for p in self.parts)
         self.in_features = parts[0].k
 
     def mm(self, x: torch.Tensor) -> torch.Tensor:
-        q = quantize_rows(x)
-        ys = [gemm(q, p) for p in self.parts]
-        return (ys[0] if len(ys) == 1 else torch.cat(ys, dim=1)).to(x.dtype)
+        return linear(x, self.args).to(x.dtype)
 
     def dequantize(self) -> torch.Tensor:
         return torch.cat([reference.dequantize(p) for p in self.parts])

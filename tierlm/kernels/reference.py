@@ -293,6 +293,15 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tab
     return out.reshape(t, h * d).to(q.dtype)
 
 
+def kv_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slots: torch.Tensor) -> None:
+    """k, v [T, kv_heads, D] into the caches at flat slots (K transposed per block)."""
+    bs = k_cache.shape[3]
+    blocks, offsets = slots // bs, slots % bs
+    k_cache[blocks, :, :, offsets] = k.to(k_cache.dtype)
+    v_cache[blocks, offsets] = v.to(v_cache.dtype)
+
+
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     """x * rsqrt(mean(x^2) + eps) * w (w the effective fp32 weight), in float32."""
     x = x.float()
@@ -331,9 +340,7 @@ def rope_attention(qkv: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.
         q, k = rms_norm(q, q_norm, eps), rms_norm(k, k_norm, eps)
     c, s = cos[pos], sin[pos]
     q, k = rope(q, c, s), rope(k, c, s)
-    blocks, offsets = tables[seq.long(), pos // bs].long(), pos % bs
-    k_cache[blocks, :, :, offsets] = k.to(k_cache.dtype)
-    v_cache[blocks, offsets] = v.to(v_cache.dtype)
+    kv_write(k, v, k_cache, v_cache, tables[seq.long(), pos // bs].long() * bs + pos % bs)
     return attention(q, k_cache, v_cache, tables, seq, pos, window, scale).float()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,7 @@ class LoadedModel:
     # Whether it runs on tierlm's kernels (GGUF blocks, kernel attention): one numeric
     # format for every row, so no role-based split anywhere downstream.
     kernels: bool = False
+    dense_dtype: torch.dtype | None = None  # what its dense products run in
 
 
 # Checkpoint tensors fused into one of our parameters, by the last two name parts
@@ -178,9 +180,10 @@ def load_tokenizer(model: str, cache_dir: Path) -> tokenizer.TextTokenizer:
 
 def load(model: str, *, dtype: torch.dtype, block_size: int, deterministic: bool,
          cache_dir: Path, progress: bool = False, quantization: str = "auto",
-         dense_dtype: torch.dtype | None = None) -> LoadedModel:
+         dense_dtype: torch.dtype | Callable[[], torch.dtype] | None = None) -> LoadedModel:
     """`quantization`: see EngineConfig (the int4/int8 kernels need dtype bfloat16);
-    `dense_dtype`: the dtype every Linear's dense products run in (None: `dtype`)."""
+    `dense_dtype`: the dtype every Linear's dense products run in (None: `dtype`), or a
+    function giving it, called only for a model off the kernels (they have no dense products)."""
     path = bundled.resolve(model, cache_dir)
     lossy: set[str] = set()
     if dtype != torch.bfloat16 and quantization == "auto":
@@ -206,6 +209,8 @@ def load(model: str, *, dtype: torch.dtype, block_size: int, deterministic: bool
         from dataclasses import replace
 
         cfg = replace(cfg, eos_token_ids=stops)
+    if callable(dense_dtype):
+        dense_dtype = dtype if blocks else dense_dtype()
     net = cls(cfg, block_size=block_size, deterministic=deterministic)
     if blocks:
         _attention_on_kernels(net, block_size)
@@ -217,7 +222,7 @@ def load(model: str, *, dtype: torch.dtype, block_size: int, deterministic: bool
     _return_freed_memory()
     # The GGUF memory map is not kept: every weight now lives in our own tensors, and its
     # touched file pages (~0.1 GB for SmolLM2) would otherwise stay resident.
-    return LoadedModel(net, cfg, tok, path, formats, kernels=blocks)
+    return LoadedModel(net, cfg, tok, path, formats, kernels=blocks, dense_dtype=dense_dtype or dtype)
 
 
 def _return_freed_memory() -> None:
@@ -227,14 +232,6 @@ def _return_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to do
         pass
-
-
-def runs_on_kernels(model: str, *, dtype: torch.dtype, block_size: int, cache_dir: Path,
-                    quantization: str = "auto") -> bool:
-    """Whether `load` will put this model on tierlm's kernels (checked without loading)."""
-    path = bundled.resolve(model, cache_dir)
-    return (path.is_file() and quantization == "auto" and dtype == torch.bfloat16
-            and on_kernels(GGUFFile(path), block_size))
 
 
 def on_kernels(g: GGUFFile, block_size: int) -> bool:

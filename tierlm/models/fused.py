@@ -34,7 +34,7 @@ def _weight(norm: nn.Module | None) -> torch.Tensor | None:
 
 
 def _parts(layer: Linear) -> kernels.Parts:
-    return kernels.Parts(layer.quantized.parts)
+    return layer.quantized.args
 
 
 def _bias(layer: Linear) -> torch.Tensor | None:
@@ -100,11 +100,11 @@ class FusedDecoder:
                 and model.config.hidden_act in kernels.GATED
                 and all(m.bias is None for m in linears if id(m) not in qkv))
 
-    @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], metas: list[AttentionMetadata],
                 logits_indices: torch.Tensor) -> torch.Tensor:
-        """One step -> float32 logits [len(logits_indices), vocab] (as the model's forward)."""
+        """One step -> float32 logits [len(logits_indices), vocab] (as the model's forward;
+        called inside the runner's inference mode)."""
         x = self.embed.rows(input_ids) if isinstance(self.embed, BlockEmbedding) else self.embed(input_ids).float()
         if self.embed_scale is not None:  # the scale rounded to the model dtype, as the reference rounds it
             x = x * float(torch.tensor(self.embed_scale, dtype=self.dtype))
