@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import socket
 import statistics
 import subprocess
@@ -38,15 +39,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(cmd: list[str], url: str, probe: str) -> subprocess.Popen:
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def start(cmd: list[str], url: str, probe: str, env: dict | None = None) -> subprocess.Popen:
+    """Start a server and wait until `probe` answers 200 (polled every 50 ms, so the wait
+    also measures start-to-ready); `env` adds to this process's environment."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, **(env or {})})
     deadline = time.time() + 180
     while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{cmd[0]} exited with {proc.returncode}: {' '.join(cmd)}")
         try:
             if httpx.get(url + probe, timeout=1).status_code == 200:
                 return proc
         except httpx.HTTPError:
-            time.sleep(0.3)
+            pass
+        time.sleep(0.05)
     proc.kill()
     raise RuntimeError(f"{cmd[0]} did not start")
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import subprocess
 import sys
@@ -32,7 +31,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import record
-from benchmarks.serve_bench import free_port
+from benchmarks.serve_bench import free_port, start
 from tierlm import kernels
 from tierlm.bench.runner import run_level
 from tierlm.bench.targets import BenchError, HTTPTarget
@@ -54,20 +53,7 @@ class Server:
     def __init__(self, kind: str, cmd: list[str], url: str, probe: str, env: dict | None = None) -> None:
         self.kind, self.url = kind, url
         t0 = time.perf_counter()
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     env={**os.environ, **(env or {})})
-        while time.perf_counter() - t0 < 180:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{kind} exited: {' '.join(cmd)}")
-            try:
-                if httpx.get(url + probe, timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        else:
-            self.proc.kill()
-            raise RuntimeError(f"{kind} did not become ready")
+        self.proc = start(cmd, url, probe, env)
         self.ready_s = time.perf_counter() - t0
 
     def peak_rss_mb(self) -> float:
@@ -84,7 +70,7 @@ class Server:
             self.proc.kill()
 
 
-def start(kind: str, args, path: Path, workload: str) -> Server:
+def launch(kind: str, args, path: Path, workload: str) -> Server:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     if kind == "llama-server":
@@ -129,7 +115,7 @@ def main() -> None:
             for run in range(args.runs):
                 order = ["tierlm", "llama-server"] if run % 2 == 0 else ["llama-server", "tierlm"]
                 for kind in order:
-                    server = start(kind, args, path, w)
+                    server = launch(kind, args, path, w)
                     try:
                         m = asyncio.run(measure(server, tokenizer, args.model, w, c, 10_000 * (run + 1) + 100 * c))
                         m.update(peak_rss_mb=round(server.peak_rss_mb(), 1), ready_s=round(server.ready_s, 2))
