@@ -132,3 +132,15 @@ def test_sample_tierset_config_is_valid():
     ts = load(Path(__file__).parents[2] / "configs" / "tierset.toml", EngineConfig())
     assert {t.name: t.engine.model for t in ts.tiers} == {"fast": "smollm2-135m", "deep": "gemma3-270m"}
     assert [t.name for t in ts.tenants] == ["team-a", "team-b", "trial"]
+
+
+@pytest.mark.parametrize("env,message", [
+    ({"TIERLM_ISA": "amx"}, "tierlm: error: TIERLM_ISA='amx': this machine runs reference"),
+    ({"TIERLM_SPIN_US": "-5"}, "tierlm: error: TIERLM_SPIN_US must be a whole number of microseconds, got '-5'"),
+])
+def test_bad_kernel_settings_are_one_line(cache_dir, env, message):
+    r = subprocess.run([sys.executable, "-m", "tierlm.cli", "generate", "--model", "smollm2-135m", "Hi",
+                        "--max-tokens", "2"], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, HOME=str(cache_dir), TIERLM_CACHE_DIR=str(cache_dir), **env))
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith(message), r.stderr

@@ -16,6 +16,7 @@ import os
 
 import torch
 
+from tierlm.config import ConfigError
 from tierlm.kernels import reference
 
 log = logging.getLogger("tierlm.kernels")
@@ -30,8 +31,8 @@ except ImportError as e:  # not built: the reference computes the same numbers, 
     _why = str(e)
 
 
-class KernelError(RuntimeError):
-    pass
+class KernelError(ConfigError):
+    """A kernel setting (TIERLM_ISA, TIERLM_SPIN_US, threads) this machine cannot take."""
 
 
 def supported() -> list[str]:
@@ -64,8 +65,15 @@ def isa() -> str:
 
 
 _THREADS: int | None = None
-# How long idle workers spin before sleeping: longer than a step's gaps between products.
-SPIN_US = int(os.environ.get("TIERLM_SPIN_US", "100"))
+
+
+def spin_us() -> int:
+    """How long idle workers spin before sleeping (TIERLM_SPIN_US, default 100): longer
+    than a step's gaps between products."""
+    raw = os.environ.get("TIERLM_SPIN_US", "100")
+    if not raw.isdigit():
+        raise KernelError(f"TIERLM_SPIN_US must be a whole number of microseconds, got {raw!r}")
+    return int(raw)
 
 
 def use_threads(threads: int | None = None) -> int:
@@ -79,8 +87,9 @@ def use_threads(threads: int | None = None) -> int:
         threads = _THREADS or torch.get_num_threads()
     if threads < 1:
         raise KernelError(f"threads must be >= 1, got {threads}")
+    isa()  # a bad TIERLM_ISA is reported now, before a model loads onto the kernels
     if _ext is not None:
-        _ext.set_threads(threads, SPIN_US)
+        _ext.set_threads(threads, spin_us())
     torch.set_num_threads(1)
     _THREADS = threads
     return threads
