@@ -152,6 +152,7 @@ class Parts:
         self.parts = parts
         self.tensors = [[p.qs, p.high, p.sub, p.d, p.mins] for p in parts]
         self.shapes = [(p.out_features, p.ggml_type) for p in parts]
+        self.args = [(*t, n, ty) for t, (n, ty) in zip(self.tensors, self.shapes)]  # for `Decoder`
 
 
 def linear(x: torch.Tensor, parts: list[reference.Packed] | Parts) -> torch.Tensor:
@@ -176,6 +177,19 @@ def residual_norm(x: torch.Tensor, y: torch.Tensor | None, post_w: torch.Tensor 
 
 
 GATED = {"silu": 0, "gelu_tanh": 1}
+
+
+def decoder(heads: int, eps: float, scale: float, act: str):
+    """The C++ whole-step decoder (csrc/decoder.cpp) that `models/fused.py` fills with a
+    model's layers, or None where the kernels run as the PyTorch reference."""
+    if not _native():
+        return None
+    return _ext.Decoder(heads, eps, scale, GATED[act])
+
+
+def isa_index() -> int:
+    """The extension's index of the process's ISA path (for `decoder(...).forward`)."""
+    return _ISA_INDEX[isa()]
 
 
 def gated(gate_up: torch.Tensor, act: str) -> torch.Tensor:

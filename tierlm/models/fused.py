@@ -4,7 +4,10 @@ Built from a loaded Llama-family or Gemma-3 model whose every projection runs on
 kernels (GGUF blocks, `tierlm.kernels.BlockWeight`), it reads the modules' weights once
 and runs a step as: residual add + RMSNorm, fused q/k/v projection, q/k norm + RoPE +
 K/V write + paged attention, output projection, residual + norm, gate/up projection,
-gated activation, down projection. The residual stream stays float32 between layers
+gated activation, down projection. With the compiled kernels the layers run in one C++
+call per step (`kernels.decoder`, GIL released once); the loop here is the same sequence
+of the same kernels, run where they are the PyTorch reference and in tests as the
+C++ decoder's oracle. The residual stream stays float32 between layers
 (the module path rounds it to bf16 at every op); each kernel computes a row whole, in a
 fixed order, so a token's logits do not depend on the batch, its role or the threads.
 Models it does not cover (sparse MoE blocks, dense projections) run their modules.
@@ -59,7 +62,10 @@ class _Layer:
 
 
 class FusedDecoder:
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+                 layer_group: list[int]) -> None:
+        """`kv_caches[i]` is layer i's (K, V) pages, `layer_group[i]` its KV group (the
+        index of its attention inputs in a step)."""
         cfg = model.config
         self.cfg = cfg
         self.gemma = hasattr(model, "embed_scale")
@@ -84,6 +90,14 @@ class FusedDecoder:
         self.final_norm = _weight(model.norm)
         self.head = _parts(model.lm_head)
         self.softcap = getattr(cfg, "final_logit_softcap", None)
+        self.kv_caches, self.layer_group = kv_caches, layer_group
+        self.native = kernels.decoder(self.heads, self.eps, self.scale, self.act)
+        if self.native is not None:
+            for layer, (k_cache, v_cache), group in zip(self.layers, kv_caches, layer_group):
+                self.native.add_layer(layer.in_norm, layer.qkv.args, layer.qkv_bias, layer.q_norm, layer.k_norm,
+                                      layer.cos, layer.sin, layer.o.args, layer.post_attn, layer.pre_mlp,
+                                      layer.gate_up.args, layer.down.args, layer.post_mlp, k_cache, v_cache, group)
+            self.native.set_head(self.final_norm, self.head.args)
 
     @staticmethod
     def supports(model: nn.Module) -> bool:
@@ -100,17 +114,27 @@ class FusedDecoder:
                 and model.config.hidden_act in kernels.GATED
                 and all(m.bias is None for m in linears if id(m) not in qkv))
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], metas: list[AttentionMetadata],
-                logits_indices: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, groups: list[AttentionMetadata], logits_indices: torch.Tensor,
+                loop: bool = False) -> torch.Tensor:
         """One step -> float32 logits [len(logits_indices), vocab] (as the model's forward;
-        called inside the runner's inference mode)."""
+        called inside the runner's inference mode). `groups`: each KV group's attention
+        inputs; `loop` runs the Python loop even where the C++ decoder exists."""
         x = self.embed.rows(input_ids) if isinstance(self.embed, BlockEmbedding) else self.embed(input_ids).float()
         if self.embed_scale is not None:  # the scale rounded to the model dtype, as the reference rounds it
             x = x * float(torch.tensor(self.embed_scale, dtype=self.dtype))
         x = x.contiguous()
+        if self.native is not None and not loop:
+            logits = self.native.forward(x, [(g.tables, g.seq, g.positions, g.window or 0) for g in groups],
+                                         logits_indices, kernels.isa_index())
+        else:
+            logits = self._loop(x, [groups[g] for g in self.layer_group], logits_indices)
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def _loop(self, x: torch.Tensor, metas: list[AttentionMetadata], logits_indices: torch.Tensor) -> torch.Tensor:
         h = kernels.residual_norm(x, None, None, self.layers[0].in_norm, self.eps)
-        for i, (layer, (k_cache, v_cache), meta) in enumerate(zip(self.layers, kv_caches, metas)):
+        for i, (layer, (k_cache, v_cache), meta) in enumerate(zip(self.layers, self.kv_caches, metas)):
             qkv = kernels.linear(h, layer.qkv)
             if layer.qkv_bias is not None:
                 qkv += layer.qkv_bias
@@ -121,8 +145,4 @@ class FusedDecoder:
             m = kernels.gated(kernels.linear(h, layer.gate_up), self.act)
             following = self.layers[i + 1].in_norm if i + 1 < len(self.layers) else self.final_norm
             h = kernels.residual_norm(x, kernels.linear(m, layer.down), layer.post_mlp, following, self.eps)
-        logits = kernels.linear(h.index_select(0, logits_indices), self.head)
-        if self.softcap is not None:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
-
+        return kernels.linear(h.index_select(0, logits_indices), self.head)

@@ -82,7 +82,8 @@ class ModelRunner:
                               if deterministic and not kernels else (1, True))
         self._mask_worker: ThreadPoolExecutor | None = None
         # On the kernels, a whole step runs on the fused kernels where the model allows it.
-        self.fused = FusedDecoder(model) if kernels and FusedDecoder.supports(model) else None
+        self.fused = (FusedDecoder(model, self.kv_caches, self.layer_group)
+                      if kernels and FusedDecoder.supports(model) else None)
 
     def read_block(self, block: int) -> torch.Tensor:
         """A copy of one block's K/V pages, flat: [2 * group_size, page elements]."""
@@ -100,9 +101,9 @@ class ModelRunner:
                                    self.decode_layout)
 
     def _forward(self, batch: forward_batch.ForwardBatch, logits_indices: torch.Tensor) -> torch.Tensor:
-        metas = [batch.attn[g] for g in self.layer_group]
         if self.fused is not None:
-            return self.fused.forward(batch.input_ids, batch.positions, self.kv_caches, metas, logits_indices)
+            return self.fused.forward(batch.input_ids, batch.attn, logits_indices)
+        metas = [batch.attn[g] for g in self.layer_group]
         dense_rows = 0 if self.kernels else batch.prompt_rows if self.deterministic else None
         return self.model(batch.input_ids, batch.positions, self.kv_caches, metas, logits_indices, dense_rows)
 

@@ -26,7 +26,9 @@
 #include <cstring>
 #include <vector>
 
+#include "bind.h"
 #include "isa.h"
+#include "ops.h"
 #include "pool.h"
 
 namespace {
@@ -150,6 +152,10 @@ torch::Tensor attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_
     return out;
 }
 
+}  // namespace
+
+namespace tierlm {
+
 // The attention sub-layer after the q/k/v projection, in one call: per token, q-norm and
 // k-norm (when given, fp32 [D] effective weights), RoPE (fp32 cos/sin tables [positions,
 // D], rotate-half), K/V written at the token's slot; then `attention` over fp32 queries.
@@ -192,6 +198,12 @@ torch::Tensor rope_attention(torch::Tensor qkv, int64_t H, torch::Tensor cos, to
     return attention(qbuf, k_cache, v_cache, tables, seq, pos, window, scale, isa).view({T, H * D});
 }
 
+}  // namespace tierlm
+
+namespace {
+
+using tierlm::rope_attention;
+
 // Writes k, v [T, kv_heads, D] at flat slots (block * block_size + offset) of the caches
 // (layouts above), converting to the caches' dtype (bf16: round to nearest even).
 void kv_write(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots) {
@@ -225,7 +237,7 @@ void kv_write(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Te
 }  // namespace
 
 void register_attention(pybind11::module& m) {
-    m.def("attention", &attention, "paged attention, one fixed arithmetic per query row");
-    m.def("kv_write", &kv_write, "write k/v into the kernels' paged cache layout");
-    m.def("rope_attention", &rope_attention, "q/k norm, RoPE, K/V write and attention after a fused q/k/v projection");
+    m.def("attention", &attention, "paged attention, one fixed arithmetic per query row", tierlm::kNoGil);
+    m.def("kv_write", &kv_write, "write k/v into the kernels' paged cache layout", tierlm::kNoGil);
+    m.def("rope_attention", &rope_attention, "q/k norm, RoPE, K/V write and attention after a fused q/k/v projection", tierlm::kNoGil);
 }

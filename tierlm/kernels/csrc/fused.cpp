@@ -13,7 +13,9 @@
 #include <cstring>
 #include <vector>
 
+#include "bind.h"
 #include "isa.h"
+#include "ops.h"
 #include "pool.h"
 
 namespace {
@@ -38,6 +40,10 @@ void check_rows(const torch::Tensor& t, int64_t n, const char* what) {
     TORCH_CHECK(t.scalar_type() == torch::kFloat32 && t.is_contiguous() && t.dim() == 2 && t.size(1) == n, what,
                 " must be contiguous fp32 [T, ", n, "]");
 }
+
+}  // namespace
+
+namespace tierlm {
 
 // x (fp32 [T, H], the residual stream, updated in place) += y (normalised by post_w first
 // when given); returns norm(x) * w. Without y, only the norm. Weights fp32 [H], effective
@@ -89,6 +95,13 @@ torch::Tensor gated(torch::Tensor gu, int64_t kind, int64_t isa) {
     return out;
 }
 
+}  // namespace tierlm
+
+namespace {
+
+using tierlm::gated;
+using tierlm::residual_norm;
+
 // Reads every byte of `t` once on the pool (64-bit XOR of its words): the memory read
 // bandwidth the kernels can reach, the roofline of one decoding stream.
 int64_t read_all(torch::Tensor t) {
@@ -108,7 +121,7 @@ int64_t read_all(torch::Tensor t) {
 }  // namespace
 
 void register_fused(pybind11::module& m) {
-    m.def("residual_norm", &residual_norm, "x += y (post-normed), then RMSNorm(x) * w; fp32 rows");
-    m.def("read_all", &read_all, "read every byte once on the pool (bandwidth probe)");
-    m.def("gated", &gated, "act(gate) * up over [T, 2I] rows (0 silu, 1 gelu_tanh)");
+    m.def("residual_norm", &residual_norm, "x += y (post-normed), then RMSNorm(x) * w; fp32 rows", tierlm::kNoGil);
+    m.def("read_all", &read_all, "read every byte once on the pool (bandwidth probe)", tierlm::kNoGil);
+    m.def("gated", &gated, "act(gate) * up over [T, 2I] rows (0 silu, 1 gelu_tanh)", tierlm::kNoGil);
 }

@@ -20,7 +20,9 @@
 
 #include <torch/extension.h>
 
+#include "bind.h"
 #include "isa.h"
+#include "ops.h"
 #include "pool.h"
 
 #include <immintrin.h>
@@ -238,13 +240,9 @@ std::vector<torch::Tensor> quantize_rows(torch::Tensor x) {
     return {q, d, s, sq, sq16};
 }
 
-// One packed weight matrix (reference.py `Packed`), checked once per call.
-struct Part {
-    const uint8_t *QS, *HB, *SUB;
-    const uint16_t *D, *MN;
-    int64_t groups, nb, n_out;
-    int fmt;
-};
+}  // namespace
+
+namespace tierlm {
 
 Part part_of(const torch::Tensor& qs, const torch::Tensor& high, const torch::Tensor& sub, const torch::Tensor& d,
              const torch::Tensor& mins, int64_t n_out, int64_t ggml_type) {
@@ -277,6 +275,13 @@ Part part_of(const torch::Tensor& qs, const torch::Tensor& high, const torch::Te
             reinterpret_cast<const uint16_t*>(d.data_ptr<at::Half>()),
             reinterpret_cast<const uint16_t*>(mins.data_ptr<at::Half>()), groups, nb, n_out, fmt};
 }
+
+}  // namespace tierlm
+
+namespace {
+
+using tierlm::Part;
+using tierlm::part_of;
 
 struct Acts {  // quantized activations (quantize_rows)
     const int8_t* QX;
@@ -361,8 +366,7 @@ torch::Tensor linear(torch::Tensor x, const std::vector<std::vector<torch::Tenso
         ps.push_back(part_of(parts[i][0], parts[i][1], parts[i][2], parts[i][3], parts[i][4], shapes[i].first,
                              shapes[i].second));
     }
-    const auto q = quantize_rows(x);
-    return run_parts(ps, acts_of(q[0], q[1], q[2], q[3], q[4]), isa);
+    return tierlm::linear_parts(x, ps, isa);
 }
 
 // Rows `ids` of a packed matrix as fp32 [T, K] (an embedding lookup on GGUF blocks):
@@ -419,18 +423,30 @@ std::vector<int64_t> supported_isas() {
 
 }  // namespace
 
+namespace tierlm {
+
+torch::Tensor linear_parts(const torch::Tensor& x, const std::vector<Part>& parts, int64_t isa) {
+    TORCH_CHECK(!parts.empty(), "linear: no parts");
+    const auto q = quantize_rows(x);
+    return run_parts(parts, acts_of(q[0], q[1], q[2], q[3], q[4]), isa);
+}
+
+}  // namespace tierlm
+
 void register_attention(pybind11::module& m);  // attention.cpp
 void register_fused(pybind11::module& m);      // fused.cpp
+void register_decoder(pybind11::module& m);    // decoder.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.doc() = "tierlm's CPU kernels: integer-exact quantized matmul over GGUF blocks";
-    m.def("quantize_rows", &quantize_rows, "fp32 rows -> (int8 codes, block scales, d * sum(q), sum(q), sums of 16)");
-    m.def("gemm", &gemm, "quantized activations x row-interleaved GGUF weight blocks -> fp32 [M, N]");
-    m.def("dequant_rows", &dequant_rows, "rows of a packed matrix as fp32 (embedding lookup on GGUF blocks)");
-    m.def("linear", &linear, "rows quantized, then every packed part's outputs side by side -> fp32 [M, sum N]");
-    m.def("set_threads", &set_threads, "size the kernels' worker pool (threads in all, spin before sleeping)");
+    m.def("quantize_rows", &quantize_rows, "fp32 rows -> (int8 codes, block scales, d * sum(q), sum(q), sums of 16)", tierlm::kNoGil);
+    m.def("gemm", &gemm, "quantized activations x row-interleaved GGUF weight blocks -> fp32 [M, N]", tierlm::kNoGil);
+    m.def("dequant_rows", &dequant_rows, "rows of a packed matrix as fp32 (embedding lookup on GGUF blocks)", tierlm::kNoGil);
+    m.def("linear", &linear, "rows quantized, then every packed part's outputs side by side -> fp32 [M, sum N]", tierlm::kNoGil);
+    m.def("set_threads", &set_threads, "size the kernels' worker pool (threads in all, spin before sleeping)", tierlm::kNoGil);
     m.def("threads", &threads, "the kernels' worker pool size");
     m.def("supported_isas", &supported_isas, "ISA paths this CPU runs (0 scalar, 1 avx2, 2 avx512-vnni)");
     register_attention(m);
     register_fused(m);
+    register_decoder(m);
 }

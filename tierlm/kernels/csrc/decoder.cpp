@@ -1,0 +1,114 @@
+// A whole decoder step in C++ (tierlm/models/fused.py builds it and keeps the same loop in
+// Python as the reference): the layers of a Llama-family or Gemma-3 model whose matrices
+// are GGUF blocks, registered once at load with their KV caches, then run per step with
+// the GIL released once. The Python loop made ~250 calls per token, each converting its
+// arguments and taking the GIL back (the server's event loop holds it between them); here
+// the same kernels run back to back, so a row's bits are the loop's bits.
+
+#include <torch/extension.h>
+
+#include <cstdint>
+#include <tuple>
+#include <vector>
+
+#include "bind.h"
+#include "ops.h"
+
+namespace {
+
+using tierlm::Part;
+using Tensor = torch::Tensor;
+using Opt = c10::optional<Tensor>;
+// Per packed matrix of a projection: (qs, high, sub, d, mins, n_out, ggml_type).
+using PartArgs = std::vector<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, int64_t, int64_t>>;
+// Per KV group, this step: (block tables, each token's table row, positions, window).
+using Groups = std::vector<std::tuple<Tensor, Tensor, Tensor, int64_t>>;
+
+struct Layer {
+    std::vector<Part> qkv, o, gate_up, down;
+    Tensor in_norm, pre_mlp, cos, sin, k_cache, v_cache;
+    Opt qkv_bias, q_norm, k_norm, post_attn, post_mlp;
+    int64_t group = 0;
+};
+
+class Decoder {
+   public:
+    // act: 0 SiLU, 1 GELU-tanh (kernels.GATED).
+    Decoder(int64_t heads, double eps, double scale, int64_t act) : heads_(heads), eps_(eps), scale_(scale), act_(act) {
+        TORCH_CHECK(heads > 0 && (act == 0 || act == 1), "Decoder: heads > 0 and act 0 (silu) or 1 (gelu_tanh)");
+    }
+
+    void add_layer(Tensor in_norm, const PartArgs& qkv, Opt qkv_bias, Opt q_norm, Opt k_norm, Tensor cos, Tensor sin,
+                   const PartArgs& o, Opt post_attn, Tensor pre_mlp, const PartArgs& gate_up, const PartArgs& down,
+                   Opt post_mlp, Tensor k_cache, Tensor v_cache, int64_t group) {
+        TORCH_CHECK(group >= 0, "Decoder: a layer's KV group must be >= 0");
+        Layer l;
+        l.qkv = parts(qkv);
+        l.o = parts(o);
+        l.gate_up = parts(gate_up);
+        l.down = parts(down);
+        l.in_norm = in_norm, l.pre_mlp = pre_mlp, l.cos = cos, l.sin = sin, l.k_cache = k_cache, l.v_cache = v_cache;
+        l.qkv_bias = qkv_bias, l.q_norm = q_norm, l.k_norm = k_norm, l.post_attn = post_attn, l.post_mlp = post_mlp;
+        l.group = group;
+        layers_.push_back(std::move(l));
+    }
+
+    void set_head(Tensor final_norm, const PartArgs& head) {
+        final_norm_ = final_norm;
+        head_ = parts(head);
+    }
+
+    // x: the embedded rows, fp32 [T, hidden] (the residual stream, updated in place).
+    // Returns fp32 logits [len(logits_indices), vocab].
+    Tensor forward(Tensor x, const Groups& groups, Tensor logits_indices, int64_t isa) {
+        TORCH_CHECK(!layers_.empty() && !head_.empty(), "Decoder: no layers or no head");
+        Tensor h = tierlm::residual_norm(x, c10::nullopt, c10::nullopt, layers_[0].in_norm, eps_, isa);
+        for (size_t i = 0; i < layers_.size(); ++i) {
+            const Layer& l = layers_[i];
+            TORCH_CHECK(l.group < (int64_t)groups.size(), "Decoder: no attention inputs for KV group ", l.group);
+            const auto& [tables, seq, pos, window] = groups[l.group];
+            Tensor qkv = tierlm::linear_parts(h, l.qkv, isa);
+            if (l.qkv_bias) qkv.add_(*l.qkv_bias);
+            Tensor a = tierlm::rope_attention(qkv, heads_, l.cos, l.sin, l.q_norm, l.k_norm, eps_, l.k_cache, l.v_cache,
+                                              tables, seq, pos, window, scale_, isa);
+            h = tierlm::residual_norm(x, tierlm::linear_parts(a, l.o, isa), l.post_attn, l.pre_mlp, eps_, isa);
+            Tensor m = tierlm::gated(tierlm::linear_parts(h, l.gate_up, isa), act_, isa);
+            const Tensor& following = i + 1 < layers_.size() ? layers_[i + 1].in_norm : final_norm_;
+            h = tierlm::residual_norm(x, tierlm::linear_parts(m, l.down, isa), l.post_mlp, following, eps_, isa);
+        }
+        return tierlm::linear_parts(h.index_select(0, logits_indices), head_, isa);
+    }
+
+    int64_t num_layers() const { return (int64_t)layers_.size(); }
+
+   private:
+    // Raw views of the packed matrices; the tensors stay alive in keep_.
+    std::vector<Part> parts(const PartArgs& args) {
+        std::vector<Part> out;
+        for (const auto& [qs, high, sub, d, mins, n_out, type] : args) {
+            out.push_back(tierlm::part_of(qs, high, sub, d, mins, n_out, type));
+            keep_.insert(keep_.end(), {qs, high, sub, d, mins});
+        }
+        TORCH_CHECK(!out.empty(), "Decoder: a projection needs at least one packed matrix");
+        return out;
+    }
+
+    int64_t heads_;
+    double eps_, scale_;
+    int64_t act_;
+    std::vector<Layer> layers_;
+    std::vector<Part> head_;
+    Tensor final_norm_;
+    std::vector<Tensor> keep_;
+};
+
+}  // namespace
+
+void register_decoder(pybind11::module& m) {
+    pybind11::class_<Decoder>(m, "Decoder", "a whole decoder step on the kernels (see tierlm/models/fused.py)")
+        .def(pybind11::init<int64_t, double, double, int64_t>())
+        .def("add_layer", &Decoder::add_layer)
+        .def("set_head", &Decoder::set_head)
+        .def("forward", &Decoder::forward, tierlm::kNoGil)
+        .def_property_readonly("num_layers", &Decoder::num_layers);
+}

@@ -1,0 +1,37 @@
+// The kernels' C++ entry points shared across files: the whole-step decoder (decoder.cpp)
+// calls them directly, with no Python between a layer's kernels. Each is also bound to
+// Python on its own (tierlm/kernels/__init__.py) and checks its arguments the same way.
+#pragma once
+
+#include <torch/extension.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace tierlm {
+
+// One packed weight matrix (reference.py `Packed`): raw views of its tensors, checked once.
+struct Part {
+    const uint8_t *QS, *HB, *SUB;
+    const uint16_t *D, *MN;
+    int64_t groups, nb, n_out;
+    int fmt;
+};
+
+Part part_of(const torch::Tensor& qs, const torch::Tensor& high, const torch::Tensor& sub, const torch::Tensor& d,
+             const torch::Tensor& mins, int64_t n_out, int64_t ggml_type);
+
+// fp32 [M, sum n_out]: x quantized once, times every part, outputs side by side.
+torch::Tensor linear_parts(const torch::Tensor& x, const std::vector<Part>& parts, int64_t isa);
+
+torch::Tensor residual_norm(torch::Tensor x, c10::optional<torch::Tensor> y, c10::optional<torch::Tensor> post_w,
+                            torch::Tensor w, double eps, int64_t isa);
+
+torch::Tensor gated(torch::Tensor gu, int64_t kind, int64_t isa);
+
+torch::Tensor rope_attention(torch::Tensor qkv, int64_t H, torch::Tensor cos, torch::Tensor sin,
+                             c10::optional<torch::Tensor> q_norm, c10::optional<torch::Tensor> k_norm, double eps,
+                             torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor tables, torch::Tensor seq,
+                             torch::Tensor pos, int64_t window, double scale, int64_t isa);
+
+}  // namespace tierlm
