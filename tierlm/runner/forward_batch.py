@@ -188,12 +188,14 @@ def build_flat(out: SchedulerOutput, block_size: int, windows: tuple[int | None,
     pos_t = torch.tensor(positions, dtype=torch.long)
     seq_t = torch.tensor(seq, dtype=torch.int32)
     metas = []
+    # Plain lists, then one tensor each: a decode step's few rows cost more in tensor-op
+    # dispatch than in arithmetic.
     for g, window in enumerate(windows):
-        width = max(len(s.block_tables[g]) for s in out.scheduled)
-        tables = torch.full((len(out.scheduled), width), NULL_BLOCK, dtype=torch.int32)
-        for si, s in enumerate(out.scheduled):
-            tables[si, : len(s.block_tables[g])] = torch.tensor(s.block_tables[g], dtype=torch.int32)
-        slots = tables[seq_t.long(), pos_t // block_size].long() * block_size + pos_t % block_size
+        rows = [s.block_tables[g] for s in out.scheduled]
+        width = max(len(r) for r in rows)
+        tables = torch.tensor([r + [NULL_BLOCK] * (width - len(r)) for r in rows], dtype=torch.int32)
+        slots = torch.tensor([rows[q][p // block_size] * block_size + p % block_size for q, p in zip(seq, positions)],
+                             dtype=torch.long)
         metas.append(AttentionMetadata(slots, (), _NO_INDEX, window, tables, seq_t, pos_t))
     return ForwardBatch(torch.tensor(ids, dtype=torch.long), pos_t, tuple(metas),
                         torch.tensor(logits_indices, dtype=torch.long), sample_ids, offsets, 0, tuple(starts))
