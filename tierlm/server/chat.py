@@ -84,7 +84,7 @@ async def create(request: Request, req: ChatCompletionRequest, state: ServerStat
         events = _stream(tier, req, tool_plan, gen, {**base, "object": "chat.completion.chunk"}, len(ids),
                          include_usage)
         body = common.framed(events, gen)
-        return StreamingResponse(common.until_disconnect(request, body), media_type="text/event-stream",
+        return StreamingResponse(body, media_type="text/event-stream",
                                  headers=lease.headers())
     out = (await common.collect(request, gen))[0]
     as_ids = req.return_tokens_as_token_ids

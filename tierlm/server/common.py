@@ -310,36 +310,13 @@ async def _disconnected(request: Request) -> None:
         await asyncio.sleep(_DISCONNECT_POLL_S)
 
 
-async def until_disconnect(request: Request, chunks: AsyncIterator[str]) -> AsyncIterator[str]:
-    """Relay an SSE body, stopping (and so aborting the engine requests) when the client leaves.
-
-    The ASGI server does not reliably fail `send` after a disconnect, so the body would
-    otherwise keep generating until the request finished.
-    """
-    watcher = asyncio.create_task(_disconnected(request))
-    step: asyncio.Future | None = None
-    try:
-        while True:
-            step = asyncio.ensure_future(anext(chunks))
-            done, _ = await asyncio.wait({step, watcher}, return_when=asyncio.FIRST_COMPLETED)
-            if step not in done:
-                return
-            try:
-                chunk = step.result()
-            except StopAsyncIteration:
-                return
-            yield chunk
-    finally:
-        watcher.cancel()
-        if step is not None and not step.done():
-            step.cancel()  # cancels the engine wait, which sends the abort
-            await asyncio.gather(step, return_exceptions=True)
-        await chunks.aclose()
-
-
 async def framed(events: AsyncIterator[str], gen: AsyncIterator) -> AsyncIterator[str]:
     """An SSE body: `events`, then [DONE]. An APIError raised mid-stream (the status line is
-    already sent) becomes an error event. Closes `events` and the engine generator `gen`."""
+    already sent) becomes an error event. Closes `events` and the engine generator `gen`.
+
+    A client that leaves mid-stream: Starlette's StreamingResponse listens for the ASGI
+    disconnect and cancels the body, which closes these generators and so aborts the
+    engine requests (within one step) at no per-chunk cost."""
     try:
         async for event in events:
             yield event

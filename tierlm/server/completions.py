@@ -88,7 +88,7 @@ async def create(request: Request, req: CompletionRequest, state: ServerState):
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         body = common.framed(_stream(tier, req, gen, base, ids, texts, include_usage), gen)
-        return StreamingResponse(common.until_disconnect(request, body), media_type="text/event-stream",
+        return StreamingResponse(body, media_type="text/event-stream",
                                  headers=lease.headers())
     finals = await common.collect(request, gen)
     choices, completion_tokens = [], 0
