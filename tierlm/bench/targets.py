@@ -73,7 +73,10 @@ class HTTPTarget:
         self.model = model
         self.tokenizer = tokenizer
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.client = httpx.AsyncClient(timeout=httpx.Timeout(600, connect=10), headers=headers)
+        # A fresh connection per request: llama-server sometimes drops a kept-alive one
+        # between requests ("Server disconnected without sending a response").
+        self.client = httpx.AsyncClient(timeout=httpx.Timeout(600, connect=10), headers=headers,
+                                        limits=httpx.Limits(max_keepalive_connections=0))
 
     async def stream(self, ids: list[int], max_tokens: int) -> Timing:
         import httpx
