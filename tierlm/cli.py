@@ -29,11 +29,13 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="bundled model name, .gguf file or HF directory "
                                                   "(default: smollm2-135m)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="compute dtype")
-    p.add_argument("--quantization", default="auto", choices=["auto", "none", "int8", "int4"],
+    p.add_argument("--quantization", default="auto", choices=["auto", "none", "int8", "int4", "q8_0", "q4_0"],
                    help="linear-layer weights: auto runs a GGUF file on tierlm's kernels over its own blocks "
                         "(Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q6_K; a file with other formats runs its 4-bit blocks as "
-                        "int4 and the rest as int8) and HF checkpoints dense; int8/int4 quantize an HF "
-                        "checkpoint on load; none runs dense weights throughout")
+                        "int4 and the rest as int8) and HF checkpoints dense; q8_0/q4_0 quantize an HF "
+                        "checkpoint on load to those GGUF blocks and run it on the kernels (embedding and "
+                        "output layer Q8_0); int8/int4 quantize an HF checkpoint on load for the PyTorch "
+                        "kernels; none runs dense weights throughout")
     p.add_argument("--dense-dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                    help="dtype of dense products (models off the kernels: prefill, unquantized layers): auto "
                         "measures which this CPU "

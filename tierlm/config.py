@@ -13,7 +13,7 @@ import torch
 from tierlm.tenancy.quotas import QuotaLimits
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-QUANTIZATIONS = ("auto", "none", "int8", "int4")
+QUANTIZATIONS = ("auto", "none", "int8", "int4", "q8_0", "q4_0")
 DENSE_DTYPES = ("auto", "bfloat16", "float32")
 
 
@@ -178,9 +178,11 @@ class EngineConfig:
     `quantization` is the weight format of the linear layers for decode: "auto" keeps a
     GGUF file's 4-bit blocks as int4, runs its other quantized tensors as int8 and float
     weights dense; "int8" / "int4" also quantize the dense ones on load (HF checkpoints);
-    "none" runs every layer dense.
-    The quantized kernels take bf16 activations, so anything but "none"/"auto" needs
-    dtype bfloat16 (and "auto" under float32 means dense).
+    "q8_0" / "q4_0" quantize an HF checkpoint's linear layers on load to those GGUF block
+    formats (embedding and output layer Q8_0) and run it on tierlm's kernels, as a GGUF
+    file of those formats runs; "none" runs every layer dense.
+    The int8/int4 kernels take bf16 activations, so those need dtype bfloat16 (and "auto"
+    under float32 means dense).
     `dense_dtype` is the dtype of dense products (prefill rows, unquantized layers):
     "auto" measures whether this CPU multiplies bf16 or float32 faster (bf16 matrix units
     or not) and remembers it per machine; float32 activations always use float32.
@@ -202,7 +204,7 @@ class EngineConfig:
         _require(self.dtype in _DTYPES, f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
         _require(self.quantization in QUANTIZATIONS,
                  f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
-        _require(self.quantization in ("auto", "none") or self.dtype == "bfloat16",
+        _require(self.quantization in ("auto", "none", "q8_0", "q4_0") or self.dtype == "bfloat16",
                  f"quantization {self.quantization} needs dtype bfloat16 (its kernels take bf16 activations)")
         _require(self.dense_dtype in DENSE_DTYPES,
                  f"dense_dtype must be one of {', '.join(DENSE_DTYPES)}, got {self.dense_dtype!r}")

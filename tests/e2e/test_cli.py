@@ -68,6 +68,7 @@ def test_models_lists_bundled():
     (["generate", "--max-tokens", "100000", "hi"], "context"),
     (["generate", "--quantization", "int4", "--dtype", "float32", "hi"], "needs dtype bfloat16"),
     (["generate", "--quantization", "int3", "hi"], "invalid choice"),
+    (["generate", "--quantization", "q8_0", "hi"], "a GGUF file runs its own block formats"),
     (["generate", "--dense-dtype", "float16", "hi"], "invalid choice"),
     (["generate", "--dense-dtype", "bfloat16", "--dtype", "float32", "hi"], "dense_dtype bfloat16 needs dtype bfloat16"),
     (["generate", "--speculative", "draft", "hi"], "--draft-model"),

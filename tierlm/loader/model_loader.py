@@ -13,7 +13,7 @@ from torch import nn
 from tierlm import kernels
 from tierlm.attention.kernel import KernelPagedAttention
 from tierlm.attention.torch_ref import TorchPagedAttention
-from tierlm.config import ModelConfig
+from tierlm.config import ConfigError, ModelConfig
 from tierlm.kernels import BlockEmbedding, BlockWeight, Blocks
 from tierlm.kernels.reference import FORMATS as kernel_formats
 from tierlm.layers import quant
@@ -188,6 +188,9 @@ def load(model: str, *, dtype: torch.dtype, block_size: int, deterministic: bool
     lossy: set[str] = set()
     if dtype != torch.bfloat16 and quantization == "auto":
         quantization = "none"  # float32 asks for precision: dense throughout
+    if path.is_file() and quantization in weights.BLOCK_QUANTIZATIONS:
+        raise ConfigError(f"quantization {quantization} quantizes a Hugging Face checkpoint on load; "
+                          f"a GGUF file runs its own block formats (quantization auto)")
     if path.is_file():
         g = GGUFFile(path)
         cls = model_class(g.architecture)
@@ -203,7 +206,13 @@ def load(model: str, *, dtype: torch.dtype, block_size: int, deterministic: bool
         cfg = configs.hf_config(path)
         tok = tokenizer.from_hf_dir(path, cfg.eos_token_ids, cfg.bos_token_id)
         tensors, total = weights.hf_weights(path), None
-        blocks = False
+        blocks = quantization in weights.BLOCK_QUANTIZATIONS
+        if blocks:
+            if block_size % 16:
+                raise ConfigError(f"quantization {quantization} runs on tierlm's kernels, whose attention "
+                                  f"needs a block size that is a multiple of 16, got {block_size}")
+            tensors = weights.block_weights(tensors, quantization)
+            kernels.use_threads()
     stops = tuple(sorted(set(cfg.eos_token_ids) | set(tok.eos_token_ids)))
     if stops != cfg.eos_token_ids:  # the tokenizer knows end-of-turn tokens the config omits
         from dataclasses import replace

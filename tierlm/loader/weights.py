@@ -21,6 +21,7 @@ import torch
 from tierlm.config import ModelConfig
 from tierlm.layers import quant
 from tierlm.kernels import Blocks
+from tierlm.kernels import reference as ref
 from tierlm.kernels.reference import FORMATS as kernel_formats
 from tierlm.layers.quant import Q4
 from tierlm.loader.gguf import BF16, F16, F32, GGUFFile
@@ -102,6 +103,36 @@ def gguf_weights(g: GGUFFile, cfg: ModelConfig, keep_q4: bool = False,
         if gemma and gname.endswith("norm.weight"):
             w = w - 1  # llama.cpp's converter stores Gemma's (1 + w); the model adds the 1 itself
         yield name, w
+
+
+# The matrices `block_weights` quantizes: every linear projection (experts' too); the
+# embedding and the output layer. A MoE router (`mlp.gate`) stays float.
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+BLOCK_QUANTIZATIONS = {"q8_0": ref.Q8_0, "q4_0": ref.Q4_0}  # --quantization -> GGUF type
+
+
+def block_weights(tensors: Iterator[tuple[str, torch.Tensor]], quantization: str
+                  ) -> Iterator[tuple[str, torch.Tensor | Blocks]]:
+    """An HF checkpoint's float tensors with its linear projections quantized to GGUF
+    blocks of `quantization` (q8_0 | q4_0) by gguf's reference quantizer, the same bytes
+    llama.cpp's converter writes; the embedding and output layer as Q8_0 (the most
+    sensitive matrices, as llama.cpp keeps them finer). Other tensors pass unchanged."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize
+
+    low = BLOCK_QUANTIZATIONS[quantization]
+    for name, t in tensors:
+        leaf = name.removesuffix(".weight").rsplit(".", 1)[-1]
+        head = name in ("embed_tokens.weight", "lm_head.weight")
+        if t.dim() != 2 or not (head or leaf in _PROJECTIONS):
+            yield name, t
+            continue
+        if t.shape[1] % 32:
+            raise WeightsError(f"--quantization {quantization}: {name} has rows of {t.shape[1]} values; "
+                               f"GGUF blocks hold 32, so every row length must be a multiple of 32")
+        ggml_type = ref.Q8_0 if head else low
+        raw = quantize(t.float().numpy(), GGMLQuantizationType(ggml_type))
+        yield name, Blocks(torch.from_numpy(raw), ggml_type, *t.shape)
 
 
 def hf_weights(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
