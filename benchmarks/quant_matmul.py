@@ -2,7 +2,7 @@
 they cover, against the aten int4 / int8 kernels the engine runs today and the machine's
 measured read bandwidth.
 
-    .venv/bin/python benchmarks/kernels.py [--model smollm2-135m|gemma3-270m] [--rows 1 4 32]
+    .venv/bin/python benchmarks/quant_matmul.py [--model smollm2-135m|gemma3-270m] [--rows 1 4 32]
 
 SmolLM2: all 211 matrices (Q4_1 projections, Q8_0 embedding / output). Gemma-3: all 127
 (Q5_0, Q4_K, Q6_K, Q8_0; the embedding / output is Q8_0). For each ISA path and row
@@ -84,7 +84,7 @@ def main() -> None:
             results["runs"].append(run)
             print(f"rows {rows:3} {name:12} {run['median_ms']:8.2f} ms  {run['weight_gb_s']:5.1f} GB/s  "
                   f"{100 * run['bandwidth_share']:5.1f}% of read bandwidth")
-    cmd = "benchmarks/kernels.py " + " ".join(sys.argv[1:])
+    cmd = "benchmarks/quant_matmul.py " + " ".join(sys.argv[1:])
     name = "kernels" if args.model == "smollm2-135m" else f"kernels_{args.model}"
     print("recorded in", record(name, cmd.strip(), results))
 
