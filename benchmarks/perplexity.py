@@ -62,8 +62,9 @@ def main() -> None:
         results["tokens"], results["windows"] = len(ids), len(chunks)
         results[f"tierlm_{dtype}"] = round(perplexity(llm.engine.prompt_logits, chunks), 4)
         print(dtype, results[f"tierlm_{dtype}"], flush=True)
-    # bf16 again with every position scored as a generated token: the decode weight format
-    # (int4 from the file's 4-bit blocks, int8 for its other quantized tensors).
+    # bf16 again with every position scored as a generated token. On tierlm's kernels (the
+    # bundled GGUFs) that is the same format, so the same figure; on the PyTorch path, the
+    # decode weight format (int4 from 4-bit blocks, int8 for other quantized tensors).
     results["tierlm_bfloat16_decode_format"] = round(
         perplexity(lambda c: llm.engine.prompt_logits(c, prompt_len=1), chunks), 4)
     print("bfloat16 decode format", results["tierlm_bfloat16_decode_format"], flush=True)
