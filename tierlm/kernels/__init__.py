@@ -150,9 +150,7 @@ class Parts:
 
     def __init__(self, parts: list[reference.Packed]) -> None:
         self.parts = parts
-        self.tensors = [[p.qs, p.high, p.sub, p.d, p.mins] for p in parts]
-        self.shapes = [(p.out_features, p.ggml_type) for p in parts]
-        self.args = [(*t, n, ty) for t, (n, ty) in zip(self.tensors, self.shapes)]  # for `Decoder`
+        self.args = [(p.qs, p.high, p.sub, p.d, p.mins, p.out_features, p.ggml_type) for p in parts]
 
 
 def linear(x: torch.Tensor, parts: list[reference.Packed] | Parts) -> torch.Tensor:
@@ -164,7 +162,7 @@ def linear(x: torch.Tensor, parts: list[reference.Packed] | Parts) -> torch.Tens
         q = reference.quantize_rows(x)
         ys = [reference.gemm(q[0], q[1], q[2], p) for p in parts.parts]
         return ys[0] if len(ys) == 1 else torch.cat(ys, dim=1)
-    return _ext.linear(x, parts.tensors, parts.shapes, _ISA_INDEX[isa()])
+    return _ext.linear(x, parts.args, isa_index())
 
 
 def residual_norm(x: torch.Tensor, y: torch.Tensor | None, post_w: torch.Tensor | None, w: torch.Tensor,
@@ -173,7 +171,7 @@ def residual_norm(x: torch.Tensor, y: torch.Tensor | None, post_w: torch.Tensor 
     when given), in place; returns RMSNorm(x) * w. Weights fp32, effective (1 + w for Gemma)."""
     if not _native():
         return reference.residual_norm(x, y, post_w, w, eps)
-    return _ext.residual_norm(x, y, post_w, w, eps, _ISA_INDEX[isa()])
+    return _ext.residual_norm(x, y, post_w, w, eps, isa_index())
 
 
 GATED = {"silu": 0, "gelu_tanh": 1}
@@ -196,7 +194,7 @@ def gated(gate_up: torch.Tensor, act: str) -> torch.Tensor:
     """act(gate) * up over fp32 rows [T, 2I] (gate first) -> [T, I]."""
     if not _native():
         return reference.gated(gate_up, GATED[act])
-    return _ext.gated(gate_up, GATED[act], _ISA_INDEX[isa()])
+    return _ext.gated(gate_up, GATED[act], isa_index())
 
 
 def rope_attention(qkv: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.Tensor,
@@ -210,7 +208,7 @@ def rope_attention(qkv: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.
         return reference.rope_attention(qkv, heads, cos, sin, q_norm, k_norm, eps, k_cache, v_cache, tables,
                                         seq, pos, window, scale)
     return _ext.rope_attention(qkv, heads, cos, sin, q_norm, k_norm, eps, k_cache, v_cache, tables, seq, pos,
-                               window, scale, _ISA_INDEX[isa()])
+                               window, scale, isa_index())
 
 
 def embedding(ids: torch.Tensor, w: reference.Packed) -> torch.Tensor:
@@ -278,12 +276,12 @@ class BlockWeight:
 
     def __init__(self, parts: list[Blocks]) -> None:
         self.parts = [p.packed() for p in parts]
-        self.args = Parts(self.parts)
+        self.kernel_parts = Parts(self.parts)  # the extension's arguments, built once
         self.out_features = sum(p.out_features for p in self.parts)
         self.in_features = parts[0].k
 
     def mm(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.args).to(x.dtype)
+        return linear(x, self.kernel_parts).to(x.dtype)
 
     def dequantize(self) -> torch.Tensor:
         return torch.cat([reference.dequantize(p) for p in self.parts])

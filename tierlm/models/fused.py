@@ -37,7 +37,7 @@ def _weight(norm: nn.Module | None) -> torch.Tensor | None:
 
 
 def _parts(layer: Linear) -> kernels.Parts:
-    return layer.quantized.args
+    return layer.quantized.kernel_parts
 
 
 def _bias(layer: Linear) -> torch.Tensor | None:

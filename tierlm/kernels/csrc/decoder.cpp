@@ -17,10 +17,9 @@
 namespace {
 
 using tierlm::Part;
+using tierlm::PartArgs;
 using Tensor = torch::Tensor;
 using Opt = c10::optional<Tensor>;
-// Per packed matrix of a projection: (qs, high, sub, d, mins, n_out, ggml_type).
-using PartArgs = std::vector<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, int64_t, int64_t>>;
 // Per KV group, this step: (block tables, each token's table row, positions, window).
 using Groups = std::vector<std::tuple<Tensor, Tensor, Tensor, int64_t>>;
 
@@ -79,18 +78,11 @@ class Decoder {
         return tierlm::linear_parts(h.index_select(0, logits_indices), head_, isa);
     }
 
-    int64_t num_layers() const { return (int64_t)layers_.size(); }
-
    private:
     // Raw views of the packed matrices; the tensors stay alive in keep_.
     std::vector<Part> parts(const PartArgs& args) {
-        std::vector<Part> out;
-        for (const auto& [qs, high, sub, d, mins, n_out, type] : args) {
-            out.push_back(tierlm::part_of(qs, high, sub, d, mins, n_out, type));
-            keep_.insert(keep_.end(), {qs, high, sub, d, mins});
-        }
-        TORCH_CHECK(!out.empty(), "Decoder: a projection needs at least one packed matrix");
-        return out;
+        for (const auto& [qs, high, sub, d, mins, n_out, type] : args) keep_.insert(keep_.end(), {qs, high, sub, d, mins});
+        return tierlm::parts_of(args);
     }
 
     int64_t heads_;
@@ -109,6 +101,5 @@ void register_decoder(pybind11::module& m) {
         .def(pybind11::init<int64_t, double, double, int64_t>())
         .def("add_layer", &Decoder::add_layer)
         .def("set_head", &Decoder::set_head)
-        .def("forward", &Decoder::forward, tierlm::kNoGil)
-        .def_property_readonly("num_layers", &Decoder::num_layers);
+        .def("forward", &Decoder::forward, tierlm::kNoGil);
 }

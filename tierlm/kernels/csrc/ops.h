@@ -6,6 +6,7 @@
 #include <torch/extension.h>
 
 #include <cstdint>
+#include <tuple>
 #include <vector>
 
 namespace tierlm {
@@ -18,8 +19,13 @@ struct Part {
     int fmt;
 };
 
-Part part_of(const torch::Tensor& qs, const torch::Tensor& high, const torch::Tensor& sub, const torch::Tensor& d,
-             const torch::Tensor& mins, int64_t n_out, int64_t ggml_type);
+// How Python hands over a projection: per packed matrix (qs, high, sub, d, mins, n_out, ggml_type)
+// (kernels.Parts.args).
+using PartArgs =
+    std::vector<std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, int64_t, int64_t>>;
+
+// Raw views of each matrix, checked; the caller keeps the tensors alive.
+std::vector<Part> parts_of(const PartArgs& args);
 
 // fp32 [M, sum n_out]: x quantized once, times every part, outputs side by side.
 torch::Tensor linear_parts(const torch::Tensor& x, const std::vector<Part>& parts, int64_t isa);

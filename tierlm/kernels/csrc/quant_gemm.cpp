@@ -276,6 +276,13 @@ Part part_of(const torch::Tensor& qs, const torch::Tensor& high, const torch::Te
             reinterpret_cast<const uint16_t*>(mins.data_ptr<at::Half>()), groups, nb, n_out, fmt};
 }
 
+std::vector<Part> parts_of(const PartArgs& args) {
+    TORCH_CHECK(!args.empty(), "linear: a projection needs at least one packed matrix");
+    std::vector<Part> out;
+    for (const auto& [qs, high, sub, d, mins, n_out, type] : args) out.push_back(part_of(qs, high, sub, d, mins, n_out, type));
+    return out;
+}
+
 }  // namespace tierlm
 
 namespace {
@@ -356,17 +363,8 @@ torch::Tensor gemm(torch::Tensor qx, torch::Tensor dx, torch::Tensor sx, torch::
 }
 
 // x (fp32 / bf16 [M, K]) quantized, then every part: one call for a fused projection.
-// `parts`: per matrix (qs, high, sub, d, mins); `shapes`: per matrix (n_out, ggml_type).
-torch::Tensor linear(torch::Tensor x, const std::vector<std::vector<torch::Tensor>>& parts,
-                     const std::vector<std::pair<int64_t, int64_t>>& shapes, int64_t isa) {
-    TORCH_CHECK(parts.size() == shapes.size() && !parts.empty(), "linear: one shape per part");
-    std::vector<Part> ps;
-    for (size_t i = 0; i < parts.size(); ++i) {
-        TORCH_CHECK(parts[i].size() == 5, "linear: a part is (qs, high, sub, d, mins)");
-        ps.push_back(part_of(parts[i][0], parts[i][1], parts[i][2], parts[i][3], parts[i][4], shapes[i].first,
-                             shapes[i].second));
-    }
-    return tierlm::linear_parts(x, ps, isa);
+torch::Tensor linear(torch::Tensor x, const tierlm::PartArgs& parts, int64_t isa) {
+    return tierlm::linear_parts(x, tierlm::parts_of(parts), isa);
 }
 
 // Rows `ids` of a packed matrix as fp32 [T, K] (an embedding lookup on GGUF blocks):
