@@ -64,9 +64,14 @@ def activations(m: int, k: int, seed: int = 1) -> torch.Tensor:
     return x
 
 
-def test_activation_quantization_equals_reference():
+@pytest.mark.parametrize("path", PATHS)
+def test_activation_quantization_equals_reference(path):
     x = activations(9, 288)
-    got, want = kernels.quantize_rows(x), ref.quantize_rows(x)
+    x[1, 32:64] = torch.arange(32) * 0.5 - 7.5  # with 127 in the block its scale is 1:
+    x[1, 32] = 127.0                               # codes at exact halves, ties to even
+    x[1, 64:96] = -x[1, 32:64]
+    x[2, 96:128] = -2.5  # all negative: the scale from |x|
+    got, want = kernels.quantize_rows(x, path), ref.quantize_rows(x)
     for a, b in zip(got, want):
         assert a.dtype == b.dtype and torch.equal(a, b)
     q, d, s, total, halves = want

@@ -104,11 +104,13 @@ def _native() -> bool:
     return _ext is not None and isa() != "reference"
 
 
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Activations [M, K] -> (int8 codes, block scales, d * sum(q), sum(q), sums of 16)."""
-    if not _native():
+def quantize_rows(x: torch.Tensor, path: str | None = None) -> tuple[torch.Tensor, ...]:
+    """Activations [M, K] -> (int8 codes, block scales, d * sum(q), sum(q), sums of 16);
+    `path` overrides the process's ISA path (every path gives the same bits)."""
+    path = path or isa()
+    if path == "reference":
         return reference.quantize_rows(x)
-    return tuple(_ext.quantize_rows(x))
+    return tuple(_ext.quantize_rows(x, _ISA_INDEX[path]))
 
 
 def gemm(x: torch.Tensor | tuple, w: reference.Packed, path: str | None = None) -> torch.Tensor:

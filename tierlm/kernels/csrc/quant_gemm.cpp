@@ -219,7 +219,8 @@ int64_t threads() { return pool().size(); }
 // ---- Python-facing ---------------------------------------------------------------------
 // x [M, K] -> codes [M, K] int8, scales and d * sum(q) [M, K/32] float32, sum(q) int32,
 // and the sums of each 16 codes [M, K/16] int32.
-std::vector<torch::Tensor> quantize_rows(torch::Tensor x) {
+std::vector<torch::Tensor> quantize_rows(torch::Tensor x, int64_t isa) {
+    tierlm::check_isa(isa, "quantize_rows");
     TORCH_CHECK(x.dim() == 2 && x.size(1) % QK == 0, "quantize_rows: x must be [M, K] with K a multiple of 32");
     x = x.to(torch::kFloat32).contiguous();
     const int64_t M = x.size(0), K = x.size(1), nb = K / QK;
@@ -233,9 +234,14 @@ std::vector<torch::Tensor> quantize_rows(torch::Tensor x) {
     float *dp = d.data_ptr<float>(), *sp = s.data_ptr<float>();
     int32_t *sqp = sq.data_ptr<int32_t>(), *sq16p = sq16.data_ptr<int32_t>();
     pool().run(M, 16, [&](int64_t a, int64_t b) {
-        for (int64_t m = a; m < b; ++m)
-            quantize_row_scalar(xp + m * K, K, qp + m * K, dp + m * nb, sp + m * nb, sqp + m * nb,
-                                sq16p + m * 2 * nb);
+        for (int64_t m = a; m < b; ++m) {
+            int8_t* qm = qp + m * K;
+            float *dm = dp + m * nb, *sm = sp + m * nb;
+            int32_t *sqm = sqp + m * nb, *sq16m = sq16p + m * 2 * nb;
+            if (isa == AVX512_VNNI) vnni::quantize_row(xp + m * K, K, qm, dm, sm, sqm, sq16m);
+            else if (isa == AVX2) avx2::quantize_row(xp + m * K, K, qm, dm, sm, sqm, sq16m);
+            else quantize_row_scalar(xp + m * K, K, qm, dm, sm, sqm, sq16m);
+        }
     });
     return {q, d, s, sq, sq16};
 }
@@ -425,7 +431,7 @@ namespace tierlm {
 
 torch::Tensor linear_parts(const torch::Tensor& x, const std::vector<Part>& parts, int64_t isa) {
     TORCH_CHECK(!parts.empty(), "linear: no parts");
-    const auto q = quantize_rows(x);
+    const auto q = quantize_rows(x, isa);
     return run_parts(parts, acts_of(q[0], q[1], q[2], q[3], q[4]), isa);
 }
 
