@@ -5,7 +5,7 @@ preferred one is loaded, and back when it is idle again.
 
 One `tierlm serve` with the bundled models as tiers (fast = SmolLM2-135M, deep =
 Gemma-3-270M, quality 1 and 2). The budget is 1.5x deep's measured idle latency for the
-probe request, so an idle server routes `auto` to deep. Then `--load` streams flood deep
+probe request, so an idle server routes `auto` (tier_mode deep) to deep. Then `--load` streams flood deep
 (by name) and the same `auto` requests should move to fast, within budget; once the flood
 ends they return to deep. Records each probe's tier and latency against the budget, and
 one probe sent to deep by name under the flood (what `auto` avoided).
@@ -45,8 +45,9 @@ PROBE_TOKENS = 32
 
 async def probe(c: openai.AsyncOpenAI, model: str, budget_ms: float | None = None) -> dict:
     extra = {"ignore_eos": True}
-    if budget_ms is not None:
+    if budget_ms is not None:  # `auto` in deep mode: the best quality that fits the budget
         extra["max_latency_ms"] = budget_ms
+        extra["tier_mode"] = "deep"
     t0 = time.perf_counter()
     try:
         raw = await c.chat.completions.with_raw_response.create(

@@ -87,11 +87,16 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     srv.add_argument("--max-num-seqs", type=int, default=32, help="sequences decoded together per step")
     srv.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget per step")
-    srv.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"],
-                     help="order of waiting requests: fcfs, or priority (a request's `priority` field, lower "
-                          "first, then arrival); with --config tenants take turns by fair share instead")
+    srv.add_argument("--scheduling-policy", default=None, choices=["fcfs", "priority", "fair"],
+                     help="order of waiting requests: fcfs (arrival), priority (a request's `priority` field, "
+                          "lower first, then arrival) or fair (tenants take turns by weighted share, priority "
+                          "within a tenant); default fcfs, fair when a --config declares tenants")
     srv.add_argument("--api-key", action="append", default=[],
-                     help="require 'Authorization: Bearer KEY' on /v1/* (repeatable)")
+                     help="require 'Authorization: Bearer KEY' on every route but /health and /ready "
+                          "(repeatable)")
+    srv.add_argument("--metrics-api-key", action="append", default=[],
+                     help="a key that reads all of /metrics, every tenant's series included, and nothing "
+                          "else (repeatable); other keys see only their own tenant's series")
     srv.add_argument("--max-queued-requests", type=int, default=1024,
                      help="waiting requests before new ones get 503 + Retry-After")
     srv.add_argument("--shutdown-timeout", type=float, default=30.0,
@@ -179,6 +184,8 @@ def cmd_serve(args) -> None:
             raise CLIError(f"--config declares the tiers and tenants: drop {', '.join(clash)}")
         tierset = config_file.load(args.config, _config(args))
     serve(_config(args), ServeOptions(host=args.host, port=args.port, api_keys=tuple(args.api_key),
+                                      metrics_api_keys=tuple(args.metrics_api_key),
+                                      scheduling_policy=args.scheduling_policy,
                                       max_queued_requests=args.max_queued_requests,
                                       shutdown_timeout=args.shutdown_timeout,
                                       served_model_name=args.served_model_name, tierset=tierset,

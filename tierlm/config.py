@@ -245,7 +245,10 @@ class TierConfig:
 class TenantConfig:
     """Who may call the server: API keys (held as SHA-256 digests only), the tiers it may
     use (empty = all), its quotas and its fair-share weight. An `anonymous` tenant serves
-    requests that carry no key; without one, a key is required."""
+    requests that carry no key; without one, a key is required. An `operator` tenant sees
+    every tenant's series on /metrics (others see only their own). Prefix-cache entries
+    are shared only among tenants of one `cache_group` (empty: no salt, the open server's
+    single tenant)."""
 
     name: str
     key_hashes: tuple[bytes, ...] = ()
@@ -253,6 +256,9 @@ class TenantConfig:
     weight: float = 1.0
     limits: QuotaLimits = field(default_factory=QuotaLimits)
     anonymous: bool = False
+    operator: bool = False
+    cache_group: str = ""
+    default_tier: str | None = None  # `tier_mode: fixed`'s tier (else the file's default_tier)
 
     def __post_init__(self) -> None:
         _require(bool(self.name), "tenant names must be non-empty")
@@ -267,6 +273,7 @@ class TierSetConfig:
     tiers: tuple[TierConfig, ...]
     tenants: tuple[TenantConfig, ...]
     default_tier: str
+    balanced_cost_weight: float = 1.0  # `balanced` routing: value = quality / cost ** this
 
     def __post_init__(self) -> None:
         names = [t.name for t in self.tiers]

@@ -30,6 +30,9 @@ def assert_envelope(r: httpx.Response, status: int, param=None, code=None):
     ({"suffix": "tail"}, "suffix"), ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"),
     ({"stop_token_ids": [10**8]}, "stop_token_ids"), ({"top_k": -2}, "top_k"),
     ({"max_tokens": "many"}, "max_tokens"), ({"temperature": "hot"}, "temperature"), ({"prompt": 12}, "prompt"),
+    # strict types, as OpenAI's API: no string-to-bool or -number coercion, integers stay integers
+    ({"stream": "yes"}, "stream"), ({"max_tokens": "2"}, "max_tokens"), ({"max_tokens": 2.0}, "max_tokens"),
+    ({"temperature": "0.5"}, "temperature"), ({"echo": 1}, "echo"), ({"seed": True}, "seed"),
 ])
 def test_completion_bad_values(http, patch, param):
     r = http.post("/v1/completions", json={**OK, **patch})
@@ -44,6 +47,14 @@ def test_completion_bad_values(http, patch, param):
 def test_chat_bad_values(http, patch, param):
     r = http.post("/v1/chat/completions", json={**CHAT, **patch})
     assert_envelope(r, 400, param)
+
+
+def test_strict_types_still_take_what_json_means(http):
+    """An integer where a number is asked for is a number; nested objects parse as before."""
+    r = http.post("/v1/chat/completions", json={**CHAT, "temperature": 0, "top_p": 1, "stream": False,
+                                               "stream_options": None, "response_format": {"type": "text"}})
+    assert r.status_code == 200, r.text
+    assert_envelope(http.post("/v1/chat/completions", json={**CHAT, "logprobs": "true"}), 400, "logprobs")
 
 
 def test_context_length(http):

@@ -191,6 +191,7 @@ def test_priority_policy_serves_the_urgent_request_first(ngram_priority):
     order = [json.loads(line)["id"] for line in ngram_priority.output().splitlines()
              if line.startswith('{"event": "request"')]
     assert order.index(ids["holder"]) < order.index(ids["urgent"]) < order.index(ids["low"])
+    assert "scheduling policy: priority" in ngram_priority.output()
 
 
 @pytest.fixture(scope="module")
@@ -229,10 +230,10 @@ def test_sample_tierset_serves_gemma3_as_its_deep_tier(cache_dir):
                 "return_tokens_as_token_ids": True}
         deep = httpx.post(f"{srv.url}/v1/chat/completions", json={**body, "model": "deep"}, headers=key,
                           timeout=300)
-        auto = httpx.post(f"{srv.url}/v1/chat/completions", json={**body, "model": "auto"}, headers=key,
-                          timeout=300)
+        auto = httpx.post(f"{srv.url}/v1/chat/completions", json={**body, "model": "auto", "tier_mode": "deep"},
+                          headers=key, timeout=300)
         assert deep.status_code == auto.status_code == 200, deep.text
-        assert auto.headers["x-tierlm-tier"] == "deep"  # auto prefers the best quality that fits
+        assert auto.headers["x-tierlm-tier"] == "deep"  # deep mode: the best quality that fits
         gemma = LLM("gemma3-270m", cache_dir=cache_dir)
         (out,) = gemma.chat(messages, SamplingParams(temperature=0, max_tokens=12))[0].outputs
         for r in (deep, auto):

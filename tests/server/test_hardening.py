@@ -151,7 +151,8 @@ def test_long_tokenize_does_not_block_the_event_loop(server, http):
     result = {}
 
     def tokenize():
-        result["r"] = httpx.post(f"{server.url}/tokenize", json={"prompt": text}, timeout=120)
+        result["r"] = httpx.post(f"{server.url}/tokenize", json={"prompt": text},
+                                 headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120)
         done.set()
 
     threading.Thread(target=tokenize).start()

@@ -60,14 +60,28 @@ max_concurrent = 1
 
 [tenants.zeta]
 api_keys = ["key-zeta"]
+
+[tenants.ops]
+api_keys = ["key-ops"]
+metrics = true
+
+[tenants.theta]
+api_keys = ["key-theta"]
+prefix_cache_group = "shared"
+default_tier = "deep"
+
+[tenants.iota]
+api_keys = ["key-iota"]
+prefix_cache_group = "shared"
 """
+METRICS_KEY = "key-metrics-only"
 
 
 @pytest.fixture(scope="module")
 def tierset(cache_dir, tmp_path_factory):
     path = tmp_path_factory.mktemp("tierset") / "tierlm.toml"
     path.write_text(CONFIG)
-    srv = ServerProcess(cache_dir, "--config", str(path), model=None)
+    srv = ServerProcess(cache_dir, "--config", str(path), "--metrics-api-key", METRICS_KEY, model=None)
     yield srv
     srv.stop()
 
@@ -82,8 +96,10 @@ def ask(c: openai.OpenAI, model: str, max_tokens: int = 8, **extra):
                                                   extra_body={"ignore_eos": True, **extra})
 
 
-def samples(srv, name: str) -> dict[tuple, float]:
-    text = httpx.get(f"{srv.url}/metrics", timeout=30).text
+def samples(srv, name: str, key: str = "key-ops") -> dict[tuple, float]:
+    r = httpx.get(f"{srv.url}/metrics", headers={"Authorization": f"Bearer {key}"}, timeout=30)
+    assert r.status_code == 200, r.text
+    text = r.text
     return {tuple(sorted(s.labels.items())): s.value for fam in text_string_to_metric_families(text)
             for s in fam.samples if s.name == name}
 
@@ -95,6 +111,59 @@ def test_unknown_or_missing_key_is_401_and_the_server_keeps_serving(tierset):
     r = httpx.post(f"{tierset.url}/v1/completions", json={"model": "fast", "prompt": "hi"}, timeout=30)
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"  # no key, no anonymous tenant
     assert ask(client(tierset, "key-alpha"), "fast").parse().choices[0].text
+
+
+def test_every_route_but_the_probes_needs_a_key(tierset):
+    """Tokenize, detokenize, metrics and the schema are refused without a valid key (and
+    with the metrics-only key, except /metrics); health and readiness stay open."""
+    url = tierset.url
+    for method, path, body in (("GET", "/metrics", None), ("POST", "/tokenize", {"prompt": "hi"}),
+                               ("POST", "/detokenize", {"tokens": [1, 2]}), ("GET", "/openapi.json", None),
+                               ("GET", "/v1/models", None)):
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Bearer {METRICS_KEY}"}):
+            if path == "/metrics" and headers and METRICS_KEY in headers["Authorization"]:
+                continue
+            r = httpx.request(method, f"{url}{path}", json=body, headers=headers, timeout=30)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", (path, headers)
+    for path in ("/health", "/ready"):
+        assert httpx.get(f"{url}{path}", timeout=30).status_code == 200
+    alpha = {"Authorization": "Bearer key-alpha"}
+    r = httpx.post(f"{url}/tokenize", json={"model": "fast", "prompt": "hi"}, headers=alpha, timeout=30)
+    assert r.status_code == 200 and r.json()["count"] >= 1
+    assert httpx.get(f"{url}/openapi.json", headers=alpha, timeout=30).status_code == 200
+
+
+def test_per_tenant_series_are_shown_only_to_operators(tierset):
+    """After alpha and zeta each ran a request, zeta's key sees its own tenant series and no
+    other tenant's name; the operator tenant and the metrics key see both."""
+    for key in ("key-alpha", "key-zeta"):
+        ask(client(tierset, key), "fast", max_tokens=2).parse()
+    wait_for(lambda: {"alpha", "zeta"} <= {dict(k).get("tenant") for k in samples(
+        tierset, "tierlm:tenant_tokens_total")})
+    for key in ("key-ops", METRICS_KEY):
+        seen = {dict(k).get("tenant") for k in samples(tierset, "tierlm:tenant_tokens_total", key)}
+        assert {"alpha", "zeta"} <= seen, (key, seen)
+    r = httpx.get(f"{tierset.url}/metrics", headers={"Authorization": "Bearer key-zeta"}, timeout=30)
+    families = list(text_string_to_metric_families(r.text))
+    tenants = {s.labels["tenant"] for f in families for s in f.samples if "tenant" in s.labels}
+    assert tenants == {"zeta"} and "alpha" not in r.text
+    assert any(s.name == "vllm:generation_tokens_total" for f in families for s in f.samples)  # the rest stays
+
+
+def test_prefix_cache_entries_are_not_shared_across_tenants(tierset):
+    """A prompt alpha has cached is recomputed for zeta (its TTFT cannot reveal alpha's
+    prompts); tenants of one prefix_cache_group share entries."""
+    prompt = " ".join(f"tenant-isolation probe sentence {i}." for i in range(24))
+
+    def cached(key: str) -> int:
+        out = client(tierset, key).completions.create(model="fast", prompt=prompt, max_tokens=1, temperature=0)
+        details = out.usage.prompt_tokens_details
+        return details.cached_tokens if details is not None else 0
+
+    assert cached("key-alpha") == 0
+    assert cached("key-alpha") >= 64  # alpha's own entries are reused
+    assert cached("key-zeta") == 0 and cached("key-ops") == 0
+    assert cached("key-theta") == 0 and cached("key-iota") >= 64  # one group: shared
 
 
 def test_a_tier_outside_the_tenants_list_is_403(tierset):
@@ -143,13 +212,13 @@ def test_token_quota_reserves_the_worst_case_and_refunds_the_rest(tierset):
 
 def test_auto_prefers_quality_then_shifts_to_stay_under_the_cost_ceiling(tierset):
     """epsilon's ceiling is $0.006: deep's worst case here is 6 x $100 + 8 x $200 per 1M ($0.0022),
-    fast's $0.00044. auto takes deep while it fits, then fast, then refuses; the tenant
-    is never charged past the ceiling."""
+    fast's $0.00044. auto in deep mode takes deep while it fits, then fast, then refuses;
+    the tenant is never charged past the ceiling."""
     epsilon = client(tierset, "key-epsilon")
     spent, tiers = 0.0, []
     for _ in range(12):
         try:
-            raw = ask(epsilon, "auto", max_tokens=8)
+            raw = ask(epsilon, "auto", max_tokens=8, tier_mode="deep")
         except openai.RateLimitError as e:
             assert e.code == "insufficient_quota"
             assert int(e.response.headers["retry-after"]) > 60  # the daily period, not a load retry
@@ -169,9 +238,11 @@ def test_auto_prefers_quality_then_shifts_to_stay_under_the_cost_ceiling(tierset
 
 def test_auto_budgets(tierset):
     alpha = client(tierset, "key-alpha")
-    raw = ask(alpha, "auto")
+    raw = ask(alpha, "auto", tier_mode="deep")
     assert raw.parse().model == "deep" and raw.headers["x-tierlm-tier"] == "deep"
-    cheap = ask(alpha, "auto", max_cost_usd=0.001)  # deep's worst case is $0.0022
+    # balanced (the default): deep is 5x the price for 2x the quality -> fast
+    assert ask(alpha, "auto").parse().model == "fast"
+    cheap = ask(alpha, "auto", max_cost_usd=0.001, tier_mode="deep")  # deep's worst case is $0.0022
     assert cheap.parse().model == "fast"
     with pytest.raises(openai.BadRequestError) as e:
         ask(alpha, "auto", max_cost_usd=1e-6)
@@ -289,18 +360,28 @@ def test_weighted_tenants_share_a_busy_tier_by_weight(tierset):
     asyncio.run(run())
     ratio = served["alpha"] / served["zeta"]
     assert 1.4 <= ratio <= 2.7, served
+    assert "scheduling policy: fair" in tierset.output()  # a file with tenants: fair by default
 
 
 @pytest.mark.parametrize("mode,tier,reason", [("fixed", "fast", "fixed"), ("max", "deep", "preferred"),
-                                              ("deep", "deep", "preferred"), ("balanced", "deep", "preferred"),
-                                              (None, "deep", "preferred")])
+                                              ("deep", "deep", "preferred"), ("balanced", "fast", "preferred"),
+                                              (None, "fast", "preferred")])
 def test_every_tier_mode_on_an_idle_server(tierset, mode, tier, reason):
-    """fixed: the default tier; max: the best quality; deep / balanced: the tier of that
-    name, else the best quality (this file has no tier named balanced); no mode: balanced."""
+    """fixed: the default tier; max and deep: the best quality (both fit); balanced (also
+    no mode): quality per cost, and deep's 2x quality at 5x the price loses to fast."""
     before = samples(tierset, "tierlm:tier_selected_total").get((("reason", reason), ("tier", tier)), 0)
     raw = ask(client(tierset, "key-zeta"), "auto", max_tokens=2, **({"tier_mode": mode} if mode else {}))
     assert raw.parse().model == tier and raw.headers["x-tierlm-tier"] == tier
     assert samples(tierset, "tierlm:tier_selected_total")[(("reason", reason), ("tier", tier))] == before + 1
+
+
+def test_fixed_mode_serves_the_tenants_own_default_tier(tierset):
+    """theta's default_tier is deep (the file's is fast): fixed serves deep, budgets checked only."""
+    raw = ask(client(tierset, "key-theta"), "auto", max_tokens=2, tier_mode="fixed")
+    assert raw.parse().model == "deep"
+    with pytest.raises(openai.BadRequestError) as e:  # deep cannot meet it; fast could, but fixed never switches
+        ask(client(tierset, "key-theta"), "auto", max_tokens=2, tier_mode="fixed", max_cost_usd=0.0005)
+    assert e.value.code == "budget_unmet" and e.value.param == "max_cost_usd"
 
 
 def test_speculative_tier_reports_drafts_and_acceptance(tierset):
@@ -334,7 +415,7 @@ def test_latency_budget_moves_to_a_faster_tier_under_load_then_429(tierset):
         return float(re.search(r"latency (\d+) ms", e.value.message).group(1))
 
     budget = 3 * max(idle_latency_ms("fast"), idle_latency_ms("deep")) + 300
-    assert ask(alpha, "auto", max_latency_ms=budget).headers["x-tierlm-tier"] == "deep"
+    assert ask(alpha, "auto", max_latency_ms=budget, tier_mode="deep").headers["x-tierlm-tier"] == "deep"
 
     import asyncio
 
@@ -364,11 +445,11 @@ def test_latency_budget_moves_to_a_faster_tier_under_load_then_429(tierset):
             if tier == "deep":
                 key = (("reason", "latency"), ("tier", "fast"))
                 before = samples(tierset, "tierlm:tier_selected_total").get(key, 0)
-                raw = ask(alpha, "auto", max_latency_ms=budget)
+                raw = ask(alpha, "auto", max_latency_ms=budget, tier_mode="deep")
                 assert raw.headers["x-tierlm-tier"] == "fast"
                 assert samples(tierset, "tierlm:tier_selected_total")[key] == before + 1
         with pytest.raises(openai.RateLimitError) as e:
-            ask(alpha, "auto", max_latency_ms=budget)
+            ask(alpha, "auto", max_latency_ms=budget, tier_mode="deep")
         assert e.value.code == "budget_unmet" and e.value.param == "max_latency_ms"
         assert int(e.value.response.headers["retry-after"]) >= 1 and "fastest is" in e.value.message
     finally:

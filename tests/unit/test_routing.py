@@ -17,7 +17,7 @@ def demand(prompt=100, out=50, max_out=50):
 
 
 def test_best_quality_when_everything_fits():
-    c = select(TIERS, IDLE, demand(), Budgets(), "balanced")
+    c = select(TIERS, IDLE, demand(), Budgets(), "deep")
     assert (c.tier, c.reason) == ("deep", "preferred")
     # deep: ttft 0.03 + 100 x 0.003 = 0.33 s; latency + 49 x 0.03 = 1.8 s; cost 100x10 + 50x20 per 1M
     assert c.estimate.ttft_s == pytest.approx(0.33)
@@ -27,16 +27,16 @@ def test_best_quality_when_everything_fits():
 
 def test_latency_budget_shifts_to_the_faster_tier_only_under_load():
     budget = Budgets(max_latency_ms=2500)
-    assert select(TIERS, IDLE, demand(), budget).tier == "deep"
+    assert select(TIERS, IDLE, demand(), budget, "deep").tier == "deep"
     loaded = {**IDLE, "deep": TierLoad(0.08, 0.03, 0.003, backlog_tokens=2000)}
-    c = select(TIERS, loaded, demand(), budget)
+    c = select(TIERS, loaded, demand(), budget, "deep")
     assert (c.tier, c.reason) == ("fast", "latency")
 
 
 def test_cost_budget_and_ceiling_pick_the_cheaper_tier():
-    c = select(TIERS, IDLE, demand(), Budgets(max_cost_usd=0.001), "max")
+    c = select(TIERS, IDLE, demand(), Budgets(max_cost_usd=0.001), "deep")
     assert (c.tier, c.reason) == ("fast", "cost")
-    c = select(TIERS, IDLE, demand(), Budgets(cost_left_usd=0.0005), "max")
+    c = select(TIERS, IDLE, demand(), Budgets(cost_left_usd=0.0005), "deep")
     assert (c.tier, c.reason) == ("fast", "cost")
     assert c.estimate.cost_usd <= 0.0005
 
@@ -66,21 +66,80 @@ def test_ceiling_only_is_429_without_a_load_retry():
     assert e.value.status == 429 and e.value.param == "cost_ceiling" and e.value.retry_after is None
 
 
-def test_modes_fixed_and_explicit():
-    assert select(TIERS, IDLE, demand(), Budgets(), "fixed").tier == "fast"  # the first (default) tier
-    assert select(TIERS, IDLE, demand(), Budgets(), fixed="deep").reason == "explicit"
-    with pytest.raises(NoTierFits):  # a named tier never falls back
-        select(TIERS, IDLE, demand(), Budgets(max_cost_usd=0.001), fixed="deep")
-    # "balanced" prefers a tier of that name over the best quality
-    mid = TierConfig("balanced", EngineConfig(), quality=1.5)
-    three = [FAST, mid, DEEP]
-    loads = {**IDLE, "balanced": TierLoad(0.02, 0.02, 0.002)}
-    d = Demand({n: 10 for n in ("fast", "balanced", "deep")}, {n: 5 for n in ("fast", "balanced", "deep")},
-               {n: 5 for n in ("fast", "balanced", "deep")})
-    assert select(three, loads, d, Budgets(), "balanced").tier == "balanced"
-    assert select(three, loads, d, Budgets(), "max").tier == "deep"
+# Four tiers whose names mean nothing to the policies (one is even called "balanced",
+# another "deep"). Worst-case cost of demand(): (100 x prompt + 50 x completion) / 1e6.
+SMALL = TierConfig("balanced", EngineConfig(), quality=1, prompt_price_per_mtok=1, completion_price_per_mtok=2)
+MID = TierConfig("deep", EngineConfig(), quality=2, prompt_price_per_mtok=2, completion_price_per_mtok=4)
+LARGE = TierConfig("large", EngineConfig(), quality=4, prompt_price_per_mtok=10, completion_price_per_mtok=20)
+HUGE = TierConfig("huge", EngineConfig(), quality=5, prompt_price_per_mtok=50, completion_price_per_mtok=100)
+LOADS = {"balanced": TierLoad(0.01, 0.01, 0.001), "deep": TierLoad(0.02, 0.02, 0.002),
+         "large": TierLoad(0.03, 0.03, 0.003), "huge": TierLoad(0.06, 0.06, 0.006)}
+# value = quality / cost: SMALL 1/200e-6 = 5000, MID 2/400e-6 = 5000 (tie: quality wins),
+# LARGE 4/2000e-6 = 2000, HUGE 5/10000e-6 = 500.
+
+
+def demand_for(tiers, prompt=100, out=50):
+    return Demand({t.name: prompt for t in tiers}, {t.name: out for t in tiers}, {t.name: out for t in tiers})
+
+
+@pytest.mark.parametrize("tiers, want", [
+    ([SMALL, LARGE], {"fixed": "balanced", "max": "large", "deep": "large", "balanced": "balanced"}),
+    ([SMALL, MID, LARGE], {"fixed": "balanced", "max": "large", "deep": "large", "balanced": "deep"}),
+    ([LARGE, HUGE, SMALL, MID], {"fixed": "large", "max": "huge", "deep": "huge", "balanced": "deep"}),
+])
+def test_each_mode_is_a_policy_over_any_tiers(tiers, want):
+    got = {mode: select(tiers, LOADS, demand_for(tiers), Budgets(), mode).tier for mode in want}
+    assert got == want
+    for mode in ("max", "deep", "balanced"):
+        assert select(tiers, LOADS, demand_for(tiers), Budgets(), mode).reason == "preferred"
+
+
+@pytest.mark.parametrize("tiers", [[SMALL, LARGE], [SMALL, MID, LARGE], [SMALL, MID, LARGE, HUGE]])
+def test_fixed_serves_the_tenants_default_and_only_checks_budgets(tiers):
+    d = demand_for(tiers)
+    c = select(tiers, LOADS, d, Budgets(), "fixed", default="large")
+    assert (c.tier, c.reason) == ("large", "fixed")
+    with pytest.raises(NoTierFits) as e:  # never a silent switch to a tier that fits
+        select(tiers, LOADS, d, Budgets(max_cost_usd=0.001), "fixed", default="large")
+    assert e.value.status == 400 and e.value.param == "max_cost_usd"
+    assert select(tiers, LOADS, d, Budgets(), fixed="balanced").reason == "explicit"
+
+
+@pytest.mark.parametrize("tiers", [[SMALL, LARGE], [SMALL, MID, LARGE], [SMALL, MID, LARGE, HUGE]])
+def test_max_checks_budgets_deep_steps_down_balanced_keeps_value(tiers):
+    d = demand_for(tiers)
+    top = max(tiers, key=lambda t: t.quality)
+    cheap_enough = Budgets(max_cost_usd=0.0015)  # SMALL and MID fit, LARGE and HUGE do not
     with pytest.raises(NoTierFits) as e:
-        select(three, loads, d, Budgets(), "turbo")
+        select(tiers, LOADS, d, cheap_enough, "max")
+    assert e.value.status == 400 and top.name in {"large", "huge"}
+    c = select(tiers, LOADS, d, cheap_enough, "deep")
+    assert (c.tier, c.reason) == ("deep" if MID in tiers else "balanced", "cost")
+    assert select(tiers, LOADS, d, cheap_enough, "balanced").tier == ("deep" if MID in tiers else "balanced")
+    # a latency budget under load: the top tier is too slow now, not idle -> deep steps down, max is 429
+    slow = {**LOADS, top.name: TierLoad(0.5, LOADS[top.name].idle_step_s, 0.006, backlog_tokens=3000)}
+    with pytest.raises(NoTierFits) as e:
+        select(tiers, slow, d, Budgets(max_latency_ms=4000), "max")
+    assert e.value.status == 429
+    c = select(tiers, slow, d, Budgets(max_latency_ms=4000), "deep")
+    assert c.tier != top.name and c.reason == "latency"
+
+
+def test_balanced_cost_weight_is_the_one_knob():
+    tiers = [SMALL, MID, LARGE, HUGE]
+    d = demand_for(tiers)
+    pick = {w: select(tiers, LOADS, d, Budgets(), "balanced", cost_weight=w).tier for w in (1.0, 0.3, 0.0)}
+    # weight 0.3: values 1/200e-6**0.3 = 12.9, 20.9, 25.8, 19.9 -> large; weight 0: quality alone
+    assert pick == {1.0: "deep", 0.3: "large", 0.0: "huge"}
+    free = [TierConfig(t.name, EngineConfig(), quality=t.quality) for t in tiers]
+    assert select(free, LOADS, d, Budgets(), "balanced").tier == "huge"  # all free: quality decides
+    some_free = [SMALL, TierConfig("deep", EngineConfig(), quality=2), LARGE]
+    assert select(some_free, LOADS, d, Budgets(), "balanced").tier == "deep"  # free beats any price
+
+
+def test_unknown_mode_is_400():
+    with pytest.raises(NoTierFits) as e:
+        select(TIERS, IDLE, demand(), Budgets(), "turbo")
     assert e.value.status == 400 and e.value.param == "tier_mode"
 
 

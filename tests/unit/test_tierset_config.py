@@ -66,6 +66,23 @@ def test_builds_tiers_over_the_command_line_defaults_and_tenants(tmp_path):
     assert not tenants.all["hashed"].may_use("deep") and tenants.all["acme"].may_use("deep")
 
 
+def test_operators_and_prefix_cache_groups(tmp_path):
+    """Tenants are not operators and each has its own cache salt unless the file says so;
+    a metrics-only key authenticates no tenant."""
+    text = GOOD.replace('weight = 2\n', 'weight = 2\nmetrics = true\nprefix_cache_group = "shared"\n')
+    text = text.replace('tiers = ["fast"]\n', 'tiers = ["fast"]\nprefix_cache_group = "shared"\n')
+    ts = load(write(tmp_path, text), BASE)
+    by = {t.name: t for t in ts.tenants}
+    assert by["acme"].operator and not by["hashed"].operator and not by["public"].operator
+    assert by["acme"].cache_group == by["hashed"].cache_group != by["public"].cache_group
+    plain = {t.name: t for t in load(write(tmp_path, GOOD), BASE).tenants}
+    assert len({t.cache_group for t in plain.values()}) == 3 and all(t.cache_group for t in plain.values())
+    tenants = Tenants(ts.tenants, metrics_keys=("sk-metrics",))
+    assert tenants.metrics_key("Bearer sk-metrics") and not tenants.metrics_key("Bearer sk-acme")
+    assert tenants.authenticate("Bearer sk-metrics") is None
+    assert not Tenants.open().keyed and Tenants((), metrics_keys=("k",)).keyed
+
+
 @pytest.mark.parametrize("edit, line, text", [
     (('quality = 2', 'quality = "high"'), 11, "tiers.deep.quality: Input should be a valid number"),
     (('max_num_seqs = 8', 'max_num_seq = 8'), 12, "tiers.deep.max_num_seq: Extra inputs are not permitted"),

@@ -29,6 +29,9 @@ log = logging.getLogger("tierlm.server")
 
 
 POST_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"})
+# Probes need no key; every other route (the API, tokenize, metrics, the schema) does
+# whenever a key is configured.
+OPEN_ROUTES = frozenset({"/health", "/ready"})
 
 
 class _BodyTooLarge(Exception):
@@ -70,11 +73,14 @@ class Guard:
         headers = {k.decode().lower(): v.decode("latin-1") for k, v in scope["headers"]}
         path, method = scope["path"], scope["method"]
         problem = None
-        if path.startswith("/v1/"):  # first: an unknown caller learns nothing else
-            tenant = self.state.tenants.authenticate(headers.get("authorization", ""))
-            if tenant is None:
+        if path not in OPEN_ROUTES:  # first: an unknown caller learns nothing else
+            authorization = headers.get("authorization", "")
+            state = scope.setdefault("state", {})
+            state["metrics_all"] = path == "/metrics" and self.state.tenants.metrics_key(authorization)
+            tenant = None if state["metrics_all"] else self.state.tenants.authenticate(authorization)
+            if tenant is None and not state["metrics_all"]:
                 problem = 401, "missing or invalid API key", "invalid_request_error", "invalid_api_key", {}
-            scope.setdefault("state", {})["tenant"] = tenant
+            state["tenant"] = tenant
         problem = problem or self._check(path, method, headers)
         if problem is None and method == "POST" and path in POST_ROUTES:
             try:
@@ -227,10 +233,15 @@ def create_app(state: ServerState, metrics: Metrics, max_body_bytes: int = limit
     @app.get("/metrics", response_class=Response,
              responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
                               "description": "Prometheus text exposition"}})
-    async def _metrics():
+    async def _metrics(request: Request):
+        """Every series to operators (a tenant with `metrics = true`, or `--metrics-api-key`);
+        other callers see per-tenant series for their own tenant only."""
         for t in state.tiers.values():
             metrics.healthy.labels(t.model_name).set(1 if t.engine.healthy else 0)
-        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        tenant = request.state.tenant
+        everything = request.state.metrics_all or not state.tenants.keyed or tenant.config.operator
+        return Response(metrics.render(None if everything else tenant.name),
+                        media_type="text/plain; version=0.0.4; charset=utf-8")
 
     names = [*state.tiers, *{t.config.engine.model for t in state.tiers.values()} - set(state.tiers)]
     schemas.install_openapi(app, names + (["auto"] if len(state.tiers) > 1 else []))

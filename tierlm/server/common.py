@@ -74,6 +74,7 @@ class ServerState:
     tenants: Tenants
     default_tier: str
     metrics: Metrics
+    balanced_cost_weight: float = 1.0
     ready: bool = False
     draining: bool = False
 
@@ -224,7 +225,10 @@ async def merged(tier: Tier, request_id: str, prompts: list[list[int]], params: 
     Closing this generator (client gone) cancels every sub-request, which aborts it. The
     tenant's quota `lease` learns the tokens generated and is settled when this ends.
     """
-    args = (params, priority, cache_salt, session_id, lease.tenant.name if lease is not None else "default")
+    tenant = lease.tenant.config if lease is not None else None
+    if tenant is not None and tenant.cache_group:  # tenants share cached prefixes only within a group
+        cache_salt = f"{tenant.cache_group}\x1f{cache_salt or ''}"
+    args = (params, priority, cache_salt, session_id, tenant.name if tenant is not None else "default")
     # One prompt (the common case) is read directly: no task and queue hop per token.
     outputs = _one(tier, request_id, prompts[0], *args) if len(prompts) == 1 else _fan_in(tier, request_id,
                                                                                             prompts, *args)

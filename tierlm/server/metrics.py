@@ -73,8 +73,23 @@ class Metrics:
     def for_tier(self, name: str) -> TierMetrics:
         return TierMetrics(self, name)
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def render(self, tenant: str | None = None) -> bytes:
+        """The exposition; with `tenant`, samples labelled with another tenant are left out."""
+        if tenant is None:
+            return generate_latest(self.registry)
+        return generate_latest(_OneTenant(self.registry, tenant))
+
+
+class _OneTenant:
+    """A registry view whose tenant-labelled samples are only `tenant`'s."""
+
+    def __init__(self, registry: CollectorRegistry, tenant: str) -> None:
+        self.registry, self.tenant = registry, tenant
+
+    def collect(self):
+        for family in self.registry.collect():
+            family.samples = [s for s in family.samples if s.labels.get("tenant", self.tenant) == self.tenant]
+            yield family
 
 
 class TierMetrics:

@@ -42,7 +42,9 @@ def _lone_surrogate(value, path: tuple = ()) -> tuple[tuple, str] | None:
 
 
 class _Base(BaseModel):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    # strict: no coercion, as OpenAI's API ("stream": "yes" or "max_tokens": "2" is a 400
+    # naming the field, not true or 2); integers stay integers, an int may stand for a float.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
 
     @field_validator("*", mode="before")
     @classmethod

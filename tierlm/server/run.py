@@ -1,7 +1,8 @@
 """`tierlm serve`: load the TierSet's models, bind, serve with uvicorn, warm up, drain on SIGTERM.
 
 Each tier runs its own engine thread. Under a tenant config the engines schedule with
-the "fair" policy and the tenants' weights. Warm-up runs one request per tier before
+the "fair" policy and the tenants' weights unless `--scheduling-policy` says
+otherwise. Warm-up runs one request per tier before
 the server reports ready; it also seeds each tier's step-time measurements.
 
 Startup failures (bad model, port in use) raise user errors the CLI turns into one
@@ -56,6 +57,8 @@ class ServeOptions:
     host: str = "127.0.0.1"
     port: int = 8000
     api_keys: tuple[str, ...] = ()
+    metrics_api_keys: tuple[str, ...] = ()  # read all of /metrics (every tenant's series), nothing else
+    scheduling_policy: str | None = None  # --scheduling-policy; None: fair with a file's tenants, else fcfs
     max_queued_requests: int = 1024
     shutdown_timeout: float = 30.0
     served_model_name: str | None = None
@@ -212,18 +215,22 @@ def tierset_for(config: EngineConfig, opts: ServeOptions) -> tuple[TierSetConfig
     if opts.tierset is not None:
         ts = opts.tierset
         weights = tuple((t.name, t.weight) for t in ts.tenants)
+        policy = opts.scheduling_policy or ("fair" if ts.tenants else "fcfs")
         tiers = tuple(dataclasses.replace(t, engine=dataclasses.replace(
-            t.engine, scheduler=dataclasses.replace(t.engine.scheduler, policy="fair", tenant_weights=weights)))
+            t.engine, scheduler=dataclasses.replace(t.engine.scheduler, policy=policy, tenant_weights=weights)))
             for t in ts.tiers)
-        return dataclasses.replace(ts, tiers=tiers), Tenants(ts.tenants) if ts.tenants else Tenants.open()
+        configs = ts.tenants or Tenants.open().configs
+        return dataclasses.replace(ts, tiers=tiers), Tenants(configs, metrics_keys=opts.metrics_api_keys)
     name = opts.served_model_name or config.model
-    tenants = Tenants.with_keys(opts.api_keys) if opts.api_keys else Tenants.open()
+    configs = Tenants.with_keys(opts.api_keys).configs if opts.api_keys else Tenants.open().configs
+    tenants = Tenants(configs, metrics_keys=opts.metrics_api_keys)
     return TierSetConfig((TierConfig(name, config),), tuple(t.config for t in tenants.all.values()), name), tenants
 
 
 def serve(config: EngineConfig, opts: ServeOptions) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     tierset, tenants = tierset_for(config, opts)
+    log.info("scheduling policy: %s", ", ".join(sorted({t.engine.scheduler.policy for t in tierset.tiers})))
     sock = _bind(opts.host, opts.port)  # before loading: a busy port fails in milliseconds
     metrics = Metrics([t.name for t in tierset.tiers])
     tiers: dict[str, Tier] = {}
@@ -235,7 +242,7 @@ def serve(config: EngineConfig, opts: ServeOptions) -> None:
             t.engine.shutdown()
         sock.close()
         raise
-    state = ServerState(tiers, tenants, tierset.default_tier, metrics)
+    state = ServerState(tiers, tenants, tierset.default_tier, metrics, tierset.balanced_cost_weight)
     app = create_app(state, metrics, body_timeout_s=opts.body_timeout)
     uv_config = uvicorn.Config(app, host=opts.host, port=opts.port, log_level="warning", access_log=False,
                                timeout_graceful_shutdown=2, lifespan="off", http=_timed_protocol(opts.header_timeout),

@@ -7,6 +7,7 @@ line's engine flags, so `--kv-cache-gb 2` sets every tier's default. API keys ar
 hashed (SHA-256) as they are read; the plain text is never kept.
 
     default_tier = "fast"                 # optional: the first tier otherwise
+    balanced_cost_weight = 1.0            # tier_mode "balanced": value = quality / cost ** this
 
     [tiers.fast]
     model = "smollm2-135m"                # bundled name, .gguf file or HF directory
@@ -19,12 +20,16 @@ hashed (SHA-256) as they are read; the plain text is never kept.
     [tenants.acme]
     api_keys = ["sk-acme-1"]              # or api_key_sha256 = ["<hex digest>"]
     tiers = ["fast", "deep"]              # allowed tiers (default: all)
+    default_tier = "deep"                 # tier_mode "fixed" serves this one (default: the file's)
     weight = 2                            # fair-share weight in the scheduler
     requests_per_minute = 600             # quotas: all optional
     tokens_per_minute = 200000
     max_concurrent = 16
     cost_ceiling_usd = 5.0
     cost_period_s = 86400
+    metrics = true                        # operator: sees every tenant's series on /metrics
+    prefix_cache_group = "acme"           # share cached prompt prefixes with tenants of this group
+                                          #   (default: none shared, so no tenant can time another's)
 
     [tenants.public]
     anonymous = true                      # serves requests without a key
@@ -93,10 +98,14 @@ class _Tenant(_Strict):
     max_concurrent: int | None = Field(None, gt=0)
     cost_ceiling_usd: float | None = Field(None, gt=0)
     cost_period_s: float = Field(86_400.0, gt=0)
+    default_tier: str | None = None  # tier_mode "fixed" serves this tier (default: the file's)
+    metrics: bool = False  # an operator: sees every tenant's series on /metrics
+    prefix_cache_group: str | None = Field(None, min_length=1)  # tenants naming one group share cached prefixes
 
 
 class _File(_Strict):
     default_tier: str | None = None
+    balanced_cost_weight: float = Field(1.0, ge=0)
     tiers: dict[str, _Tier] = Field(min_length=1)
     tenants: dict[str, _Tenant] = {}
 
@@ -144,6 +153,10 @@ def _build(path: Path, text: str, spec: _File, base: EngineConfig) -> TierSetCon
             if tier not in spec.tiers:
                 raise _located(path, text, ("tenants", name, "tiers", i),
                                f"{tier!r} is not a tier (tiers: {', '.join(names)})")
+        usable = t.tiers or names
+        if t.default_tier is not None and t.default_tier not in usable:
+            raise _located(path, text, ("tenants", name, "default_tier"),
+                           f"{t.default_tier!r} is not a tier this tenant may use")
         hashes = [hash_key(k) for k in t.api_keys]
         for i, digest in enumerate(t.api_key_sha256):
             if not re.fullmatch(r"[0-9a-fA-F]{64}", digest):
@@ -161,11 +174,14 @@ def _build(path: Path, text: str, spec: _File, base: EngineConfig) -> TierSetCon
         limits = QuotaLimits(requests_per_minute=t.requests_per_minute, tokens_per_minute=t.tokens_per_minute,
                              max_concurrent=t.max_concurrent, cost_ceiling_usd=t.cost_ceiling_usd,
                              cost_period_s=t.cost_period_s)
-        tenants.append(TenantConfig(name, tuple(hashes), tuple(t.tiers), t.weight, limits, t.anonymous))
+        # Own salt by default; a named group's tenants share one (the prefixes keep the two apart).
+        group = f"group:{t.prefix_cache_group}" if t.prefix_cache_group else f"tenant:{name}"
+        tenants.append(TenantConfig(name, tuple(hashes), tuple(t.tiers), t.weight, limits, t.anonymous,
+                                    operator=t.metrics, cache_group=group, default_tier=t.default_tier))
     if sum(t.anonymous for t in tenants) > 1:
         second = [t.name for t in tenants if t.anonymous][1]
         raise _located(path, text, ("tenants", second, "anonymous"), "only one tenant may be anonymous")
-    return TierSetConfig(tuple(tiers), tuple(tenants), default)
+    return TierSetConfig(tuple(tiers), tuple(tenants), default, spec.balanced_cost_weight)
 
 
 def _tier(name: str, t: _Tier, base: EngineConfig) -> TierConfig:

@@ -10,18 +10,27 @@ Estimates, per tier:
 - cost = the worst case, prompt + every token the request may generate, at the tier's
   prices: a budget or a ceiling is never passed, whatever the output turns out to be.
 
-Modes (`tier_mode`, with `model: "auto"`): `max` prefers the best-quality tier;
-`balanced` and `deep` prefer the tier of that name when the tenant may use it, else the
-best quality. From the preferred tier down in quality, the first tier that fits every
-budget wins (ties: faster, then cheaper, then name), so under load `balanced` traffic
-shifts to a faster tier instead of breaking its latency budget. `fixed` (and a request
-naming a tier) takes that one tier or fails. No tier fitting -> `NoTierFits`: 400 when
-no tier could fit even idle (the budget is impossible), 429 when load or the tenant's
-spent cost is the reason, naming the budget and the fastest and cheapest options.
+Modes (`tier_mode`, with `model: "auto"`), policies over whatever tiers the tenant may
+use, whatever their names; "fits" means every estimate is within every budget:
+- `fixed`: the tenant's default tier, budgets only checked (never a switch);
+- `max`: the highest quality (ties: faster, cheaper, name), budgets only checked;
+- `deep`: the highest quality that fits;
+- `balanced` (default): among the tiers that fit, the highest
+      value = quality / cost ** cost_weight
+  (cost: the request's worst-case cost on that tier; `balanced_cost_weight` in the file,
+  default 1: quality per dollar; 0 makes it `deep`), ties to the higher quality, then
+  faster, then name. A free tier's value is infinite, so free tiers win and quality picks
+  among them. At weight 1 a tier 5x dearer must be over 5x better to win.
+A request naming a tier takes that one tier, budgets checked. No tier fitting ->
+`NoTierFits`: 400 when no tier could fit even idle (the budget is impossible), 429 when
+load or the tenant's spent cost is the reason, naming the budget and the fastest and
+cheapest options. The reason reported with a choice: explicit | fixed | preferred (the
+mode's first choice fits) | latency | cost (why the first choice did not).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -102,22 +111,36 @@ def _failures(e: Estimate, b: Budgets) -> list[tuple[str, bool]]:
     return out
 
 
+def value(quality: float, cost_usd: float, cost_weight: float) -> float:
+    """`balanced`'s figure of merit: quality per cost ** cost_weight (a free tier: infinite)."""
+    if cost_weight == 0:
+        return quality
+    return math.inf if cost_usd <= 0 else quality / cost_usd ** cost_weight
+
+
 def select(tiers: Sequence[TierConfig], loads: Mapping[str, TierLoad], demand: Demand, budgets: Budgets,
-           mode: str = "balanced", fixed: str | None = None) -> Choice:
+           mode: str = "balanced", fixed: str | None = None, default: str | None = None,
+           cost_weight: float = 1.0) -> Choice:
     """Pick a tier among `tiers` (those the tenant may use; never empty: the caller answers
     403 first). `fixed` names the one tier a request asked for (mode is then ignored and
-    the reason is "explicit")."""
+    the reason is "explicit"); `default` is the tenant's default tier (`fixed` mode; the
+    first tier when not given)."""
+    if mode not in MODES:
+        raise NoTierFits(400, "tier_mode", f"tier_mode must be one of {', '.join(MODES)}, got {mode!r}", None)
     est = {t.name: estimate(t, loads[t.name], demand.prompt_tokens[t.name], demand.output_tokens[t.name],
                             demand.max_output_tokens[t.name]) for t in tiers}
+    by_quality = sorted(tiers, key=lambda t: (-t.quality, est[t.name].latency_s, est[t.name].cost_usd, t.name))
     if fixed is not None or mode == "fixed":
-        preferred = next(t for t in tiers if t.name == (fixed or tiers[0].name))
-        candidates = [preferred]
-    else:
-        if mode not in MODES:
-            raise NoTierFits(400, "tier_mode", f"tier_mode must be one of {', '.join(MODES)}, got {mode!r}", None)
-        ranked = sorted(tiers, key=lambda t: (-t.quality, est[t.name].latency_s, est[t.name].cost_usd, t.name))
-        preferred = next((t for t in tiers if t.name == mode), ranked[0]) if mode != "max" else ranked[0]
-        candidates = [preferred] + [t for t in ranked if t is not preferred and t.quality <= preferred.quality]
+        name = fixed or default or tiers[0].name
+        candidates = [next(t for t in tiers if t.name == name)]
+    elif mode == "max":
+        candidates = by_quality[:1]
+    elif mode == "deep":
+        candidates = by_quality
+    else:  # balanced: best value first; quality, speed and name break ties
+        candidates = sorted(tiers, key=lambda t: (-value(t.quality, est[t.name].cost_usd, cost_weight), -t.quality,
+                                                  est[t.name].latency_s, t.name))
+    preferred = candidates[0]
     failed = {t.name: _failures(est[t.name], budgets) for t in candidates}
     for t in candidates:
         if not failed[t.name]:

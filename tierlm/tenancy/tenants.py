@@ -32,10 +32,27 @@ class Tenant:
 class Tenants:
     """The server's tenants. `authenticate` maps an Authorization header to one."""
 
-    def __init__(self, configs: tuple[TenantConfig, ...], clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, configs: tuple[TenantConfig, ...], clock: Callable[[], float] = time.monotonic,
+                 metrics_keys: tuple[str, ...] = ()) -> None:
         self.all = {c.name: Tenant(c, TenantQuota(c.limits, clock)) for c in configs}
         self._by_hash = {h: self.all[c.name] for c in configs for h in c.key_hashes}
         self.anonymous = next((t for t in self.all.values() if t.config.anonymous), None)
+        self._metrics_hashes = frozenset(hashlib.sha256(k.encode()).digest() for k in metrics_keys)
+
+    @property
+    def keyed(self) -> bool:
+        """Whether any key is configured (then every route but health and readiness needs one)."""
+        return bool(self._by_hash or self._metrics_hashes)
+
+    def metrics_key(self, authorization: str) -> bool:
+        """Whether the header carries a `--metrics-api-key` (reads all of /metrics, nothing else)."""
+        if not authorization.lower().startswith("bearer "):
+            return False
+        return hashlib.sha256(authorization[7:].strip().encode()).digest() in self._metrics_hashes
+
+    @property
+    def configs(self) -> tuple[TenantConfig, ...]:
+        return tuple(t.config for t in self.all.values())
 
     @classmethod
     def open(cls) -> Tenants:
@@ -51,7 +68,7 @@ class Tenants:
         """The tenant for a header value ('Bearer KEY'); no header -> the anonymous tenant
         (if any); None = refuse with 401. Where keys exist, a wrong key is refused even
         when anonymous access exists, so a typo never silently runs on another quota."""
-        if not authorization or not self._by_hash:  # an open server ignores whatever key a client sends
+        if not authorization or not self.keyed:  # an open server ignores whatever key a client sends
             return self.anonymous
         if not authorization.lower().startswith("bearer "):
             return None
