@@ -230,7 +230,6 @@ def tierset_for(config: EngineConfig, opts: ServeOptions) -> tuple[TierSetConfig
 def serve(config: EngineConfig, opts: ServeOptions) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     tierset, tenants = tierset_for(config, opts)
-    log.info("scheduling policy: %s", ", ".join(sorted({t.engine.scheduler.policy for t in tierset.tiers})))
     sock = _bind(opts.host, opts.port)  # before loading: a busy port fails in milliseconds
     metrics = Metrics([t.name for t in tierset.tiers])
     tiers: dict[str, Tier] = {}
@@ -242,6 +241,7 @@ def serve(config: EngineConfig, opts: ServeOptions) -> None:
             t.engine.shutdown()
         sock.close()
         raise
+    log.info("scheduling policy: %s", ", ".join(sorted({t.engine.scheduler.policy for t in tierset.tiers})))
     state = ServerState(tiers, tenants, tierset.default_tier, metrics, tierset.balanced_cost_weight)
     app = create_app(state, metrics, body_timeout_s=opts.body_timeout)
     uv_config = uvicorn.Config(app, host=opts.host, port=opts.port, log_level="warning", access_log=False,
