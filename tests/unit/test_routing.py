@@ -99,6 +99,8 @@ def test_fixed_serves_the_tenants_default_and_only_checks_budgets(tiers):
     d = demand_for(tiers)
     c = select(tiers, LOADS, d, Budgets(), "fixed", default="large")
     assert (c.tier, c.reason) == ("large", "fixed")
+    # a default this tenant may not use (the file's): its first allowed tier
+    assert select(tiers, LOADS, d, Budgets(), "fixed", default="elsewhere").tier == tiers[0].name
     with pytest.raises(NoTierFits) as e:  # never a silent switch to a tier that fits
         select(tiers, LOADS, d, Budgets(max_cost_usd=0.001), "fixed", default="large")
     assert e.value.status == 400 and e.value.param == "max_cost_usd"

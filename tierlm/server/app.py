@@ -75,12 +75,11 @@ class Guard:
         problem = None
         if path not in OPEN_ROUTES:  # first: an unknown caller learns nothing else
             authorization = headers.get("authorization", "")
-            state = scope.setdefault("state", {})
-            state["metrics_all"] = path == "/metrics" and self.state.tenants.metrics_key(authorization)
-            tenant = None if state["metrics_all"] else self.state.tenants.authenticate(authorization)
-            if tenant is None and not state["metrics_all"]:
+            metrics_all = path == "/metrics" and self.state.tenants.metrics_key(authorization)
+            tenant = None if metrics_all else self.state.tenants.authenticate(authorization)
+            if tenant is None and not metrics_all:
                 problem = 401, "missing or invalid API key", "invalid_request_error", "invalid_api_key", {}
-            state["tenant"] = tenant
+            scope.setdefault("state", {}).update(tenant=tenant, metrics_all=metrics_all)
         problem = problem or self._check(path, method, headers)
         if problem is None and method == "POST" and path in POST_ROUTES:
             try:

@@ -92,12 +92,10 @@ async def choose(state: ServerState, tenant: Tenant, body, params: SamplingParam
     loads = {t.model_name: t.engine.load.load(t.engine.stats.running, t.engine.stats.backlog_tokens)
              for t in tiers}
     try:
-        default = tenant.config.default_tier or state.default_tier
-        if all(t.model_name != default for t in tiers):  # the file's default is not this tenant's
-            default = tiers[0].model_name
         choice = routing.select([t.config for t in tiers], loads,
                                 routing.Demand(prompt_tokens, output, max_output), budgets,
-                                body.tier_mode or "balanced", fixed, default, state.balanced_cost_weight)
+                                body.tier_mode or "balanced", fixed, tenant.config.default_tier or state.default_tier,
+                                state.balanced_cost_weight)
     except routing.NoTierFits as e:
         state.metrics.tenant_rejected.labels(tenant.name, "budget").inc()
         ceiling = e.param == "cost_ceiling"

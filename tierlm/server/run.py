@@ -219,12 +219,13 @@ def tierset_for(config: EngineConfig, opts: ServeOptions) -> tuple[TierSetConfig
         tiers = tuple(dataclasses.replace(t, engine=dataclasses.replace(
             t.engine, scheduler=dataclasses.replace(t.engine.scheduler, policy=policy, tenant_weights=weights)))
             for t in ts.tiers)
-        configs = ts.tenants or Tenants.open().configs
-        return dataclasses.replace(ts, tiers=tiers), Tenants(configs, metrics_keys=opts.metrics_api_keys)
+        tenants = (Tenants(ts.tenants, metrics_keys=opts.metrics_api_keys) if ts.tenants
+                   else Tenants.open(opts.metrics_api_keys))
+        return dataclasses.replace(ts, tiers=tiers), tenants
     name = opts.served_model_name or config.model
-    configs = Tenants.with_keys(opts.api_keys).configs if opts.api_keys else Tenants.open().configs
-    tenants = Tenants(configs, metrics_keys=opts.metrics_api_keys)
-    return TierSetConfig((TierConfig(name, config),), tuple(t.config for t in tenants.all.values()), name), tenants
+    tenants = (Tenants.with_keys(opts.api_keys, opts.metrics_api_keys) if opts.api_keys
+               else Tenants.open(opts.metrics_api_keys))
+    return TierSetConfig((TierConfig(name, config),), tenants.configs, name), tenants
 
 
 def serve(config: EngineConfig, opts: ServeOptions) -> None:

@@ -124,14 +124,14 @@ def select(tiers: Sequence[TierConfig], loads: Mapping[str, TierLoad], demand: D
     """Pick a tier among `tiers` (those the tenant may use; never empty: the caller answers
     403 first). `fixed` names the one tier a request asked for (mode is then ignored and
     the reason is "explicit"); `default` is the tenant's default tier (`fixed` mode; the
-    first tier when not given)."""
+    first tier when not given or not among `tiers`)."""
     if mode not in MODES:
         raise NoTierFits(400, "tier_mode", f"tier_mode must be one of {', '.join(MODES)}, got {mode!r}", None)
     est = {t.name: estimate(t, loads[t.name], demand.prompt_tokens[t.name], demand.output_tokens[t.name],
                             demand.max_output_tokens[t.name]) for t in tiers}
     by_quality = sorted(tiers, key=lambda t: (-t.quality, est[t.name].latency_s, est[t.name].cost_usd, t.name))
     if fixed is not None or mode == "fixed":
-        name = fixed or default or tiers[0].name
+        name = fixed or next((t.name for t in tiers if t.name == default), tiers[0].name)
         candidates = [next(t for t in tiers if t.name == name)]
     elif mode == "max":
         candidates = by_quality[:1]

@@ -37,7 +37,7 @@ class Tenants:
         self.all = {c.name: Tenant(c, TenantQuota(c.limits, clock)) for c in configs}
         self._by_hash = {h: self.all[c.name] for c in configs for h in c.key_hashes}
         self.anonymous = next((t for t in self.all.values() if t.config.anonymous), None)
-        self._metrics_hashes = frozenset(hashlib.sha256(k.encode()).digest() for k in metrics_keys)
+        self._metrics_hashes = frozenset(_digest(k) for k in metrics_keys)
 
     @property
     def keyed(self) -> bool:
@@ -46,23 +46,21 @@ class Tenants:
 
     def metrics_key(self, authorization: str) -> bool:
         """Whether the header carries a `--metrics-api-key` (reads all of /metrics, nothing else)."""
-        if not authorization.lower().startswith("bearer "):
-            return False
-        return hashlib.sha256(authorization[7:].strip().encode()).digest() in self._metrics_hashes
+        return _presented(authorization) in self._metrics_hashes
 
     @property
     def configs(self) -> tuple[TenantConfig, ...]:
         return tuple(t.config for t in self.all.values())
 
     @classmethod
-    def open(cls) -> Tenants:
+    def open(cls, metrics_keys: tuple[str, ...] = ()) -> Tenants:
         """Today's default without a config: one unlimited tenant that needs no key."""
-        return cls((TenantConfig("default", anonymous=True),))
+        return cls((TenantConfig("default", anonymous=True),), metrics_keys=metrics_keys)
 
     @classmethod
-    def with_keys(cls, keys: tuple[str, ...]) -> Tenants:
+    def with_keys(cls, keys: tuple[str, ...], metrics_keys: tuple[str, ...] = ()) -> Tenants:
         """`--api-key` without a config: one unlimited tenant behind those keys."""
-        return cls((TenantConfig("default", tuple(hashlib.sha256(k.encode()).digest() for k in keys)),))
+        return cls((TenantConfig("default", tuple(_digest(k) for k in keys)),), metrics_keys=metrics_keys)
 
     def authenticate(self, authorization: str) -> Tenant | None:
         """The tenant for a header value ('Bearer KEY'); no header -> the anonymous tenant
@@ -70,7 +68,15 @@ class Tenants:
         when anonymous access exists, so a typo never silently runs on another quota."""
         if not authorization or not self.keyed:  # an open server ignores whatever key a client sends
             return self.anonymous
-        if not authorization.lower().startswith("bearer "):
-            return None
-        token = authorization[7:].strip()
-        return self._by_hash.get(hashlib.sha256(token.encode()).digest())
+        return self._by_hash.get(_presented(authorization))
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+def _presented(authorization: str) -> bytes | None:
+    """The digest of the key in an 'Authorization: Bearer KEY' value; None for any other form."""
+    if not authorization.lower().startswith("bearer "):
+        return None
+    return _digest(authorization[7:].strip())
