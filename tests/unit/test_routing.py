@@ -1,9 +1,11 @@
 """Tier selection as a pure function: budgets, modes, ties, no feasible tier."""
 
+import math
+
 import pytest
 
 from tierlm.config import EngineConfig, TierConfig
-from tierlm.tenancy.routing import Budgets, Demand, NoTierFits, TierLoad, select
+from tierlm.tenancy.routing import Budgets, Demand, NoTierFits, TierLoad, select, value
 
 FAST = TierConfig("fast", EngineConfig(), quality=1, prompt_price_per_mtok=1, completion_price_per_mtok=2)
 DEEP = TierConfig("deep", EngineConfig(), quality=2, prompt_price_per_mtok=10, completion_price_per_mtok=20)
@@ -135,6 +137,8 @@ def test_balanced_cost_weight_is_the_one_knob():
     assert pick == {1.0: "deep", 0.3: "large", 0.0: "huge"}
     free = [TierConfig(t.name, EngineConfig(), quality=t.quality) for t in tiers]
     assert select(free, LOADS, d, Budgets(), "balanced").tier == "huge"  # all free: quality decides
+    assert select(tiers, LOADS, d, Budgets(), "balanced", cost_weight=10.0).tier == "balanced"  # cost rules
+    assert value(1, 1e-9, 40.0) == math.inf  # cost ** weight underflows: weighed as free, never a crash
     some_free = [SMALL, TierConfig("deep", EngineConfig(), quality=2), LARGE]
     assert select(some_free, LOADS, d, Budgets(), "balanced").tier == "deep"  # free beats any price
 

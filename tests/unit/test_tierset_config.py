@@ -89,6 +89,8 @@ def test_operators_and_prefix_cache_groups(tmp_path):
     (('model = "gemma3-270m"\n', ''), 9, "tiers.deep.model: Field required"),
     (('tiers = ["fast"]', 'tiers = ["fast", "turbo"]'), 23, "'turbo' is not a tier"),
     (('default_tier = "fast"', 'default_tier = "slow"'), 1, "default_tier: 'slow' is not a tier"),
+    (('default_tier = "fast"', 'default_tier = "fast"\nbalanced_cost_weight = 11'), 2,
+     "balanced_cost_weight: Input should be less than or equal to 10"),
     (('weight = 2', 'weight = 0'), 17, "tenants.acme.weight: Input should be greater than 0"),
     (('api_keys = ["sk-acme"]', 'api_keys = []'), 15, "tenants.acme: give api_keys"),
     (('anonymous = true\n', 'anonymous = true\napi_keys = ["k"]\n'), 26, "an anonymous tenant takes no API keys"),

@@ -105,7 +105,7 @@ class _Tenant(_Strict):
 
 class _File(_Strict):
     default_tier: str | None = None
-    balanced_cost_weight: float = Field(1.0, ge=0)
+    balanced_cost_weight: float = Field(1.0, ge=0, le=10)  # beyond 10, cost ** weight under/overflows
     tiers: dict[str, _Tier] = Field(min_length=1)
     tenants: dict[str, _Tenant] = {}
 

@@ -115,7 +115,8 @@ def value(quality: float, cost_usd: float, cost_weight: float) -> float:
     """`balanced`'s figure of merit: quality per cost ** cost_weight (a free tier: infinite)."""
     if cost_weight == 0:
         return quality
-    return math.inf if cost_usd <= 0 else quality / cost_usd ** cost_weight
+    scale = cost_usd ** cost_weight if cost_usd > 0 else 0.0
+    return math.inf if scale == 0 else quality / scale  # 0: free, or a cost too small to weigh
 
 
 def select(tiers: Sequence[TierConfig], loads: Mapping[str, TierLoad], demand: Demand, budgets: Budgets,
