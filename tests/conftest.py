@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from tierlm.loader.bundled import resolve
+
+# Every engine in the suite, in this process or a server it starts, checks the scheduler's and
+# KV cache's invariants after each step: a bookkeeping slip fails the test that caused it.
+os.environ["TIERLM_DEBUG_INVARIANTS"] = "1"
 
 
 @pytest.fixture(scope="session")

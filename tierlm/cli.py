@@ -65,6 +65,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--session-ttl", type=float, default=600.0,
                    help="seconds a finished request's KV stays pinned in the warm tier when it "
                         "carried a session_id")
+    p.add_argument("--debug-invariants", action="store_true",
+                   help="check the scheduler's and KV cache's invariants after every step (slower; a violation "
+                        "fails the step; TIERLM_DEBUG_INVARIANTS=1 does the same)")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -158,7 +161,7 @@ def _config(args) -> EngineConfig:
                                           kv_warm_gb=args.kv_warm_gb, kv_cold_dir=args.kv_cold_dir,
                                           kv_cold_gb=args.kv_cold_gb, session_ttl=args.session_ttl),
                         scheduler=SchedulerConfig(max_model_len=args.max_model_len, **sched),
-                        draft_model=args.draft_model)
+                        draft_model=args.draft_model, debug_invariants=args.debug_invariants)
 
 
 def _engine(args):

@@ -10,8 +10,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tierlm.tenancy.quotas import QuotaLimits
-
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 QUANTIZATIONS = ("auto", "none", "int8", "int4", "q8_0", "q4_0")
 DENSE_DTYPES = ("auto", "bfloat16", "float32")
@@ -188,6 +186,9 @@ class EngineConfig:
     or not) and remembers it per machine; float32 activations always use float32.
     `draft_model` (a model argument with the same vocabulary) drafts the speculative
     tokens instead of n-gram lookup (spec/draft.py); it needs num_speculative_tokens > 0.
+    `debug_invariants` checks the scheduler's and KV cache's invariants after every step
+    (a violation fails the step loudly instead of corrupting later ones); the test suite
+    runs with it on (TIERLM_DEBUG_INVARIANTS=1 turns it on for every engine).
     """
 
     model: str = "smollm2-135m"
@@ -199,6 +200,7 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     draft_model: str | None = None
+    debug_invariants: bool = False
 
     def __post_init__(self) -> None:
         _require(self.dtype in _DTYPES, f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
@@ -239,6 +241,23 @@ class TierConfig:
 
     def cost_usd(self, prompt_tokens: int, completion_tokens: int) -> float:
         return (prompt_tokens * self.prompt_price_per_mtok + completion_tokens * self.completion_price_per_mtok) / 1e6
+
+
+@dataclass(frozen=True)
+class QuotaLimits:
+    """A tenant's quotas (tenancy/quotas.py enforces them); None = unlimited."""
+
+    requests_per_minute: float | None = None
+    tokens_per_minute: float | None = None
+    max_concurrent: int | None = None
+    cost_ceiling_usd: float | None = None
+    cost_period_s: float = 86_400.0
+
+    def __post_init__(self) -> None:
+        for name in ("requests_per_minute", "tokens_per_minute", "max_concurrent", "cost_ceiling_usd"):
+            value = getattr(self, name)
+            _require(value is None or value > 0, f"{name} must be > 0 (or unset for no limit)")
+        _require(self.cost_period_s > 0, "cost_period_s must be > 0")
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ class LLM:
                  enable_prefix_caching: bool = True, kv_warm_gb: float = 0.5, kv_cold_dir: str | None = None,
                  kv_cold_gb: float = 4.0, session_ttl: float = 600.0, seed: int = 0,
                  admission: str = "past_future", num_speculative_tokens: int = 0, draft_model: str | None = None,
-                 cache_dir: str | Path | None = None, progress: bool = False,
+                 cache_dir: str | Path | None = None, progress: bool = False, debug_invariants: bool = False,
                  config: EngineConfig | None = None) -> None:
         if config is None:
             config = EngineConfig(
@@ -37,7 +37,7 @@ class LLM:
                 scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                           max_model_len=max_model_len, admission=admission,
                                           num_speculative_tokens=num_speculative_tokens),
-                draft_model=draft_model)
+                draft_model=draft_model, debug_invariants=debug_invariants)
         self.engine = LLMEngine(config, cache_dir=Path(cache_dir) if cache_dir else None, progress=progress)
         self.tokenizer = self.engine.tokenizer
         self._counter = 0

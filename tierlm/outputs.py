@@ -1,10 +1,18 @@
-"""Typed results: StepResult (runner -> scheduler) and RequestOutput (engine -> caller)."""
+"""Typed results: TokenLogprob, StepResult (runner -> scheduler) and RequestOutput (engine -> caller)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tierlm.request import TokenLogprob
+
+@dataclass
+class TokenLogprob:
+    """Logprob of a token, the top-N alternatives (token id, logprob), best first, and the
+    token's rank in its distribution (1 = most likely; set for prompt tokens)."""
+
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+    rank: int | None = None
 
 
 @dataclass(frozen=True)
@@ -24,6 +32,10 @@ class StepResult:
     # Speculative decoding: request id -> how many of its draft tokens were accepted (its
     # sampled tokens are those drafts and one more: the correction or a bonus token).
     accepted_drafts: dict[str, int] = field(default_factory=dict)
+    # Structured output: requests whose grammar the sampled token completed (nothing may
+    # follow), and requests whose grammar state failed on it (they end alone, with the error).
+    grammar_complete: set[str] = field(default_factory=set)
+    failed: dict[str, Exception] = field(default_factory=dict)
 
 
 @dataclass

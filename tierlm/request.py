@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
 
+from tierlm.outputs import TokenLogprob
 from tierlm.sampling_params import SamplingParams
 
 
@@ -23,16 +23,6 @@ class RequestStatus(enum.Enum):
     @property
     def finished(self) -> bool:
         return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED)
-
-
-@dataclass
-class TokenLogprob:
-    """Logprob of a token, the top-N alternatives (token id, logprob), best first, and the
-    token's rank in its distribution (1 = most likely; set for prompt tokens)."""
-
-    logprob: float
-    top: list[tuple[int, float]] = field(default_factory=list)
-    rank: int | None = None
 
 
 @dataclass
@@ -55,7 +45,9 @@ class Request:
     block_hashes: list[bytes] = field(default_factory=list)  # chained hashes of full blocks so far
     session_id: str | None = None  # its KV stays in the warm tier for the session TTL after it ends
     tenant: str = "default"  # whose share of the server it uses (policy "fair")
-    grammar: Any = None  # a GrammarState when the output is constrained (structured/grammar.py)
+    # Speculative decoding: draft tokens proposed for this step (spec/proposer.py), taken by
+    # the scheduler when it plans the request's next tokens.
+    draft: list[int] = field(default_factory=list)
     # Logprob of each prompt token given the ones before it (entry 0 stays None), filled as
     # prefill computes them; None when not asked for. Written by position, so a recompute
     # after preemption rewrites the same values.

@@ -40,8 +40,7 @@ def prefill(engine, prompts: list[list[int]]) -> tuple[torch.Tensor, list[list[t
     scheduled = []
     for i, ids in enumerate(prompts):
         assert engine.kv.allocate(f"p{i}", len(ids))
-        scheduled.append(ScheduledRequest(f"p{i}", ids, 0, engine.kv.block_tables(f"p{i}"), True,
-                                          SamplingParams(), 0, ids, []))
+        scheduled.append(ScheduledRequest(f"p{i}", ids, 0, engine.kv.block_tables(f"p{i}"), True, len(ids)))
     try:
         logits, _ = engine.runner.compute_logits(SchedulerOutput(scheduled))
     finally:

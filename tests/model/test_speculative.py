@@ -96,8 +96,8 @@ def test_draft_model_output_identical_to_plain_decoding(tiny_pair, params):
         assert sched.draft_tokens > before  # the draft model really proposed
         sched.check_integrity()
         assert not sched.requests
-        assert not sched.proposer._held  # finished requests released their draft KV
-        assert sched.proposer.kv.pool.num_free == sched.proposer.kv.pool.num_usable
+        assert not spec.engine.proposer._held  # finished requests released their draft KV
+        assert spec.engine.proposer.kv.pool.num_free == spec.engine.proposer.kv.pool.num_usable
 
 
 def test_a_faithful_draft_model_is_accepted_and_saves_steps(tiny_pair):
@@ -117,7 +117,7 @@ def test_draft_model_stops_drafting_at_its_own_context(tiny_pair, tiny_checkpoin
     _, other, _ = tiny_pair
     draft_path, _ = tiny_checkpoint("qwen2")
     reference = LLM(str(draft_path), dtype="float32", cache_dir=cache_dir)
-    proposer = other.engine.scheduler.proposer
+    proposer = other.engine.proposer
     limit = proposer.config.max_position_embeddings
     for length, want in ((limit - 2, 2), (limit - 1, 1), (limit, 0)):
         ids = [3 + i % 300 for i in range(length)]

@@ -4,6 +4,7 @@ engine is rebuilt, and repeated failures leave it dead for the server to exit.""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import pytest
@@ -102,3 +103,46 @@ def test_load_failure_surfaces_in_start():
 
     with pytest.raises(ValueError, match="unknown model"):
         AsyncEngine(broken).start()
+
+
+def test_submitted_requests_count_in_the_load_before_the_engine_takes_them(tiny_llama, monkeypatch):
+    """Routing prices a burst by the requests that arrive with it: a request submitted while
+    the engine thread is inside a long step is in the tier's load at once, not a step later."""
+    engine = LLM(str(tiny_llama[0]), dtype="float32").engine
+    in_step, release = threading.Event(), threading.Event()
+    real_step = engine.step
+
+    def slow_step():
+        in_step.set()
+        release.wait(30)
+        return real_step()
+
+    monkeypatch.setattr(engine, "step", slow_step)
+    ae = AsyncEngine(lambda: engine)
+    ae.start()
+    idle = ae.current_load()
+    assert idle.backlog_tokens == 0 and idle.step_s == idle.idle_step_s
+
+    async def run():
+        first = asyncio.create_task(_generate(ae, "a"))
+        await asyncio.to_thread(in_step.wait, 30)  # the engine thread is now blocked inside a step
+        burst = [asyncio.create_task(_collect(ae, f"b{i}", list(range(5, 45)))) for i in range(3)]
+        await asyncio.sleep(0.05)  # the three are submitted; the engine has not seen them
+        during = ae.current_load()
+        release.set()
+        await asyncio.gather(first, *burst)
+        return during
+
+    try:
+        during = asyncio.run(asyncio.wait_for(run(), timeout=60))
+    finally:
+        release.set()
+        ae.shutdown()
+    assert during.backlog_tokens >= 3 * 40  # the burst's prompts, though no snapshot holds them yet
+    after = ae.current_load()
+    assert after.backlog_tokens == 0 and ae.num_inflight == 0
+
+
+async def _collect(ae: AsyncEngine, rid: str, ids: list[int]) -> list[int]:
+    outs = [o async for o in ae.generate(rid, ids, SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))]
+    return outs[-1].outputs[0].token_ids

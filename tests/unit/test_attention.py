@@ -8,14 +8,13 @@ import torch
 
 from tierlm.attention.torch_ref import TorchPagedAttention, decode_layout
 from tierlm.runner.forward_batch import build
-from tierlm.sampling_params import SamplingParams
 from tierlm.scheduler.output import ScheduledRequest, SchedulerOutput
 
 H, HKV, D, BS = 6, 2, 64, 16
 
 
 def _decode(rid, pos, table):
-    return ScheduledRequest(rid, [1], pos, [table], True, SamplingParams(), 0, [1] * pos, [1])
+    return ScheduledRequest(rid, [1], pos, [table], True, pos)
 
 
 def _setup(dtype):

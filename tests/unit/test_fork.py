@@ -6,8 +6,7 @@ from __future__ import annotations
 from tests.unit.test_scheduler import make, req, step
 from tierlm.kv_cache.block_pool import NULL_BLOCK
 from tierlm.kv_cache.manager import KVCacheManager
-from tierlm.outputs import SampledToken, StepResult
-from tierlm.request import TokenLogprob
+from tierlm.outputs import SampledToken, StepResult, TokenLogprob
 
 
 def test_fork_shares_full_blocks_and_copies_the_partial_one():

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from tierlm.attention.torch_ref import PROMPT_TILE
 from tierlm.runner.forward_batch import build
-from tierlm.sampling_params import SamplingParams
 from tierlm.scheduler.output import ScheduledRequest, SchedulerOutput
 
 
 def sched(rid, tokens, start, tables, sample):
     """`tables`: one block table, or a list of them (one per KV group)."""
     tables = tables if tables and isinstance(tables[0], list) else [tables]
-    return ScheduledRequest(rid, tokens, start, tables, sample, SamplingParams(), 0, tokens, [])
+    return ScheduledRequest(rid, tokens, start, tables, sample, len(tokens))
 
 
 def test_flatten_two_requests():
@@ -38,7 +37,7 @@ def test_flatten_two_requests():
 
 def test_prompt_rows_come_first_whatever_the_schedule_order():
     """A decode scheduled before a prompt chunk still takes a row after every prompt row."""
-    decode = ScheduledRequest("d", [11], 20, [[1, 2]], True, SamplingParams(), 0, [1] * 20, [11])
+    decode = ScheduledRequest("d", [11], 20, [[1, 2]], True, 20)
     out = SchedulerOutput([decode, sched("p", [5, 6, 7], 0, [3], True)])
     b = build(out, block_size=16)
     assert b.prompt_rows == 3
@@ -67,8 +66,8 @@ def test_groups_get_their_own_slots_and_a_window_skips_dead_tiles():
 def test_whole_context_decode_items():
     """One item per decode over the longest context in the step, rounded to a key tile;
     each item masks the keys past its own position."""
-    a = ScheduledRequest("a", [5], 130, [list(range(1, 10))], True, SamplingParams(), 0, [1] * 130, [5])
-    b = ScheduledRequest("b", [6], 20, [[20, 21]], True, SamplingParams(), 0, [1] * 20, [6])
+    a = ScheduledRequest("a", [5], 130, [list(range(1, 10))], True, 130)
+    b = ScheduledRequest("b", [6], 20, [[20, 21]], True, 20)
     (attn,) = build(SchedulerOutput([a, b]), block_size=16, decode_layout=(1, True)).attn
     (tiles,) = attn.tiles
     assert tiles.combine is None and tiles.unseen is None

@@ -8,7 +8,8 @@ import math
 
 import pytest
 
-from tierlm.tenancy.quotas import QuotaExceeded, QuotaLimits, TenantQuota
+from tierlm.config import QuotaLimits
+from tierlm.tenancy.quotas import QuotaExceeded, TenantQuota
 
 
 class Clock:

@@ -10,6 +10,7 @@ from tierlm.outputs import SampledToken, StepResult
 from tierlm.request import Request, RequestStatus
 from tierlm.sampling_params import SamplingParams
 from tierlm.scheduler.scheduler import Scheduler
+from tierlm.spec.proposer import NgramProposer, attach_drafts
 
 EOS = 2
 
@@ -81,9 +82,10 @@ def test_preempted_request_resumes_with_its_tokens():
     for _ in range(60):
         out, _ = step(s)
         for x in out.scheduled:
-            if x.start == 0 and x.output_token_ids:  # recompute covers prompt + sampled tokens
+            outputs = s.requests[x.request_id].output_token_ids if x.request_id in s.requests else []
+            if x.start == 0 and outputs:  # recompute covers prompt + sampled tokens
                 seen_restart = True
-                assert x.token_ids == list(range(10, 16)) + x.output_token_ids[: len(x.token_ids) - 6]
+                assert x.token_ids == list(range(10, 16)) + outputs[: len(x.token_ids) - 6]
         if not s.has_unfinished():
             break
     assert seen_restart and not s.has_unfinished()
@@ -273,6 +275,7 @@ def test_drafts_respect_max_tokens_and_count_only_accepted_tokens_as_computed():
                           max_total_tokens=len(prompt) + 3))
     out = s.schedule()
     s.update(out, StepResult([SampledToken("a", 3, None)]))  # prefill -> first token 3
+    attach_drafts(s, NgramProposer())
     out = s.schedule()
     (sched,) = out.scheduled
     # "2 3" recurs, followed by "1 2": one draft only, as the step may add 2 tokens at most
@@ -292,9 +295,43 @@ def test_rejected_drafts_do_not_count_as_computed():
     s.add(Request("b", prompt, SamplingParams(max_tokens=20), seed=0, arrival_seq=next(_seq),
                   max_total_tokens=len(prompt) + 20))
     s.update(s.schedule(), StepResult([SampledToken("b", 6, None)]))
+    attach_drafts(s, NgramProposer())
     out = s.schedule()
     assert out.scheduled[0].draft_token_ids == (7, 4, 5)  # after "5 6": what followed "4 5 6"
     s.update(out, StepResult([SampledToken("b", 8, None)], accepted_drafts={"b": 0}))  # first draft wrong
     r = s.requests["b"]
     assert r.output_token_ids == [6, 8] and r.num_computed_tokens == r.num_tokens - 1
     s.check_integrity()
+
+
+def test_the_runner_hears_a_requests_fixed_facts_once_then_only_what_changed():
+    """Data-only contract: prompt, settings and seed travel in new_requests on the first
+    scheduled step; later steps carry the output tokens appended since; a preempted
+    request stays known (nothing resent); an ended one is listed once in `finished`."""
+    s = make(num_blocks=64, max_num_batched_tokens=64)
+    s.add(req("a", 5, max_tokens=3))
+    out = s.schedule()
+    (new,) = out.new_requests
+    assert (new.request_id, new.prompt_token_ids, new.output_token_ids) == ("a", list(range(10, 15)), [])
+    assert new.sampling_params.max_tokens == 3 and out.scheduled[0].new_output_token_ids == ()
+    s.update(out, StepResult([SampledToken("a", 7, None)]))
+    out = s.schedule()
+    assert out.new_requests == [] and out.scheduled[0].new_output_token_ids == (7,)
+    assert out.scheduled[0].token_ids == [7] and out.scheduled[0].prompt_len == 5
+    s.update(out, StepResult([SampledToken("a", 8, None)]))
+    s._preempt(s.requests["a"])  # recomputes from scratch: the runner keeps what it knows
+    out = s.schedule()
+    assert out.new_requests == [] and out.scheduled[0].new_output_token_ids == (8,)
+    assert out.scheduled[0].token_ids == list(range(10, 15)) + [7, 8]
+    s.update(out, StepResult([SampledToken("a", 9, None)]))  # max_tokens: finished
+    assert not s.requests and s.ended == ["a"]
+    out = s.schedule()
+    assert out.finished == ["a"] and s.ended == []
+    s.check_integrity()
+
+
+def test_a_request_that_never_ran_is_not_reported_finished():
+    s = make(num_blocks=64)
+    s.add(req("w", 4))
+    s.abort("w")
+    assert s.schedule().finished == []

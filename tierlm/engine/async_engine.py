@@ -32,6 +32,7 @@ from tierlm.engine.llm_engine import LLMEngine
 from tierlm.engine.load import LoadTracker
 from tierlm.outputs import RequestOutput
 from tierlm.sampling_params import SamplingParams
+from tierlm.tenancy.routing import TierLoad
 
 log = logging.getLogger("tierlm.engine")
 
@@ -150,7 +151,11 @@ class AsyncEngine:
         self._stop = threading.Event()
         self._streams: dict[str, _Stream] = {}  # touched by the engine thread only
         self._inflight = 0  # requests accepted and not yet finished
-        self._count_lock = threading.Lock()  # _inflight changes on both threads
+        # Submitted but not yet in a snapshot (the engine thread takes them between steps):
+        # counted at once so that a burst is priced by the requests that arrive with it.
+        self._unseen_requests = 0
+        self._unseen_tokens = 0
+        self._count_lock = threading.Lock()  # these counters change on both threads
         self._thread = threading.Thread(target=self._run, name="tierlm-engine", daemon=True)
 
     @property
@@ -187,6 +192,13 @@ class AsyncEngine:
         if params.guided is not None:
             self.engine.check_guided(params)
 
+    def current_load(self) -> TierLoad:
+        """This tier's load for routing: the last step's snapshot plus what was submitted since."""
+        stats = self.stats
+        with self._count_lock:
+            running, backlog = stats.running + self._unseen_requests, stats.backlog_tokens + self._unseen_tokens
+        return self.load.load(running, backlog)
+
     def check_admission(self, count: int = 1) -> None:
         """Raise if `count` new requests would be refused now (engine down or queue full)."""
         if not self.healthy:
@@ -204,7 +216,10 @@ class AsyncEngine:
         self.check_admission()
         loop = asyncio.get_running_loop()
         stream = _Stream(loop, asyncio.Queue(), RequestTiming(time.perf_counter()), len(ids), tenant)
-        self._count(+1)
+        with self._count_lock:
+            self._inflight += 1
+            self._unseen_requests += 1
+            self._unseen_tokens += len(ids)
         self._commands.put((_Add(request_id, ids, params, priority, cache_salt, session_id, tenant), stream))
         self._wake.set()
         finished = False
@@ -278,12 +293,14 @@ class AsyncEngine:
         return True
 
     def _apply_commands(self) -> None:
+        taken, taken_tokens = 0, 0
         while True:
             try:
                 cmd, stream = self._commands.get_nowait()
             except queue.Empty:
                 break
             if isinstance(cmd, _Add):
+                taken, taken_tokens = taken + 1, taken_tokens + len(cmd.ids)
                 try:
                     self.engine.add_request(cmd.request_id, {"prompt_token_ids": cmd.ids}, cmd.params, cmd.priority,
                                             cmd.cache_salt, cmd.session_id, cmd.tenant)
@@ -300,6 +317,9 @@ class AsyncEngine:
                 self.engine.abort_request(cmd.request_id)
                 self._finish_aborted(cmd.request_id, time.perf_counter())
         self._snapshot()
+        with self._count_lock:  # only now: the snapshot counts them (counted twice for a moment, never missed)
+            self._unseen_requests -= taken
+            self._unseen_tokens -= taken_tokens
 
     def _deliver(self, out: RequestOutput, now: float) -> None:
         stream = self._streams.get(out.request_id)

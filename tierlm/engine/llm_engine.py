@@ -14,7 +14,6 @@ import dataclasses
 import logging
 import os
 import random
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +28,6 @@ from tierlm.kv_cache import prefix_hash
 from tierlm.kv_cache.cold_store import ColdStore
 from tierlm.kv_cache.manager import KVCacheManager
 from tierlm.kv_cache.tiers import KVTiers
-from tierlm.layers.moe import SparseMoE
 from tierlm.loader import model_loader
 from tierlm.outputs import CompletionOutput, RequestOutput
 from tierlm.request import Request, RequestStatus
@@ -38,6 +36,8 @@ from tierlm.runner.model_runner import ModelRunner, kv_block_bytes, layout_for, 
 from tierlm.sampling_params import SamplingParams
 from tierlm.scheduler.scheduler import Scheduler
 from tierlm.spec.draft import DraftModelProposer
+from tierlm.spec.proposer import NgramProposer, Proposer, attach_drafts
+from tierlm.structured.manager import GrammarError, StructuredOutputs
 
 Prompt = str | list[int] | dict
 log = logging.getLogger("tierlm.engine")
@@ -89,7 +89,7 @@ class LLMEngine:
         t0 = time.perf_counter()
         cache_dir = cache_dir or default_cache_dir()
         # Asked only for a model off the kernels (they have no dense products): the one-off probe.
-        probe = lambda: kernel_probe.dense_dtype(config.dense_dtype, config.torch_dtype, cache_dir)  # noqa: E731
+        probe = lambda: kernel_probe.dense_dtype(config.dense_dtype, config.torch_dtype, cache_dir)
         self.loaded = model_loader.load(config.model, dtype=config.torch_dtype, block_size=config.cache.block_size,
                                         deterministic=config.deterministic, cache_dir=cache_dir, progress=progress,
                                         quantization=config.quantization, dense_dtype=probe)
@@ -108,23 +108,22 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, self.kv, self.model_config.eos_token_ids)
         self.scheduler.split_formats = config.deterministic and not self.loaded.kernels and any(
             k != "dense" for k in self.loaded.formats)
+        self.structured = StructuredOutputs(self.tokenizer, self.model_config.vocab_size)
         self.runner = ModelRunner(self.loaded.model, self.model_config, blocks, config.cache.block_size,
-                                  config.torch_dtype, config.deterministic, kernels=self.loaded.kernels)
+                                  config.torch_dtype, config.deterministic, kernels=self.loaded.kernels,
+                                  structured=self.structured)
+        self.proposer: Proposer | None = NgramProposer() if config.scheduler.num_speculative_tokens else None
         if config.draft_model:  # its KV pool: a quarter of the target's (committed only as written)
-            self.scheduler.proposer = DraftModelProposer(
+            self.proposer = DraftModelProposer(
                 config.draft_model, vocab_size=self.model_config.vocab_size, dtype=config.torch_dtype,
                 block_size=config.cache.block_size, kv_cache_gb=config.cache.kv_cache_gb / 4, cache_dir=cache_dir,
                 quantization=config.quantization, dense_dtype=self.dense_dtype)
         if config.cache.enable_prefix_caching:
             self._attach_tiers(config.cache)
-        # (layer index, block) of every sparse MoE block, for per-expert load statistics.
-        self._moe = [(int(name.split(".")[1]), m) for name, m in self.loaded.model.named_modules()
-                     if isinstance(m, SparseMoE)]
-        self._grammars = None  # built on the first constrained request
-        self._grammar_lock = threading.Lock()
         self._rng = random.Random(config.seed)
         self._seq = 0
         self.last_step_size = (0, 0)  # (tokens, requests) the last step computed
+        self.debug_invariants = config.debug_invariants or os.environ.get("TIERLM_DEBUG_INVARIANTS") == "1"
         self._parents: dict[str, _Parent] = {}
         self._child_parent: dict[str, str] = {}
 
@@ -191,9 +190,8 @@ class LLMEngine:
         if hide_logprobs:  # best_of ranks samples by cumulative logprob
             params = dataclasses.replace(params, logprobs=0)
         count = 1 if params.use_beam_search else params.num_sequences  # beams fork as they grow
-        # One grammar state per sample, all made before anything is queued (a bad constraint
-        # must leave no trace).
-        grammars = [self._grammar_state(params) if params.guided is not None else None for _ in range(count)]
+        if params.guided is not None:  # compiled before anything is queued: a bad constraint leaves no trace
+            self.check_guided(params)
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
         children = [request_id] if params.num_sequences == 1 else [f"{request_id}#{i}" for i in range(count)]
         parent = _Parent(text, ids, children, {}, {}, n=params.n, hide_logprobs=hide_logprobs)
@@ -206,7 +204,6 @@ class LLMEngine:
             self._seq += 1
             req = Request(child, ids, params, seed=seed + i, arrival_seq=self._seq, priority=priority,
                           max_total_tokens=total, cache_root=root, session_id=session_id, tenant=tenant,
-                          grammar=grammars[i],
                           # the samples share the prompt: the first one scores it for all
                           prompt_logprobs=[None] * len(ids) if params.prompt_logprobs is not None and i == 0
                           else None)
@@ -227,21 +224,10 @@ class LLMEngine:
 
     def check_guided(self, params: SamplingParams) -> None:
         """Compile (and cache) a request's output constraint; InvalidRequest if it cannot."""
-        self._grammar_state(params)
-
-    def _grammar_state(self, params: SamplingParams):
-        """A fresh grammar state for a constrained request (compiled specs are cached)."""
-        from tierlm.structured.grammar import GrammarCompiler, GrammarError
-
-        with self._grammar_lock:  # the server compiles on its event loop, the engine thread on add
-            if self._grammars is None:  # the grammar engine's view of the tokenizer, built once per model
-                from tierlm.structured.llguidance_backend import LLGuidanceBackend
-
-                self._grammars = GrammarCompiler(LLGuidanceBackend(self.tokenizer, self.model_config.vocab_size))
-            try:
-                return self._grammars.state_for(params.guided)
-            except GrammarError as e:
-                raise InvalidRequest(str(e), param="response_format") from None
+        try:
+            self.structured.check(params.guided)
+        except GrammarError as e:
+            raise InvalidRequest(str(e), param="response_format") from None
 
     def abort_request(self, request_id: str) -> None:
         parent = self._parents.pop(request_id, None)
@@ -250,6 +236,13 @@ class LLMEngine:
         for child in parent.requests:
             self.scheduler.abort(child)
             self._child_parent.pop(child, None)
+        self._release_drafts()
+
+    def _release_drafts(self) -> None:
+        """The proposer forgets requests that ended (its draft KV goes back at once)."""
+        if self.proposer is not None:
+            for rid in self.scheduler.ended:
+                self.proposer.release(rid)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._parents)
@@ -290,11 +283,13 @@ class LLMEngine:
 
     def moe_expert_tokens(self) -> dict[int, list[int]]:
         """Tokens routed to each expert since load, per MoE layer (empty for dense models)."""
-        return {layer: m.expert_tokens.tolist() for layer, m in self._moe}
+        return self.runner.moe_expert_tokens()
 
     # ---- stepping ----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one scheduler step; returns outputs for every request that changed."""
+        if self.proposer is not None:
+            attach_drafts(self.scheduler, self.proposer)
         out = self.scheduler.schedule()
         self.last_step_size = (sum(len(s.token_ids) for s in out.scheduled), len(out.scheduled))
         result = self.runner.execute(out)
@@ -329,7 +324,17 @@ class LLMEngine:
         for pid in touched:
             outputs += self._guarded(pid, failures, self._output)
         outputs += [self._fail(pid, e) for pid, e in failures.items() if pid in self._parents]
+        self._release_drafts()
+        if self.debug_invariants:
+            self.check_integrity()
         return outputs
+
+    def check_integrity(self) -> None:
+        """The scheduler's, KV cache's and the engine's own bookkeeping invariants (AssertionError)."""
+        self.scheduler.check_integrity()
+        live = {c for p in self._parents.values() for c in p.requests}
+        assert set(self.scheduler.requests) <= live, "the scheduler holds a request no caller owns"
+        assert set(self._child_parent) == live, "child -> parent index disagrees with the parents"
 
     def _apply_output_token(self, parent: _Parent, tok, stopped: set[str]) -> str | None:
         """Detokenize one kept token and apply stop strings. Returns "beam" (the round

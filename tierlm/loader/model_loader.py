@@ -14,7 +14,7 @@ from tierlm import kernels
 from tierlm.attention.kernel import KernelPagedAttention
 from tierlm.attention.torch_ref import TorchPagedAttention
 from tierlm.config import ConfigError, ModelConfig
-from tierlm.kernels import BlockEmbedding, BlockWeight, Blocks
+from tierlm.kernels import BlockEmbedding, Blocks, BlockWeight
 from tierlm.kernels.reference import FORMATS as kernel_formats
 from tierlm.layers import quant
 from tierlm.layers.linear import Linear

@@ -10,19 +10,18 @@ w1/w2/w3) renamed, so one model file serves every source.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
-
-import warnings
 
 import numpy as np
 import torch
 
 from tierlm.config import ModelConfig
-from tierlm.layers import quant
 from tierlm.kernels import Blocks
 from tierlm.kernels import reference as ref
 from tierlm.kernels.reference import FORMATS as kernel_formats
+from tierlm.layers import quant
 from tierlm.layers.quant import Q4
 from tierlm.loader.gguf import BF16, F16, F32, GGUFFile
 

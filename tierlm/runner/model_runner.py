@@ -1,14 +1,16 @@
 """ModelRunner: owns the model's KV cache tensors and runs one scheduled step.
 
-SchedulerOutput -> forward_batch.build -> model forward -> sampler -> draft verification
-(speculative decoding) -> StepResult.
+SchedulerOutput -> (per-request state updated: new requests, new output tokens, finished
+ones forgotten; KV tier saves and loads, block copies) -> forward_batch.build -> model
+forward -> sampler (grammar masks) -> draft verification (speculative decoding) ->
+grammar states advanced -> StepResult.
 """
 
 from __future__ import annotations
 
 import math
 import mmap
-from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -16,14 +18,14 @@ from torch import nn
 from tierlm.attention import torch_ref
 from tierlm.config import CacheConfig, ModelConfig
 from tierlm.kv_cache import layout as kv_layout
+from tierlm.layers.moe import SparseMoE
 from tierlm.models.fused import FusedDecoder
-from tierlm.outputs import SampledToken, StepResult
-from tierlm.request import TokenLogprob
+from tierlm.outputs import SampledToken, StepResult, TokenLogprob
 from tierlm.runner import forward_batch
 from tierlm.sampling import sampler
 from tierlm.sampling_params import SamplingParams
-from tierlm.scheduler.output import ScheduledRequest, SchedulerOutput
-from tierlm.structured import grammar
+from tierlm.scheduler.output import NewRequest, ScheduledRequest, SchedulerOutput
+from tierlm.structured.manager import StructuredOutputs
 
 
 def layout_for(cfg: ModelConfig) -> kv_layout.KVLayout:
@@ -56,10 +58,23 @@ def lazily_zeroed(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return torch.frombuffer(pages, dtype=torch.uint8, count=nbytes).view(dtype).view(shape)  # keeps `pages`
 
 
+@dataclass
+class _RequestState:
+    """What the runner keeps per request between steps (from NewRequest and the deltas)."""
+
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    sampling_params: SamplingParams
+    seed: int
+
+
 class ModelRunner:
     def __init__(self, model: nn.Module, cfg: ModelConfig, num_blocks: int, block_size: int,
-                 dtype: torch.dtype, deterministic: bool = True, kernels: bool = False) -> None:
+                 dtype: torch.dtype, deterministic: bool = True, kernels: bool = False,
+                 structured: StructuredOutputs | None = None) -> None:
         self.model = model
+        self.structured = structured  # grammar states of constrained requests (None: unconstrained only)
+        self._requests: dict[str, _RequestState] = {}
         # Deterministic: a row's weight format follows its role (prompt rows dense, generated
         # rows quantized); otherwise each layer picks by its row count. A model on the
         # kernels (`kernels`) is deterministic by construction: one format, one layout.
@@ -80,10 +95,15 @@ class ModelRunner:
         group = cfg.num_heads // cfg.num_kv_heads
         self.decode_layout = (torch_ref.decode_layout(group, cfg.num_kv_heads, cfg.head_dim, dtype)
                               if deterministic and not kernels else (1, True))
-        self._mask_worker: ThreadPoolExecutor | None = None
         # On the kernels, a whole step runs on the fused kernels where the model allows it.
         self.fused = (FusedDecoder(model, self.kv_caches, self.layer_group)
                       if kernels and FusedDecoder.supports(model) else None)
+        # (layer index, block) of every sparse MoE block, for per-expert load statistics.
+        self._moe = [(int(name.split(".")[1]), m) for name, m in model.named_modules() if isinstance(m, SparseMoE)]
+
+    def moe_expert_tokens(self) -> dict[int, list[int]]:
+        """Tokens routed to each expert since load, per MoE layer (empty for dense models)."""
+        return {layer: m.expert_tokens.tolist() for layer, m in self._moe}
 
     def read_block(self, block: int) -> torch.Tensor:
         """A copy of one block's K/V pages, flat: [2 * group_size, page elements]."""
@@ -118,24 +138,9 @@ class ModelRunner:
         """Logits [len(ids), vocab] for a whole sequence computed from position 0, the
         positions from `prompt_len` on as generated tokens."""
         cut = len(ids) if prompt_len is None else prompt_len
-        sched = ScheduledRequest("score", ids, 0, block_tables, False, SamplingParams(), 0, ids[:cut], ids[cut:])
+        sched = ScheduledRequest("score", ids, 0, block_tables, False, cut)
         batch = self._build(SchedulerOutput([sched]))
         return self._forward(batch, torch.arange(len(ids)))
-
-    def _grammar_masks(self, states: list) -> Future | None:
-        """Start computing the constrained rows' token masks ({row: bool [V]}) on a worker
-        thread, so they overlap the forward pass (the grammar engine releases the GIL)."""
-        constrained = [(k, g) for k, g in enumerate(states) if g is not None]
-        if not constrained:
-            return None
-        if self._mask_worker is None:
-            self._mask_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tierlm-grammar")
-
-        def compute() -> dict[int, torch.Tensor]:
-            masks = grammar.allowed_masks([g for _, g in constrained])
-            return {k: masks[j] for j, (k, _) in enumerate(constrained)}
-
-        return self._mask_worker.submit(compute)
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy whole blocks (every page a block id indexes): forked requests' partial blocks."""
@@ -143,28 +148,69 @@ class ModelRunner:
             for t in self._pages:
                 t[dst].copy_(t[src])
 
+    def _track(self, out: SchedulerOutput) -> None:
+        """Bring the per-request state up to date with this step's contract."""
+        for rid in out.finished:
+            self._requests.pop(rid, None)
+            if self.structured is not None:
+                self.structured.forget(rid)
+        for new in out.new_requests:
+            self._start(new)
+        for s in out.scheduled:
+            if s.new_output_token_ids:
+                self._requests[s.request_id].output_token_ids.extend(s.new_output_token_ids)
+
+    def _start(self, new: NewRequest) -> None:
+        p = new.sampling_params
+        self._requests[new.request_id] = _RequestState(new.prompt_token_ids, list(new.output_token_ids), p, new.seed)
+        if p.guided is not None:
+            if self.structured is None:
+                raise RuntimeError("a constrained request reached a runner without structured outputs")
+            self.structured.start(new.request_id, p.guided)
+
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> StepResult:
+        self._track(out)
         self.copy_blocks(out.block_copies)  # before the forward writes either block
         if not out.scheduled:
             return StepResult()
         batch = self._build(out)
         ids = batch.sample_request_ids
         by_id = {s.request_id: s for s in out.scheduled}
-        masks = self._grammar_masks([by_id[i].grammar for i in ids])
-        score_rows, targets = _prompt_scoring_rows(out, batch.prompt_row_starts)
+        masks = self.structured.masks(ids) if self.structured is not None else None
+        score_rows, targets = _prompt_scoring_rows(out, batch.prompt_row_starts, self._requests)
         logits = self._forward(batch, torch.cat([batch.logits_indices, torch.tensor(score_rows, dtype=torch.long)]))
         scored = _score_prompt(logits[len(ids):], targets)
         logits = logits[: len(ids)]
         allowed = masks.result() if masks is not None else {}
         # A draft row samples as if the drafts before it were already output (same history,
         # same draw index), i.e. exactly what decoding without drafts would do there.
-        rows = [sampler.SamplingRow(by_id[i].sampling_params, by_id[i].seed, by_id[i].prompt_token_ids,
-                                    by_id[i].output_token_ids + list(by_id[i].draft_token_ids[:j]), allowed.get(k))
-                for k, (i, j) in enumerate(zip(ids, batch.sample_offsets))]
+        rows = []
+        for k, (i, j) in enumerate(zip(ids, batch.sample_offsets)):
+            st = self._requests[i]
+            rows.append(sampler.SamplingRow(st.sampling_params, st.seed, st.prompt_token_ids,
+                                            st.output_token_ids + list(by_id[i].draft_token_ids[:j]), allowed.get(k)))
         drawn = sampler.sample(logits, rows, self.cfg.eos_token_ids)
         sampled, accepted = _verify(ids, drawn, by_id)
-        return StepResult(sampled, scored, accepted)
+        complete, failed = self._advance_grammars(sampled)
+        return StepResult(sampled, scored, accepted, complete, failed)
+
+    def _advance_grammars(self, sampled: list[SampledToken]) -> tuple[set[str], dict[str, Exception]]:
+        """Feed each constrained request's sampled token to its grammar: the requests whose
+        grammar is now complete, and those whose grammar state failed (they end alone)."""
+        complete: set[str] = set()
+        failed: dict[str, Exception] = {}
+        if self.structured is None:
+            return complete, failed
+        for tok in sampled:
+            if not self.structured.constrained(tok.request_id):
+                continue
+            try:
+                if self.structured.accept(tok.request_id, tok.token_id):
+                    complete.add(tok.request_id)
+            except Exception as e:  # noqa: BLE001 - one request's own state failed
+                failed[tok.request_id] = e
+        return complete, failed
 
 
 def _verify(ids: list[str], drawn: list, by_id: dict[str, ScheduledRequest]
@@ -189,7 +235,7 @@ def _verify(ids: list[str], drawn: list, by_id: dict[str, ScheduledRequest]
     return sampled, accepted
 
 
-def _prompt_scoring_rows(out: SchedulerOutput, starts: tuple[int, ...]
+def _prompt_scoring_rows(out: SchedulerOutput, starts: tuple[int, ...], states: dict[str, _RequestState]
                          ) -> tuple[list[int], list[tuple[str, int, int, int]]]:
     """Rows whose logits score the next prompt token, and per row (request id, position of
     the scored token, its id, top-N). Position p's logits score prompt token p + 1; the
@@ -198,10 +244,11 @@ def _prompt_scoring_rows(out: SchedulerOutput, starts: tuple[int, ...]
     targets: list[tuple[str, int, int, int]] = []
     for s, row0 in zip(out.scheduled, starts):
         if s.prompt_logprobs is not None:
-            end = min(s.start + len(s.token_ids), len(s.prompt_token_ids) - 1)
+            prompt = states[s.request_id].prompt_token_ids
+            end = min(s.start + len(s.token_ids), len(prompt) - 1)
             for p in range(s.start, end):
                 rows.append(row0 + p - s.start)
-                targets.append((s.request_id, p + 1, s.prompt_token_ids[p + 1], s.prompt_logprobs))
+                targets.append((s.request_id, p + 1, prompt[p + 1], s.prompt_logprobs))
     return rows, targets
 
 

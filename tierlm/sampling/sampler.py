@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tierlm.request import TokenLogprob
+from tierlm.outputs import TokenLogprob
 from tierlm.sampling_params import SamplingParams
 
 _MASK64 = (1 << 64) - 1

@@ -1,21 +1,41 @@
-"""SchedulerOutput: the behaviour-free contract from scheduler to model runner."""
+"""SchedulerOutput: the behaviour-free contract from scheduler to model runner.
+
+Data only: ids, token ids, block numbers and sampling settings, never a live object. A
+request's fixed facts (prompt, sampling settings, seed) travel once, in `new_requests`,
+the first step it is scheduled; after that each step carries only what changed: the
+tokens to compute, the output tokens appended since, its block tables. The runner keeps
+its own per-request state from these (sampling history, grammar state) and drops it
+for the ids in `finished`.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from tierlm.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class NewRequest:
+    """What the runner keeps for a request from its first scheduled step on."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]  # generated before it first ran here (a forked beam's)
+    sampling_params: SamplingParams
+    seed: int
 
 
 @dataclass(frozen=True)
 class ScheduledRequest:
     """Compute `token_ids` at positions start..start+len-1 for one request.
 
-    `block_tables` holds one table per KV group (see kv_cache/layout.py).
-    `sample` is set when these tokens reach the end of the request's known tokens, so
-    the last one's logits produce its next token (draw index `num_output_tokens`); with
-    drafts, the last known token's and every draft's logits are sampled.
+    `block_tables` holds one table per KV group (see kv_cache/layout.py); positions below
+    `prompt_len` are prompt positions. `sample` is set when these tokens reach the end of
+    the request's known tokens, so the last one's logits produce its next token (draw
+    index: the number of output tokens); with drafts, the last known token's and every
+    draft's logits are sampled. `new_output_token_ids` were appended to the request's
+    output since the runner last heard of it (sampling history: penalties, draws).
     """
 
     request_id: str
@@ -23,20 +43,36 @@ class ScheduledRequest:
     start: int
     block_tables: list[list[int]]
     sample: bool
-    sampling_params: SamplingParams
-    seed: int
-    prompt_token_ids: list[int]
-    output_token_ids: list[int]
-    grammar: Any = None  # the request's GrammarState when its output is constrained
+    prompt_len: int
+    new_output_token_ids: tuple[int, ...] = ()
     # Draft tokens (speculative decoding) after the last known token: `token_ids` ends with
     # them, and the runner samples at every one of those positions to verify them.
     draft_token_ids: tuple[int, ...] = ()
+    prompt_logprobs: int | None = None  # score the prompt tokens in this chunk (top-N alternatives)
 
     @property
     def num_prompt_tokens(self) -> int:
         """How many of `token_ids` sit at prompt positions (the rest are generated tokens)."""
-        return min(max(len(self.prompt_token_ids) - self.start, 0), len(self.token_ids))
-    prompt_logprobs: int | None = None  # score the prompt tokens in this chunk (top-N alternatives)
+        return min(max(self.prompt_len - self.start, 0), len(self.token_ids))
+
+
+@dataclass(frozen=True)
+class BlockSave:
+    """Keep a cached block's pages before the block is reused: read `block` (this step,
+    before anything writes it) and hand the pages to the warm tier under `key`."""
+
+    block: int
+    key: tuple
+
+
+@dataclass(frozen=True)
+class BlockLoad:
+    """Write a cached block's pages into `block` before the forward: `data` (from the warm
+    or cold tier), or, when None, the pages this step's BlockSave of `key` read."""
+
+    block: int
+    key: tuple
+    data: object = None  # a host tensor, [2 * group_size, page elements]
 
 
 @dataclass(frozen=True)
@@ -46,6 +82,11 @@ class SchedulerOutput:
     # (src, dst) KV blocks to copy before this step's forward: the partial last block of
     # a forked request (copy-on-write; see KVCacheManager.fork).
     block_copies: list[tuple[int, int]] = field(default_factory=list)
+    new_requests: list[NewRequest] = field(default_factory=list)
+    finished: list[str] = field(default_factory=list)  # ids the runner may forget (before new_requests)
+    # KV tier traffic, in this order before copies and the forward: saves, then loads.
+    block_saves: list[BlockSave] = field(default_factory=list)
+    block_loads: list[BlockLoad] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:

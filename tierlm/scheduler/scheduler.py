@@ -15,11 +15,11 @@ the next SchedulerOutput). The samples of an n > 1 / best_of request are parked 
 first one has computed its prompt, then forked from it. Beam-search requests report
 their candidate tokens instead of appending one (the engine chooses and appends), and
 sit in `running` with nothing to compute until it does. With speculative decoding on, a
-decoding request also computes draft tokens after its last one: n-gram lookups
-(spec/ngram.py), or a draft model's (`proposer`, spec/draft.py: asked once per step for
-every decoding request); the runner reports how many it accepted and only those count
-as computed. The scheduler
-never touches tensors: it is tested with fabricated StepResults.
+decoding request also computes the draft tokens proposed for it before the step
+(`Request.draft`, spec/proposer.py) as far as the budget allows; the runner reports how
+many it accepted and only those count as computed. The scheduler never touches tensors
+or live model state: its output is data (scheduler/output.py), a request's fixed facts
+sent once and then only what changed; it is tested with fabricated StepResults.
 """
 
 from __future__ import annotations
@@ -33,9 +33,8 @@ from tierlm.outputs import SampledToken, StepResult
 from tierlm.request import Request, RequestStatus
 from tierlm.scheduler.admission import OutputLengthHistory, peak_blocks
 from tierlm.scheduler.fair import VirtualTokenCounter
-from tierlm.scheduler.output import ScheduledRequest, SchedulerOutput
+from tierlm.scheduler.output import NewRequest, ScheduledRequest, SchedulerOutput
 from tierlm.scheduler.policy import POLICIES
-from tierlm.spec import ngram
 
 
 class Scheduler:
@@ -52,8 +51,8 @@ class Scheduler:
         # Prompt and generated tokens run on different weight formats: hash their blocks apart.
         self.split_formats = False
         self._drafts: dict[str, list[int]] = {}  # this step's draft tokens per request
-        self.proposer = None  # a draft model (spec/draft.py); None = n-gram lookup
-        self._proposed: dict[str, list[int]] = {}  # the draft model's proposals this step
+        self._sent: dict[str, int] = {}  # requests the runner knows -> output tokens it has heard of
+        self._finished: list[str] = []  # ended since the last SchedulerOutput (the runner forgets them)
         self.applied: list[SampledToken] = []  # the last update's tokens that were kept
         self.failed: dict[str, Exception] = {}  # the last update's requests whose own state failed
         self.draft_tokens = 0  # speculative tokens proposed / accepted since start
@@ -133,12 +132,17 @@ class Scheduler:
         if req.session_id is not None:  # the next turn starts from this KV
             self.kv.pin(req.block_hashes[: req.num_computed_tokens // self.kv.block_size])
         self.kv.free(request_id)
-        if self.proposer is not None:
-            self.proposer.release(request_id)
+        if self._sent.pop(request_id, None) is not None:
+            self._finished.append(request_id)
         req.status = status
         if stop_reason is not None:
             req.stop_reason = stop_reason
         return req
+
+    @property
+    def ended(self) -> list[str]:
+        """Requests the runner knew that ended since the last schedule() (it forgets them then)."""
+        return self._finished
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
@@ -146,10 +150,6 @@ class Scheduler:
     # ---- one step ----------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         self._drafts.clear()  # drafts of requests preempted before they ran
-        if self.proposer is not None and self.config.num_speculative_tokens:
-            batch = [(r.request_id, r.all_token_ids, self._draft_limit(r)) for r in self.running
-                     if r.num_tokens - r.num_computed_tokens == 1]
-            self._proposed = self.proposer.propose(batch)
         budget = self.config.max_num_batched_tokens
         plan: list[tuple[Request, int]] = []
         preempted: list[str] = []
@@ -194,7 +194,12 @@ class Scheduler:
         if seat is not None:
             preempted.append(seat.request_id)
         copies, self._copies = self._copies, []
-        return SchedulerOutput([self._scheduled(r, n) for r, n in plan], preempted, copies)
+        for req in self.running:
+            req.draft = []  # proposals are for this step only
+        new: list[NewRequest] = []
+        scheduled = [self._scheduled(r, n, new) for r, n in plan]
+        finished, self._finished = self._finished, []
+        return SchedulerOutput(scheduled, preempted, copies, new, finished)
 
     def _advance(self, budget: int, plan: list[tuple[Request, int]], preempted: list[str],
                  skip: frozenset[str] = frozenset()) -> int:
@@ -301,12 +306,17 @@ class Scheduler:
             generated_from = len(req.prompt_token_ids) if self.split_formats else None
             prefix_hash.extend(req.block_hashes, req.all_token_ids, bs, req.cache_root, generated_from)
 
-    def _draft_limit(self, req: Request) -> int:
-        """How many draft tokens a decoding request may take: none for beams, constrained
-        outputs or prompt scoring, and never past max_tokens or the context (the last
-        sampled token would have nowhere to go)."""
+    def decoding(self) -> list[Request]:
+        """Running requests with exactly one token to compute: those that may take drafts."""
+        return [r for r in self.running if r.num_tokens - r.num_computed_tokens == 1]
+
+    def draft_limit(self, req: Request) -> int:
+        """How many draft tokens a decoding request may take: none without speculative
+        decoding, for beams, constrained outputs or prompt scoring, and never past
+        max_tokens or the context (the last sampled token would have nowhere to go)."""
         p = req.sampling_params
-        if p.use_beam_search or req.grammar is not None or req.prompt_logprobs is not None:
+        if (not self.config.num_speculative_tokens or p.use_beam_search or p.guided is not None
+                or req.prompt_logprobs is not None):
             return 0
         k = min(self.config.num_speculative_tokens, req.max_total_tokens - req.num_tokens - 1)
         if p.max_tokens is not None:
@@ -314,30 +324,35 @@ class Scheduler:
         return k
 
     def _draft(self, req: Request, room: int) -> int:
-        """Propose draft tokens for a decoding request (kept for this step); returns how many."""
-        k = min(self._draft_limit(req), room)
+        """Take the request's proposed drafts as far as `room` and its limit allow (kept for
+        this step); returns how many."""
+        k = min(self.draft_limit(req), room)
         if k <= 0:
             return 0
-        if self.proposer is not None:
-            draft = self._proposed.get(req.request_id, [])[:k]
-        else:
-            draft = ngram.propose(req.all_token_ids, k)
+        draft = req.draft[:k]
         if draft:
             self._drafts[req.request_id] = draft
         return len(draft)
 
-    def _scheduled(self, req: Request, n: int) -> ScheduledRequest:
+    def _scheduled(self, req: Request, n: int, new: list[NewRequest]) -> ScheduledRequest:
+        """The step's data for `req`; the first time the runner sees it, its fixed facts go to `new`."""
+        rid = req.request_id
         start = req.num_computed_tokens
-        draft = self._drafts.pop(req.request_id, [])
-        tokens = req.all_token_ids[start : start + n - len(draft)] + draft
-        scoring = req.prompt_logprobs is not None and start < len(req.prompt_token_ids) - 1
-        return ScheduledRequest(req.request_id, tokens, start, self.kv.block_tables(req.request_id),
-                                sample=start + n - len(draft) == req.num_tokens and req.sampling_params.max_tokens != 0,
-                                sampling_params=req.sampling_params, seed=req.seed,
-                                prompt_token_ids=req.prompt_token_ids, output_token_ids=list(req.output_token_ids),
-                                grammar=req.grammar,
-                                prompt_logprobs=req.sampling_params.prompt_logprobs if scoring else None,
-                                draft_token_ids=tuple(draft))
+        draft = self._drafts.pop(rid, [])
+        prompt, outputs = req.prompt_token_ids, req.output_token_ids
+        end = start + n - len(draft)  # known tokens computed this step
+        tokens = (prompt[start:end] if end <= len(prompt) else req.all_token_ids[start:end]) + draft
+        heard = self._sent.get(rid)
+        if heard is None:
+            new.append(NewRequest(rid, prompt, list(outputs), req.sampling_params, req.seed))
+            heard = len(outputs)
+        self._sent[rid] = len(outputs)
+        scoring = req.prompt_logprobs is not None and start < len(prompt) - 1
+        return ScheduledRequest(rid, tokens, start, self.kv.block_tables(rid),
+                                sample=end == req.num_tokens and req.sampling_params.max_tokens != 0,
+                                prompt_len=len(prompt), new_output_token_ids=tuple(outputs[heard:]),
+                                draft_token_ids=tuple(draft),
+                                prompt_logprobs=req.sampling_params.prompt_logprobs if scoring else None)
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
@@ -375,7 +390,8 @@ class Scheduler:
                 self._release_parked(req, fork=True)
             if req.sampling_params.max_tokens == 0 and req.num_computed_tokens == req.num_tokens:
                 finished.append(self.finish(req.request_id, RequestStatus.FINISHED_LENGTH))  # prompt scored
-        self.failed = {}
+        # One request's own state (its grammar) failed on its token: it ends alone (the engine says why).
+        self.failed = {rid: e for rid, e in result.failed.items() if rid in self.requests}
         for tok in result.sampled:
             req = self.requests.get(tok.request_id)
             if req is None or req.request_id in self.failed:
@@ -383,17 +399,14 @@ class Scheduler:
             if self.vtc is not None:
                 self.vtc.charge(req.tenant, output_tokens=1)
             self.applied.append(tok)
-            try:
-                done = self._apply_token(req, tok)
-            except Exception as e:  # noqa: BLE001 - one request's own state (e.g. its grammar) failed
-                self.failed[req.request_id] = e
-                continue
+            done = self._apply_token(req, tok, tok.request_id in result.grammar_complete)
             if done is not None:
                 finished.append(done)
         return finished
 
-    def _apply_token(self, req: Request, tok) -> Request | None:
-        """Append one sampled token to `req` and apply its stop rules; returns `req` if it finished."""
+    def _apply_token(self, req: Request, tok, grammar_complete: bool) -> Request | None:
+        """Append one sampled token to `req` and apply its stop rules (`grammar_complete`:
+        its output constraint allows nothing after it); returns `req` if it finished."""
         if req.sampling_params.use_beam_search:
             req.beam_candidates = tok.logprob.top  # the engine picks and appends
             return None
@@ -401,10 +414,8 @@ class Scheduler:
         if tok.logprob is not None:
             req.output_logprobs.append(tok.logprob)
         status, reason = self._stop_check(req, tok.token_id)
-        if status is None and req.grammar is not None:
-            req.grammar.accept(tok.token_id)  # the sampler only offered tokens it allows
-            if req.grammar.is_finished():  # nothing may follow: the output is complete
-                status = RequestStatus.FINISHED_STOPPED
+        if status is None and grammar_complete:  # nothing may follow: the output is complete
+            status = RequestStatus.FINISHED_STOPPED
         return self.finish(req.request_id, status, reason) if status is not None else None
 
     def _stop_check(self, req: Request, token: int) -> tuple[RequestStatus | None, int | None]:
@@ -421,6 +432,7 @@ class Scheduler:
 
     def check_integrity(self) -> None:
         self.kv.check_integrity()
+        assert set(self._sent) <= set(self.requests), "the runner is told of a request that ended"
         assert set(self.kv.tables) <= {r.request_id for r in self.running}
         parked = sum(len(c) for c in self.parked.values())
         assert len(self.running) + len(self.waiting) + parked == len(self.requests)

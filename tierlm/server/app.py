@@ -20,10 +20,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from tierlm.server import chat, completions, errors, limits, schemas
-from tierlm.server.common import ServerState
 from tierlm.server.errors import envelope
 from tierlm.server.metrics import Metrics
 from tierlm.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from tierlm.server.state import ServerState
 
 log = logging.getLogger("tierlm.server")
 

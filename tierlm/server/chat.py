@@ -10,12 +10,12 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from tierlm.loader.chat_template import ChatTemplateError, references
-from tierlm.outputs import CompletionOutput, RequestOutput
-from tierlm.request import TokenLogprob
-from tierlm.server import common, route, tool_parser, tools
-from tierlm.server.common import ServerState, Tier, sse
+from tierlm.outputs import CompletionOutput, RequestOutput, TokenLogprob
+from tierlm.server import fields, route, streaming, tool_parser, tools
 from tierlm.server.errors import APIError, bad_request
 from tierlm.server.protocol import ChatCompletionRequest, ChatMessage
+from tierlm.server.state import ServerState, Tier
+from tierlm.server.streaming import sse
 from tierlm.server.tool_parser import ChoiceStream
 from tierlm.server.tools import ToolPlan
 
@@ -56,7 +56,7 @@ async def create(request: Request, req: ChatCompletionRequest, state: ServerStat
     tool_plan = tools.plan(req)
     if req.prompt_logprobs is not None and req.stream:
         raise bad_request("prompt_logprobs is not supported with stream", "prompt_logprobs")
-    params = common.sampling_params(req, max_tokens=max_tokens,
+    params = fields.sampling_params(req, max_tokens=max_tokens,
                                     logprobs=(req.top_logprobs or 0) if req.logprobs else None,
                                     prompt_logprobs=req.prompt_logprobs)
     if tool_plan.forced:
@@ -69,30 +69,30 @@ async def create(request: Request, req: ChatCompletionRequest, state: ServerStat
                                 lambda t: [render(t, req.messages, req.add_generation_prompt, tool_plan)])
     tier, ids = routed.tier, routed.prompts[0]
     try:
-        await common.validate(tier, ids, params)
+        await streaming.validate(tier, ids, params)
     except APIError as e:
         if tool_plan.forced and e.param == "response_format":  # the constraint came from the tools
             e.param = "tools"
         raise
-    common.admit(tier)
+    streaming.admit(tier)
     lease = route.reserve(state, tenant, routed, params)
-    rid = common.new_id("chatcmpl")
-    gen = common.merged(tier, rid, [ids], params, req.priority, req.cache_salt, req.session_id, lease)
-    base = {"id": rid, "object": "chat.completion", "created": common.now(), "model": tier.model_name}
+    rid = streaming.new_id("chatcmpl")
+    gen = streaming.merged(tier, rid, [ids], params, req.priority, req.cache_salt, req.session_id, lease)
+    base = {"id": rid, "object": "chat.completion", "created": streaming.now(), "model": tier.model_name}
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         events = _stream(tier, req, tool_plan, gen, {**base, "object": "chat.completion.chunk"}, len(ids),
                          include_usage)
-        body = common.framed(events, gen)
+        body = streaming.framed(events, gen)
         return StreamingResponse(body, media_type="text/event-stream",
                                  headers=lease.headers())
-    out = (await common.collect(request, gen))[0]
+    out = (await streaming.collect(request, gen))[0]
     as_ids = req.return_tokens_as_token_ids
     choices = [{"index": c.index, **_reply(tool_plan, c),
                 "logprobs": _logprobs(tier, c.token_ids, c.logprobs or [], as_ids) if req.logprobs else None,
                 "stop_reason": c.stop_reason} for c in out.outputs]
     completion_tokens = sum(len(c.token_ids) for c in out.outputs)
-    body = {**base, "choices": choices, "usage": common.usage(len(ids), completion_tokens, out.num_cached_tokens)}
+    body = {**base, "choices": choices, "usage": streaming.usage(len(ids), completion_tokens, out.num_cached_tokens)}
     if req.prompt_logprobs is not None:
         body["prompt_logprobs"] = _prompt_logprobs(tier, ids, out.prompt_logprobs)
     return JSONResponse(body, headers=lease.headers())
@@ -155,4 +155,4 @@ async def _stream(tier: Tier, req: ChatCompletionRequest, p: ToolPlan,
             if c.finish_reason:
                 completion_tokens += len(c.token_ids)
     if include_usage:
-        yield sse({**base, "choices": [], "usage": common.usage(prompt_tokens, completion_tokens, cached)})
+        yield sse({**base, "choices": [], "usage": streaming.usage(prompt_tokens, completion_tokens, cached)})

@@ -11,12 +11,12 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from tierlm.outputs import RequestOutput
-from tierlm.request import TokenLogprob
-from tierlm.server import common, limits, route
-from tierlm.server.common import ServerState, Tier, sse
+from tierlm.outputs import RequestOutput, TokenLogprob
+from tierlm.server import fields, limits, route, streaming
 from tierlm.server.errors import bad_request
 from tierlm.server.protocol import CompletionRequest
+from tierlm.server.state import ServerState, Tier
+from tierlm.server.streaming import sse
 
 
 def _prompt_items(req: CompletionRequest, sequences: int) -> list[str | list[int]]:
@@ -67,7 +67,7 @@ async def create(request: Request, req: CompletionRequest, state: ServerState):
     if req.max_tokens is not None and req.max_tokens < (0 if scoring else 1):
         raise bad_request("max_tokens must be >= 1 (0 is allowed with echo and logprobs, to score the prompt)",
                           "max_tokens")
-    params = common.sampling_params(req, max_tokens=req.max_tokens, logprobs=req.logprobs,
+    params = fields.sampling_params(req, max_tokens=req.max_tokens, logprobs=req.logprobs,
                                     prompt_logprobs=req.logprobs if scoring else None, best_of=req.best_of)
     items = _prompt_items(req, params.num_sequences)
     if req.model == "auto" and len(state.tiers) > 1 and not all(isinstance(i, str) for i in items):
@@ -77,20 +77,20 @@ async def create(request: Request, req: CompletionRequest, state: ServerState):
                                 lambda t: [t.tokenizer.encode(i) if isinstance(i, str) else list(i) for i in items])
     tier, ids = routed.tier, routed.prompts
     for p in ids:
-        await common.validate(tier, p, params)  # checks token ids too, so decoding below is safe
+        await streaming.validate(tier, p, params)  # checks token ids too, so decoding below is safe
     texts = await asyncio.to_thread(lambda: [i if isinstance(i, str) else tier.tokenizer.decode(p)
                                              for i, p in zip(items, ids)])
-    common.admit(tier, len(ids))
+    streaming.admit(tier, len(ids))
     lease = route.reserve(state, tenant, routed, params)
-    rid = common.new_id("cmpl")
-    gen = common.merged(tier, rid, ids, params, req.priority, req.cache_salt, req.session_id, lease)
-    base = {"id": rid, "object": "text_completion", "created": common.now(), "model": tier.model_name}
+    rid = streaming.new_id("cmpl")
+    gen = streaming.merged(tier, rid, ids, params, req.priority, req.cache_salt, req.session_id, lease)
+    base = {"id": rid, "object": "text_completion", "created": streaming.now(), "model": tier.model_name}
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        body = common.framed(_stream(tier, req, gen, base, ids, texts, include_usage), gen)
+        body = streaming.framed(_stream(tier, req, gen, base, ids, texts, include_usage), gen)
         return StreamingResponse(body, media_type="text/event-stream",
                                  headers=lease.headers())
-    finals = await common.collect(request, gen)
+    finals = await streaming.collect(request, gen)
     choices, completion_tokens = [], 0
     for pi in range(len(ids)):
         prefix = texts[pi] if req.echo else ""
@@ -106,7 +106,7 @@ async def create(request: Request, req: CompletionRequest, state: ServerState):
             completion_tokens += len(c.token_ids)
     prompt_tokens = sum(len(p) for p in ids)
     cached = sum(f.num_cached_tokens for f in finals.values())
-    return JSONResponse({**base, "choices": choices, "usage": common.usage(prompt_tokens, completion_tokens, cached)},
+    return JSONResponse({**base, "choices": choices, "usage": streaming.usage(prompt_tokens, completion_tokens, cached)},
                         headers=lease.headers())
 
 
@@ -148,5 +148,5 @@ async def _stream(tier: Tier, req: CompletionRequest, gen: AsyncIterator[tuple[i
             if c.finish_reason:
                 completion_tokens += len(c.token_ids)
     if include_usage:
-        yield sse({**base, "choices": [], "usage": common.usage(sum(len(p) for p in ids), completion_tokens,
+        yield sse({**base, "choices": [], "usage": streaming.usage(sum(len(p) for p in ids), completion_tokens,
                                                                sum(cached.values()))})

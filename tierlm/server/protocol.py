@@ -78,7 +78,7 @@ class _SamplingFields(_Base):
     n: int = Field(1, le=limits.MAX_N)
     temperature: float | None = None
     top_p: float | None = None
-    stop: str | list[str] | None = None  # counts and lengths: common.sampling_params
+    stop: str | list[str] | None = None  # counts and lengths: fields.sampling_params
     seed: _Int64 | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0

@@ -17,8 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tierlm.sampling_params import SamplingParams
-from tierlm.server.common import ServerState, Tier
 from tierlm.server.errors import APIError, bad_request
+from tierlm.server.state import ServerState, Tier
 from tierlm.tenancy import routing
 from tierlm.tenancy.quotas import QuotaExceeded, Reservation
 from tierlm.tenancy.tenants import Tenant
@@ -89,8 +89,7 @@ async def choose(state: ServerState, tenant: Tenant, body, params: SamplingParam
         output[t.model_name] = params.max_tokens or t.typical_output()
         max_output[t.model_name] = seqs * sum(_max_output(t, n, params) for n in lens)
     budgets = routing.Budgets(body.max_latency_ms, body.max_ttft_ms, body.max_cost_usd, tenant.quota.cost_left())
-    loads = {t.model_name: t.engine.load.load(t.engine.stats.running, t.engine.stats.backlog_tokens)
-             for t in tiers}
+    loads = {t.model_name: t.engine.current_load() for t in tiers}
     try:
         choice = routing.select([t.config for t in tiers], loads,
                                 routing.Demand(prompt_tokens, output, max_output), budgets,

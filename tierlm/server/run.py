@@ -36,8 +36,8 @@ from tierlm.engine.async_engine import AsyncEngine, FinishedRequest
 from tierlm.engine.llm_engine import LLMEngine
 from tierlm.sampling_params import SamplingParams
 from tierlm.server.app import create_app
-from tierlm.server.common import ServerState, Tier
 from tierlm.server.metrics import Metrics
+from tierlm.server.state import ServerState, Tier
 from tierlm.tenancy.tenants import Tenants
 
 log = logging.getLogger("tierlm.server")

@@ -13,7 +13,7 @@ Per request it remembers which tokens that cache holds; a step first feeds what 
 not seen (the prompt on the first step, then the tokens accepted since: rejected drafts
 are overwritten), then drafts k tokens in k - 1 more batched forwards. It runs without
 batch-invariant kernels: its choices can change with the batch, the output cannot.
-The scheduler releases a request's draft KV when the request finishes.
+The engine releases a request's draft KV when the request finishes.
 """
 
 from __future__ import annotations
@@ -26,10 +26,7 @@ from tierlm.config import CacheConfig, ConfigError
 from tierlm.kv_cache.manager import KVCacheManager
 from tierlm.loader import model_loader
 from tierlm.runner.model_runner import ModelRunner, layout_for, num_kv_blocks
-from tierlm.sampling_params import SamplingParams
 from tierlm.scheduler.output import ScheduledRequest, SchedulerOutput
-
-_GREEDY = SamplingParams(temperature=0)
 
 
 class DraftModelProposer:
@@ -81,8 +78,8 @@ class DraftModelProposer:
     def _step(self, feeds: dict[str, list[int]]) -> dict[str, int]:
         """One batched forward of each request's new tokens; the greedy next token of each."""
         # Tokens before the last run as prompt rows (tall attention tiles), the last as a decode.
-        scheduled = [ScheduledRequest(rid, toks, len(self._held[rid]), self.kv.block_tables(rid), True, _GREEDY,
-                                      0, self._held[rid] + toks[:-1], [toks[-1]])
+        scheduled = [ScheduledRequest(rid, toks, len(self._held[rid]), self.kv.block_tables(rid), True,
+                                      len(self._held[rid]) + len(toks) - 1)
                      for rid, toks in feeds.items()]
         logits, ids = self.runner.compute_logits(SchedulerOutput(scheduled))
         return dict(zip(ids, logits.argmax(dim=-1).tolist()))

@@ -49,11 +49,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tierlm.config import (
     ConfigError,
     EngineConfig,
+    QuotaLimits,
     TenantConfig,
     TierConfig,
     TierSetConfig,
 )
-from tierlm.tenancy.quotas import QuotaLimits
 
 _CACHE_KEYS = ("kv_cache_gb", "kv_warm_gb", "kv_cold_dir", "kv_cold_gb", "session_ttl")
 _SCHED_KEYS = ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "long_prefill_chunk",

@@ -16,24 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-
-@dataclass(frozen=True)
-class QuotaLimits:
-    """None = unlimited."""
-
-    requests_per_minute: float | None = None
-    tokens_per_minute: float | None = None
-    max_concurrent: int | None = None
-    cost_ceiling_usd: float | None = None
-    cost_period_s: float = 86_400.0
-
-    def __post_init__(self) -> None:
-        for name in ("requests_per_minute", "tokens_per_minute", "max_concurrent", "cost_ceiling_usd"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ValueError(f"{name} must be > 0 (or unset for no limit)")
-        if self.cost_period_s <= 0:
-            raise ValueError("cost_period_s must be > 0")
+from tierlm.config import QuotaLimits
 
 
 class QuotaExceeded(Exception):

@@ -1,24 +1,18 @@
-"""Pieces shared by the completion and chat endpoints: the server's tiers, sampling
-params from a request, running one or many engine requests, client-disconnect handling,
-SSE framing."""
+"""Running a request on a tier's engine: validation and admission up front, one or
+many engine requests merged into one stream, client-disconnect handling, SSE framing,
+and the engine's errors as API errors."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import statistics
 import time
 import uuid
-from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from fastapi import Request
 
-from tierlm.config import TierConfig
 from tierlm.engine.async_engine import (
-    AsyncEngine,
     EngineDeadError,
     EngineRestartingError,
     QueueFullError,
@@ -26,152 +20,17 @@ from tierlm.engine.async_engine import (
     ShuttingDownError,
 )
 from tierlm.engine.llm_engine import InvalidRequest
-from tierlm.loader.tokenizer import TextTokenizer
 from tierlm.outputs import RequestOutput
-from tierlm.sampling_params import SamplingParams, SamplingParamsError
-from tierlm.server import limits
+from tierlm.sampling_params import SamplingParams
 from tierlm.server.errors import APIError, ClientDisconnected, bad_request, sse_error
-from tierlm.server.metrics import Metrics, TierMetrics
-from tierlm.server.protocol import _SamplingFields
-from tierlm.structured.spec import GuidedSpec
-from tierlm.tenancy.tenants import Tenants
-
-if TYPE_CHECKING:
-    from tierlm.server.route import Lease
+from tierlm.server.route import Lease
+from tierlm.server.state import Tier
 
 _DISCONNECT_POLL_S = 0.05
 
 
-_TYPICAL_OUTPUT = 128  # completion tokens assumed before a tier has finished any request
-
-
-@dataclass
-class Tier:
-    """One tier at run time: its engine and what handlers need to serve on it."""
-
-    config: TierConfig
-    engine: AsyncEngine
-    tokenizer: TextTokenizer
-    max_model_len: int
-    vocab_size: int
-    metrics: TierMetrics
-    recent_outputs: deque = field(default_factory=lambda: deque(maxlen=64))  # completion lengths
-
-    @property
-    def model_name(self) -> str:  # what responses report as `model`
-        return self.config.name
-
-    def typical_output(self) -> int:
-        """Completion tokens a request without max_tokens is expected to take (latency estimates)."""
-        return int(statistics.median(self.recent_outputs)) if self.recent_outputs else _TYPICAL_OUTPUT
-
-
-@dataclass
-class ServerState:
-    """What handlers need; owned by the app factory. `tiers` keeps declaration order."""
-
-    tiers: dict[str, Tier]
-    tenants: Tenants
-    default_tier: str
-    metrics: Metrics
-    balanced_cost_weight: float = 1.0
-    ready: bool = False
-    draining: bool = False
-
-    @property
-    def default(self) -> Tier:
-        return self.tiers[self.default_tier]
-
-    @property
-    def healthy(self) -> bool:
-        return all(t.engine.healthy for t in self.tiers.values())
-
-    @property
-    def restarting(self) -> bool:  # an engine is being rebuilt after a failed step
-        return any(t.engine.restarting for t in self.tiers.values())
-
-    @property
-    def num_inflight(self) -> int:
-        return sum(t.engine.num_inflight for t in self.tiers.values())
-
-    def resolve(self, model: str) -> Tier:
-        """The tier a `model` value names: a tier name, else the first tier serving that model."""
-        tier = self.tiers.get(model) or next((t for t in self.tiers.values() if t.config.engine.model == model), None)
-        if tier is None:
-            names = ", ".join(self.tiers)
-            raise APIError(404, f"the model '{model}' does not exist; this server serves {names}"
-                           + (" and auto" if len(self.tiers) > 1 else ""),
-                           param="model", code="model_not_found", type="not_found_error")
-        return tier
-
-
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
-
-
-def sampling_params(req: _SamplingFields, *, max_tokens: int | None, logprobs: int | None,
-                    prompt_logprobs: int | None = None, best_of: int | None = None) -> SamplingParams:
-    bias: dict[int, float] = {}
-    for key, value in (req.logit_bias or {}).items():
-        try:
-            token = int(key)
-        except ValueError:
-            raise bad_request(f"logit_bias keys must be token ids, got {key!r}", "logit_bias") from None
-        if not -100.0 <= value <= 100.0:
-            raise bad_request("logit_bias values must be in [-100, 100]", "logit_bias")
-        bias[token] = value
-    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    if len(stop) > limits.MAX_STOPS or any(len(s) > limits.MAX_STOP_CHARS for s in stop):
-        raise bad_request(f"stop takes at most {limits.MAX_STOPS} strings of at most {limits.MAX_STOP_CHARS} "
-                          "characters", "stop")
-    guided = guided_spec(req)
-    if req.stream and (req.use_beam_search or (best_of or req.n) > req.n):
-        raise bad_request("best_of > n and use_beam_search rank finished sequences: they cannot stream",
-                          "stream")
-    temperature = req.temperature
-    if temperature is None:
-        temperature = 0.0 if req.use_beam_search else 1.0
-    try:
-        return SamplingParams(
-            n=req.n, max_tokens=max_tokens, min_tokens=req.min_tokens,
-            temperature=temperature,
-            top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0,
-            min_p=req.min_p or 0.0, presence_penalty=req.presence_penalty,
-            frequency_penalty=req.frequency_penalty,
-            repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
-            logit_bias=bias, seed=req.seed, stop=stop, stop_token_ids=list(req.stop_token_ids or []),
-            ignore_eos=req.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs, guided=guided,
-            best_of=best_of, use_beam_search=req.use_beam_search, length_penalty=req.length_penalty)
-    except SamplingParamsError as e:
-        raise bad_request(str(e), e.param) from None
-
-
-def guided_spec(req: _SamplingFields) -> GuidedSpec | None:
-    """The output constraint from `response_format` or one of the guided_* extensions."""
-    specs = []
-    fmt = req.response_format
-    if fmt is not None and fmt.type == "json_object":
-        specs.append(GuidedSpec.json_schema(None))
-    elif fmt is not None and fmt.type == "json_schema":
-        if fmt.json_schema is None or fmt.json_schema.schema_ is None:
-            raise bad_request("response_format json_schema needs json_schema.schema", "response_format")
-        specs.append(GuidedSpec.json_schema(fmt.json_schema.schema_))
-    if req.guided_json is not None:
-        try:
-            schema = json.loads(req.guided_json) if isinstance(req.guided_json, str) else req.guided_json
-        except json.JSONDecodeError as e:
-            raise bad_request(f"guided_json is not valid JSON: {e}", "guided_json") from None
-        specs.append(GuidedSpec.json_schema(schema))
-    if req.guided_regex is not None:
-        specs.append(GuidedSpec("regex", req.guided_regex))
-    if req.guided_choice is not None:
-        specs.append(GuidedSpec.choice(req.guided_choice))
-    if req.guided_grammar is not None:
-        specs.append(GuidedSpec("grammar", req.guided_grammar))
-    if len(specs) > 1:
-        raise bad_request("use only one of response_format, guided_json, guided_regex, guided_choice and "
-                          "guided_grammar", "response_format")
-    return specs[0] if specs else None
 
 
 async def validate(tier: Tier, ids: list[int], params: SamplingParams) -> None:

@@ -1,0 +1,77 @@
+"""The server's run-time state: its tiers (engine, tokenizer, metrics per model) and
+what every handler reads (tenants, the default tier, readiness)."""
+
+from __future__ import annotations
+
+import statistics
+from collections import deque
+from dataclasses import dataclass, field
+
+from tierlm.config import TierConfig
+from tierlm.engine.async_engine import AsyncEngine
+from tierlm.loader.tokenizer import TextTokenizer
+from tierlm.server.errors import APIError
+from tierlm.server.metrics import Metrics, TierMetrics
+from tierlm.tenancy.tenants import Tenants
+
+_TYPICAL_OUTPUT = 128  # completion tokens assumed before a tier has finished any request
+
+
+@dataclass
+class Tier:
+    """One tier at run time: its engine and what handlers need to serve on it."""
+
+    config: TierConfig
+    engine: AsyncEngine
+    tokenizer: TextTokenizer
+    max_model_len: int
+    vocab_size: int
+    metrics: TierMetrics
+    recent_outputs: deque = field(default_factory=lambda: deque(maxlen=64))  # completion lengths
+
+    @property
+    def model_name(self) -> str:  # what responses report as `model`
+        return self.config.name
+
+    def typical_output(self) -> int:
+        """Completion tokens a request without max_tokens is expected to take (latency estimates)."""
+        return int(statistics.median(self.recent_outputs)) if self.recent_outputs else _TYPICAL_OUTPUT
+
+
+@dataclass
+class ServerState:
+    """What handlers need; owned by the app factory. `tiers` keeps declaration order."""
+
+    tiers: dict[str, Tier]
+    tenants: Tenants
+    default_tier: str
+    metrics: Metrics
+    balanced_cost_weight: float = 1.0
+    ready: bool = False
+    draining: bool = False
+
+    @property
+    def default(self) -> Tier:
+        return self.tiers[self.default_tier]
+
+    @property
+    def healthy(self) -> bool:
+        return all(t.engine.healthy for t in self.tiers.values())
+
+    @property
+    def restarting(self) -> bool:  # an engine is being rebuilt after a failed step
+        return any(t.engine.restarting for t in self.tiers.values())
+
+    @property
+    def num_inflight(self) -> int:
+        return sum(t.engine.num_inflight for t in self.tiers.values())
+
+    def resolve(self, model: str) -> Tier:
+        """The tier a `model` value names: a tier name, else the first tier serving that model."""
+        tier = self.tiers.get(model) or next((t for t in self.tiers.values() if t.config.engine.model == model), None)
+        if tier is None:
+            names = ", ".join(self.tiers)
+            raise APIError(404, f"the model '{model}' does not exist; this server serves {names}"
+                           + (" and auto" if len(self.tiers) > 1 else ""),
+                           param="model", code="model_not_found", type="not_found_error")
+        return tier
