@@ -36,6 +36,8 @@ class StepResult:
     # follow), and requests whose grammar state failed on it (they end alone, with the error).
     grammar_complete: set[str] = field(default_factory=set)
     failed: dict[str, Exception] = field(default_factory=dict)
+    # KV tiers: the pages of the blocks this step's BlockSaves read, by cache key.
+    saved_blocks: dict = field(default_factory=dict)
 
 
 @dataclass

@@ -5,7 +5,8 @@ import math
 import pytest
 
 from tierlm.config import EngineConfig, TierConfig
-from tierlm.tenancy.routing import Budgets, Demand, NoTierFits, TierLoad, select, value
+from tierlm.engine.load import LoadTracker
+from tierlm.tenancy.routing import Budgets, Demand, NoTierFits, TierLoad, select, shared_cores, value
 
 FAST = TierConfig("fast", EngineConfig(), quality=1, prompt_price_per_mtok=1, completion_price_per_mtok=2)
 DEEP = TierConfig("deep", EngineConfig(), quality=2, prompt_price_per_mtok=10, completion_price_per_mtok=20)
@@ -159,3 +160,33 @@ def test_ties_break_by_latency_then_cost_then_name_deterministically():
     assert picks == {"a-tier"} or picks == {"b-tier"}  # one answer, whatever the order given
     slower = {**loads, "a-tier": TierLoad(0.02, 0.01, 0.001)}
     assert select([a, b], slower, d, Budgets(), "max").tier == "b-tier"
+
+
+def test_an_idle_tier_beside_busy_ones_is_estimated_at_their_shared_pace():
+    """Tiers share the cores: deep idle next to a busy fast steps about twice as slowly, so
+    a budget it meets alone is not promised under fast's load; that is load (429), never
+    an impossible budget (400). A busy tier's own measurements are taken as they are."""
+    loads = {"fast": TierLoad(0.02, 0.01, 0.001, busy=True), "deep": TierLoad(0.03, 0.03, 0.003)}
+    shared = shared_cores(loads)
+    assert shared["fast"] == loads["fast"] and shared["deep"].contention == 2.0
+    alone = select([DEEP], IDLE, demand(), Budgets(), "deep").estimate
+    beside = select([DEEP], shared, demand(), Budgets(), "deep").estimate
+    assert beside.latency_s == pytest.approx(2 * alone.latency_s)
+    assert beside.idle_latency_s == pytest.approx(alone.idle_latency_s)
+    with pytest.raises(NoTierFits) as e:
+        select([DEEP], shared, demand(), Budgets(max_latency_ms=2500), "fixed", default="deep")
+    assert e.value.status == 429
+    assert shared_cores({"deep": loads["deep"]})["deep"].contention == 1.0  # nobody else busy
+
+
+def test_the_idle_step_is_the_best_case_not_the_latest():
+    """A slower single-request step (another tier on the same cores) barely moves the idle
+    estimate; a faster one replaces it at once."""
+    t = LoadTracker()
+    t.observe(0.010, tokens=1, requests=1)
+    assert t.idle_step_s == 0.010
+    for _ in range(5):
+        t.observe(0.030, tokens=1, requests=1)
+    assert 0.010 < t.idle_step_s < 0.013
+    t.observe(0.008, tokens=1, requests=1)
+    assert t.idle_step_s == 0.008

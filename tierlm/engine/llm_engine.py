@@ -32,7 +32,7 @@ from tierlm.loader import model_loader
 from tierlm.outputs import CompletionOutput, RequestOutput
 from tierlm.request import Request, RequestStatus
 from tierlm.runner import kernel_probe
-from tierlm.runner.model_runner import ModelRunner, kv_block_bytes, layout_for, num_kv_blocks
+from tierlm.runner.model_runner import ModelRunner, kv_block_bytes, kv_page_shape, layout_for, num_kv_blocks
 from tierlm.sampling_params import SamplingParams
 from tierlm.scheduler.scheduler import Scheduler
 from tierlm.spec.draft import DraftModelProposer
@@ -102,9 +102,11 @@ class LLMEngine:
         ctx = self.model_config.max_position_embeddings
         self.max_model_len = min(config.scheduler.max_model_len or ctx, ctx)
         blocks = num_kv_blocks(self.model_config, config.cache, config.torch_dtype)
-        self.kv = KVCacheManager(blocks, config.cache.block_size, layout_for(self.model_config).windows,
-                                 enable_caching=config.cache.enable_prefix_caching)
         self._model_key = model_key(self.loaded.path, config, self.dense_dtype, self.loaded.kernels)
+        tiers = self._kv_tiers(config.cache) if config.cache.enable_prefix_caching else None
+        self.kv = KVCacheManager(blocks, config.cache.block_size, layout_for(self.model_config).windows,
+                                 enable_caching=config.cache.enable_prefix_caching, tiers=tiers,
+                                 session_ttl=config.cache.session_ttl)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.model_config.eos_token_ids)
         self.scheduler.split_formats = config.deterministic and not self.loaded.kernels and any(
             k != "dense" for k in self.loaded.formats)
@@ -118,8 +120,6 @@ class LLMEngine:
                 config.draft_model, vocab_size=self.model_config.vocab_size, dtype=config.torch_dtype,
                 block_size=config.cache.block_size, kv_cache_gb=config.cache.kv_cache_gb / 4, cache_dir=cache_dir,
                 quantization=config.quantization, dense_dtype=self.dense_dtype)
-        if config.cache.enable_prefix_caching:
-            self._attach_tiers(config.cache)
         self._rng = random.Random(config.seed)
         self._seq = 0
         self.last_step_size = (0, 0)  # (tokens, requests) the last step computed
@@ -127,18 +127,14 @@ class LLMEngine:
         self._parents: dict[str, _Parent] = {}
         self._child_parent: dict[str, str] = {}
 
-    def _attach_tiers(self, cache: CacheConfig) -> None:
-        block_bytes = kv_block_bytes(self.model_config, cache.block_size, self.config.torch_dtype)
-        probe = self.runner.read_block(0)
+    def _kv_tiers(self, cache: CacheConfig) -> KVTiers:
+        """The warm (and, with a directory, cold) tiers behind the prefix cache."""
+        dtype = self.config.torch_dtype
         cold = None
         if cache.kv_cold_dir:
-            cold = ColdStore(Path(cache.kv_cold_dir), self._model_key, tuple(probe.shape), probe.dtype,
-                             int(cache.kv_cold_gb * 2**30))
-        tiers = KVTiers(self.runner.read_block, self.runner.write_block, block_bytes,
-                        int(cache.kv_warm_gb * 2**30), cold)
-        self.kv.tiers = tiers
-        self.kv.session_ttl = cache.session_ttl
-        self.kv.pool.on_evict = tiers.on_evict
+            cold = ColdStore(Path(cache.kv_cold_dir), self._model_key,
+                             kv_page_shape(self.model_config, cache.block_size), dtype, int(cache.kv_cold_gb * 2**30))
+        return KVTiers(kv_block_bytes(self.model_config, cache.block_size, dtype), int(cache.kv_warm_gb * 2**30), cold)
 
     # ---- requests --------------------------------------------------------------------
     def tokenize_prompt(self, prompt: Prompt) -> tuple[str | None, list[int]]:
@@ -258,6 +254,7 @@ class LLMEngine:
         self.validate(ids, SamplingParams(max_tokens=1))
         if not self.kv.allocate(probe, len(ids)):
             raise InvalidRequest("not enough free KV cache to score this prompt now")
+        self.kv.saved(self.runner.transfer(*self.kv.take_transfers()))  # blocks it evicted keep their pages
         try:
             return self.runner.all_logits(ids, self.kv.block_tables(probe), prompt_len)
         finally:
@@ -266,7 +263,8 @@ class LLMEngine:
     def close(self) -> None:
         """Flush cached KV to the cold tier (if configured) so a restart finds it."""
         if self.kv.tiers is not None:
-            self.kv.tiers.flush_to_cold(dict(self.kv.pool.cached))
+            self.kv.saved(self.runner.transfer(*self.kv.take_transfers()))  # saves planned after the last step
+            self.kv.tiers.flush_to_cold(dict(self.kv.pool.cached), self.runner.read_block)
 
     def kv_tier_stats(self) -> dict[str, dict[str, int]]:
         """KV tiers: block hits and bytes moved (running totals) and bytes held now, keyed by

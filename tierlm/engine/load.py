@@ -11,6 +11,10 @@ from __future__ import annotations
 from tierlm.tenancy.routing import TierLoad
 
 _ALPHA = 0.3  # weight of the newest step: reacts within a few steps, smooths single outliers
+# The idle step is the best case: a faster single-request step replaces it at once, a slower
+# one (another tier busy on the same cores, a noisy neighbour) moves it up only slowly, so
+# "impossible even idle" (a 400) never comes from someone else's load.
+_IDLE_RISE = 0.02
 _PREFILL_MIN_TOKENS = 32  # steps this big are prefill-dominated: they price a prompt token
 
 
@@ -29,11 +33,12 @@ class LoadTracker:
             return
         self.step_s = self._ewma(self.step_s, seconds)
         if requests == 1 and tokens == 1:
-            self.idle_step_s = self._ewma(self.idle_step_s, seconds)
+            rise = _IDLE_RISE * (seconds - self.idle_step_s)
+            self.idle_step_s = seconds if seconds < self.idle_step_s else self.idle_step_s + rise
         if tokens >= _PREFILL_MIN_TOKENS:
             self.prefill_s_per_token = self._ewma(self.prefill_s_per_token, seconds / tokens)
 
     def load(self, running: int, backlog_tokens: int) -> TierLoad:
         """The tier's load now: an idle tier steps at its idle pace, not at the last busy one."""
         return TierLoad(self.step_s if running else self.idle_step_s, self.idle_step_s,
-                        self.prefill_s_per_token, backlog_tokens)
+                        self.prefill_s_per_token, backlog_tokens, busy=running > 0)

@@ -12,8 +12,10 @@ matching its block hashes that every group can supply (a sliding group only need
 blocks inside the window of the first position left to compute), sharing them by
 reference count; its full blocks are registered as their KV gets computed. At least
 one token is always left to compute, so a shared block is never written. With
-`tiers` set (kv_cache/tiers.py), blocks evicted from the pool may still be found in
-the warm or cold tier; adopting them copies them into fresh hot blocks.
+`tiers` (kv_cache/tiers.py), blocks evicted from the pool may still be found in the
+warm or cold tier; adopting them copies them into fresh hot blocks. Those copies are
+planned here and carried out by the runner (`take_transfers`, `saved`): this module
+never touches a tensor.
 """
 
 from __future__ import annotations
@@ -34,13 +36,13 @@ class _Tables:
 
 class KVCacheManager:
     def __init__(self, num_blocks: int, block_size: int, windows: tuple[int | None, ...] = (None,),
-                 enable_caching: bool = False) -> None:
-        self.pool = BlockPool(num_blocks)
+                 enable_caching: bool = False, tiers: KVTiers | None = None, session_ttl: float = 0.0) -> None:
+        self.tiers = tiers if enable_caching else None
+        self.pool = BlockPool(num_blocks, on_evict=self.tiers.on_evict if self.tiers is not None else None)
         self.block_size = block_size
         self.windows = windows
         self.enable_caching = enable_caching
-        self.tiers: KVTiers | None = None
-        self.session_ttl = 0.0
+        self.session_ttl = session_ttl
         self.hot_block_hits = 0  # reused straight from the pool by admitted requests (the scheduler counts)
         self._requests: dict[str, _Tables] = {}
 
@@ -150,7 +152,7 @@ class KVCacheManager:
             if b is not None:
                 self.pool.touch(b)
         for (g, i), data, b in zip(pages, pages.values(), self.pool.allocate(len(pages))):
-            self.tiers.write_block(b, data)
+            self.tiers.load(b, (g, hashes[i]), data)
             self.pool.register((g, hashes[i]), b)
         t = _Tables([], [], registered=k)
         for g, window in enumerate(self.windows):
@@ -211,6 +213,15 @@ class KVCacheManager:
                 if self.tiers is not None and self.pool.lookup(key) == table[i]:
                     self.tiers.superseded(key)  # recomputed while a copy waited in warm
         t.registered = max(t.registered, full)
+
+    def take_transfers(self) -> tuple[list, list]:
+        """Block saves and loads planned since the last call (empty without tiers)."""
+        return self.tiers.take_transfers() if self.tiers is not None else ([], [])
+
+    def saved(self, pages: dict) -> None:
+        """The pages the runner read for this step's saves (see KVTiers.saved)."""
+        if self.tiers is not None and pages:
+            self.tiers.saved(pages)
 
     def holds(self, request_id: str) -> bool:
         """Whether the request has block tables (it is running, not waiting or preempted)."""

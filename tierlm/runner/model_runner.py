@@ -18,6 +18,7 @@ from torch import nn
 from tierlm.attention import torch_ref
 from tierlm.config import CacheConfig, ModelConfig
 from tierlm.kv_cache import layout as kv_layout
+from tierlm.kv_cache.transfers import BlockLoad, BlockSave
 from tierlm.layers.moe import SparseMoE
 from tierlm.models.fused import FusedDecoder
 from tierlm.outputs import SampledToken, StepResult, TokenLogprob
@@ -36,6 +37,11 @@ def kv_block_bytes(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int
     """Bytes of K and V for one block: one page in each slot of a KV group."""
     elem = torch.empty((), dtype=dtype).element_size()
     return 2 * layout_for(cfg).group_size * block_size * cfg.num_kv_heads * cfg.head_dim * elem
+
+
+def kv_page_shape(cfg: ModelConfig, block_size: int) -> tuple[int, int]:
+    """Shape of one block's pages as `read_block` returns them: [2 * group_size, page elements]."""
+    return 2 * layout_for(cfg).group_size, block_size * cfg.num_kv_heads * cfg.head_dim
 
 
 def num_kv_blocks(cfg: ModelConfig, cache: CacheConfig, dtype: torch.dtype) -> int:
@@ -142,6 +148,15 @@ class ModelRunner:
         batch = self._build(SchedulerOutput([sched]))
         return self._forward(batch, torch.arange(len(ids)))
 
+    def transfer(self, saves: list[BlockSave], loads: list[BlockLoad]) -> dict:
+        """Carry out KV tier traffic: read the saved blocks' pages first (nothing has written
+        them since they were evicted), then write the loads (a load without data takes the
+        pages a save of its key just read). Returns the saved pages by cache key."""
+        saved = {s.key: self.read_block(s.block) for s in saves}
+        for load in loads:
+            self.write_block(load.block, load.data if load.data is not None else saved[load.key])
+        return saved
+
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy whole blocks (every page a block id indexes): forked requests' partial blocks."""
         for src, dst in copies:
@@ -171,9 +186,10 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> StepResult:
         self._track(out)
+        saved = self.transfer(out.block_saves, out.block_loads)
         self.copy_blocks(out.block_copies)  # before the forward writes either block
         if not out.scheduled:
-            return StepResult()
+            return StepResult(saved_blocks=saved)
         batch = self._build(out)
         ids = batch.sample_request_ids
         by_id = {s.request_id: s for s in out.scheduled}
@@ -193,7 +209,7 @@ class ModelRunner:
         drawn = sampler.sample(logits, rows, self.cfg.eos_token_ids)
         sampled, accepted = _verify(ids, drawn, by_id)
         complete, failed = self._advance_grammars(sampled)
-        return StepResult(sampled, scored, accepted, complete, failed)
+        return StepResult(sampled, scored, accepted, complete, failed, saved)
 
     def _advance_grammars(self, sampled: list[SampledToken]) -> tuple[set[str], dict[str, Exception]]:
         """Feed each constrained request's sampled token to its grammar: the requests whose

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tierlm.kv_cache.transfers import BlockLoad, BlockSave
 from tierlm.sampling_params import SamplingParams
 
 
@@ -54,25 +55,6 @@ class ScheduledRequest:
     def num_prompt_tokens(self) -> int:
         """How many of `token_ids` sit at prompt positions (the rest are generated tokens)."""
         return min(max(self.prompt_len - self.start, 0), len(self.token_ids))
-
-
-@dataclass(frozen=True)
-class BlockSave:
-    """Keep a cached block's pages before the block is reused: read `block` (this step,
-    before anything writes it) and hand the pages to the warm tier under `key`."""
-
-    block: int
-    key: tuple
-
-
-@dataclass(frozen=True)
-class BlockLoad:
-    """Write a cached block's pages into `block` before the forward: `data` (from the warm
-    or cold tier), or, when None, the pages this step's BlockSave of `key` read."""
-
-    block: int
-    key: tuple
-    data: object = None  # a host tensor, [2 * group_size, page elements]
 
 
 @dataclass(frozen=True)

@@ -199,7 +199,8 @@ class Scheduler:
         new: list[NewRequest] = []
         scheduled = [self._scheduled(r, n, new) for r, n in plan]
         finished, self._finished = self._finished, []
-        return SchedulerOutput(scheduled, preempted, copies, new, finished)
+        saves, loads = self.kv.take_transfers()
+        return SchedulerOutput(scheduled, preempted, copies, new, finished, saves, loads)
 
     def _advance(self, budget: int, plan: list[tuple[Request, int]], preempted: list[str],
                  skip: frozenset[str] = frozenset()) -> int:
@@ -370,6 +371,7 @@ class Scheduler:
         """
         finished = []
         self.applied = []
+        self.kv.saved(result.saved_blocks)
         for s in out.scheduled:
             req = self.requests.get(s.request_id)
             if req is None:

@@ -89,7 +89,8 @@ async def choose(state: ServerState, tenant: Tenant, body, params: SamplingParam
         output[t.model_name] = params.max_tokens or t.typical_output()
         max_output[t.model_name] = seqs * sum(_max_output(t, n, params) for n in lens)
     budgets = routing.Budgets(body.max_latency_ms, body.max_ttft_ms, body.max_cost_usd, tenant.quota.cost_left())
-    loads = {t.model_name: t.engine.current_load() for t in tiers}
+    # Every tier, not only the candidates: they all share the cores (routing.shared_cores).
+    loads = routing.shared_cores({t.model_name: t.engine.current_load() for t in state.tiers.values()})
     try:
         choice = routing.select([t.config for t in tiers], loads,
                                 routing.Demand(prompt_tokens, output, max_output), budgets,

@@ -9,6 +9,9 @@ Estimates, per tier:
   steps are longer: the batch is bigger and prefill chunks share them);
 - cost = the worst case, prompt + every token the request may generate, at the tier's
   prices: a budget or a ceiling is never passed, whatever the output turns out to be.
+The tiers of one server share its CPU cores (`shared_cores`): an idle tier's steps run
+beside every busy tier's, so its step and prefill times are scaled by 1 + the busy
+others (a busy tier's measured times already include them).
 
 Modes (`tier_mode`, with `model: "auto"`), policies over whatever tiers the tenant may
 use, whatever their names; "fits" means every estimate is within every budget:
@@ -30,6 +33,7 @@ mode's first choice fits) | latency | cost (why the first choice did not).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -47,6 +51,8 @@ class TierLoad:
     idle_step_s: float  # one request alone
     prefill_s_per_token: float
     backlog_tokens: int = 0  # prompt tokens queued or part-way through prefill
+    busy: bool = False  # it has requests running or submitted
+    contention: float = 1.0  # its step and prefill times under the other tiers' load (shared_cores)
 
 
 @dataclass(frozen=True)
@@ -89,11 +95,19 @@ class NoTierFits(Exception):
         self.status, self.param, self.retry_after = status, param, retry_after
 
 
+def shared_cores(loads: Mapping[str, TierLoad]) -> dict[str, TierLoad]:
+    """Loads of tiers that share the cores: an idle tier runs beside the busy ones."""
+    busy = sum(load.busy for load in loads.values())
+    return {name: load if load.busy or not busy else dataclasses.replace(load, contention=1.0 + busy)
+            for name, load in loads.items()}
+
+
 def estimate(tier: TierConfig, load: TierLoad, prompt: int, output: int, max_output: int) -> Estimate:
     decode = max(0, output - 1)
-    ttft = load.step_s + (load.backlog_tokens + prompt) * load.prefill_s_per_token
+    step = load.step_s * load.contention
+    ttft = step + (load.backlog_tokens + prompt) * load.prefill_s_per_token * load.contention
     idle_ttft = load.idle_step_s + prompt * load.prefill_s_per_token
-    return Estimate(ttft, ttft + decode * load.step_s, tier.cost_usd(prompt, max_output),
+    return Estimate(ttft, ttft + decode * step, tier.cost_usd(prompt, max_output),
                     idle_ttft, idle_ttft + decode * load.idle_step_s)
 
 
