@@ -22,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import record
 from tierlm import LLM, SamplingParams
+from tierlm.scheduler.admission import make_admission
 
 SHORT = ["What is {a} plus {b}? Answer with the number only.", "Is {a} larger than {b}? Answer yes or no.",
          "Name the capital of France in one word."]
@@ -46,7 +47,7 @@ def run(admission: str, convs: list[list[dict]], kv_blocks: int) -> dict:
               enable_prefix_caching=False, admission=admission)
     params = SamplingParams(temperature=0, max_tokens=256)
     llm.generate(["Hello"], SamplingParams(max_tokens=2))  # warm-up (not in the history that matters)
-    llm.engine.scheduler.history = type(llm.engine.scheduler.history)()
+    llm.engine.scheduler.admission = make_admission(admission)  # forget the warm-up's output length
     eng = llm.engine
     computed = 0
     t = time.perf_counter()

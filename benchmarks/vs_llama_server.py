@@ -27,8 +27,6 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import record
 from benchmarks.serve_bench import free_port, start

@@ -51,9 +51,9 @@ def test_parked_samples_fork_from_the_first_once_its_prompt_is_computed():
     s.add(first)
     s.add_forks(first, others)
     out, _ = step(s)  # first chunk: 8 of 10 prompt tokens, no fork yet
-    assert [x.request_id for x in out.scheduled] == ["r#0"] and len(s.parked["r#0"]) == 2
+    assert [x.request_id for x in out.scheduled] == ["r#0"] and len(s.parking.parked["r#0"]) == 2
     out, _ = step(s)  # prompt done: the others fork at 9 tokens and compute token 9 themselves
-    assert "r#0" not in s.parked
+    assert not s.parking.holds_for("r#0")
     out, _ = step(s)
     by_id = {x.request_id: x for x in out.scheduled}
     assert (by_id["r#1"].start, by_id["r#1"].token_ids) == (9, [19]) and by_id["r#1"].sample

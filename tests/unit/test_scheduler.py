@@ -169,7 +169,7 @@ def test_past_future_admission_waits_instead_of_preempting():
     run to max_tokens, "new" waits for room and nothing is preempted."""
     s = make(num_blocks=7, block_size=4, max_num_batched_tokens=64)  # admission="past_future" by default
     for _ in range(8):
-        s.history.record(12)
+        s.admission.record(12)
     s.add(req("old", 10, max_tokens=12))
     s.add(req("new", 10, max_tokens=12))
     out, _ = step(s)
@@ -187,7 +187,7 @@ def test_past_future_admits_on_short_predicted_outputs():
     """History of short outputs predicts both fit: both start at once (greedy's throughput)."""
     s = make(num_blocks=7, block_size=4, max_num_batched_tokens=64)
     for _ in range(8):
-        s.history.record(2)
+        s.admission.record(2)
     s.add(req("a", 8, max_tokens=12))
     s.add(req("b", 8, max_tokens=12))
     out, _ = step(s)

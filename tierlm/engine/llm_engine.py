@@ -107,9 +107,9 @@ class LLMEngine:
         self.kv = KVCacheManager(blocks, config.cache.block_size, layout_for(self.model_config).windows,
                                  enable_caching=config.cache.enable_prefix_caching, tiers=tiers,
                                  session_ttl=config.cache.session_ttl)
-        self.scheduler = Scheduler(config.scheduler, self.kv, self.model_config.eos_token_ids)
-        self.scheduler.split_formats = config.deterministic and not self.loaded.kernels and any(
+        split_formats = config.deterministic and not self.loaded.kernels and any(
             k != "dense" for k in self.loaded.formats)
+        self.scheduler = Scheduler(config.scheduler, self.kv, self.model_config.eos_token_ids, split_formats)
         self.structured = StructuredOutputs(self.tokenizer, self.model_config.vocab_size)
         self.runner = ModelRunner(self.loaded.model, self.model_config, blocks, config.cache.block_size,
                                   config.torch_dtype, config.deterministic, kernels=self.loaded.kernels,

@@ -14,7 +14,8 @@ so checking t = each r is enough. A request is admitted only if that peak, with 
 included, fits the pool. Predictions that turn out short still end in preemption, so
 the rule is a heuristic on top of a correct scheduler, never a condition for it.
 
-Pure functions and a small history object; the scheduler calls them.
+Pure functions, a small history object, and the two rules as strategies (`Greedy`,
+`PastFuture`) the scheduler asks before admitting.
 """
 
 from __future__ import annotations
@@ -60,3 +61,42 @@ def peak_blocks(seqs: list[tuple[int, int]], blocks: Callable[[int], int]) -> in
     for t in sorted({r for _, r in seqs if r > 0}):
         peak = max(peak, sum(blocks(c + t) for c, r in seqs if r >= t))
     return peak
+
+
+class Greedy:
+    """Admit whenever the blocks for the first chunk are free (the scheduler checks those)."""
+
+    def fits(self, req, running: list, kv, chunk: int) -> bool:
+        return True
+
+    def record(self, output_len: int) -> None:
+        pass
+
+
+class PastFuture:
+    """Admit only when the predicted peak KV use, with the request included, fits the pool."""
+
+    def __init__(self) -> None:
+        self.history = OutputLengthHistory()  # finished output lengths
+
+    def record(self, output_len: int) -> None:
+        self.history.record(output_len)
+
+    def remaining(self, req) -> int:
+        """Predicted further output tokens of `req`."""
+        p = req.sampling_params
+        cap = req.max_total_tokens - req.num_tokens
+        if p.max_tokens is not None:
+            cap = min(cap, p.max_tokens - req.num_output_tokens)
+        return self.history.remaining(req.num_output_tokens, cap)
+
+    def fits(self, req, running: list, kv, chunk: int) -> bool:
+        if not running:  # alone it always fits (validation checked its worst case)
+            return True
+        seqs = [(r.num_tokens, self.remaining(r)) for r in running]
+        seqs.append((req.num_tokens, self.remaining(req)))
+        return peak_blocks(seqs, lambda n: kv.max_blocks(n, chunk)) <= kv.pool.num_usable
+
+
+def make_admission(mode: str) -> Greedy | PastFuture:
+    return PastFuture() if mode == "past_future" else Greedy()
