@@ -7,7 +7,7 @@ KERNELS := $(VENV)/.kernels
 MODEL   ?= smollm2-135m
 PORT    ?= 8000
 
-.PHONY: install serve test test-all check bench clean
+.PHONY: install serve test check bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -31,15 +31,14 @@ install: $(STAMP) $(KERNELS)
 serve: $(STAMP) $(KERNELS)
 	$(BIN)/tierlm serve --model $(MODEL) --port $(PORT)
 
+# The whole suite (what CI runs), the tests marked slow included.
 test: $(STAMP) $(KERNELS)
-	$(BIN)/python -m pytest -q
-
-check: $(STAMP) $(KERNELS)
-	$(BIN)/python -m pytest -q -x tests/unit tests/model/test_request_isolation.py tests/server/test_errors.py \
-		tests/server/test_hardening.py
-
-test-all: $(STAMP) $(KERNELS)
 	$(BIN)/python -m pytest -q -m ''
+
+# The fast gate: every feature end to end at least once, without the long numerics and
+# load tests (marked slow).
+check: $(STAMP) $(KERNELS)
+	$(BIN)/python -m pytest -q -x -m 'not slow'
 
 clean:
 	rm -rf $(VENV) *.egg-info build tierlm/_kernels*.so

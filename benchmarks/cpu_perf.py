@@ -32,7 +32,7 @@ from tierlm import LLM, SamplingParams
 from tierlm.bench import runner
 from tierlm.bench.targets import HTTPTarget
 from tierlm.bench.workloads import STANDARD, copy_prompt_ids, prompt_ids
-from tierlm.engine.llm_engine import default_cache_dir
+from tierlm.engine.builder import default_cache_dir
 from tierlm.loader.bundled import resolve
 from tierlm.loader.model_loader import load_tokenizer
 

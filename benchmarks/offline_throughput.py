@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import llama_cpp_model, make_prompt_ids, record
 from tierlm import LLM, SamplingParams
-from tierlm.engine.llm_engine import default_cache_dir
+from tierlm.engine.builder import default_cache_dir
 from tierlm.loader.bundled import resolve
 
 PROMPT_LEN, OUTPUT_LEN = 128, 128

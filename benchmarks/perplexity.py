@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import record
 from tierlm import LLM
-from tierlm.engine.llm_engine import default_cache_dir
+from tierlm.engine.builder import default_cache_dir
 from tierlm.loader.bundled import resolve
 
 

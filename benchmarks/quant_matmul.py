@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import record
 from tierlm import kernels
-from tierlm.engine.llm_engine import default_cache_dir
+from tierlm.engine.builder import default_cache_dir
 from tierlm.kernels import reference
 from tierlm.layers.quant import Int4Weight, Int8Weight, gguf_q4
 from tierlm.loader.bundled import resolve

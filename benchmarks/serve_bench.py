@@ -25,7 +25,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import make_prompt_ids, record
-from tierlm.engine.llm_engine import default_cache_dir
+from tierlm.engine.builder import default_cache_dir
 from tierlm.loader.bundled import resolve
 from tierlm.loader.gguf import GGUFFile
 from tierlm.loader.tokenizer import from_gguf

@@ -34,7 +34,7 @@ from tierlm import kernels
 from tierlm.bench.runner import run_level
 from tierlm.bench.targets import BenchError, HTTPTarget
 from tierlm.bench.workloads import prompt_ids
-from tierlm.engine.llm_engine import default_cache_dir
+from tierlm.engine.builder import default_cache_dir
 from tierlm.loader.bundled import resolve
 from tierlm.loader.model_loader import load_tokenizer
 

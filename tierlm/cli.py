@@ -165,9 +165,9 @@ def _config(args) -> EngineConfig:
 
 
 def _engine(args):
-    from tierlm.engine.llm_engine import LLMEngine
+    from tierlm.engine.builder import build_engine
 
-    return LLMEngine(_config(args), progress=sys.stderr.isatty())
+    return build_engine(_config(args), progress=sys.stderr.isatty())
 
 
 def cmd_serve(args) -> None:
@@ -281,7 +281,7 @@ def cmd_bench(args) -> None:
     out = Path(args.out)
     model = args.model or "smollm2-135m"
     if args.url:
-        from tierlm.engine.llm_engine import default_cache_dir
+        from tierlm.engine.builder import default_cache_dir
         from tierlm.loader.model_loader import load_tokenizer
 
         # Prompts are token ids of --model's tokenizer: pass the model the server runs.

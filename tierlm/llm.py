@@ -11,7 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tierlm.config import CacheConfig, EngineConfig, SchedulerConfig
-from tierlm.engine.llm_engine import LLMEngine, Prompt
+from tierlm.engine.builder import build_engine
+from tierlm.engine.llm_engine import Prompt
 from tierlm.outputs import RequestOutput
 from tierlm.sampling_params import SamplingParams
 
@@ -38,7 +39,7 @@ class LLM:
                                           max_model_len=max_model_len, admission=admission,
                                           num_speculative_tokens=num_speculative_tokens),
                 draft_model=draft_model, debug_invariants=debug_invariants)
-        self.engine = LLMEngine(config, cache_dir=Path(cache_dir) if cache_dir else None, progress=progress)
+        self.engine = build_engine(config, cache_dir=Path(cache_dir) if cache_dir else None, progress=progress)
         self.tokenizer = self.engine.tokenizer
         self._counter = 0
 

@@ -60,20 +60,21 @@ def test_models_lists_bundled():
     assert r.returncode == 0 and "smollm2-135m" in r.stdout and "gemma3-270m" in r.stdout
 
 
+# argparse's own checks (marked slow) are covered once by "frobnicate" in the fast gate.
 @pytest.mark.parametrize("args,needle", [
     (["generate", "--model", "no-such-model", "hi"], "unknown model"),
     (["generate", "--temperature", "-1", "hi"], "temperature"),
-    (["generate", "--max-tokens", "abc", "hi"], "invalid int"),
+    pytest.param(["generate", "--max-tokens", "abc", "hi"], "invalid int", marks=pytest.mark.slow),
     (["frobnicate"], "invalid choice"),
     (["generate", "--max-tokens", "100000", "hi"], "context"),
     (["generate", "--quantization", "int4", "--dtype", "float32", "hi"], "needs dtype bfloat16"),
-    (["generate", "--quantization", "int3", "hi"], "invalid choice"),
+    pytest.param(["generate", "--quantization", "int3", "hi"], "invalid choice", marks=pytest.mark.slow),
     (["generate", "--quantization", "q8_0", "hi"], "a GGUF file runs its own block formats"),
-    (["generate", "--dense-dtype", "float16", "hi"], "invalid choice"),
+    pytest.param(["generate", "--dense-dtype", "float16", "hi"], "invalid choice", marks=pytest.mark.slow),
     (["generate", "--dense-dtype", "bfloat16", "--dtype", "float32", "hi"], "dense_dtype bfloat16 needs dtype bfloat16"),
     (["generate", "--speculative", "draft", "hi"], "--draft-model"),
     (["bench", "--runs", "0"], "--runs"),
-    (["bench", "--workloads", "w9"], "invalid choice"),
+    pytest.param(["bench", "--workloads", "w9"], "invalid choice", marks=pytest.mark.slow),
     (["bench", "--url", "http://127.0.0.1:9", "--workloads", "w2", "--runs", "1", "--no-plots"], "127.0.0.1:9"),
 ])
 def test_bad_arguments_one_line_error(args, needle):
@@ -90,6 +91,7 @@ def test_draft_model_with_another_vocabulary_is_refused(tiny_checkpoint):
     assert r.stderr.strip().startswith("tierlm: error:") and "vocabulary of 320 tokens" in r.stderr, r.stderr
 
 
+@pytest.mark.slow
 def test_chat_with_gemma3_matches_offline_api(cache_dir):
     """`tierlm chat --model gemma3-270m`: Gemma's built-in template, same reply as LLM.chat."""
     from tierlm import LLM, SamplingParams

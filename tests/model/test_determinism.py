@@ -25,6 +25,7 @@ def reference(request, cache_dir):
     return dtype, llm, result(llm.generate(TARGET, PARAMS)[0])
 
 
+@pytest.mark.slow
 def test_alone_vs_batch_of_32(reference):
     _, llm, alone = reference
     mixed = [SamplingParams(temperature=0.8, max_tokens=24, seed=i) if i % 2 else
@@ -33,7 +34,7 @@ def test_alone_vs_batch_of_32(reference):
     assert result(outs[16]) == alone
 
 
-@pytest.mark.parametrize("chunk", [3, 16, 29])
+@pytest.mark.parametrize("chunk", [pytest.param(3, marks=pytest.mark.slow), 16, pytest.param(29, marks=pytest.mark.slow)])
 def test_chunked_prefill_sizes(reference, chunk, cache_dir):
     dtype, _, alone = reference
     llm = LLM("smollm2-135m", dtype=dtype, cache_dir=cache_dir, max_num_batched_tokens=chunk)

@@ -12,6 +12,7 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, i
            "The three laws of thermodynamics are", "Translate to French: I love reading books."]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["smollm2-135m", "gemma3-270m"])
 def test_greedy_matches_transformers(model, cache_dir, hf_gguf):
     hf_model = hf_gguf(model)

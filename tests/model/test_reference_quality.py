@@ -31,6 +31,7 @@ def totals(logits: torch.Tensor, ref: torch.Tensor, ids: list[int]) -> tuple[flo
     ("gemma3-270m", "auto"),
     ("gemma3-270m", "none"),
 ])
+@pytest.mark.slow
 def test_bf16_path_tracks_fp32_transformers(model, quantization, cache_dir, hf_gguf):
     llm = LLM(model, cache_dir=cache_dir, quantization=quantization, max_num_batched_tokens=WINDOW)
     ids = llm.tokenizer.encode(TEXT)

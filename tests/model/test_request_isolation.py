@@ -34,11 +34,11 @@ def _boom(*args, **kwargs):
 
 
 def _break_detokenizer(engine):
-    engine._parents["bad"].detoks["bad"].add = _boom
+    engine.outputs.parents["bad"].detoks["bad"].add = _boom
 
 
 def _break_beams(engine):
-    engine._parents["bad"].beam.plan = _boom
+    engine.outputs.parents["bad"].beam.plan = _boom
 
 
 @pytest.mark.parametrize("bad_params,fault", [

@@ -3,6 +3,8 @@ token the benchmark counted) and against a local engine with the PNG plots."""
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import subprocess
 import sys
@@ -15,6 +17,7 @@ def bench(*args: str, cwd=None) -> subprocess.CompletedProcess:
                           timeout=600, cwd=cwd, check=False)
 
 
+@pytest.mark.slow
 def test_bench_against_a_server_url_counts_what_the_server_served(server, http, tmp_path):
     prompt_before = metric(http, "vllm:prompt_tokens_total")
     generated_before = metric(http, "vllm:generation_tokens_total")

@@ -220,6 +220,7 @@ def test_draft_model_speculation_without_determinism_equals_offline(draft_nondet
 
 
 # ---- the sample TierSet: Gemma 3 as the deep tier ----------------------------------------
+@pytest.mark.slow
 def test_sample_tierset_serves_gemma3_as_its_deep_tier(cache_dir):
     config = Path(__file__).parents[2] / "configs" / "tierset.toml"
     srv = ServerProcess(cache_dir, "--config", str(config), model=None)

@@ -5,6 +5,8 @@ stream, and afterwards the engine serves normally with no KV block in use."""
 
 from __future__ import annotations
 
+import pytest
+
 import json
 
 import httpx
@@ -72,6 +74,7 @@ def _check_stream(r: httpx.Response) -> None:
             assert event.get("error", {}).get("type") != "internal_error", event
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(case=requests())
 def test_fuzzed_requests_never_fail_the_server(http, case):

@@ -334,6 +334,7 @@ def test_fair_scheduling_lets_a_light_tenant_past_a_flood(tierset):
     assert len(order) == 13 and order.index("light") <= 8, order
 
 
+@pytest.mark.slow
 def test_weighted_tenants_share_a_busy_tier_by_weight(tierset):
     """alpha (weight 2) and zeta (weight 1) each keep 8 streams busy on deep's 8 seats.
     The tokens each is served, counted as they stream, split near 2:1 (the start, when

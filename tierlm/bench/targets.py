@@ -40,10 +40,10 @@ class LocalTarget:
 
     def __init__(self, config) -> None:
         from tierlm.engine.async_engine import AsyncEngine
-        from tierlm.engine.llm_engine import LLMEngine
+        from tierlm.engine.builder import build_engine
 
         self.name = f"local:{config.model}"
-        self.engine = AsyncEngine(lambda: LLMEngine(config))
+        self.engine = AsyncEngine(lambda: build_engine(config))
         self.tokenizer = self.engine.start().tokenizer
 
     async def stream(self, ids: list[int], max_tokens: int) -> Timing:

@@ -2,17 +2,17 @@
 
 Hot blocks live in the block pool (device memory; host memory on CPU). When the pool
 evicts a cached block, its pages are copied into the warm tier: a byte-bounded LRU in
-host memory.
+host memory. When warm needs room, its oldest unpinned entries move to the cold tier
+(disk, cold_store.py) if one is configured, else they are dropped. A prefix hit on a
+warm or cold block copies it back into a fresh hot block. A key lives in exactly one
+of hot and warm; the cold tier is a persistent copy (it outlives restarts).
 
 This module only plans the copies; it never reads or writes the pool's tensors. An
 eviction records a BlockSave and holds the key in warm as pending; a restore records a
 BlockLoad (the pages from warm or cold, or "this step's save of that key" when the key
 was evicted earlier in the same step). The scheduler hands both lists to the runner in
 its output; the runner carries them out before the forward (saves, then loads) and
-returns the pages it saved, which `saved()` puts in place of the pending entries. When warm needs room, its oldest unpinned entries move to the cold tier
-(disk, cold_store.py) if one is configured, else they are dropped. A prefix hit on a
-warm or cold block copies it back into a fresh hot block. A key lives in exactly one
-of hot and warm; the cold tier is a persistent copy (it outlives restarts).
+returns the pages it saved, which `saved()` puts in place of the pending entries.
 
 Sessions pin their blocks' keys until a deadline: pinned warm entries are not moved
 out by the LRU, so the next turn of a conversation finds its prefix. When warm holds

@@ -106,8 +106,8 @@ async def create(request: Request, req: CompletionRequest, state: ServerState):
             completion_tokens += len(c.token_ids)
     prompt_tokens = sum(len(p) for p in ids)
     cached = sum(f.num_cached_tokens for f in finals.values())
-    return JSONResponse({**base, "choices": choices, "usage": streaming.usage(prompt_tokens, completion_tokens, cached)},
-                        headers=lease.headers())
+    usage = streaming.usage(prompt_tokens, completion_tokens, cached)
+    return JSONResponse({**base, "choices": choices, "usage": usage}, headers=lease.headers())
 
 
 async def _stream(tier: Tier, req: CompletionRequest, gen: AsyncIterator[tuple[int, RequestOutput]],

@@ -33,7 +33,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from tierlm.config import EngineConfig, TierConfig, TierSetConfig
 from tierlm.engine.async_engine import AsyncEngine, FinishedRequest
-from tierlm.engine.llm_engine import LLMEngine
+from tierlm.engine.builder import build_engine
 from tierlm.sampling_params import SamplingParams
 from tierlm.server.app import create_app
 from tierlm.server.metrics import Metrics
@@ -266,7 +266,7 @@ def _start_tier(tc: TierConfig, metrics: Metrics, opts: ServeOptions) -> Tier:
         tm.on_finish(f)
         _log_request(tc.name, f)
 
-    engine = AsyncEngine(lambda: LLMEngine(tc.engine, progress=sys.stderr.isatty()),
+    engine = AsyncEngine(lambda: build_engine(tc.engine, progress=sys.stderr.isatty()),
                          max_queued_requests=opts.max_queued_requests, on_finish=on_finish, on_step=tm.on_step)
     llm = engine.start()
     return Tier(tc, engine, llm.tokenizer, llm.max_model_len, llm.model_config.vocab_size, tm)

@@ -1,0 +1,107 @@
+"""Building an engine: load the model (and its one-off kernel probes), size the KV cache,
+and make each part with what it needs in its constructor: the KV tiers and cache
+manager, the scheduler, the structured-output manager, the model runner and the draft
+proposer. `LLMEngine` receives them ready; nothing is wired by mutation afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tierlm import kernels
+from tierlm.config import CacheConfig, EngineConfig, ModelConfig
+from tierlm.kv_cache.cold_store import ColdStore
+from tierlm.kv_cache.manager import KVCacheManager
+from tierlm.kv_cache.tiers import KVTiers
+from tierlm.loader import model_loader
+from tierlm.runner import kernel_probe
+from tierlm.runner.model_runner import ModelRunner, kv_block_bytes, kv_page_shape, layout_for, num_kv_blocks
+from tierlm.scheduler.scheduler import Scheduler
+from tierlm.spec.draft import DraftModelProposer
+from tierlm.spec.proposer import NgramProposer, Proposer
+from tierlm.structured.manager import StructuredOutputs
+
+
+@dataclass(frozen=True)
+class EngineParts:
+    loaded: model_loader.LoadedModel
+    model_key: str  # what a block's KV depends on besides its tokens (prefix-cache hashes)
+    kv: KVCacheManager
+    scheduler: Scheduler
+    runner: ModelRunner
+    structured: StructuredOutputs
+    proposer: Proposer | None
+    load_seconds: float
+
+
+def default_cache_dir() -> Path:
+    """Where tokenizers, assembled bundled models and kernel probes are kept:
+    $TIERLM_CACHE_DIR, else ~/.cache/tierlm."""
+    env = os.environ.get("TIERLM_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "tierlm"
+
+
+def model_key(path: Path, config: EngineConfig, dense_dtype: torch.dtype, on_kernels: bool = False) -> str:
+    """What a block's KV depends on besides its tokens: the weights (files by name, size
+    and mtime), the compute dtypes and the kernel mode. Part of every prefix-cache hash."""
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
+    stamp = ";".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+    return (f"{path.resolve()}|{stamp}|{config.dtype}|quantization={config.quantization}"
+            f"|dense={str(dense_dtype).removeprefix('torch.')}|deterministic={config.deterministic}"
+            # every compiled path computes the same bits; the PyTorch reference does not
+            + (f"|kernels={'reference' if kernels.isa() == 'reference' else 'compiled'}" if on_kernels else ""))
+
+
+def kv_tiers(cfg: ModelConfig, cache: CacheConfig, dtype: torch.dtype, key: str) -> KVTiers:
+    """The warm (and, with a directory, cold) tiers behind the prefix cache."""
+    cold = None
+    if cache.kv_cold_dir:
+        cold = ColdStore(Path(cache.kv_cold_dir), key, kv_page_shape(cfg, cache.block_size), dtype,
+                         int(cache.kv_cold_gb * 2**30))
+    return KVTiers(kv_block_bytes(cfg, cache.block_size, dtype), int(cache.kv_warm_gb * 2**30), cold)
+
+
+def build_parts(config: EngineConfig, *, cache_dir: Path | None = None, progress: bool = False) -> EngineParts:
+    t0 = time.perf_counter()
+    cache_dir = cache_dir or default_cache_dir()
+
+    def probe() -> torch.dtype:  # asked only for a model off the kernels (they have no dense products)
+        return kernel_probe.dense_dtype(config.dense_dtype, config.torch_dtype, cache_dir)
+
+    loaded = model_loader.load(config.model, dtype=config.torch_dtype, block_size=config.cache.block_size,
+                               deterministic=config.deterministic, cache_dir=cache_dir, progress=progress,
+                               quantization=config.quantization, dense_dtype=probe)
+    if config.deterministic and not loaded.kernels:
+        kernel_probe.ensure_probed(loaded.model, cache_dir)
+    load_seconds = time.perf_counter() - t0
+    cfg, cache, dtype = loaded.config, config.cache, config.torch_dtype
+    blocks = num_kv_blocks(cfg, cache, dtype)
+    key = model_key(loaded.path, config, loaded.dense_dtype, loaded.kernels)
+    tiers = kv_tiers(cfg, cache, dtype, key) if cache.enable_prefix_caching else None
+    kv = KVCacheManager(blocks, cache.block_size, layout_for(cfg).windows,
+                        enable_caching=cache.enable_prefix_caching, tiers=tiers, session_ttl=cache.session_ttl)
+    # Prompt and generated rows on different weight formats: their blocks are hashed apart.
+    split_formats = config.deterministic and not loaded.kernels and any(k != "dense" for k in loaded.formats)
+    scheduler = Scheduler(config.scheduler, kv, cfg.eos_token_ids, split_formats)
+    structured = StructuredOutputs(loaded.tokenizer, cfg.vocab_size)
+    runner = ModelRunner(loaded.model, cfg, blocks, cache.block_size, dtype, config.deterministic,
+                         kernels=loaded.kernels, structured=structured)
+    proposer: Proposer | None = NgramProposer() if config.scheduler.num_speculative_tokens else None
+    if config.draft_model:  # its KV pool: a quarter of the target's (committed only as written)
+        proposer = DraftModelProposer(config.draft_model, vocab_size=cfg.vocab_size, dtype=dtype,
+                                      block_size=cache.block_size, kv_cache_gb=cache.kv_cache_gb / 4,
+                                      cache_dir=cache_dir, quantization=config.quantization,
+                                      dense_dtype=loaded.dense_dtype)
+    return EngineParts(loaded, key, kv, scheduler, runner, structured, proposer, load_seconds)
+
+
+def build_engine(config: EngineConfig, *, cache_dir: Path | None = None, progress: bool = False):
+    """A ready LLMEngine for `config` (the model loaded, every part made)."""
+    from tierlm.engine.llm_engine import LLMEngine
+
+    return LLMEngine(config, build_parts(config, cache_dir=cache_dir, progress=progress))
