@@ -34,7 +34,8 @@ def test_alone_vs_batch_of_32(reference):
     assert result(outs[16]) == alone
 
 
-@pytest.mark.parametrize("chunk", [pytest.param(3, marks=pytest.mark.slow), 16, pytest.param(29, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("chunk", [pytest.param(3, marks=pytest.mark.slow), 16,
+                                   pytest.param(29, marks=pytest.mark.slow)])
 def test_chunked_prefill_sizes(reference, chunk, cache_dir):
     dtype, _, alone = reference
     llm = LLM("smollm2-135m", dtype=dtype, cache_dir=cache_dir, max_num_batched_tokens=chunk)

@@ -3,11 +3,11 @@ token the benchmark counted) and against a local engine with the PNG plots."""
 
 from __future__ import annotations
 
-import pytest
-
 import json
 import subprocess
 import sys
+
+import pytest
 
 from tests.server.conftest import API_KEY, metric
 

@@ -5,11 +5,10 @@ stream, and afterwards the engine serves normally with no KV block in use."""
 
 from __future__ import annotations
 
-import pytest
-
 import json
 
 import httpx
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
