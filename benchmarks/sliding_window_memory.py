@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import record
 from tierlm import LLM, SamplingParams
-from tierlm.runner.model_runner import kv_block_bytes
+from tierlm.kv_cache.sizing import kv_block_bytes
 
 
 def main() -> None:

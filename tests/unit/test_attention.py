@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tierlm.attention.tiled_batch import build
 from tierlm.attention.torch_ref import TorchPagedAttention, decode_layout
-from tierlm.runner.forward_batch import build
 from tierlm.scheduler.output import ScheduledRequest, SchedulerOutput
 
 H, HKV, D, BS = 6, 2, 64, 16

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tierlm.runner.model_runner import lazily_zeroed
+from tierlm.kv_cache.sizing import lazily_zeroed
 
 
 def _rss_bytes() -> int:

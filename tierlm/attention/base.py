@@ -68,11 +68,47 @@ class AttentionMetadata:
     positions: torch.Tensor | None = None
 
 
+@dataclass(frozen=True)
+class ForwardBatch:
+    """One step's model inputs, laid out by the attention backend that will read them."""
+
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    attn: tuple[AttentionMetadata, ...]  # one per KV group
+    logits_indices: torch.Tensor  # [R] rows to sample: each sampling request's last token (and drafts)
+    sample_request_ids: list[str]  # [R] whose row it is
+    # [R] 0 for a request's last known token, j for its j-th draft token (speculative decoding)
+    sample_offsets: list[int]
+    # Rows [0, prompt_rows) hold prompt-position tokens, the rest generated ones, so a
+    # token's weight format can follow its role (see layers/linear.py).
+    prompt_rows: int = 0
+    # Per scheduled request, the row of its first prompt-position token this step.
+    prompt_row_starts: tuple[int, ...] = ()
+
+
 class AttentionBackend(Protocol):
+    """Chosen per model by attention/registry.py and given to the model's constructor.
+    Besides attending, a backend lays out a step's batch for itself (`build_batch`: row
+    order, its own metadata) and says how its K cache is shaped."""
+
+    name: str
+
+    def k_cache_shape(self, num_blocks: int) -> tuple[int, ...]: ...
+
+    def prepare(self, dtype: torch.dtype, deterministic: bool) -> None:
+        """One-off checks and probes for this KV dtype, at startup (ConfigError if unusable)."""
+        ...
+
+    def build_batch(self, out, windows: tuple[int | None, ...], dtype: torch.dtype,
+                    deterministic: bool) -> ForwardBatch:
+        """`out`: the scheduler's output; `windows`: the KV groups' sliding windows;
+        `dtype`: the KV cache's; `deterministic`: results must not depend on the batch."""
+        ...
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
-        """q [T, H, D], k/v [T, Hkv, D]; caches [num_blocks, block_size, Hkv, D].
+        """q [T, H, D], k/v [T, Hkv, D]; caches as `k_cache_shape` (V: [num_blocks, block_size, Hkv, D]).
 
         Writes k/v into the cache at `meta.slot_mapping`, then returns [T, H * D].
         """

@@ -14,16 +14,29 @@ from __future__ import annotations
 import torch
 
 from tierlm import kernels
-from tierlm.attention.base import AttentionMetadata
+from tierlm.attention import flat_batch
+from tierlm.attention.base import AttentionMetadata, ForwardBatch
 
 
 class KernelPagedAttention:
+    name = "kernels"
+
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, block_size: int) -> None:
         if block_size % 16:
             raise ValueError(f"block_size {block_size} must be a multiple of 16 for the kernels' attention")
         self.h, self.hkv, self.d = num_heads, num_kv_heads, head_dim
         self.scale = scale
         self.block_size = block_size
+
+    def k_cache_shape(self, num_blocks: int) -> tuple[int, ...]:
+        return num_blocks, self.hkv, self.d, self.block_size  # K transposed per block
+
+    def prepare(self, dtype: torch.dtype, deterministic: bool) -> None:
+        pass  # every row runs the same arithmetic whatever its role or batch: nothing to probe
+
+    def build_batch(self, out, windows: tuple[int | None, ...], dtype: torch.dtype,
+                    deterministic: bool) -> ForwardBatch:
+        return flat_batch.build_flat(out, self.block_size, windows)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:

@@ -32,12 +32,12 @@ import functools
 
 import torch
 
-from tierlm.attention.base import AttentionMetadata, QueryTiles
+from tierlm.attention import tiled_batch
+from tierlm.attention.base import AttentionMetadata, ForwardBatch, QueryTiles
+from tierlm.attention.tiled_batch import KEY_TILE, PROMPT_TILE
 from tierlm.config import ConfigError
 from tierlm.layers.activation import vector_path
 
-PROMPT_TILE = 64
-KEY_TILE = 128
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
 
@@ -95,6 +95,8 @@ _NOT_INVARIANT = ("this machine's attention kernel gives no batch-invariant layo
 
 
 class TorchPagedAttention:
+    name = "torch"
+
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
                  block_size: int) -> None:
         if KEY_TILE % block_size:
@@ -103,6 +105,19 @@ class TorchPagedAttention:
         self.group = num_heads // num_kv_heads
         self.scale = scale
         self.block_size = block_size
+        self.decode_layout = (1, True)  # set by prepare()
+
+    def k_cache_shape(self, num_blocks: int) -> tuple[int, ...]:
+        return num_blocks, self.block_size, self.hkv, self.d
+
+    def prepare(self, dtype: torch.dtype, deterministic: bool) -> None:
+        """Probe this machine's kernel for batch-invariant decode tiles (deterministic), or
+        take the cheapest layout."""
+        self.decode_layout = decode_layout(self.group, self.hkv, self.d, dtype) if deterministic else (1, True)
+
+    def build_batch(self, out, windows: tuple[int | None, ...], dtype: torch.dtype,
+                    deterministic: bool) -> ForwardBatch:
+        return tiled_batch.build(out, self.block_size, windows, self.group, dtype, self.decode_layout)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -17,10 +17,11 @@ from tierlm import kernels
 from tierlm.config import CacheConfig, EngineConfig, ModelConfig
 from tierlm.kv_cache.cold_store import ColdStore
 from tierlm.kv_cache.manager import KVCacheManager
+from tierlm.kv_cache.sizing import kv_block_bytes, kv_page_shape, layout_for, num_kv_blocks
 from tierlm.kv_cache.tiers import KVTiers
 from tierlm.loader import model_loader
 from tierlm.runner import kernel_probe
-from tierlm.runner.model_runner import ModelRunner, kv_block_bytes, kv_page_shape, layout_for, num_kv_blocks
+from tierlm.runner.model_runner import ModelRunner
 from tierlm.scheduler.scheduler import Scheduler
 from tierlm.spec.draft import DraftModelProposer
 from tierlm.spec.proposer import NgramProposer, Proposer

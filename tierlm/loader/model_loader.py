@@ -11,8 +11,7 @@ import torch
 from torch import nn
 
 from tierlm import kernels
-from tierlm.attention.kernel import KernelPagedAttention
-from tierlm.attention.torch_ref import TorchPagedAttention
+from tierlm.attention import registry
 from tierlm.config import ConfigError, ModelConfig
 from tierlm.kernels import BlockEmbedding, Blocks, BlockWeight
 from tierlm.kernels.reference import FORMATS as kernel_formats
@@ -220,9 +219,8 @@ def load(model: str, *, dtype: torch.dtype, block_size: int, deterministic: bool
         cfg = replace(cfg, eos_token_ids=stops)
     if callable(dense_dtype):
         dense_dtype = dtype if blocks else dense_dtype()
-    net = cls(cfg, block_size=block_size, deterministic=deterministic)
-    if blocks:
-        _attention_on_kernels(net, block_size)
+    attention = registry.make(registry.choose(on_kernels=blocks), cfg, block_size)
+    net = cls(cfg, attention, deterministic=deterministic)
     for m in net.modules():
         if isinstance(m, Linear):
             m.dense_dtype = dense_dtype
@@ -249,14 +247,3 @@ def on_kernels(g: GGUFFile, block_size: int) -> bool:
     blocks of whole 16-key chunks for their attention."""
     quantized = {t.ggml_type for t in g.tensors.values() if len(t.shape) == 2 and t.ggml_type not in (F32, F16, BF16)}
     return block_size % 16 == 0 and quantized <= set(kernel_formats)
-
-
-def _attention_on_kernels(net: nn.Module, block_size: int) -> None:
-    """Swap every attention module's backend for the kernels' (one instance, shared)."""
-    swapped: dict[int, KernelPagedAttention] = {}
-    for m in net.modules():
-        b = getattr(m, "backend", None)
-        if isinstance(b, TorchPagedAttention):
-            if id(b) not in swapped:
-                swapped[id(b)] = KernelPagedAttention(b.h, b.hkv, b.d, b.scale, block_size)
-            m.backend = swapped[id(b)]

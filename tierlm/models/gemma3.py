@@ -15,8 +15,7 @@ import math
 import torch
 from torch import nn
 
-from tierlm.attention.base import AttentionMetadata
-from tierlm.attention.torch_ref import TorchPagedAttention
+from tierlm.attention.base import AttentionBackend, AttentionMetadata
 from tierlm.config import ModelConfig
 from tierlm.layers.activation import row_tiled
 from tierlm.layers.linear import Linear, rows_by_format
@@ -26,7 +25,7 @@ from tierlm.layers.rotary import RotaryEmbedding
 
 
 class Gemma3Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding, backend: TorchPagedAttention,
+    def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding, backend: AttentionBackend,
                  deterministic: bool) -> None:
         super().__init__()
         self.h, self.hkv, self.d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -49,7 +48,7 @@ class Gemma3Attention(nn.Module):
 
 
 class Gemma3DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding, backend: TorchPagedAttention,
+    def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding, backend: AttentionBackend,
                  deterministic: bool) -> None:
         super().__init__()
         dim, eps = cfg.hidden_size, cfg.rms_norm_eps
@@ -69,14 +68,13 @@ class Gemma3DecoderLayer(nn.Module):
 class Gemma3ForCausalLM(nn.Module):
     """Parameters are named after HF's (with fused qkv_proj / gate_up_proj)."""
 
-    def __init__(self, cfg: ModelConfig, block_size: int, deterministic: bool = True) -> None:
+    def __init__(self, cfg: ModelConfig, attention: AttentionBackend, deterministic: bool = True) -> None:
         super().__init__()
         self.config = cfg
         ctx = cfg.max_position_embeddings
         global_rope = RotaryEmbedding(cfg.head_dim, ctx, cfg.rope_theta, cfg.rope_scaling)
         local_rope = RotaryEmbedding(cfg.head_dim, ctx, cfg.rope_local_theta or cfg.rope_theta, None)
-        backend = TorchPagedAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                                      cfg.attn_scale or cfg.head_dim ** -0.5, block_size)
+        backend = self.attention = attention  # one instance, shared by every layer (attention/registry.py)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
                                          _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
         self.embed_tokens.weight.requires_grad_(False)

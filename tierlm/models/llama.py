@@ -14,8 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tierlm.attention.base import AttentionMetadata
-from tierlm.attention.torch_ref import TorchPagedAttention
+from tierlm.attention.base import AttentionBackend, AttentionMetadata
 from tierlm.config import ModelConfig
 from tierlm.layers.linear import Linear, rows_by_format
 from tierlm.layers.mlp import GatedMLP
@@ -25,7 +24,7 @@ from tierlm.layers.rotary import RotaryEmbedding
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding, backend: TorchPagedAttention,
+    def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding, backend: AttentionBackend,
                  deterministic: bool) -> None:
         super().__init__()
         self.h, self.hkv, self.d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -51,7 +50,7 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, rope: RotaryEmbedding, backend: TorchPagedAttention,
+    def __init__(self, cfg: ModelConfig, layer: int, rope: RotaryEmbedding, backend: AttentionBackend,
                  deterministic: bool) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -70,12 +69,11 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """Parameters are named after HF's (with fused qkv_proj / gate_up_proj)."""
 
-    def __init__(self, cfg: ModelConfig, block_size: int, deterministic: bool = True) -> None:
+    def __init__(self, cfg: ModelConfig, attention: AttentionBackend, deterministic: bool = True) -> None:
         super().__init__()
         self.config = cfg
         rope = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
-        backend = TorchPagedAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                                      cfg.attn_scale or cfg.head_dim ** -0.5, block_size)
+        backend = self.attention = attention  # one instance, shared by every layer (attention/registry.py)
         # _weight=empty skips the random init: the loader fills every parameter.
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
                                          _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))

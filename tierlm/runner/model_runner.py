@@ -1,67 +1,30 @@
 """ModelRunner: owns the model's KV cache tensors and runs one scheduled step.
 
 SchedulerOutput -> (per-request state updated: new requests, new output tokens, finished
-ones forgotten; KV tier saves and loads, block copies) -> forward_batch.build -> model
+ones forgotten; KV tier saves and loads, block copies) -> the attention backend's batch
+layout (attention/registry.py) -> model
 forward -> sampler (grammar masks) -> draft verification (speculative decoding) ->
 grammar states advanced -> StepResult.
 """
 
 from __future__ import annotations
 
-import math
-import mmap
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from tierlm.attention import torch_ref
-from tierlm.config import CacheConfig, ModelConfig
-from tierlm.kv_cache import layout as kv_layout
+from tierlm.attention.base import ForwardBatch
+from tierlm.config import ModelConfig
+from tierlm.kv_cache.sizing import layout_for, lazily_zeroed
 from tierlm.kv_cache.transfers import BlockLoad, BlockSave
 from tierlm.layers.moe import SparseMoE
 from tierlm.models.fused import FusedDecoder
 from tierlm.outputs import SampledToken, StepResult, TokenLogprob
-from tierlm.runner import forward_batch
 from tierlm.sampling import sampler
 from tierlm.sampling_params import SamplingParams
 from tierlm.scheduler.output import NewRequest, ScheduledRequest, SchedulerOutput
 from tierlm.structured.manager import StructuredOutputs
-
-
-def layout_for(cfg: ModelConfig) -> kv_layout.KVLayout:
-    return kv_layout.plan([cfg.layer_window(i) for i in range(cfg.num_layers)])
-
-
-def kv_block_bytes(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    """Bytes of K and V for one block: one page in each slot of a KV group."""
-    elem = torch.empty((), dtype=dtype).element_size()
-    return 2 * layout_for(cfg).group_size * block_size * cfg.num_kv_heads * cfg.head_dim * elem
-
-
-def kv_page_shape(cfg: ModelConfig, block_size: int) -> tuple[int, int]:
-    """Shape of one block's pages as `read_block` returns them: [2 * group_size, page elements]."""
-    return 2 * layout_for(cfg).group_size, block_size * cfg.num_kv_heads * cfg.head_dim
-
-
-def num_kv_blocks(cfg: ModelConfig, cache: CacheConfig, dtype: torch.dtype) -> int:
-    if cache.num_blocks is not None:
-        return cache.num_blocks
-    return max(2, int(cache.kv_cache_gb * 2**30) // kv_block_bytes(cfg, cache.block_size, dtype))
-
-
-def lazily_zeroed(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """A zero-filled tensor whose memory is committed page by page on first write.
-
-    Zeros, because padding reads of never-written slots must be finite (they are masked);
-    lazily, because the pool is sized for the worst case: torch.zeros would write (and so
-    commit) every page up front. A private anonymous mapping is zero pages from the OS,
-    each committed when first written, so resident memory grows with the KV actually
-    held (calloc gives that only while the allocator hands out fresh mappings).
-    """
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    pages = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    return torch.frombuffer(pages, dtype=torch.uint8, count=nbytes).view(dtype).view(shape)  # keeps `pages`
 
 
 @dataclass
@@ -89,18 +52,15 @@ class ModelRunner:
         self.cfg = cfg
         self.block_size = block_size
         self.layout = layout_for(cfg)
+        self.attention = model.attention  # the model's backend (attention/registry.py) lays out its batches
+        self.attention.prepare(dtype, deterministic)  # its one-off probes: a failure is a startup error
         shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
-        # The kernels' attention reads K transposed per block (attention/kernel.py).
-        k_shape = (num_blocks, cfg.num_kv_heads, cfg.head_dim, block_size) if kernels else shape
+        k_shape = self.attention.k_cache_shape(num_blocks)
         slots = [(lazily_zeroed(k_shape, dtype), lazily_zeroed(shape, dtype)) for _ in range(self.layout.group_size)]
         places = [self.layout.place(i) for i in range(cfg.num_layers)]
         self.kv_caches = [slots[slot] for _, slot in places]
         self.layer_group = [group for group, _ in places]
         self._pages = [t for pair in slots for t in pair]  # every tensor a block id indexes
-        # Decode attention layout: probed for batch invariance, or the cheapest when not asked for.
-        group = cfg.num_heads // cfg.num_kv_heads
-        self.decode_layout = (torch_ref.decode_layout(group, cfg.num_kv_heads, cfg.head_dim, dtype)
-                              if deterministic and not kernels else (1, True))
         # On the kernels, a whole step runs on the fused kernels where the model allows it.
         self.fused = (FusedDecoder(model, self.kv_caches, self.layer_group)
                       if kernels and FusedDecoder.supports(model) else None)
@@ -119,14 +79,10 @@ class ModelRunner:
         for t, page in zip(self._pages, data):
             t[block].copy_(page.view(t[block].shape))
 
-    def _build(self, out: SchedulerOutput) -> forward_batch.ForwardBatch:
-        if self.kernels:
-            return forward_batch.build_flat(out, self.block_size, self.layout.windows)
-        return forward_batch.build(out, self.block_size, self.layout.windows,
-                                   self.cfg.num_heads // self.cfg.num_kv_heads, self.kv_caches[0][0].dtype,
-                                   self.decode_layout)
+    def _build(self, out: SchedulerOutput) -> ForwardBatch:
+        return self.attention.build_batch(out, self.layout.windows, self.kv_caches[0][1].dtype, self.deterministic)
 
-    def _forward(self, batch: forward_batch.ForwardBatch, logits_indices: torch.Tensor) -> torch.Tensor:
+    def _forward(self, batch: ForwardBatch, logits_indices: torch.Tensor) -> torch.Tensor:
         if self.fused is not None:
             return self.fused.forward(batch.input_ids, batch.attn, logits_indices)
         metas = [batch.attn[g] for g in self.layer_group]

@@ -24,8 +24,9 @@ import torch
 
 from tierlm.config import CacheConfig, ConfigError
 from tierlm.kv_cache.manager import KVCacheManager
+from tierlm.kv_cache.sizing import layout_for, num_kv_blocks
 from tierlm.loader import model_loader
-from tierlm.runner.model_runner import ModelRunner, layout_for, num_kv_blocks
+from tierlm.runner.model_runner import ModelRunner
 from tierlm.scheduler.output import ScheduledRequest, SchedulerOutput
 
 

@@ -1,32 +1,22 @@
-"""Flatten a SchedulerOutput into model inputs. Pure: lists in, CPU tensors out."""
+"""The PyTorch backend's batch layout (attention/torch_ref.py). Pure: lists in, CPU tensors out.
+
+Rows are laid out prompt tokens first, then generated ones, so each token's weight format
+can follow its role (layers/linear.py); queries are cut into tiles of a height set by
+their role, and every tile's visible keys into items (see torch_ref.py).
+"""
 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
 
 import torch
 
-from tierlm.attention.base import AttentionMetadata, QueryTiles
-from tierlm.attention.torch_ref import KEY_TILE, PROMPT_TILE
+from tierlm.attention.base import AttentionMetadata, ForwardBatch, QueryTiles
 from tierlm.kv_cache.block_pool import NULL_BLOCK
 from tierlm.scheduler.output import SchedulerOutput
 
-
-@dataclass(frozen=True)
-class ForwardBatch:
-    input_ids: torch.Tensor  # [T]
-    positions: torch.Tensor  # [T]
-    attn: tuple[AttentionMetadata, ...]  # one per KV group
-    logits_indices: torch.Tensor  # [R] rows to sample: each sampling request's last token (and drafts)
-    sample_request_ids: list[str]  # [R] whose row it is
-    # [R] 0 for a request's last known token, j for its j-th draft token (speculative decoding)
-    sample_offsets: list[int]
-    # Rows [0, prompt_rows) hold prompt-position tokens, the rest generated ones, so a
-    # token's weight format can follow its role (see layers/linear.py).
-    prompt_rows: int = 0
-    # Per scheduled request, the row of its first prompt-position token this step.
-    prompt_row_starts: tuple[int, ...] = ()
+PROMPT_TILE = 64  # query rows per prompt tile
+KEY_TILE = 128  # key positions per span
 
 
 class _Tiling:
@@ -161,44 +151,3 @@ def build(out: SchedulerOutput, block_size: int, windows: tuple[int | None, ...]
     return ForwardBatch(torch.tensor(ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long),
                         tuple(metas), torch.tensor(logits_indices, dtype=torch.long), sample_ids, offsets,
                         prompt_rows, starts)
-
-
-def build_flat(out: SchedulerOutput, block_size: int, windows: tuple[int | None, ...] = (None,)) -> ForwardBatch:
-    """The layout of models on the kernels: rows in schedule order, each request's tokens
-    consecutive, and attention addressed by block tables (attention/kernel.py). Every row
-    runs the same arithmetic whatever its role, so there is no prompt/generated split."""
-    ids: list[int] = []
-    positions: list[int] = []
-    seq: list[int] = []
-    logits_indices: list[int] = []
-    sample_ids: list[str] = []
-    offsets: list[int] = []
-    starts: list[int] = []
-    for si, s in enumerate(out.scheduled):
-        n, row = len(s.token_ids), len(ids)
-        starts.append(row)
-        ids.extend(s.token_ids)
-        positions.extend(range(s.start, s.start + n))
-        seq.extend([si] * n)
-        if s.sample:  # the last known token's row, then each draft's
-            d = len(s.draft_token_ids)
-            logits_indices.extend(range(row + n - 1 - d, row + n))
-            sample_ids.extend([s.request_id] * (d + 1))
-            offsets.extend(range(d + 1))
-    pos_t = torch.tensor(positions, dtype=torch.long)
-    seq_t = torch.tensor(seq, dtype=torch.int32)
-    metas = []
-    # Plain lists, then one tensor each: a decode step's few rows cost more in tensor-op
-    # dispatch than in arithmetic.
-    for g, window in enumerate(windows):
-        rows = [s.block_tables[g] for s in out.scheduled]
-        width = max(len(r) for r in rows)
-        tables = torch.tensor([r + [NULL_BLOCK] * (width - len(r)) for r in rows], dtype=torch.int32)
-        slots = torch.tensor([rows[q][p // block_size] * block_size + p % block_size for q, p in zip(seq, positions)],
-                             dtype=torch.long)
-        metas.append(AttentionMetadata(slots, (), _NO_INDEX, window, tables, seq_t, pos_t))
-    return ForwardBatch(torch.tensor(ids, dtype=torch.long), pos_t, tuple(metas),
-                        torch.tensor(logits_indices, dtype=torch.long), sample_ids, offsets, 0, tuple(starts))
-
-
-_NO_INDEX = torch.empty(0, dtype=torch.long)

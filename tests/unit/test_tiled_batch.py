@@ -1,9 +1,9 @@
-"""forward_batch.build: slots, positions, query tiles and sampled rows from a SchedulerOutput."""
+"""tiled_batch.build (the PyTorch backend's layout): slots, positions, query tiles and sampled rows from a SchedulerOutput."""
 
 from __future__ import annotations
 
+from tierlm.attention.tiled_batch import build
 from tierlm.attention.torch_ref import PROMPT_TILE
-from tierlm.runner.forward_batch import build
 from tierlm.scheduler.output import ScheduledRequest, SchedulerOutput
 
 
