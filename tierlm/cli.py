@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tierlm.bench.targets import BenchError
 from tierlm.bench.workloads import STANDARD
-from tierlm.config import CacheConfig, ConfigError, EngineConfig, SchedulerConfig
+from tierlm.config import CacheConfig, ConfigError, EngineConfig, SchedulerConfig, debug_invariants_default
 from tierlm.sampling_params import SamplingParams, SamplingParamsError
 
 
@@ -65,7 +65,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--session-ttl", type=float, default=600.0,
                    help="seconds a finished request's KV stays pinned in the warm tier when it "
                         "carried a session_id")
-    p.add_argument("--debug-invariants", action="store_true",
+    p.add_argument("--debug-invariants", action="store_true", default=debug_invariants_default(),
                    help="check the scheduler's and KV cache's invariants after every step (slower; a violation "
                         "fails the step; TIERLM_DEBUG_INVARIANTS=1 does the same)")
 

@@ -6,6 +6,7 @@ whatever changes behaviour is a field here, validated in `__post_init__`.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -17,6 +18,11 @@ DENSE_DTYPES = ("auto", "bfloat16", "float32")
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field."""
+
+
+def debug_invariants_default() -> bool:
+    """TIERLM_DEBUG_INVARIANTS=1: the entry points' (CLI, `LLM`) default for `debug_invariants`."""
+    return os.environ.get("TIERLM_DEBUG_INVARIANTS") == "1"
 
 
 def _require(cond: bool, msg: str) -> None:
@@ -188,7 +194,7 @@ class EngineConfig:
     tokens instead of n-gram lookup (spec/draft.py); it needs num_speculative_tokens > 0.
     `debug_invariants` checks the scheduler's and KV cache's invariants after every step
     (a violation fails the step loudly instead of corrupting later ones); the test suite
-    runs with it on (TIERLM_DEBUG_INVARIANTS=1 turns it on for every engine).
+    runs with it on (TIERLM_DEBUG_INVARIANTS=1 is the default of the CLI flag and of `LLM`).
     """
 
     model: str = "smollm2-135m"

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from tierlm.config import CacheConfig, EngineConfig, SchedulerConfig
+from tierlm.config import CacheConfig, EngineConfig, SchedulerConfig, debug_invariants_default
 from tierlm.engine.builder import build_engine
 from tierlm.engine.llm_engine import Prompt
 from tierlm.outputs import RequestOutput
@@ -25,7 +25,8 @@ class LLM:
                  enable_prefix_caching: bool = True, kv_warm_gb: float = 0.5, kv_cold_dir: str | None = None,
                  kv_cold_gb: float = 4.0, session_ttl: float = 600.0, seed: int = 0,
                  admission: str = "past_future", num_speculative_tokens: int = 0, draft_model: str | None = None,
-                 cache_dir: str | Path | None = None, progress: bool = False, debug_invariants: bool = False,
+                 cache_dir: str | Path | None = None, progress: bool = False,
+                 debug_invariants: bool | None = None,
                  config: EngineConfig | None = None) -> None:
         if config is None:
             config = EngineConfig(
@@ -38,7 +39,8 @@ class LLM:
                 scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                           max_model_len=max_model_len, admission=admission,
                                           num_speculative_tokens=num_speculative_tokens),
-                draft_model=draft_model, debug_invariants=debug_invariants)
+                draft_model=draft_model,
+                debug_invariants=debug_invariants_default() if debug_invariants is None else debug_invariants)
         self.engine = build_engine(config, cache_dir=Path(cache_dir) if cache_dir else None, progress=progress)
         self.tokenizer = self.engine.tokenizer
         self._counter = 0

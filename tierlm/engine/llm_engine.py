@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import random
 
 import torch
@@ -61,7 +60,7 @@ class LLMEngine:
         self._rng = random.Random(config.seed)
         self._seq = 0
         self.last_step_size = (0, 0)  # (tokens, requests) the last step computed
-        self.debug_invariants = config.debug_invariants or os.environ.get("TIERLM_DEBUG_INVARIANTS") == "1"
+        self.debug_invariants = config.debug_invariants
 
     # ---- requests --------------------------------------------------------------------
     def tokenize_prompt(self, prompt: Prompt) -> tuple[str | None, list[int]]:
