@@ -33,6 +33,7 @@ from tierlm.config import SchedulerConfig
 from tierlm.kv_cache.manager import KVCacheManager
 from tierlm.outputs import SampledToken, StepResult
 from tierlm.request import Request, RequestStatus
+from tierlm.scheduler import drafts
 from tierlm.scheduler.admission import make_admission
 from tierlm.scheduler.contract import RunnerView
 from tierlm.scheduler.forks import Parking
@@ -219,7 +220,10 @@ class Scheduler:
                 i += 1
                 continue
             if n == 1 and self.config.num_speculative_tokens:
-                n += self._draft(req, budget - 1)
+                draft = drafts.take(req, budget - 1, self.config.num_speculative_tokens)
+                if draft:
+                    self._drafts[req.request_id] = draft
+                n += len(draft)
             while not self.kv.allocate(req.request_id, req.num_computed_tokens + n, req.num_computed_tokens):
                 victim = max((r for r in self.running[i:] if r.request_id not in planned), key=self.key)
                 self._preempt(victim)
@@ -238,25 +242,7 @@ class Scheduler:
         return [r for r in self.running if r.num_tokens - r.num_computed_tokens == 1]
 
     def draft_limit(self, req: Request) -> int:
-        """How many draft tokens a decoding request may take: none without speculative
-        decoding, for beams, constrained outputs or prompt scoring, and never past
-        max_tokens or the context (the last sampled token would have nowhere to go)."""
-        p = req.sampling_params
-        if (not self.config.num_speculative_tokens or p.use_beam_search or p.guided is not None
-                or req.prompt_logprobs is not None):
-            return 0
-        k = min(self.config.num_speculative_tokens, req.max_total_tokens - req.num_tokens - 1)
-        if p.max_tokens is not None:
-            k = min(k, p.max_tokens - req.num_output_tokens - 1)
-        return k
-
-    def _draft(self, req: Request, room: int) -> int:
-        """Take the request's proposed drafts as far as `room` and its limit allow (kept for
-        this step); returns how many."""
-        draft = req.draft[: max(0, min(self.draft_limit(req), room))]
-        if draft:
-            self._drafts[req.request_id] = draft
-        return len(draft)
+        return drafts.limit(req, self.config.num_speculative_tokens)
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
