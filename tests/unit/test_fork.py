@@ -57,7 +57,8 @@ def test_parked_samples_fork_from_the_first_once_its_prompt_is_computed():
     out, _ = step(s)
     by_id = {x.request_id: x for x in out.scheduled}
     assert (by_id["r#1"].start, by_id["r#1"].token_ids) == (9, [19]) and by_id["r#1"].sample
-    assert by_id["r#1"].block_tables[0][:2] == by_id["r#0"].block_tables[0][:2]  # shared prompt blocks
+    assert by_id["r#1"].blocks.reset  # new to the runner: its whole tables
+    assert by_id["r#1"].blocks.appended[0][:2] == tuple(s.kv.block_tables("r#0")[0][:2])  # shared prompt blocks
     assert len(out.block_copies) == 2  # each fork copied block 2 (positions 8..9)
 
 

@@ -335,3 +335,29 @@ def test_a_request_that_never_ran_is_not_reported_finished():
     s.add(req("w", 4))
     s.abort("w")
     assert s.schedule().finished == []
+
+
+def test_block_tables_travel_as_deltas_the_runner_can_follow():
+    """Replaying every step's BlockDelta rebuilds exactly the KV manager's tables, through
+    growth, sliding-window release (null entries) and a preemption (a reset)."""
+    from tierlm.runner.model_runner import _apply_blocks, _RequestState
+
+    s = Scheduler(SchedulerConfig(max_num_batched_tokens=8, admission="greedy"),
+                  KVCacheManager(12, 4, windows=(None, 6)), (EOS,))
+    s.add(req("a", 10, max_tokens=12))
+    mirror = _RequestState([], [], SamplingParams(), 0)
+    resets = 0
+    for i in range(40):
+        if i == 4:  # between steps, as the scheduler does when the pool runs dry
+            s._preempt(s.requests["a"])
+        out = s.schedule()
+        for x in out.scheduled:
+            _apply_blocks(mirror, x.blocks)
+            resets += x.blocks.reset
+            assert mirror.tables == s.kv.block_tables("a")
+        s.update(out, StepResult([SampledToken(x.request_id, 7, None) for x in out.scheduled if x.sample]))
+        s.check_integrity()
+        if not s.has_unfinished():
+            break
+    assert not s.has_unfinished() and resets == 2  # the first step and the restart
+    assert any(b == 0 for b in mirror.tables[1])  # the sliding group released blocks

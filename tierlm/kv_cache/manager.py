@@ -20,11 +20,14 @@ never touches a tensor.
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from dataclasses import dataclass, field
 
 from tierlm.kv_cache.block_pool import NULL_BLOCK, BlockPool
 from tierlm.kv_cache.tiers import KVTiers
+
+_epochs = itertools.count(1)
 
 
 @dataclass
@@ -32,6 +35,9 @@ class _Tables:
     tables: list[list[int]]
     dropped: list[int] = field(default_factory=list)  # leading entries released, per group
     registered: int = 0  # leading blocks already offered to the prefix cache
+    # Which incarnation of the request's tables this is (new after a preemption): a reader
+    # following the tables by what was appended knows when to start over.
+    epoch: int = field(default_factory=lambda: next(_epochs))
 
 
 class KVCacheManager:
@@ -226,6 +232,11 @@ class KVCacheManager:
     def holds(self, request_id: str) -> bool:
         """Whether the request has block tables (it is running, not waiting or preempted)."""
         return request_id in self._requests
+
+    def live_tables(self, request_id: str) -> tuple[list[list[int]], list[int], int] | None:
+        """The request's tables, released-entry counts and epoch, not copied (read only)."""
+        t = self._requests.get(request_id)
+        return (t.tables, t.dropped, t.epoch) if t else None
 
     def block_tables(self, request_id: str) -> list[list[int]]:
         t = self._requests.get(request_id)

@@ -9,13 +9,15 @@ grammar states advanced -> StepResult.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from tierlm.attention.base import ForwardBatch
 from tierlm.config import ModelConfig
+from tierlm.kv_cache.block_pool import NULL_BLOCK
 from tierlm.kv_cache.sizing import layout_for, lazily_zeroed
 from tierlm.kv_cache.transfers import BlockLoad, BlockSave
 from tierlm.layers.moe import SparseMoE
@@ -35,6 +37,8 @@ class _RequestState:
     output_token_ids: list[int]
     sampling_params: SamplingParams
     seed: int
+    tables: list[list[int]] = field(default_factory=list)  # block tables per KV group
+    dropped: list[int] = field(default_factory=list)  # leading entries released, per group
 
 
 class ModelRunner:
@@ -119,17 +123,25 @@ class ModelRunner:
             for t in self._pages:
                 t[dst].copy_(t[src])
 
-    def _track(self, out: SchedulerOutput) -> None:
-        """Bring the per-request state up to date with this step's contract."""
+    def _track(self, out: SchedulerOutput) -> SchedulerOutput:
+        """Bring the per-request state up to date with this step's contract; returns the
+        step with every request's whole block tables filled in."""
         for rid in out.finished:
             self._requests.pop(rid, None)
             if self.structured is not None:
                 self.structured.forget(rid)
         for new in out.new_requests:
             self._start(new)
+        resolved = []
         for s in out.scheduled:
+            st = self._requests[s.request_id]
             if s.new_output_token_ids:
-                self._requests[s.request_id].output_token_ids.extend(s.new_output_token_ids)
+                st.output_token_ids.extend(s.new_output_token_ids)
+            if s.blocks is not None:
+                _apply_blocks(st, s.blocks)
+                s = dataclasses.replace(s, block_tables=st.tables)
+            resolved.append(s)
+        return dataclasses.replace(out, scheduled=resolved)
 
     def _start(self, new: NewRequest) -> None:
         p = new.sampling_params
@@ -141,7 +153,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> StepResult:
-        self._track(out)
+        out = self._track(out)
         saved = self.transfer(out.block_saves, out.block_loads)
         self.copy_blocks(out.block_copies)  # before the forward writes either block
         if not out.scheduled:
@@ -183,6 +195,17 @@ class ModelRunner:
             except Exception as e:  # noqa: BLE001 - one request's own state failed
                 failed[tok.request_id] = e
         return complete, failed
+
+
+def _apply_blocks(st: _RequestState, delta) -> None:
+    """Follow a request's block tables by what changed (scheduler/output.py BlockDelta)."""
+    if delta.reset:
+        st.tables, st.dropped = [[] for _ in delta.appended], [0] * len(delta.appended)
+    for g, (table, new, dropped) in enumerate(zip(st.tables, delta.appended, delta.dropped)):
+        table.extend(new)
+        if dropped > st.dropped[g]:  # released out of every future query's window
+            table[st.dropped[g]:dropped] = [NULL_BLOCK] * (dropped - st.dropped[g])
+            st.dropped[g] = dropped
 
 
 def _verify(ids: list[str], drawn: list, by_id: dict[str, ScheduledRequest]

@@ -3,7 +3,8 @@
 Data only: ids, token ids, block numbers and sampling settings, never a live object. A
 request's fixed facts (prompt, sampling settings, seed) travel once, in `new_requests`,
 the first step it is scheduled; after that each step carries only what changed: the
-tokens to compute, the output tokens appended since, its block tables. The runner keeps
+tokens to compute, the output tokens appended since, the blocks its tables gained or
+released. The runner keeps
 its own per-request state from these (sampling history, grammar state) and drops it
 for the ids in `finished`.
 """
@@ -28,11 +29,25 @@ class NewRequest:
 
 
 @dataclass(frozen=True)
+class BlockDelta:
+    """How a request's block tables changed since the runner last saw them: per KV group,
+    the entries appended and how many leading entries are now released (the null block).
+    `reset`: the tables were made anew (a preempted request restarting, or the first
+    step): `appended` is then all of them."""
+
+    appended: tuple[tuple[int, ...], ...]
+    dropped: tuple[int, ...]
+    reset: bool = False
+
+
+@dataclass(frozen=True)
 class ScheduledRequest:
     """Compute `token_ids` at positions start..start+len-1 for one request.
 
-    `block_tables` holds one table per KV group (see kv_cache/layout.py); positions below
-    `prompt_len` are prompt positions. `sample` is set when these tokens reach the end of
+    `block_tables` holds one table per KV group (see kv_cache/layout.py): the scheduler
+    sends only `blocks` (what changed) and leaves it None; the runner fills it in from
+    its own copy before the forward (callers outside the scheduler may give it whole).
+    Positions below `prompt_len` are prompt positions. `sample` is set when these tokens reach the end of
     the request's known tokens, so the last one's logits produce its next token (draw
     index: the number of output tokens); with drafts, the last known token's and every
     draft's logits are sampled. `new_output_token_ids` were appended to the request's
@@ -42,7 +57,7 @@ class ScheduledRequest:
     request_id: str
     token_ids: list[int]
     start: int
-    block_tables: list[list[int]]
+    block_tables: list[list[int]] | None
     sample: bool
     prompt_len: int
     new_output_token_ids: tuple[int, ...] = ()
@@ -50,6 +65,7 @@ class ScheduledRequest:
     # them, and the runner samples at every one of those positions to verify them.
     draft_token_ids: tuple[int, ...] = ()
     prompt_logprobs: int | None = None  # score the prompt tokens in this chunk (top-N alternatives)
+    blocks: BlockDelta | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

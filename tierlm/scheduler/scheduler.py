@@ -202,7 +202,7 @@ class Scheduler:
             req.draft = []  # proposals are for this step only
         new: list[NewRequest] = []
         scheduled = [self.runner_view.scheduled(r, n, self._drafts.pop(r.request_id, []),
-                                                self.kv.block_tables(r.request_id), new) for r, n in plan]
+                                                self.kv.live_tables(r.request_id), new) for r, n in plan]
         saves, loads = self.kv.take_transfers()
         return SchedulerOutput(scheduled, preempted, copies, new, self.runner_view.take_ended(), saves, loads)
 
