@@ -30,8 +30,8 @@ class LLM:
                  config: EngineConfig | None = None) -> None:
         if config is None:
             config = EngineConfig(
-                model=model, dtype=dtype, quantization=quantization, dense_dtype=dense_dtype, deterministic=deterministic,
-                seed=seed,
+                model=model, dtype=dtype, quantization=quantization, dense_dtype=dense_dtype,
+                deterministic=deterministic, seed=seed,
                 cache=CacheConfig(block_size=block_size, num_blocks=num_kv_blocks, kv_cache_gb=kv_cache_gb,
                                   enable_prefix_caching=enable_prefix_caching, kv_warm_gb=kv_warm_gb,
                                   kv_cold_dir=str(kv_cold_dir) if kv_cold_dir else None, kv_cold_gb=kv_cold_gb,

@@ -1,4 +1,5 @@
-"""tiled_batch.build (the PyTorch backend's layout): slots, positions, query tiles and sampled rows from a SchedulerOutput."""
+"""tiled_batch.build (the PyTorch backend's layout): slots, positions, query tiles and sampled
+rows from a SchedulerOutput."""
 
 from __future__ import annotations
 
