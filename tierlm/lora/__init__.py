@@ -1,0 +1,1 @@
+"""LoRA adapters over a base model (PEFT's format)."""
