@@ -166,7 +166,7 @@ class LLMEngine:
         self.validate(ids, SamplingParams(max_tokens=1))
         if not self.kv.allocate(probe, len(ids)):
             raise InvalidRequest("not enough free KV cache to score this prompt now")
-        self.kv.saved(self.runner.transfer(*self.kv.take_transfers()))  # blocks it evicted keep their pages
+        self._carry_out_transfers()  # blocks it evicted keep their pages
         try:
             return self.runner.all_logits(ids, self.kv.block_tables(probe), prompt_len)
         finally:
@@ -175,8 +175,12 @@ class LLMEngine:
     def close(self) -> None:
         """Flush cached KV to the cold tier (if configured) so a restart finds it."""
         if self.kv.tiers is not None:
-            self.kv.saved(self.runner.transfer(*self.kv.take_transfers()))  # saves planned after the last step
+            self._carry_out_transfers()  # saves planned after the last step
             self.kv.tiers.flush_to_cold(dict(self.kv.pool.cached), self.runner.read_block)
+
+    def _carry_out_transfers(self) -> None:
+        """KV tier saves and loads planned outside a step (allocations there evict too)."""
+        self.kv.saved(self.runner.transfer(*self.kv.take_transfers()))
 
     def kv_tier_stats(self) -> dict[str, dict[str, int]]:
         """KV tiers: block hits and bytes moved (running totals) and bytes held now, keyed by

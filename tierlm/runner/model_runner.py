@@ -172,8 +172,9 @@ class ModelRunner:
         rows = []
         for k, (i, j) in enumerate(zip(ids, batch.sample_offsets)):
             st = self._requests[i]
-            rows.append(sampler.SamplingRow(st.sampling_params, st.seed, st.prompt_token_ids,
-                                            st.output_token_ids + list(by_id[i].draft_token_ids[:j]), allowed.get(k)))
+            # The sampler only reads the history: the runner's own list unless drafts precede the row.
+            history = st.output_token_ids + list(by_id[i].draft_token_ids[:j]) if j else st.output_token_ids
+            rows.append(sampler.SamplingRow(st.sampling_params, st.seed, st.prompt_token_ids, history, allowed.get(k)))
         drawn = sampler.sample(logits, rows, self.cfg.eos_token_ids)
         sampled, accepted = _verify(ids, drawn, by_id)
         complete, failed = self._advance_grammars(sampled)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tierlm.scheduler.policy import NO_TURN
+
 
 @dataclass
 class VirtualTokenCounter:
@@ -71,9 +73,8 @@ class FairShare:
         settle at their shares instead of trading seats. A tenant with nothing running (a
         light one) also gets a step without the decodes of tenants over their share, so
         its first token costs about what it costs alone; they lose one step."""
-        nothing = None, 0, frozenset()
         if not waiting:
-            return nothing
+            return NO_TURN
         held = seats(running)
         backlogged = {r.tenant for r in waiting}
         nxt = self.vtc.pick(backlogged, held)
@@ -84,12 +85,12 @@ class FairShare:
             return held.get(t, 0) - max_num_seqs * weights[t] / total
 
         if excess(nxt) + 1 > 0:
-            return nothing
+            return NO_TURN
         victim = None
         if len(running) >= max_num_seqs:
             over = max((t for t in held if t != nxt), key=lambda t: (excess(t), t), default=None)
             if over is None or excess(over) < 1:
-                return nothing
+                return NO_TURN
             victim = max((r for r in running if r.tenant == over), key=self.key)
         paused = frozenset(t for t in held if t != nxt and excess(t) >= 1) if not held.get(nxt) else frozenset()
         head = next(r for r in waiting if r.tenant == nxt)
