@@ -13,7 +13,8 @@ except ImportError:  # no torch at build time: nothing to compile against
 else:
     ext_modules = [CppExtension(
         "tierlm._kernels", ["tierlm/kernels/csrc/quant_gemm.cpp", "tierlm/kernels/csrc/attention.cpp",
-                            "tierlm/kernels/csrc/fused.cpp", "tierlm/kernels/csrc/decoder.cpp"],
+                            "tierlm/kernels/csrc/fused.cpp", "tierlm/kernels/csrc/decoder.cpp",
+                            "tierlm/kernels/csrc/lora.cpp"],
         # -ffp-contract=off: every fp32 multiply and add rounds on its own, as the
         # reference kernels in tierlm/kernels/reference.py compute them.
         extra_compile_args=["-O3", "-ffp-contract=off"],

@@ -11,8 +11,9 @@ import os
 os.environ.setdefault("MKL_CBWR", "AUTO")
 
 from tierlm.llm import LLM
+from tierlm.lora.registry import LoRARequest
 from tierlm.outputs import CompletionOutput, RequestOutput
 from tierlm.sampling_params import SamplingParams
 
-__all__ = ["LLM", "CompletionOutput", "RequestOutput", "SamplingParams"]
+__all__ = ["LLM", "CompletionOutput", "LoRARequest", "RequestOutput", "SamplingParams"]
 __version__ = "0.1.0"

@@ -173,6 +173,28 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class LoRAConfig:
+    """Multi-LoRA serving (tierlm/lora): adapters over the base model, batched together.
+
+    `max_loras` adapters are resident at once (slots, least recently used evicted when no
+    running request uses it); every adapter's rank must be at most `max_lora_rank` (each
+    slot is that wide). `modules` are the adapters known from the start (name, path).
+    """
+
+    enabled: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    modules: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        _require(self.max_loras > 0, "lora config: max_loras must be > 0")
+        _require(0 < self.max_lora_rank <= 512, "lora config: max_lora_rank must be in [1, 512]")
+        _require(self.enabled or not self.modules, "lora modules need LoRA enabled (--enable-lora)")
+        names = [n for n, _ in self.modules]
+        _require(len(set(names)) == len(names), "lora modules: each adapter name once")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """Everything an `LLMEngine` needs besides the model files themselves.
 
@@ -195,6 +217,7 @@ class EngineConfig:
     `debug_invariants` checks the scheduler's and KV cache's invariants after every step
     (a violation fails the step loudly instead of corrupting later ones); the test suite
     runs with it on (TIERLM_DEBUG_INVARIANTS=1 is the default of the CLI flag and of `LLM`).
+    `lora` enables LoRA adapters over the model (LoRAConfig).
     """
 
     model: str = "smollm2-135m"
@@ -207,6 +230,7 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     draft_model: str | None = None
     debug_invariants: bool = False
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     def __post_init__(self) -> None:
         _require(self.dtype in _DTYPES, f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")

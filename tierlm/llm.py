@@ -10,9 +10,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from tierlm.config import CacheConfig, EngineConfig, SchedulerConfig, debug_invariants_default
+from tierlm.config import CacheConfig, EngineConfig, LoRAConfig, SchedulerConfig, debug_invariants_default
 from tierlm.engine.builder import build_engine
 from tierlm.engine.llm_engine import Prompt
+from tierlm.lora.registry import LoRARequest
 from tierlm.outputs import RequestOutput
 from tierlm.sampling_params import SamplingParams
 
@@ -26,8 +27,8 @@ class LLM:
                  kv_cold_gb: float = 4.0, session_ttl: float = 600.0, seed: int = 0,
                  admission: str = "past_future", num_speculative_tokens: int = 0, draft_model: str | None = None,
                  cache_dir: str | Path | None = None, progress: bool = False,
-                 debug_invariants: bool | None = None,
-                 config: EngineConfig | None = None) -> None:
+                 debug_invariants: bool | None = None, enable_lora: bool = False, max_loras: int = 1,
+                 max_lora_rank: int = 16, config: EngineConfig | None = None) -> None:
         if config is None:
             config = EngineConfig(
                 model=model, dtype=dtype, quantization=quantization, dense_dtype=dense_dtype,
@@ -40,6 +41,7 @@ class LLM:
                                           max_model_len=max_model_len, admission=admission,
                                           num_speculative_tokens=num_speculative_tokens),
                 draft_model=draft_model,
+                lora=LoRAConfig(enabled=enable_lora, max_loras=max_loras, max_lora_rank=max_lora_rank),
                 debug_invariants=debug_invariants_default() if debug_invariants is None else debug_invariants)
         self.engine = build_engine(config, cache_dir=Path(cache_dir) if cache_dir else None, progress=progress)
         self.tokenizer = self.engine.tokenizer
@@ -51,8 +53,11 @@ class LLM:
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = False) -> list[RequestOutput]:
-        """Run prompts to completion; outputs come back in prompt order."""
+                 use_tqdm: bool = False,
+                 lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None) -> list[RequestOutput]:
+        """Run prompts to completion; outputs come back in prompt order. `lora_request`: one
+        adapter for every prompt, or one per prompt (None: the base model); needs
+        `enable_lora=True`."""
         if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         if isinstance(sampling_params, Sequence):
@@ -61,21 +66,25 @@ class LLM:
             params = [sampling_params or SamplingParams()] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError("sampling_params must be one SamplingParams or one per prompt")
+        loras = list(lora_request) if isinstance(lora_request, Sequence) else [lora_request] * len(prompts)
+        if len(loras) != len(prompts):
+            raise ValueError("lora_request must be one LoRARequest or one per prompt")
         ids = []
-        for prompt, p in zip(prompts, params):
+        for prompt, p, lora in zip(prompts, params, loras):
             self._counter += 1
             rid = f"offline-{self._counter}"
-            self.engine.add_request(rid, prompt, p)
+            self.engine.add_request(rid, prompt, p, lora=lora)
             ids.append(rid)
         return self._run(ids, use_tqdm)
 
     def chat(self, messages: list[dict] | list[list[dict]],
-             sampling_params: SamplingParams | None = None, use_tqdm: bool = False) -> list[RequestOutput]:
+             sampling_params: SamplingParams | None = None, use_tqdm: bool = False,
+             lora_request: LoRARequest | None = None) -> list[RequestOutput]:
         """One conversation (list of messages) or a batch of them, rendered with the model's template."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = [{"prompt_token_ids": self.tokenizer.encode(self.tokenizer.apply_chat_template(c),
                                                              add_special_tokens=False)} for c in conversations]
-        return self.generate(prompts, sampling_params, use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm, lora_request)
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         from tqdm import tqdm
@@ -90,4 +99,4 @@ class LLM:
         return [final[i] for i in ids]
 
 
-__all__ = ["LLM"]
+__all__ = ["LLM", "LoRARequest"]

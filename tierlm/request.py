@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from tierlm.outputs import TokenLogprob
 from tierlm.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from tierlm.lora.adapter import LoRAAdapter
 
 
 class RequestStatus(enum.Enum):
@@ -45,6 +49,10 @@ class Request:
     block_hashes: list[bytes] = field(default_factory=list)  # chained hashes of full blocks so far
     session_id: str | None = None  # its KV stays in the warm tier for the session TTL after it ends
     tenant: str = "default"  # whose share of the server it uses (policy "fair")
+    # LoRA: the adapter it runs with (lora/adapter.py LoRAAdapter; None: the base model) and
+    # the slot the scheduler gave it at admission (scheduler/lora.py; -1: none).
+    lora: LoRAAdapter | None = None
+    lora_slot: int = -1
     # Speculative decoding: draft tokens proposed for this step (spec/proposer.py), taken by
     # the scheduler when it plans the request's next tokens.
     draft: list[int] = field(default_factory=list)

@@ -84,6 +84,9 @@ class ForwardBatch:
     prompt_rows: int = 0
     # Per scheduled request, the row of its first prompt-position token this step.
     prompt_row_starts: tuple[int, ...] = ()
+    # [T] int32: each row's request, as its index in the step's `scheduled` (per-request
+    # state that rows carry, such as a LoRA adapter slot); None where a layout omits it.
+    row_request: torch.Tensor | None = None
 
 
 class AttentionBackend(Protocol):

@@ -44,7 +44,7 @@ def build_flat(out: SchedulerOutput, block_size: int, windows: tuple[int | None,
                              dtype=torch.long)
         metas.append(AttentionMetadata(slots, (), _NO_INDEX, window, tables, seq_t, pos_t))
     return ForwardBatch(torch.tensor(ids, dtype=torch.long), pos_t, tuple(metas),
-                        torch.tensor(logits_indices, dtype=torch.long), sample_ids, offsets, 0, tuple(starts))
+                        torch.tensor(logits_indices, dtype=torch.long), sample_ids, offsets, 0, tuple(starts), seq_t)
 
 
 _NO_INDEX = torch.empty(0, dtype=torch.long)

@@ -110,6 +110,7 @@ def build(out: SchedulerOutput, block_size: int, windows: tuple[int | None, ...]
     total, prompt_rows = sum(counts), sum(prompt_counts)
     ids = [0] * total
     positions = [0] * total
+    row_request = [0] * total
     slots: list[list[int]] = [[0] * total for _ in windows]
     token_tile_index = [0] * total  # by row: its place in the tiled attention output
     logits_indices: list[int] = []
@@ -126,6 +127,7 @@ def build(out: SchedulerOutput, block_size: int, windows: tuple[int | None, ...]
         for r, tok, at in zip(rows, s.token_ids, pos):
             ids[r] = tok
             positions[r] = at
+            row_request[r] = si
         for g, table in enumerate(s.block_tables):
             slot_g = slots[g]
             for r, at in zip(rows, pos):
@@ -150,4 +152,4 @@ def build(out: SchedulerOutput, block_size: int, windows: tuple[int | None, ...]
     starts = tuple(itertools.accumulate(prompt_counts, initial=0))[:-1]
     return ForwardBatch(torch.tensor(ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long),
                         tuple(metas), torch.tensor(logits_indices, dtype=torch.long), sample_ids, offsets,
-                        prompt_rows, starts)
+                        prompt_rows, starts, torch.tensor(row_request, dtype=torch.int32))

@@ -104,6 +104,7 @@ class _Add:
     cache_salt: str | None = None
     session_id: str | None = None
     tenant: str = "default"
+    lora: object | None = None  # a LoRA adapter (lora/adapter.py) or None for the base model
 
 
 @dataclass
@@ -211,8 +212,10 @@ class AsyncEngine:
 
     async def generate(self, request_id: str, ids: list[int], params: SamplingParams,
                        priority: int = 0, cache_salt: str | None = None,
-                       session_id: str | None = None, tenant: str = "default") -> AsyncIterator[RequestOutput]:
-        """Submit a validated request and yield its outputs; aborts it if the caller goes away."""
+                       session_id: str | None = None, tenant: str = "default",
+                       lora: object | None = None) -> AsyncIterator[RequestOutput]:
+        """Submit a validated request and yield its outputs (with the LoRA adapter `lora`, a
+        LoRAAdapter, when given); aborts it if the caller goes away."""
         self.check_admission()
         loop = asyncio.get_running_loop()
         stream = _Stream(loop, asyncio.Queue(), RequestTiming(time.perf_counter()), len(ids), tenant)
@@ -220,7 +223,8 @@ class AsyncEngine:
             self._inflight += 1
             self._unseen_requests += 1
             self._unseen_tokens += len(ids)
-        self._commands.put((_Add(request_id, ids, params, priority, cache_salt, session_id, tenant), stream))
+        self._commands.put((_Add(request_id, ids, params, priority, cache_salt, session_id, tenant, lora),
+                            stream))
         self._wake.set()
         finished = False
         try:
@@ -303,7 +307,7 @@ class AsyncEngine:
                 taken, taken_tokens = taken + 1, taken_tokens + len(cmd.ids)
                 try:
                     self.engine.add_request(cmd.request_id, {"prompt_token_ids": cmd.ids}, cmd.params, cmd.priority,
-                                            cmd.cache_salt, cmd.session_id, cmd.tenant)
+                                            cmd.cache_salt, cmd.session_id, cmd.tenant, cmd.lora)
                 except Exception as e:  # noqa: BLE001 - validated already; report, never crash the loop
                     self._count(-1)
                     _put(stream, e)

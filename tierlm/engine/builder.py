@@ -20,6 +20,8 @@ from tierlm.kv_cache.manager import KVCacheManager
 from tierlm.kv_cache.sizing import kv_block_bytes, kv_page_shape, layout_for, num_kv_blocks
 from tierlm.kv_cache.tiers import KVTiers
 from tierlm.loader import model_loader
+from tierlm.lora.registry import AdapterRegistry
+from tierlm.lora.slots import LoRASlots
 from tierlm.runner import kernel_probe
 from tierlm.runner.model_runner import ModelRunner
 from tierlm.scheduler.scheduler import Scheduler
@@ -38,6 +40,7 @@ class EngineParts:
     structured: StructuredOutputs
     proposer: Proposer | None
     load_seconds: float
+    adapters: AdapterRegistry | None = None  # LoRA adapters by name (None: LoRA not enabled)
 
 
 def default_cache_dir() -> Path:
@@ -88,17 +91,26 @@ def build_parts(config: EngineConfig, *, cache_dir: Path | None = None, progress
                         enable_caching=cache.enable_prefix_caching, tiers=tiers, session_ttl=cache.session_ttl)
     # Prompt and generated rows on different weight formats: their blocks are hashed apart.
     split_formats = config.deterministic and not loaded.kernels and any(k != "dense" for k in loaded.formats)
-    scheduler = Scheduler(config.scheduler, kv, cfg.eos_token_ids, split_formats)
+    lora = config.lora
+    scheduler = Scheduler(config.scheduler, kv, cfg.eos_token_ids, split_formats,
+                          max_loras=lora.max_loras if lora.enabled else 0)
     structured = StructuredOutputs(loaded.tokenizer, cfg.vocab_size)
     runner = ModelRunner(loaded.model, cfg, blocks, cache.block_size, dtype, config.deterministic,
                          kernels=loaded.kernels, structured=structured)
+    adapters = None
+    if lora.enabled:
+        slots = LoRASlots(loaded.model, lora.max_loras, lora.max_lora_rank)
+        runner.attach_lora(slots)
+        adapters = AdapterRegistry(slots.where, lora.max_lora_rank)
+        for name, path in lora.modules:
+            adapters.add(name, path)
     proposer: Proposer | None = NgramProposer() if config.scheduler.num_speculative_tokens else None
     if config.draft_model:  # its KV pool: a quarter of the target's (committed only as written)
         proposer = DraftModelProposer(config.draft_model, vocab_size=cfg.vocab_size, dtype=dtype,
                                       block_size=cache.block_size, kv_cache_gb=cache.kv_cache_gb / 4,
                                       cache_dir=cache_dir, quantization=config.quantization,
                                       dense_dtype=loaded.dense_dtype)
-    return EngineParts(loaded, key, kv, scheduler, runner, structured, proposer, load_seconds)
+    return EngineParts(loaded, key, kv, scheduler, runner, structured, proposer, load_seconds, adapters)
 
 
 def build_engine(config: EngineConfig, *, cache_dir: Path | None = None, progress: bool = False):

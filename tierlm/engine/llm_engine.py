@@ -22,6 +22,8 @@ from tierlm.engine import beam
 from tierlm.engine.builder import EngineParts
 from tierlm.engine.output_processor import OutputProcessor, Parent
 from tierlm.kv_cache import prefix_hash
+from tierlm.lora.adapter import LoRAAdapter, LoRAError
+from tierlm.lora.registry import LoRARequest
 from tierlm.outputs import RequestOutput
 from tierlm.request import Request
 from tierlm.sampling_params import SamplingParams
@@ -56,6 +58,7 @@ class LLMEngine:
         self._model_key = parts.model_key
         self.kv, self.scheduler, self.runner = parts.kv, parts.scheduler, parts.runner
         self.structured, self.proposer = parts.structured, parts.proposer
+        self.adapters = parts.adapters  # LoRA adapters by name; None when LoRA is not enabled
         self.outputs = OutputProcessor(self.tokenizer, self.scheduler, self.model_config.eos_token_ids)
         self._rng = random.Random(config.seed)
         self._seq = 0
@@ -99,13 +102,15 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None,
                     priority: int = 0, cache_salt: str | None = None, session_id: str | None = None,
-                    tenant: str = "default") -> None:
-        """Queue a request. Requests share prefix-cache entries only with equal `cache_salt`;
-        a `session_id` keeps the request's KV in the warm tier for the session TTL; under
-        the "fair" policy `tenant` names whose share it uses."""
+                    tenant: str = "default", lora: str | LoRARequest | LoRAAdapter | None = None) -> None:
+        """Queue a request. Requests share prefix-cache entries only with equal `cache_salt`
+        and adapter; a `session_id` keeps the request's KV in the warm tier for the session
+        TTL; under the "fair" policy `tenant` names whose share it uses; `lora` runs it with
+        a LoRA adapter (a registered name, or a LoRARequest loaded on first use)."""
         params = params or SamplingParams()
         if self.outputs.has(request_id):
             raise InvalidRequest(f"request id {request_id!r} is already in use")
+        adapter = self.resolve_adapter(lora) if lora is not None else None
         text, ids = self.tokenize_prompt(prompt)
         total = self.validate(ids, params)
         hide_logprobs = params.num_sequences > params.n and params.logprobs is None and not params.use_beam_search
@@ -120,12 +125,15 @@ class LLMEngine:
         if params.use_beam_search:
             parent.beam = beam.BeamState(params.num_sequences, params.length_penalty, {children[0]: 0.0},
                                          skip_special_tokens=params.skip_special_tokens)
-        root = prefix_hash.root_hash(self._model_key, cache_salt or "")
+        # A prompt's KV under one adapter is never another's (or the base model's).
+        key = self._model_key if adapter is None else f"{self._model_key}|lora={adapter.key}"
+        root = prefix_hash.root_hash(key, cache_salt or "")
         reqs = []
         for i, child in enumerate(children):
             self._seq += 1
             req = Request(child, ids, params, seed=seed + i, arrival_seq=self._seq, priority=priority,
                           max_total_tokens=total, cache_root=root, session_id=session_id, tenant=tenant,
+                          lora=adapter,
                           # the samples share the prompt: the first one scores it for all
                           prompt_logprobs=[None] * len(ids) if params.prompt_logprobs is not None and i == 0
                           else None)
@@ -134,6 +142,20 @@ class LLMEngine:
         self.scheduler.add(reqs[0])
         if len(reqs) > 1:
             self.scheduler.add_forks(reqs[0], reqs[1:])
+
+    def resolve_adapter(self, lora: str | LoRARequest | LoRAAdapter) -> LoRAAdapter:
+        """The adapter a request names; InvalidRequest when LoRA is off, the name unknown or
+        the adapter unusable."""
+        if self.adapters is None:
+            raise InvalidRequest("LoRA adapters are not enabled on this engine (enable_lora / --enable-lora)",
+                                 param="model")
+        try:
+            return self.adapters.resolve(lora)
+        except KeyError:
+            raise InvalidRequest(f"no LoRA adapter named {lora!r} is loaded", param="model",
+                                 code="model_not_found") from None
+        except LoRAError as e:
+            raise InvalidRequest(str(e), param="lora_request") from None
 
     def check_guided(self, params: SamplingParams) -> None:
         """Compile (and cache) a request's output constraint; InvalidRequest if it cannot."""

@@ -187,6 +187,19 @@ def decoder(heads: int, eps: float, scale: float, act: str):
     return _ext.Decoder(heads, eps, scale, GATED[act])
 
 
+def lora_add(y: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+             ends: torch.Tensor, active: torch.Tensor, path: str | None = None) -> None:
+    """y (fp32 [T, N], in place) += each row's adapter product (csrc/lora.cpp has the
+    numerics): `slots` int32 [T] (-1: no adapter), A fp32 [slots, P * R, K], B fp32
+    [slots, N, R] (scale folded in), `ends` int64 [P] each fused part's end in N, `active`
+    bool [slots] the slots whose adapter targets this projection."""
+    path = path or isa()
+    if path == "reference":
+        reference.lora_add(y, x, slots, a, b, ends, active)
+        return
+    _ext.lora_add(y, x, slots, a, b, ends, active, _ISA_INDEX[path])
+
+
 def isa_index() -> int:
     """The extension's index of the process's ISA path (for `decoder(...).forward`)."""
     return _ISA_INDEX[isa()]

@@ -351,3 +351,34 @@ def dequantize_rows(w: Packed, ids: torch.Tensor) -> torch.Tensor:
                               mins=w.mins[groups], high=w.high[groups] if w.high.numel() else w.high,
                               sub=w.sub[groups] if w.sub.numel() else w.sub)
     return dequantize(sub)[inverse * R + ids % R]
+
+
+def dot16(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum(a * b, -1) in float32 as the kernels add it: 16 lanes (lane l takes the values at
+    i = l mod 16, ascending) then a fixed tree over the lanes (vmath.inc `sum16`)."""
+    n = a.shape[-1]
+    pad = -n % 16
+    prod_shape = torch.broadcast_shapes(a.shape[:-1], b.shape[:-1])
+    a = torch.nn.functional.pad(a.float(), (0, pad)).expand(*prod_shape, n + pad)
+    b = torch.nn.functional.pad(b.float(), (0, pad)).expand(*prod_shape, n + pad)
+    lanes = torch.zeros(*prod_shape, 16)
+    for c in range(0, n + pad, 16):
+        lanes = lanes + a[..., c:c + 16] * b[..., c:c + 16]
+    h8 = lanes[..., :8] + lanes[..., 8:]
+    h4 = h8[..., :4] + h8[..., 4:]
+    return (h4[..., 0] + h4[..., 2]) + (h4[..., 1] + h4[..., 3])
+
+
+def lora_add(y: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+             ends: torch.Tensor, active: torch.Tensor) -> None:
+    """csrc/lora.cpp `lora_add`, bit for bit: y[r] += B_s (A_s x_r), per part, for rows whose
+    slot s >= 0 is active."""
+    r = b.shape[2]
+    starts = [0] + ends.tolist()[:-1]
+    for row in range(x.shape[0]):
+        s = int(slots[row])
+        if s < 0 or not bool(active[s]):
+            continue
+        t = dot16(a[s], x[row].unsqueeze(0))  # [P * R]
+        for p, (lo, hi) in enumerate(zip(starts, ends.tolist())):
+            y[row, lo:hi] = y[row, lo:hi] + dot16(b[s, lo:hi], t[p * r:(p + 1) * r].unsqueeze(0))

@@ -130,6 +130,9 @@ class Linear(nn.Module):
         # dtype (a converted copy would cost a second vocabulary-sized table, ~0.11 GB for
         # SmolLM2 in float32, for the few rows a prefill asks logits of).
         self.shares_weight = False
+        # Adapter slots over this projection (lora/slots.py), when LoRA is enabled: each
+        # row adds its own adapter's product after the base product.
+        self.lora = None
 
     def tie(self, weight: nn.Parameter) -> None:
         """Use `weight` (the embedding table) as this layer's weight."""
@@ -163,6 +166,10 @@ class Linear(nn.Module):
         return y.to(x.dtype)
 
     def forward(self, x: torch.Tensor, dense_rows: int | None = 0) -> torch.Tensor:
+        y = self._base(x, dense_rows)
+        return y if self.lora is None else self.lora.apply(x, y)
+
+    def _base(self, x: torch.Tensor, dense_rows: int | None) -> torch.Tensor:
         q = self.quantized
         if q is None and not self.deterministic and self.dense_weight().dtype == x.dtype:
             return F.linear(x, self.weight, self.bias)

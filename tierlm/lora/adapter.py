@@ -15,6 +15,7 @@ the embedding or the output layer, `modules_to_save`, trained biases, other PEFT
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -46,15 +47,22 @@ class LoRAModule:
         return self.scale * (self.b @ self.a)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class LoRAAdapter:
     name: str
     path: Path
     modules: dict[str, LoRAModule]  # "layers.{i}.self_attn.q_proj" ... (the loader's names, unfused)
+    digest: str = ""  # sha256 of its config and weight files: what its outputs depend on
 
     @property
     def rank(self) -> int:
         return max(m.rank for m in self.modules.values())
+
+    @property
+    def key(self) -> str:
+        """Its identity in slots and prefix-cache hashes: the name and the files' digest (the
+        same name loaded again from other files is another adapter)."""
+        return f"{self.name}@{self.digest[:16]}"
 
 
 def _matches(pattern: str, module: str) -> bool:
@@ -84,15 +92,29 @@ def _config(path: Path) -> dict:
     return cfg
 
 
-def _tensors(path: Path) -> dict[str, torch.Tensor]:
-    st, pt = path / "adapter_model.safetensors", path / "adapter_model.bin"
-    if st.is_file():
-        from safetensors.torch import load_file
-
-        return load_file(str(st))
-    if pt.is_file():
-        return torch.load(str(pt), map_location="cpu", weights_only=True)
+def _weights_file(path: Path) -> Path:
+    for name in ("adapter_model.safetensors", "adapter_model.bin"):
+        if (path / name).is_file():
+            return path / name
     raise LoRAError(f"{path}: no adapter_model.safetensors or adapter_model.bin")
+
+
+def _tensors(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(file))
+        return torch.load(str(file), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same one-line refusal
+        raise LoRAError(f"{file}: cannot be read ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+
+
+def _digest(*files: Path) -> str:
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.read_bytes())
+    return h.hexdigest()
 
 
 def load_adapter(path: str | Path, name: str, max_rank: int | None = None) -> LoRAAdapter:
@@ -101,7 +123,8 @@ def load_adapter(path: str | Path, name: str, max_rank: int | None = None) -> Lo
     if not path.is_dir():
         raise LoRAError(f"{path}: not a directory (a PEFT LoRA adapter directory is expected)")
     cfg = _config(path)
-    tensors = _tensors(path)
+    weights = _weights_file(path)
+    tensors = _tensors(weights)
     if any("lora_embedding" in key for key in tensors):
         raise LoRAError(f"{path}: embedding adapters not supported (LoRA on {', '.join(TARGETS)} only)")
     pairs: dict[str, dict[str, torch.Tensor]] = {}
@@ -133,4 +156,4 @@ def load_adapter(path: str | Path, name: str, max_rank: int | None = None) -> Lo
                      cfg.get("lora_alpha", 8))
         scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
         modules[module] = LoRAModule(a.contiguous(), b.contiguous(), float(scale))
-    return LoRAAdapter(name, path, modules)
+    return LoRAAdapter(name, path, modules, _digest(path / "adapter_config.json", weights))

@@ -11,6 +11,8 @@ C++ decoder's oracle. The residual stream stays float32 between layers
 (the module path rounds it to bf16 at every op); each kernel computes a row whole, in a
 fixed order, so a token's logits do not depend on the batch, its role or the threads.
 Models it does not cover (sparse MoE blocks, dense projections) run their modules.
+LoRA adapter slots (lora/slots.py) attach per projection: each row adds its own
+adapter's product right after the base product (`kernels.lora_add`).
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ class _Layer:
     gate_up: kernels.Parts
     down: kernels.Parts
     post_mlp: torch.Tensor | None  # Gemma
+    lora: tuple = (None, None, None, None)  # adapter slots of qkv, o, gate_up, down (lora/slots.py)
 
 
 class FusedDecoder:
@@ -98,6 +101,20 @@ class FusedDecoder:
                                       layer.cos, layer.sin, layer.o.args, layer.post_attn, layer.pre_mlp,
                                       layer.gate_up.args, layer.down.args, layer.post_mlp, k_cache, v_cache, group)
             self.native.set_head(self.final_norm, self.head.args)
+        self.lora = None
+
+    def attach_lora(self, slots) -> None:
+        """Run every row's adapter (lora/slots.py `LoRASlots`, already attached to the
+        model's layers) after each base product it targets."""
+        self.lora = slots
+        for i, layer in enumerate(self.layers):
+            projs = tuple(slots.projections.get(f"layers.{i}.{name}")
+                          for name in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"))
+            layer.lora = projs
+            if self.native is not None:
+                for k, p in enumerate(projs):
+                    if p is not None:
+                        self.native.set_lora(i, k, p.A, p.B, p.ends, p.active)
 
     @staticmethod
     def supports(model: nn.Module) -> bool:
@@ -123,9 +140,10 @@ class FusedDecoder:
         if self.embed_scale is not None:  # the scale rounded to the model dtype, as the reference rounds it
             x = x * float(torch.tensor(self.embed_scale, dtype=self.dtype))
         x = x.contiguous()
+        rows = self.lora.rows if self.lora is not None else None
         if self.native is not None and not loop:
             logits = self.native.forward(x, [(g.tables, g.seq, g.positions, g.window or 0) for g in groups],
-                                         logits_indices, kernels.isa_index())
+                                         logits_indices, kernels.isa_index(), rows)
         else:
             logits = self._loop(x, [groups[g] for g in self.layer_group], logits_indices)
         if self.softcap is not None:
@@ -135,14 +153,21 @@ class FusedDecoder:
     def _loop(self, x: torch.Tensor, metas: list[AttentionMetadata], logits_indices: torch.Tensor) -> torch.Tensor:
         h = kernels.residual_norm(x, None, None, self.layers[0].in_norm, self.eps)
         for i, (layer, (k_cache, v_cache), meta) in enumerate(zip(self.layers, self.kv_caches, metas)):
-            qkv = kernels.linear(h, layer.qkv)
+            lq, lo, lgu, ld = layer.lora
+            qkv = _project(h, layer.qkv, lq)
             if layer.qkv_bias is not None:
                 qkv += layer.qkv_bias
             a = kernels.rope_attention(qkv, self.heads, layer.cos, layer.sin, layer.q_norm, layer.k_norm, self.eps,
                                        k_cache, v_cache, meta.tables, meta.seq, meta.positions, meta.window or 0,
                                        self.scale)
-            h = kernels.residual_norm(x, kernels.linear(a, layer.o), layer.post_attn, layer.pre_mlp, self.eps)
-            m = kernels.gated(kernels.linear(h, layer.gate_up), self.act)
+            h = kernels.residual_norm(x, _project(a, layer.o, lo), layer.post_attn, layer.pre_mlp, self.eps)
+            m = kernels.gated(_project(h, layer.gate_up, lgu), self.act)
             following = self.layers[i + 1].in_norm if i + 1 < len(self.layers) else self.final_norm
-            h = kernels.residual_norm(x, kernels.linear(m, layer.down), layer.post_mlp, following, self.eps)
+            h = kernels.residual_norm(x, _project(m, layer.down, ld), layer.post_mlp, following, self.eps)
         return kernels.linear(h.index_select(0, logits_indices), self.head)
+
+
+def _project(x: torch.Tensor, parts: kernels.Parts, lora) -> torch.Tensor:
+    """The base product on the kernels, then each row's adapter product when slots attach."""
+    y = kernels.linear(x, parts)
+    return y if lora is None else lora.apply(x, y)

@@ -21,6 +21,7 @@ from tierlm.kv_cache.block_pool import NULL_BLOCK
 from tierlm.kv_cache.sizing import layout_for, lazily_zeroed
 from tierlm.kv_cache.transfers import BlockLoad, BlockSave
 from tierlm.layers.moe import SparseMoE
+from tierlm.lora.slots import LoRASlots
 from tierlm.models.fused import FusedDecoder
 from tierlm.outputs import SampledToken, StepResult, TokenLogprob
 from tierlm.sampling import sampler
@@ -70,6 +71,13 @@ class ModelRunner:
                       if kernels and FusedDecoder.supports(model) else None)
         # (layer index, block) of every sparse MoE block, for per-expert load statistics.
         self._moe = [(int(name.split(".")[1]), m) for name, m in model.named_modules() if isinstance(m, SparseMoE)]
+        self.lora: LoRASlots | None = None
+
+    def attach_lora(self, slots: LoRASlots) -> None:
+        """Serve LoRA adapters from `slots` (made over this runner's model)."""
+        self.lora = slots
+        if self.fused is not None:
+            self.fused.attach_lora(slots)
 
     def moe_expert_tokens(self) -> dict[int, list[int]]:
         """Tokens routed to each expert since load, per MoE layer (empty for dense models)."""
@@ -106,6 +114,8 @@ class ModelRunner:
         cut = len(ids) if prompt_len is None else prompt_len
         sched = ScheduledRequest("score", ids, 0, block_tables, False, cut)
         batch = self._build(SchedulerOutput([sched]))
+        if self.lora is not None:
+            self.lora.set_rows(None)  # scoring runs the base model
         return self._forward(batch, torch.arange(len(ids)))
 
     def transfer(self, saves: list[BlockSave], loads: list[BlockLoad]) -> dict:
@@ -132,6 +142,10 @@ class ModelRunner:
                 self.structured.forget(rid)
         for new in out.new_requests:
             self._start(new)
+        for slot, adapter in out.lora_loads:
+            if self.lora is None:
+                raise RuntimeError("an adapter reached a runner without LoRA slots")
+            self.lora.load(slot, adapter)
         resolved = []
         for s in out.scheduled:
             st = self._requests[s.request_id]
@@ -142,6 +156,16 @@ class ModelRunner:
                 s = dataclasses.replace(s, block_tables=st.tables)
             resolved.append(s)
         return dataclasses.replace(out, scheduled=resolved)
+
+    def _lora_rows(self, out: SchedulerOutput, batch: ForwardBatch) -> None:
+        """Tell the adapter slots each row's slot for this step (None: no adapter rows)."""
+        per_request = [s.lora_slot for s in out.scheduled]
+        if max(per_request) < 0:
+            self.lora.set_rows(None)
+            return
+        if batch.row_request is None:
+            raise RuntimeError(f"the {self.attention.name} batch layout does not give rows' requests (LoRA needs them)")
+        self.lora.set_rows(torch.tensor(per_request, dtype=torch.int32)[batch.row_request.long()])
 
     def _start(self, new: NewRequest) -> None:
         p = new.sampling_params
@@ -159,6 +183,8 @@ class ModelRunner:
         if not out.scheduled:
             return StepResult(saved_blocks=saved)
         batch = self._build(out)
+        if self.lora is not None:
+            self._lora_rows(out, batch)
         ids = batch.sample_request_ids
         by_id = {s.request_id: s for s in out.scheduled}
         masks = self.structured.masks(ids) if self.structured is not None else None

@@ -43,7 +43,7 @@ class RunnerView:
                                 prompt_len=len(prompt), new_output_token_ids=tuple(outputs[heard:]),
                                 draft_token_ids=tuple(draft),
                                 prompt_logprobs=req.sampling_params.prompt_logprobs if scoring else None,
-                                blocks=self._blocks(rid, *tables))
+                                blocks=self._blocks(rid, *tables), lora_slot=req.lora_slot)
 
     def end(self, request_id: str) -> None:
         self._tables.pop(request_id, None)

@@ -66,6 +66,7 @@ class ScheduledRequest:
     draft_token_ids: tuple[int, ...] = ()
     prompt_logprobs: int | None = None  # score the prompt tokens in this chunk (top-N alternatives)
     blocks: BlockDelta | None = None
+    lora_slot: int = -1  # the LoRA adapter slot its rows use (-1: the base model)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -85,6 +86,9 @@ class SchedulerOutput:
     # KV tier traffic, in this order before copies and the forward: saves, then loads.
     block_saves: list[BlockSave] = field(default_factory=list)
     block_loads: list[BlockLoad] = field(default_factory=list)
+    # (slot, adapter) LoRA adapters to load into slots before the forward (scheduler/lora.py);
+    # the adapter is its read-only weights (lora/adapter.py LoRAAdapter), loaded once per slot.
+    lora_loads: list[tuple[int, object]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:

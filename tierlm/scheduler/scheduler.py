@@ -17,7 +17,7 @@ their candidate tokens instead of appending one (the engine chooses and appends)
 sit in `running` with nothing to compute until it does. The parts with one job each live
 beside it: the queue policy (policy.py, fair.py), admission (admission.py), prefix
 adoption (prefix.py), stop rules (stops.py), forks' parking (forks.py) and what the
-runner has heard (contract.py). With speculative decoding on, a
+runner has heard (contract.py), LoRA adapter slots (lora.py). With speculative decoding on, a
 decoding request also computes the draft tokens proposed for it before the step
 (`Request.draft`, spec/proposer.py) as far as the budget allows; the runner reports how
 many it accepted and only those count as computed. The scheduler never touches tensors
@@ -37,6 +37,7 @@ from tierlm.scheduler import drafts
 from tierlm.scheduler.admission import make_admission
 from tierlm.scheduler.contract import RunnerView
 from tierlm.scheduler.forks import Parking
+from tierlm.scheduler.lora import NO_SLOT, LoRASlotTable
 from tierlm.scheduler.output import NewRequest, SchedulerOutput
 from tierlm.scheduler.policy import make_policy
 from tierlm.scheduler.prefix import adopt_cached_prefix, hash_full_blocks
@@ -45,7 +46,7 @@ from tierlm.scheduler.stops import stop_check
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, kv: KVCacheManager, eos_token_ids: tuple[int, ...],
-                 split_formats: bool = False) -> None:
+                 split_formats: bool = False, max_loras: int = 0) -> None:
         self.config = config
         self.kv = kv
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -60,6 +61,7 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self.parking = Parking()
         self.runner_view = RunnerView()
+        self.lora_slots = LoRASlotTable(max_loras) if max_loras else None
         self.num_preemptions = 0
         self.applied: list[SampledToken] = []  # the last update's tokens that were kept
         self.failed: dict[str, Exception] = {}  # the last update's requests whose own state failed
@@ -97,6 +99,7 @@ class Scheduler:
         self._copies.extend(copies)
         dst.num_computed_tokens = num_tokens
         dst.block_hashes = src.block_hashes[: num_tokens // self.kv.block_size]
+        dst.lora_slot = src.lora_slot  # the same adapter, held by src's slot
         dst.status = RequestStatus.RUNNING
         self.running.append(dst)
 
@@ -154,8 +157,17 @@ class Scheduler:
             self._preempt(seat)
         budget = self._advance(budget - held, plan, preempted, paused) + held
         started = 0
-        while not preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            n = self._admit(self.policy.next_waiting(self.waiting, self.running), budget, plan)
+        slot_wait = False  # a request waits for an adapter slot: only base-model requests pass it
+        while not preempted and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            queue = [r for r in self.waiting if r.lora is None] if slot_wait else self.waiting
+            if not queue:
+                break
+            req = self.policy.next_waiting(queue, self.running)
+            slot = self.lora_slots.slot_for(req, self.running) if self.lora_slots is not None else NO_SLOT
+            if slot is None:
+                slot_wait = True
+                continue
+            n = self._admit(req, budget, plan, slot)
             if n == 0:
                 break  # head-of-line waits: admitting later requests first would starve it
             budget -= n
@@ -172,9 +184,10 @@ class Scheduler:
             preempted.append(seat.request_id)
         return self._output(plan, preempted)
 
-    def _admit(self, req: Request, budget: int, plan: list[tuple[Request, int]]) -> int:
-        """Start a waiting request on its cached prefix and its first chunk: the tokens planned,
-        or 0 (nothing changed) when admission or the pool says it must wait."""
+    def _admit(self, req: Request, budget: int, plan: list[tuple[Request, int]], slot: int = NO_SLOT) -> int:
+        """Start a waiting request on its cached prefix and its first chunk (and its adapter
+        on `slot`): the tokens planned, or 0 (nothing changed) when admission or the pool
+        says it must wait."""
         if not self.admission.fits(req, self.running, self.kv, self.chunk):
             return 0
         hit, hot = adopt_cached_prefix(self.kv, req, self.split_formats)
@@ -190,6 +203,8 @@ class Scheduler:
             self.kv.hot_block_hits += hot
         if req.num_cached_tokens is None:  # reported as usage.prompt_tokens_details.cached_tokens
             req.num_cached_tokens = hit
+        if self.lora_slots is not None:
+            self.lora_slots.bind(req, slot)
         self.waiting.remove(req)
         req.status = RequestStatus.RUNNING
         self.running.append(req)
@@ -204,7 +219,9 @@ class Scheduler:
         scheduled = [self.runner_view.scheduled(r, n, self._drafts.pop(r.request_id, []),
                                                 self.kv.live_tables(r.request_id), new) for r, n in plan]
         saves, loads = self.kv.take_transfers()
-        return SchedulerOutput(scheduled, preempted, copies, new, self.runner_view.take_ended(), saves, loads)
+        lora_loads = self.lora_slots.take_loads() if self.lora_slots is not None else []
+        return SchedulerOutput(scheduled, preempted, copies, new, self.runner_view.take_ended(), saves, loads,
+                               lora_loads)
 
     def _advance(self, budget: int, plan: list[tuple[Request, int]], preempted: list[str],
                  skip: frozenset[str] = frozenset()) -> int:
@@ -315,3 +332,5 @@ class Scheduler:
         for r in self.running:
             for table in self.kv.block_tables(r.request_id):
                 assert len(table) * self.kv.block_size >= r.num_computed_tokens
+            if r.lora is not None:
+                assert self.lora_slots.held[r.lora_slot] == r.lora.key, "a running request's adapter left its slot"

@@ -87,7 +87,7 @@ async def merged(tier: Tier, request_id: str, prompts: list[list[int]], params: 
     tenant = lease.tenant.config if lease is not None else None
     if tenant is not None and tenant.cache_group:  # tenants share cached prefixes only within a group
         cache_salt = f"{tenant.cache_group}\x1f{cache_salt or ''}"
-    args = (params, priority, cache_salt, session_id, tenant.name if tenant is not None else "default")
+    args = (params, priority, cache_salt, session_id, tenant.name if tenant is not None else "default", tier.lora)
     # One prompt (the common case) is read directly: no task and queue hop per token.
     outputs = _one(tier, request_id, prompts[0], *args) if len(prompts) == 1 else _fan_in(tier, request_id,
                                                                                             prompts, *args)

@@ -40,4 +40,8 @@ torch::Tensor rope_attention(torch::Tensor qkv, int64_t H, torch::Tensor cos, to
                              torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor tables, torch::Tensor seq,
                              torch::Tensor pos, int64_t window, double scale, int64_t isa);
 
+// y (fp32 [T, N], in place) += each row's adapter product (lora.cpp has the numerics).
+void lora_add(torch::Tensor y, const torch::Tensor& x, const torch::Tensor& slots, const torch::Tensor& A,
+              const torch::Tensor& B, const torch::Tensor& ends, const torch::Tensor& active, int64_t isa);
+
 }  // namespace tierlm

@@ -440,6 +440,7 @@ torch::Tensor linear_parts(const torch::Tensor& x, const std::vector<Part>& part
 void register_attention(pybind11::module& m);  // attention.cpp
 void register_fused(pybind11::module& m);      // fused.cpp
 void register_decoder(pybind11::module& m);    // decoder.cpp
+void register_lora(pybind11::module& m);       // lora.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.doc() = "tierlm's CPU kernels: integer-exact quantized matmul over GGUF blocks";
@@ -453,4 +454,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     register_attention(m);
     register_fused(m);
     register_decoder(m);
+    register_lora(m);
 }
