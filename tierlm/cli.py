@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tierlm.bench.targets import BenchError
 from tierlm.bench.workloads import STANDARD
-from tierlm.config import CacheConfig, ConfigError, EngineConfig, SchedulerConfig, debug_invariants_default
+from tierlm.config import CacheConfig, ConfigError, EngineConfig, LoRAConfig, SchedulerConfig, debug_invariants_default
 from tierlm.sampling_params import SamplingParams, SamplingParamsError
 
 
@@ -113,6 +113,19 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seconds a client has to send a request's body: later is 408 (default 30)")
     srv.add_argument("--max-connections", type=int, default=1024,
                      help="open connections and in-flight requests before new requests get 503 (default 1024)")
+    srv.add_argument("--enable-lora", action="store_true",
+                     help="serve LoRA adapters (PEFT format) over the model, batched with base-model requests")
+    srv.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=PATH",
+                     help="adapters to serve from the start, each listed by /v1/models and chosen by "
+                          "`model: NAME` (needs --enable-lora)")
+    srv.add_argument("--max-loras", type=int, default=1,
+                     help="adapters resident at once (slots; the least recently used one no running request "
+                          "uses is evicted, and requests wait for a slot); default 1")
+    srv.add_argument("--max-lora-rank", type=int, default=16,
+                     help="the largest adapter rank served (every slot is this wide); default 16")
+    srv.add_argument("--allow-runtime-lora", action="store_true",
+                     help="allow POST /v1/load_lora_adapter and /v1/unload_lora_adapter (with tenants: operator "
+                          "keys only)")
     srv.add_argument("--config", default=None, metavar="FILE",
                      help="TOML file declaring tiers (models, prices, quality) and tenants (API keys, quotas, "
                           "weights); the engine flags above become every tier's defaults")
@@ -155,6 +168,7 @@ def _config(args) -> EngineConfig:
     if (args.speculative == "draft") != (args.draft_model is not None):
         raise CLIError("--speculative draft and --draft-model go together")
     return EngineConfig(model=args.model or "smollm2-135m", dtype=args.dtype, deterministic=not args.no_deterministic,
+                        lora=_lora(args),
                         quantization=args.quantization, dense_dtype=args.dense_dtype,
                         cache=CacheConfig(kv_cache_gb=args.kv_cache_gb,
                                           enable_prefix_caching=not args.no_prefix_caching,
@@ -162,6 +176,21 @@ def _config(args) -> EngineConfig:
                                           kv_cold_gb=args.kv_cold_gb, session_ttl=args.session_ttl),
                         scheduler=SchedulerConfig(max_model_len=args.max_model_len, **sched),
                         draft_model=args.draft_model, debug_invariants=args.debug_invariants)
+
+
+def _lora(args) -> LoRAConfig:
+    if not getattr(args, "enable_lora", False):
+        if getattr(args, "lora_modules", None) or getattr(args, "allow_runtime_lora", False):
+            raise CLIError("--lora-modules and --allow-runtime-lora need --enable-lora")
+        return LoRAConfig()
+    modules = []
+    for item in args.lora_modules:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise CLIError(f"--lora-modules takes NAME=PATH, got {item!r}")
+        modules.append((name, path))
+    return LoRAConfig(enabled=True, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
+                      modules=tuple(modules))
 
 
 def _engine(args):
@@ -182,7 +211,8 @@ def cmd_serve(args) -> None:
         from tierlm.tenancy import config_file
 
         clash = [flag for flag, value in (("--model", args.model), ("--api-key", args.api_key),
-                                          ("--served-model-name", args.served_model_name)) if value]
+                                          ("--served-model-name", args.served_model_name),
+                                          ("--lora-modules", args.lora_modules)) if value]
         if clash:
             raise CLIError(f"--config declares the tiers and tenants: drop {', '.join(clash)}")
         tierset = config_file.load(args.config, _config(args))
@@ -193,7 +223,8 @@ def cmd_serve(args) -> None:
                                       shutdown_timeout=args.shutdown_timeout,
                                       served_model_name=args.served_model_name, tierset=tierset,
                                       keep_alive_timeout=args.keep_alive_timeout, header_timeout=args.header_timeout,
-                                      body_timeout=args.body_timeout, max_connections=args.max_connections))
+                                      body_timeout=args.body_timeout, max_connections=args.max_connections,
+                                      allow_runtime_lora=args.allow_runtime_lora))
 
 
 def _params(args) -> SamplingParams:
@@ -322,12 +353,13 @@ def main(argv: list[str] | None = None) -> int:
     from tierlm.loader.gguf import GGUFError
     from tierlm.loader.tokenizer import TokenizerError, TokenizerInputError
     from tierlm.loader.weights import WeightsError
+    from tierlm.lora.adapter import LoRAError
     from tierlm.models.registry import UnsupportedArchitecture
     from tierlm.server.run import StartupError
 
     user_errors = (CLIError, PlotError, StartupError, ConfigError, SamplingParamsError, InvalidRequest, ModelNotFound,
                    GGUFError, TokenizerError, TokenizerInputError, WeightsError, ConfigReadError,
-                   UnsupportedArchitecture, ChatTemplateError, OSError)
+                   UnsupportedArchitecture, ChatTemplateError, LoRAError, OSError)
     try:
         args = build_parser().parse_args(argv)
         commands = {"serve": cmd_serve, "generate": cmd_generate, "chat": cmd_chat, "models": cmd_models,

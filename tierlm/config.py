@@ -256,6 +256,8 @@ class TierConfig:
 
     Prices are USD per million tokens; `quality` only orders tiers (higher = better
     answers, usually slower): `auto` routing prefers the best quality that fits a budget.
+    A tier may be a LoRA adapter (`lora_path`) over tier `lora_base`'s engine: it then
+    shares that engine (and its `engine` config) instead of loading a model of its own.
     """
 
     name: str
@@ -263,11 +265,15 @@ class TierConfig:
     quality: float = 1.0
     prompt_price_per_mtok: float = 0.0
     completion_price_per_mtok: float = 0.0
+    lora_base: str | None = None
+    lora_path: str | None = None
 
     def __post_init__(self) -> None:
         _require(bool(self.name) and self.name != "auto", "tier names must be non-empty and not 'auto'")
         _require(self.prompt_price_per_mtok >= 0 and self.completion_price_per_mtok >= 0,
                  f"tier {self.name!r}: prices must be >= 0")
+        _require((self.lora_base is None) == (self.lora_path is None),
+                 f"tier {self.name!r}: an adapter tier needs both its base tier and its adapter path")
 
     def cost_usd(self, prompt_tokens: int, completion_tokens: int) -> float:
         return (prompt_tokens * self.prompt_price_per_mtok + completion_tokens * self.completion_price_per_mtok) / 1e6
@@ -328,6 +334,12 @@ class TierSetConfig:
         names = [t.name for t in self.tiers]
         _require(bool(names), "a TierSet needs at least one tier")
         _require(len(set(names)) == len(names), "tier names must be unique")
+        engines = {t.name: t for t in self.tiers if t.lora_base is None}
+        for t in self.tiers:
+            if t.lora_base is not None:
+                base = engines.get(t.lora_base)
+                _require(base is not None, f"tier {t.name!r}: base {t.lora_base!r} is not a model tier")
+                _require(base.engine.lora.enabled, f"tier {t.name!r}: base {t.lora_base!r} does not enable LoRA")
         _require(self.default_tier in names, f"default_tier {self.default_tier!r} is not a tier")
         _require(sum(t.anonymous for t in self.tenants) <= 1, "at most one tenant may be anonymous")
         for tenant in self.tenants:

@@ -72,6 +72,7 @@ class _Stream:
     timing: RequestTiming
     prompt_len: int
     tenant: str
+    lora: str | None = None  # the LoRA adapter's name
 
 
 @dataclass
@@ -93,6 +94,11 @@ class EngineStats:
     prefill_s_per_token: float = 0.0
     spec_draft_tokens: int = 0  # speculative decoding: drafts proposed / accepted
     spec_accepted_tokens: int = 0
+    # LoRA: adapter slots, the adapters of running and of waiting requests, slot loads so far
+    max_lora: int = 0
+    lora_running: tuple[str, ...] = ()
+    lora_waiting: tuple[str, ...] = ()
+    lora_loads: int = 0
 
 
 @dataclass
@@ -127,6 +133,7 @@ class FinishedRequest:
     timing: RequestTiming
     aborted: bool = False
     tenant: str = "default"
+    lora: str | None = None  # the LoRA adapter it ran with
 
 
 class AsyncEngine:
@@ -218,7 +225,8 @@ class AsyncEngine:
         LoRAAdapter, when given); aborts it if the caller goes away."""
         self.check_admission()
         loop = asyncio.get_running_loop()
-        stream = _Stream(loop, asyncio.Queue(), RequestTiming(time.perf_counter()), len(ids), tenant)
+        stream = _Stream(loop, asyncio.Queue(), RequestTiming(time.perf_counter()), len(ids), tenant,
+                         getattr(lora, "name", None))
         with self._count_lock:
             self._inflight += 1
             self._unseen_requests += 1
@@ -341,7 +349,7 @@ class AsyncEngine:
             self._count(-1)
             stream.timing.finished = now
             self.on_finish(FinishedRequest(out.request_id, stream.prompt_len, out, stream.timing,
-                                           tenant=stream.tenant))
+                                           tenant=stream.tenant, lora=stream.lora))
         _put(stream, out)
 
     def _finish_aborted(self, request_id: str, now: float, error: BaseException | None = None) -> None:
@@ -351,7 +359,7 @@ class AsyncEngine:
         self._count(-1)
         stream.timing.finished = now
         self.on_finish(FinishedRequest(request_id, stream.prompt_len, None, stream.timing, aborted=True,
-                                       tenant=stream.tenant))
+                                       tenant=stream.tenant, lora=stream.lora))
         if error is not None:
             _put(stream, error)
 
@@ -377,8 +385,21 @@ class AsyncEngine:
                                                     for r in sched.requests.values()),
                                  step_s=self.load.step_s, idle_step_s=self.load.idle_step_s,
                                  prefill_s_per_token=self.load.prefill_s_per_token,
-                                 spec_draft_tokens=sched.draft_tokens, spec_accepted_tokens=sched.accepted_tokens)
+                                 spec_draft_tokens=sched.draft_tokens, spec_accepted_tokens=sched.accepted_tokens,
+                                 **_lora_stats(sched))
         self.on_step(self.stats)
+
+
+def _lora_stats(sched) -> dict:
+    slots = sched.lora_slots
+    if slots is None:
+        return {}
+
+    def names(reqs) -> tuple[str, ...]:
+        return tuple(sorted({r.lora.name for r in reqs if r.lora is not None}))
+
+    return {"max_lora": len(slots.held), "lora_running": names(sched.running), "lora_waiting": names(sched.waiting),
+            "lora_loads": slots.loads_total}
 
 
 def _put(stream: _Stream, item) -> None:

@@ -19,7 +19,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from tierlm.server import chat, completions, errors, limits, schemas
+from tierlm.server import chat, completions, errors, limits, lora_routes, schemas
 from tierlm.server.errors import envelope
 from tierlm.server.metrics import Metrics
 from tierlm.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
@@ -28,7 +28,7 @@ from tierlm.server.state import ServerState
 log = logging.getLogger("tierlm.server")
 
 
-POST_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"})
+POST_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"}) | lora_routes.ROUTES
 # Probes need no key; every other route (the API, tokenize, metrics, the schema) does
 # whenever a key is configured.
 OPEN_ROUTES = frozenset({"/health", "/ready"})
@@ -173,15 +173,17 @@ def create_app(state: ServerState, metrics: Metrics, max_body_bytes: int = limit
 
     @app.get("/v1/models", response_model=schemas.ModelList, responses=schemas.errors(401))
     async def _models(request: Request):
-        """The tiers this key may use (id = tier name), and `auto` when there is a choice."""
+        """The tiers and LoRA adapters this key may use (id = the name to send as `model`; an
+        adapter's `parent` is its base tier), and `auto` when there is a choice."""
         tenant = request.state.tenant
         data = [{"id": t.model_name, "object": "model", "created": 0, "owned_by": "tierlm",
                  "max_model_len": t.max_model_len,
+                 "root": str(t.lora.path) if t.lora is not None else t.config.engine.model, "parent": t.parent,
                  "tierlm": {"model": t.config.engine.model, "quality": t.config.quality,
                             "prompt_price_per_mtok": t.config.prompt_price_per_mtok,
                             "completion_price_per_mtok": t.config.completion_price_per_mtok}}
-                for t in state.tiers.values() if tenant.may_use(t.model_name)]
-        if len(data) > 1:
+                for t in state.served() if tenant.may_use(t.model_name)]
+        if len([t for t in state.routable() if tenant.may_use(t.model_name)]) > 1:
             data.append({"id": "auto", "object": "model", "created": 0, "owned_by": "tierlm",
                          "max_model_len": min(d["max_model_len"] for d in data)})
         return {"object": "list", "data": data}
@@ -242,6 +244,8 @@ def create_app(state: ServerState, metrics: Metrics, max_body_bytes: int = limit
         return Response(metrics.render(None if everything else tenant.name),
                         media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    names = [*state.tiers, *{t.config.engine.model for t in state.tiers.values()} - set(state.tiers)]
+    lora_routes.install(app, state)
+    names = [*state.tiers, *state.adapters,
+             *{t.config.engine.model for t in state.tiers.values()} - set(state.tiers)]
     schemas.install_openapi(app, names + (["auto"] if len(state.tiers) > 1 else []))
     return Guard(app, state, max_body_bytes, body_timeout_s)

@@ -5,6 +5,8 @@ tier routing and tenants have their own families."""
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 
 from tierlm.engine.async_engine import EngineStats, FinishedRequest
@@ -70,6 +72,17 @@ class Metrics:
         self.tenant_rejected = Counter("tierlm:tenant_requests_rejected", "Requests refused per tenant",
                                        ["tenant", "reason"], registry=r)
 
+        # LoRA, as vLLM exports it: one series per model whose labels name the adapters of
+        # running and waiting requests (value: when it was last set); per adapter totals.
+        self.lora_info = Gauge("vllm:lora_requests_info", "Running stats on LoRA requests",
+                               ["model_name", "max_lora", "running_lora_adapters", "waiting_lora_adapters"],
+                               registry=r)
+        self.lora_loads = Counter("tierlm:lora_slot_loads", "LoRA adapters loaded into a slot", lbl, registry=r)
+        self.lora_requests = Counter("tierlm:lora_requests", "Finished requests per LoRA adapter",
+                                     lbl + ["lora_name"], registry=r)
+        self.lora_tokens = Counter("tierlm:lora_tokens", "Tokens served per LoRA adapter",
+                                   lbl + ["lora_name", "kind"], registry=r)
+
     def for_tier(self, name: str) -> TierMetrics:
         return TierMetrics(self, name)
 
@@ -99,6 +112,7 @@ class TierMetrics:
         self.g, self.m = metrics, name
         # Engine running totals already counted, per (counter, labels): counters advance by the difference.
         self._seen: dict[tuple, float] = {}
+        self._lora_labels: tuple[str, ...] | None = None  # the lora_info series now shown
 
     def on_step(self, s: EngineStats) -> None:
         self.g.running.labels(self.m).set(s.running)
@@ -119,6 +133,14 @@ class TierMetrics:
             self._follow(self.g.tier_moved, (direction,), total)
         for tier, held in s.kv_tiers.get("usage", {}).items():
             self.g.tier_usage.labels(self.m, tier).set(held)
+        if s.max_lora:
+            labels = (self.m, str(s.max_lora), ",".join(s.lora_running), ",".join(s.lora_waiting))
+            if labels != self._lora_labels:
+                if self._lora_labels is not None:
+                    self.g.lora_info.remove(*self._lora_labels)
+                self._lora_labels = labels
+                self.g.lora_info.labels(*labels).set(time.time())
+            self._follow(self.g.lora_loads, (), s.lora_loads)
         for layer, counts in s.moe_expert_tokens.items():
             for expert, total in enumerate(counts):
                 self._follow(self.g.moe_tokens, (str(layer), str(expert)), total)
@@ -137,6 +159,10 @@ class TierMetrics:
         self.g.tenant_tokens.labels(f.tenant, "completion").inc(t.num_output_tokens)
         self.g.prompt_tokens.labels(self.m).inc(f.prompt_tokens)
         self.g.generation_tokens.labels(self.m).inc(t.num_output_tokens)
+        if f.lora is not None:
+            self.g.lora_requests.labels(self.m, f.lora).inc()
+            self.g.lora_tokens.labels(self.m, f.lora, "prompt").inc(f.prompt_tokens)
+            self.g.lora_tokens.labels(self.m, f.lora, "completion").inc(t.num_output_tokens)
         if f.aborted:
             self.g.aborted.labels(self.m).inc()
             return

@@ -192,6 +192,19 @@ class TokenizeRequest(_Base):
     add_special_tokens: bool = True
 
 
+class LoadLoRAAdapterRequest(_Base):
+    """vLLM's runtime adapter loading; `base_model_name` picks the tier (default: the default tier)."""
+
+    lora_name: str = Field(min_length=1, max_length=limits.MAX_NAME_CHARS)
+    lora_path: str = Field(min_length=1, max_length=4096)
+    base_model_name: str | None = Field(None, max_length=limits.MAX_NAME_CHARS)
+
+
+class UnloadLoRAAdapterRequest(_Base):
+    lora_name: str = Field(min_length=1, max_length=limits.MAX_NAME_CHARS)
+    lora_int_id: int | None = None  # vLLM's; names identify adapters here
+
+
 class DetokenizeRequest(_Base):
     model: str | None = Field(None, max_length=limits.MAX_NAME_CHARS)
     tokens: list[int]

@@ -60,7 +60,7 @@ def tenant_of(request) -> Tenant:
 
 def _candidates(state: ServerState, tenant: Tenant, model: str) -> tuple[list[Tier], str | None]:
     if model == "auto":
-        allowed = [t for t in state.tiers.values() if tenant.may_use(t.model_name)]
+        allowed = [t for t in state.routable() if tenant.may_use(t.model_name)]
         if not allowed:
             raise APIError(403, "this API key may not use any tier", param="model", code="tier_not_allowed",
                            type="permission_error")
@@ -89,8 +89,10 @@ async def choose(state: ServerState, tenant: Tenant, body, params: SamplingParam
         output[t.model_name] = params.max_tokens or t.typical_output()
         max_output[t.model_name] = seqs * sum(_max_output(t, n, params) for n in lens)
     budgets = routing.Budgets(body.max_latency_ms, body.max_ttft_ms, body.max_cost_usd, tenant.quota.cost_left())
-    # Every tier, not only the candidates: they all share the cores (routing.shared_cores).
-    loads = routing.shared_cores({t.model_name: t.engine.current_load() for t in state.tiers.values()})
+    # Every engine, not only the candidates: they all share the cores (routing.shared_cores);
+    # an adapter runs on its base tier's engine and carries that load.
+    engine_loads = routing.shared_cores({t.model_name: t.engine.current_load() for t in state.tiers.values()})
+    loads = {t.model_name: engine_loads[t.parent or t.model_name] for t in tiers}
     try:
         choice = routing.select([t.config for t in tiers], loads,
                                 routing.Demand(prompt_tokens, output, max_output), budgets,
@@ -105,7 +107,7 @@ async def choose(state: ServerState, tenant: Tenant, body, params: SamplingParam
                        type="insufficient_quota" if ceiling else "invalid_request_error",
                        headers=_retry_headers(retry, tenant)) from None
     state.metrics.tier_selected.labels(choice.tier, choice.reason).inc()
-    return Routed(state.tiers[choice.tier], prompts[choice.tier])
+    return Routed(next(t for t in tiers if t.model_name == choice.tier), prompts[choice.tier])
 
 
 def _max_output(tier: Tier, prompt_len: int, params: SamplingParams) -> int:

@@ -67,6 +67,7 @@ class ServeOptions:
     header_timeout: float = 10.0  # seconds for a request head to arrive
     body_timeout: float = 30.0  # seconds for a request body to arrive
     max_connections: int = 1024  # open connections (and in-flight requests) before 503
+    allow_runtime_lora: bool = False  # POST /v1/load_lora_adapter, /v1/unload_lora_adapter
 
     def __post_init__(self) -> None:
         for name in ("keep_alive_timeout", "header_timeout", "body_timeout"):
@@ -234,16 +235,19 @@ def serve(config: EngineConfig, opts: ServeOptions) -> None:
     sock = _bind(opts.host, opts.port)  # before loading: a busy port fails in milliseconds
     metrics = Metrics([t.name for t in tierset.tiers])
     tiers: dict[str, Tier] = {}
+    state = ServerState(tiers, tenants, tierset.default_tier, metrics, tierset.balanced_cost_weight,
+                        allow_runtime_lora=opts.allow_runtime_lora)
     try:
         for tc in tierset.tiers:
-            tiers[tc.name] = _start_tier(tc, metrics, opts)
+            if tc.lora_base is None:
+                tiers[tc.name] = _start_tier(tc, metrics, opts)
+        _add_adapters(state, tierset)
     except BaseException:
         for t in tiers.values():
             t.engine.shutdown()
         sock.close()
         raise
     log.info("scheduling policy: %s", ", ".join(sorted({t.engine.scheduler.policy for t in tierset.tiers})))
-    state = ServerState(tiers, tenants, tierset.default_tier, metrics, tierset.balanced_cost_weight)
     app = create_app(state, metrics, body_timeout_s=opts.body_timeout)
     uv_config = uvicorn.Config(app, host=opts.host, port=opts.port, log_level="warning", access_log=False,
                                timeout_graceful_shutdown=2, lifespan="off", http=_timed_protocol(opts.header_timeout),
@@ -257,6 +261,22 @@ def serve(config: EngineConfig, opts: ServeOptions) -> None:
         sock.close()
     if server.failure is not None:
         raise EngineFailed(f"the engine failed: {server.failure}")
+
+
+def _add_adapters(state: ServerState, tierset: TierSetConfig) -> None:
+    """Serve the adapters each engine loaded (--lora-modules) and the TierSet's adapter tiers."""
+    for name, tier in list(state.tiers.items()):
+        registry = tier.engine.engine.adapters
+        for adapter in registry.adapters.values() if registry is not None else ():
+            if adapter.name in state.tiers:
+                raise StartupError(f"LoRA adapter {adapter.name!r}: a tier has that name")
+            state.add_adapter(name, adapter)
+    for tc in tierset.tiers:
+        if tc.lora_base is not None:
+            adapter = state.tiers[tc.lora_base].engine.engine.adapters.add(tc.name, tc.lora_path)
+            state.add_adapter(tc.lora_base, adapter, config=tc, routable=True)
+    for name, tier in state.adapters.items():
+        log.info("LoRA adapter %s (rank %d) over %s: %s", name, tier.lora.rank, tier.parent, tier.lora.path)
 
 
 def _start_tier(tc: TierConfig, metrics: Metrics, opts: ServeOptions) -> Tier:

@@ -103,6 +103,8 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str
     max_model_len: int
+    root: str | None = None  # the model it serves (an adapter: its path)
+    parent: str | None = None  # a LoRA adapter's base model (tier)
     tierlm: dict[str, Any] | None = None
 
 

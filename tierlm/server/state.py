@@ -1,8 +1,10 @@
-"""The server's run-time state: its tiers (engine, tokenizer, metrics per model) and
-what every handler reads (tenants, the default tier, readiness)."""
+"""The server's run-time state: its tiers (engine, tokenizer, metrics per model), the LoRA
+adapters served over them, and what every handler reads (tenants, the default tier,
+readiness)."""
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 from collections import deque
 from dataclasses import dataclass, field
@@ -10,6 +12,7 @@ from dataclasses import dataclass, field
 from tierlm.config import TierConfig
 from tierlm.engine.async_engine import AsyncEngine
 from tierlm.loader.tokenizer import TextTokenizer
+from tierlm.lora.adapter import LoRAAdapter
 from tierlm.server.errors import APIError
 from tierlm.server.metrics import Metrics, TierMetrics
 from tierlm.tenancy.tenants import Tenants
@@ -28,6 +31,11 @@ class Tier:
     vocab_size: int
     metrics: TierMetrics
     recent_outputs: deque = field(default_factory=lambda: deque(maxlen=64))  # completion lengths
+    # A LoRA adapter over tier `parent`'s engine (one copy of the base weights); `routable`:
+    # a TierSet tier `auto` may choose, not an adapter clients name themselves.
+    lora: LoRAAdapter | None = None
+    parent: str | None = None
+    routable: bool = True
 
     @property
     def model_name(self) -> str:  # what responses report as `model`
@@ -49,6 +57,10 @@ class ServerState:
     balanced_cost_weight: float = 1.0
     ready: bool = False
     draining: bool = False
+    # LoRA adapters by name, each a Tier sharing its base tier's engine (`tiers` holds
+    # one entry per engine, so health and load are counted once).
+    adapters: dict[str, Tier] = field(default_factory=dict)
+    allow_runtime_lora: bool = False  # /v1/load_lora_adapter and /v1/unload_lora_adapter
 
     @property
     def default(self) -> Tier:
@@ -66,11 +78,29 @@ class ServerState:
     def num_inflight(self) -> int:
         return sum(t.engine.num_inflight for t in self.tiers.values())
 
+    def served(self) -> list[Tier]:
+        """Every tier and adapter clients may name."""
+        return [*self.tiers.values(), *self.adapters.values()]
+
+    def routable(self) -> list[Tier]:
+        """What `auto` chooses among: the tiers and the TierSet's adapter tiers."""
+        return [*self.tiers.values(), *(t for t in self.adapters.values() if t.routable)]
+
+    def add_adapter(self, base: str, adapter: LoRAAdapter, config: TierConfig | None = None,
+                    routable: bool = False) -> Tier:
+        """Serve `adapter` over tier `base`'s engine under the adapter's name."""
+        parent = self.tiers[base]
+        tier = dataclasses.replace(parent, config=config or dataclasses.replace(parent.config, name=adapter.name),
+                                   recent_outputs=deque(maxlen=64), lora=adapter, parent=base, routable=routable)
+        self.adapters[tier.model_name] = tier
+        return tier
+
     def resolve(self, model: str) -> Tier:
-        """The tier a `model` value names: a tier name, else the first tier serving that model."""
-        tier = self.tiers.get(model) or next((t for t in self.tiers.values() if t.config.engine.model == model), None)
+        """The tier a `model` value names: a tier or adapter name, else the first tier serving that model."""
+        tier = (self.tiers.get(model) or self.adapters.get(model)
+                or next((t for t in self.tiers.values() if t.config.engine.model == model), None))
         if tier is None:
-            names = ", ".join(self.tiers)
+            names = ", ".join([*self.tiers, *self.adapters])
             raise APIError(404, f"the model '{model}' does not exist; this server serves {names}"
                            + (" and auto" if len(self.tiers) > 1 else ""),
                            param="model", code="model_not_found", type="not_found_error")

@@ -65,7 +65,11 @@ class _Strict(BaseModel):
 
 
 class _Tier(_Strict):
-    model: str = Field(min_length=1)
+    model: str | None = Field(None, min_length=1)
+    adapter: str | None = Field(None, min_length=1)  # a LoRA adapter (PEFT directory) over tier `base`
+    base: str | None = Field(None, min_length=1)
+    max_loras: int | None = Field(None, gt=0)  # adapter slots of a base tier (default: its adapter tiers)
+    max_lora_rank: int | None = Field(None, gt=0, le=512)
     quality: float = 1.0
     prompt_price_per_mtok: float = Field(0.0, ge=0)
     completion_price_per_mtok: float = Field(0.0, ge=0)
@@ -140,7 +144,7 @@ def _build(path: Path, text: str, spec: _File, base: EngineConfig) -> TierSetCon
     tiers = []
     for name, t in spec.tiers.items():
         try:
-            tiers.append(_tier(name, t, base))
+            tiers.append(_tier(name, t, base, spec))
         except ConfigError as e:
             raise _located(path, text, ("tiers", name), str(e)) from None
     names = list(spec.tiers)
@@ -184,8 +188,36 @@ def _build(path: Path, text: str, spec: _File, base: EngineConfig) -> TierSetCon
     return TierSetConfig(tuple(tiers), tuple(tenants), default, spec.balanced_cost_weight)
 
 
-def _tier(name: str, t: _Tier, base: EngineConfig) -> TierConfig:
-    """The tier's engine: the command line's engine settings with the tier's overrides."""
+def _adapter_tier(name: str, t: _Tier, spec: _File, base: EngineConfig) -> TierConfig:
+    """A LoRA adapter over another tier: that tier's engine, its own name, quality and prices."""
+    engine_keys = [k for k in _Tier.model_fields if k not in ("adapter", "base", "quality", "prompt_price_per_mtok",
+                                                                "completion_price_per_mtok")]
+    own = [k for k in engine_keys if getattr(t, k) is not None]
+    if own:
+        raise ConfigError(f"an adapter tier runs on its base tier's engine: drop {', '.join(own)}")
+    parent = spec.tiers.get(t.base)
+    if parent is None or parent.adapter is not None:
+        raise ConfigError(f"base {t.base!r} is not a model tier (tiers: {', '.join(spec.tiers)})")
+    path = Path(t.adapter).expanduser()
+    return TierConfig(name, _tier(t.base, parent, base, spec).engine, t.quality, t.prompt_price_per_mtok,
+                      t.completion_price_per_mtok, lora_base=t.base, lora_path=str(path))
+
+
+def _tier(name: str, t: _Tier, base: EngineConfig, spec: _File) -> TierConfig:
+    """The tier's engine: the command line's engine settings with the tier's overrides (and
+    LoRA slots when adapter tiers name it as their base)."""
+    if (t.adapter is None) != (t.base is None):
+        raise ConfigError("an adapter tier needs both adapter (its PEFT directory) and base (a model tier)")
+    if t.adapter is not None:
+        return _adapter_tier(name, t, spec, base)
+    if t.model is None:
+        raise ConfigError("give model (or adapter and base for a LoRA adapter tier)")
+    over = sum(1 for other in spec.tiers.values() if other.base == name)
+    lora = base.lora
+    if over or t.max_loras or t.max_lora_rank:
+        lora = dataclasses.replace(lora, enabled=True, modules=(),
+                                   max_loras=t.max_loras or max(over, lora.max_loras),
+                                   max_lora_rank=t.max_lora_rank or lora.max_lora_rank)
     cache = {k: getattr(t, k) for k in _CACHE_KEYS if getattr(t, k) is not None}
     if t.prefix_caching is not None:
         cache["enable_prefix_caching"] = t.prefix_caching
@@ -196,7 +228,8 @@ def _tier(name: str, t: _Tier, base: EngineConfig) -> TierConfig:
         deterministic=base.deterministic if t.deterministic is None else t.deterministic,
         cache=dataclasses.replace(base.cache, **cache) if cache else base.cache,
         scheduler=dataclasses.replace(base.scheduler, **sched) if sched else base.scheduler,
-        draft_model=t.draft_model)  # per tier only: a draft model must share its tier's vocabulary
+        draft_model=t.draft_model,  # per tier only: a draft model must share its tier's vocabulary
+        lora=lora)
     return TierConfig(name, engine, t.quality, t.prompt_price_per_mtok, t.completion_price_per_mtok)
 
 
