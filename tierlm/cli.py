@@ -180,8 +180,10 @@ def _config(args) -> EngineConfig:
 
 def _lora(args) -> LoRAConfig:
     if not getattr(args, "enable_lora", False):
-        if getattr(args, "lora_modules", None) or getattr(args, "allow_runtime_lora", False):
-            raise CLIError("--lora-modules and --allow-runtime-lora need --enable-lora")
+        if getattr(args, "lora_modules", None):
+            raise CLIError("--lora-modules needs --enable-lora")
+        if getattr(args, "allow_runtime_lora", False) and args.config is None:
+            raise CLIError("--allow-runtime-lora needs --enable-lora (or a --config tier with adapter slots)")
         return LoRAConfig()
     modules = []
     for item in args.lora_modules:

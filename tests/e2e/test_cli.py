@@ -74,6 +74,11 @@ def test_models_lists_bundled():
     (["generate", "--dense-dtype", "bfloat16", "--dtype", "float32", "hi"], "dense_dtype bfloat16 needs dtype bfloat16"),
     (["generate", "--speculative", "draft", "hi"], "--draft-model"),
     (["bench", "--runs", "0"], "--runs"),
+    (["serve", "--lora-modules", "a=/x"], "--lora-modules needs --enable-lora"),
+    (["serve", "--allow-runtime-lora"], "--allow-runtime-lora needs --enable-lora"),
+    (["serve", "--enable-lora", "--lora-modules", "no-equals-sign"], "NAME=PATH"),
+    (["serve", "--enable-lora", "--max-loras", "0"], "max_loras must be > 0"),
+    (["serve", "--enable-lora", "--lora-modules", "a=/no/such/adapter", "--port", "0"], "not a directory"),
     pytest.param(["bench", "--workloads", "w9"], "invalid choice", marks=pytest.mark.slow),
     (["bench", "--url", "http://127.0.0.1:9", "--workloads", "w2", "--runs", "1", "--no-plots"], "127.0.0.1:9"),
 ])

@@ -86,7 +86,7 @@ def test_operators_and_prefix_cache_groups(tmp_path):
 @pytest.mark.parametrize("edit, line, text", [
     (('quality = 2', 'quality = "high"'), 11, "tiers.deep.quality: Input should be a valid number"),
     (('max_num_seqs = 8', 'max_num_seq = 8'), 12, "tiers.deep.max_num_seq: Extra inputs are not permitted"),
-    (('model = "gemma3-270m"\n', ''), 9, "tiers.deep.model: Field required"),
+    (('model = "gemma3-270m"\n', ''), 9, "tiers.deep: give model (or adapter and base for a LoRA adapter tier)"),
     (('tiers = ["fast"]', 'tiers = ["fast", "turbo"]'), 23, "'turbo' is not a tier"),
     (('default_tier = "fast"', 'default_tier = "slow"'), 1, "default_tier: 'slow' is not a tier"),
     (('default_tier = "fast"', 'default_tier = "fast"\nbalanced_cost_weight = 11'), 2,
@@ -125,3 +125,42 @@ def test_a_tier_may_draft_with_its_own_draft_model(tmp_path):
     assert fast.engine.draft_model is None
     with pytest.raises(ConfigError, match=r"tierlm.toml:9: tiers.deep: a draft model needs num_speculative"):
         load(write(tmp_path, GOOD.replace("kv_cache_gb = 0.25", 'kv_cache_gb = 0.25\ndraft_model = "d"')), BASE)
+
+
+ADAPTER_TIERS = GOOD.replace("[tenants.acme]", """\
+[tiers.support]
+adapter = "/adapters/support"
+base = "fast"
+quality = 3
+completion_price_per_mtok = 0.1
+
+[tiers.legal]
+adapter = "/adapters/legal"
+base = "fast"
+
+[tenants.acme]""")
+
+
+def test_adapter_tiers_share_their_base_tiers_engine(tmp_path):
+    tiers = {t.name: t for t in load(write(tmp_path, ADAPTER_TIERS), BASE).tiers}
+    fast, support = tiers["fast"], tiers["support"]
+    assert fast.engine.lora.enabled and fast.engine.lora.max_loras == 2 and fast.engine.lora.modules == ()
+    assert not tiers["deep"].engine.lora.enabled
+    assert (support.lora_base, support.lora_path, support.quality) == ("fast", "/adapters/support", 3)
+    assert support.engine == fast.engine and support.completion_price_per_mtok == 0.1
+
+
+@pytest.mark.parametrize("edit,line,text", [
+    (('base = "fast"\nquality = 3', 'base = "nope"\nquality = 3'), 15, "base 'nope' is not a model tier"),
+    (('base = "fast"\nquality = 3', 'base = "legal"\nquality = 3'), 15, "base 'legal' is not a model tier"),
+    (('base = "fast"\nquality = 3', 'quality = 3'), 15, "needs both adapter"),
+    (('base = "fast"\nquality = 3', 'base = "fast"\nmax_num_seqs = 4'), 15, "drop max_num_seqs"),
+])
+def test_adapter_tier_errors(tmp_path, edit, line, text):
+    bad = ADAPTER_TIERS.replace(*edit)
+    assert bad != ADAPTER_TIERS
+    path = write(tmp_path, bad)
+    with pytest.raises(ConfigError) as e:
+        load(path, BASE)
+    assert text in str(e.value), str(e.value)
+    assert str(e.value).startswith(f"{path}:{line}: tiers.support: ")

@@ -1,8 +1,8 @@
 """Runtime LoRA adapter loading, as vLLM exposes it: `POST /v1/load_lora_adapter`
 {"lora_name", "lora_path"} and `POST /v1/unload_lora_adapter` {"lora_name"}.
 
-Both need `--allow-runtime-lora`, and where API keys name tenants, an operator's key (a
-tenant with `metrics = true`): anyone else gets 403. A loaded adapter is served under its
+Both need `--allow-runtime-lora`, and where a TierSet file declares tenants, an operator's
+key (a tenant with `metrics = true`): anyone else gets 403. A loaded adapter is served under its
 name over the default tier (or `base_model_name`'s), listed by /v1/models; requests
 already running with an unloaded adapter finish with it.
 """
@@ -27,7 +27,7 @@ def _allowed(request: Request, state: ServerState) -> None:
         raise APIError(403, "loading LoRA adapters at run time is off (start the server with --allow-runtime-lora)",
                        code="runtime_lora_disabled", type="permission_error")
     tenant = request.state.tenant
-    if state.tenants.keyed and not tenant.config.operator:
+    if state.declared_tenants and not tenant.config.operator:
         raise APIError(403, "only an operator's API key may load or unload LoRA adapters",
                        code="operator_only", type="permission_error")
 

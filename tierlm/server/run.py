@@ -236,7 +236,8 @@ def serve(config: EngineConfig, opts: ServeOptions) -> None:
     metrics = Metrics([t.name for t in tierset.tiers])
     tiers: dict[str, Tier] = {}
     state = ServerState(tiers, tenants, tierset.default_tier, metrics, tierset.balanced_cost_weight,
-                        allow_runtime_lora=opts.allow_runtime_lora)
+                        allow_runtime_lora=opts.allow_runtime_lora,
+                        declared_tenants=bool(opts.tierset is not None and opts.tierset.tenants))
     try:
         for tc in tierset.tiers:
             if tc.lora_base is None:

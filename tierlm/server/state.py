@@ -61,6 +61,7 @@ class ServerState:
     # one entry per engine, so health and load are counted once).
     adapters: dict[str, Tier] = field(default_factory=dict)
     allow_runtime_lora: bool = False  # /v1/load_lora_adapter and /v1/unload_lora_adapter
+    declared_tenants: bool = False  # tenants come from a TierSet file (runtime LoRA: operators only)
 
     @property
     def default(self) -> Tier:
