@@ -1,5 +1,6 @@
 """The batched LoRA kernel (csrc/lora.cpp): each row adds its own adapter's product, bit for
-bit the PyTorch definition, whatever rows and adapters share its batch and on every ISA path."""
+bit the PyTorch definition, whatever rows and adapters share its batch and on every ISA path
+(rows grouped four to a work item or alone, weights shared or not)."""
 
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ def _case(seed=0, t=37, k=72, sizes=(48, 16, 16), r=8, slots=3):
     n = sum(sizes)
     x = torch.randn(t, k, generator=g)
     y = torch.randn(t, n, generator=g)
-    a = torch.randn(slots, len(sizes) * r, k, generator=g) * 0.1
-    b = torch.randn(slots, n, r, generator=g) * 0.1
+    a = torch.randn(slots, k, len(sizes) * r, generator=g) * 0.1  # A transposed
+    b = torch.randn(slots, r, n, generator=g) * 0.1  # B transposed
     rows = torch.randint(-1, slots, (t,), generator=g, dtype=torch.int32)
     ends = torch.tensor(sizes).cumsum(0)
     active = torch.tensor([True] * (slots - 1) + [False])
@@ -28,15 +29,15 @@ def _case(seed=0, t=37, k=72, sizes=(48, 16, 16), r=8, slots=3):
 def _merged(x, y, rows, a, b, ends, active):
     """What each row should get, by definition, in float64."""
     out = y.double().clone()
-    r = b.shape[2]
+    r = b.shape[1]
     starts = [0] + ends.tolist()[:-1]
     for i in range(x.shape[0]):
         s = int(rows[i])
         if s < 0 or not active[s]:
             continue
-        t = a[s].double() @ x[i].double()
+        t = x[i].double() @ a[s].double()
         for p, (lo, hi) in enumerate(zip(starts, ends.tolist())):
-            out[i, lo:hi] += b[s, lo:hi].double() @ t[p * r:(p + 1) * r]
+            out[i, lo:hi] += t[p * r:(p + 1) * r] @ b[s, :, lo:hi].double()
     return out
 
 
@@ -53,8 +54,10 @@ def test_reference_adds_each_rows_own_adapter():
 @needs_ext
 @pytest.mark.parametrize("path", [p for p in kernels.supported() if p != "reference"])
 def test_every_path_equals_the_reference_bit_for_bit(path):
-    for seed, k, r in ((0, 72, 8), (1, 576, 16), (2, 33, 5)):
-        x, y, rows, a, b, ends, active = _case(seed, k=k, r=r)
+    # blocks of 8 and 16 columns and outputs, and the one-by-one tails (odd ranks and sizes)
+    for seed, k, r, sizes in ((0, 72, 8, (48, 16, 16)), (1, 576, 16, (96, 32, 32)), (2, 33, 5, (20, 7, 7)),
+                              (3, 64, 24, (40,))):
+        x, y, rows, a, b, ends, active = _case(seed, k=k, r=r, sizes=sizes)
         want, got = y.clone(), y.clone()
         kernels.lora_add(want, x, rows, a, b, ends, active, path="reference")
         kernels.lora_add(got, x, rows, a, b, ends, active, path=path)

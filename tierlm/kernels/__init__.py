@@ -190,9 +190,9 @@ def decoder(heads: int, eps: float, scale: float, act: str):
 def lora_add(y: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
              ends: torch.Tensor, active: torch.Tensor, path: str | None = None) -> None:
     """y (fp32 [T, N], in place) += each row's adapter product (csrc/lora.cpp has the
-    numerics): `slots` int32 [T] (-1: no adapter), A fp32 [slots, P * R, K], B fp32
-    [slots, N, R] (scale folded in), `ends` int64 [P] each fused part's end in N, `active`
-    bool [slots] the slots whose adapter targets this projection."""
+    numerics): `slots` int32 [T] (-1: no adapter), A transposed fp32 [slots, K, P * R], B
+    transposed fp32 [slots, R, N] (scale folded in), `ends` int64 [P] each fused part's end
+    in N, `active` bool [slots] the slots whose adapter targets this projection."""
     path = path or isa()
     if path == "reference":
         reference.lora_add(y, x, slots, a, b, ends, active)

@@ -353,32 +353,27 @@ def dequantize_rows(w: Packed, ids: torch.Tensor) -> torch.Tensor:
     return dequantize(sub)[inverse * R + ids % R]
 
 
-def dot16(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """sum(a * b, -1) in float32 as the kernels add it: 16 lanes (lane l takes the values at
-    i = l mod 16, ascending) then a fixed tree over the lanes (vmath.inc `sum16`)."""
-    n = a.shape[-1]
-    pad = -n % 16
-    prod_shape = torch.broadcast_shapes(a.shape[:-1], b.shape[:-1])
-    a = torch.nn.functional.pad(a.float(), (0, pad)).expand(*prod_shape, n + pad)
-    b = torch.nn.functional.pad(b.float(), (0, pad)).expand(*prod_shape, n + pad)
-    lanes = torch.zeros(*prod_shape, 16)
-    for c in range(0, n + pad, 16):
-        lanes = lanes + a[..., c:c + 16] * b[..., c:c + 16]
-    h8 = lanes[..., :8] + lanes[..., 8:]
-    h4 = h8[..., :4] + h8[..., 4:]
-    return (h4[..., 0] + h4[..., 2]) + (h4[..., 1] + h4[..., 3])
 
-
-def lora_add(y: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+def lora_add(y: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, at: torch.Tensor, bt: torch.Tensor,
              ends: torch.Tensor, active: torch.Tensor) -> None:
-    """csrc/lora.cpp `lora_add`, bit for bit: y[r] += B_s (A_s x_r), per part, for rows whose
-    slot s >= 0 is active."""
-    r = b.shape[2]
+    """csrc/lora.cpp `lora_add`, bit for bit: per row r whose slot s >= 0 is active,
+    t = sum_k AT_s[k] * x_r[k] and y_r[part p] += sum_j BT_s[j, part p] * t[p * R + j], every
+    sum sequential from 0 in float32 (done here for all such rows at once)."""
+    on = (slots >= 0) & active[slots.clamp(min=0).long()]
+    rows = on.nonzero().flatten()
+    if rows.numel() == 0:
+        return
+    a, b = at[slots[rows].long()], bt[slots[rows].long()]  # [n, K, PR], [n, R, N]
+    xr = x[rows].float()
+    t = torch.zeros(len(rows), a.shape[2])
+    for k in range(a.shape[1]):
+        t = t + a[:, k] * xr[:, k:k + 1]
+    r = b.shape[1]
     starts = [0] + ends.tolist()[:-1]
-    for row in range(x.shape[0]):
-        s = int(slots[row])
-        if s < 0 or not bool(active[s]):
-            continue
-        t = dot16(a[s], x[row].unsqueeze(0))  # [P * R]
-        for p, (lo, hi) in enumerate(zip(starts, ends.tolist())):
-            y[row, lo:hi] = y[row, lo:hi] + dot16(b[s, lo:hi], t[p * r:(p + 1) * r].unsqueeze(0))
+    acc = torch.zeros(len(rows), b.shape[2])
+    for p, (lo, hi) in enumerate(zip(starts, ends.tolist())):
+        part = torch.zeros(len(rows), hi - lo)
+        for j in range(r):
+            part = part + b[:, j, lo:hi] * t[:, p * r + j:p * r + j + 1]
+        acc[:, lo:hi] = part
+    y[rows] = y[rows] + acc

@@ -2,9 +2,9 @@
 laid out per projection for the batched kernel (csrc/lora.cpp, `kernels.lora_add`).
 
 Each targeted projection of each layer (the fused q/k/v, o, the fused gate/up, down)
-holds, per slot, A [P * R, K] and B [N, R] in float32, R = max rank: a part's (q, k or
-v; gate or up) A rows at p * R and its B columns zero-padded, the adapter's scale folded
-into B. Loading an adapter into a slot writes these in place; the modules it does not
+holds, per slot, A and B transposed in float32 (AT [K, P * R], BT [R, N]; R = max rank):
+a part's (q, k or v; gate or up) A columns at p * R, zero-padded, the adapter's scale
+folded into B. Loading an adapter into a slot writes these in place; the modules it does not
 target stay zero and its `active` flag is off for projections it does not touch. A step
 names each row's slot (`rows`, -1 for the base model); the layers read it while they run.
 `targets` describes which adapter modules a model takes and their shapes, so an adapter
@@ -85,12 +85,12 @@ def check(adapter: LoRAAdapter, where: dict[str, Target]) -> None:
 
 
 class SlotProjection:
-    """One projection's slots: A [S, P * R, K], B [S, N, R], `ends` [P], `active` [S]."""
+    """One projection's slots: AT [S, K, P * R], BT [S, R, N], `ends` [P], `active` [S]."""
 
     def __init__(self, owner: LoRASlots, lin: Linear, sizes: list[int], slots: int, rank: int) -> None:
         self.owner = owner
-        self.A = torch.zeros(slots, len(sizes) * rank, lin.in_features)
-        self.B = torch.zeros(slots, lin.out_features, rank)
+        self.A = torch.zeros(slots, lin.in_features, len(sizes) * rank)
+        self.B = torch.zeros(slots, rank, lin.out_features)
         self.ends = torch.tensor(sizes, dtype=torch.long).cumsum(0)
         self.active = torch.zeros(slots, dtype=torch.bool)
 
@@ -108,13 +108,13 @@ class LoRASlots:
     """`max_loras` adapter slots over `model`'s projections (attached to its layers)."""
 
     def __init__(self, model: nn.Module, max_loras: int, max_rank: int) -> None:
-        self.rank = max_rank
+        # Slots are a multiple of 8 wide: the kernel's blocks (zero columns add exact zeros).
+        self.rank = -(-max_rank // 8) * 8
         self.where = targets(model)
-        self.projections = {key: SlotProjection(self, lin, sizes, max_loras, max_rank)
+        self.projections = {key: SlotProjection(self, lin, sizes, max_loras, self.rank)
                             for key, (lin, sizes) in projections(model).items()}
         for key, (lin, _) in projections(model).items():
             lin.lora = self.projections[key]
-        self.held: list[str | None] = [None] * max_loras  # each slot's adapter (its key)
         self.rows: torch.Tensor | None = None  # this step's slot per row (int32 [T]); None: no adapter rows
 
     def load(self, slot: int, adapter: LoRAAdapter) -> None:
@@ -128,10 +128,9 @@ class LoRASlots:
             t = self.where[module]
             proj = self.projections[t.key]
             lo = int(proj.ends[t.part - 1]) if t.part else 0
-            proj.A[slot, t.part * r: t.part * r + m.rank] = m.a
-            proj.B[slot, lo: lo + t.out_features, : m.rank] = m.b * m.scale
+            proj.A[slot, :, t.part * r: t.part * r + m.rank] = m.a.t()
+            proj.B[slot, : m.rank, lo: lo + t.out_features] = (m.b * m.scale).t()
             proj.active[slot] = True
-        self.held[slot] = adapter.key
 
     def set_rows(self, rows: torch.Tensor | None) -> None:
         """This step's slot per row (int32 [T], -1 for the base model), or None for a batch

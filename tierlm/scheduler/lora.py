@@ -51,7 +51,3 @@ class LoRASlotTable:
     def take_loads(self) -> list[tuple[int, object]]:
         out, self._loads = self._loads, []
         return out
-
-    def resident(self) -> list[str]:
-        """The adapter keys in slots now."""
-        return [k for k in self.held if k is not None]
