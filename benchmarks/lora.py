@@ -99,7 +99,8 @@ def main() -> None:
         print(row, flush=True)
     cmd = "benchmarks/lora.py " + " ".join(sys.argv[1:])
     print("recorded in", record(f"lora_{kernels.isa()}", cmd.strip(),
-                                {"kernels_isa": kernels.isa(), "rank": args.rank, "prompt_len": PROMPT_LEN,
+                                {"kernels_isa": kernels.isa(), "kernel_threads": kernels.use_threads(),
+                                 "rank": args.rank, "prompt_len": PROMPT_LEN,
                                  "output_len": OUTPUT_LEN, "rows": rows}))
 
 

@@ -41,10 +41,14 @@ def install(app, state: ServerState) -> None:
         if tier is None:
             raise APIError(404, f"base_model_name '{base}' is not a tier of this server ({', '.join(state.tiers)})",
                            param="base_model_name", code="model_not_found", type="not_found_error")
-        registry = tier.engine.engine.adapters if tier.engine.engine is not None else None
-        if registry is None:
+        if not tier.config.engine.lora.enabled:
             raise bad_request(f"tier '{base}' does not serve LoRA adapters (start it with --enable-lora)",
                               "base_model_name")
+        engine = tier.engine.engine
+        if engine is None or tier.engine.restarting:
+            raise APIError(503, f"tier '{base}' is restarting; try again", code="engine_restarting",
+                           type="server_error", headers={"Retry-After": "5"})
+        registry = engine.adapters
         name = body.lora_name
         if name in state.tiers or name in state.adapters or name == "auto":
             raise bad_request(f"the name '{name}' is already served", "lora_name")

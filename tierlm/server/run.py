@@ -233,7 +233,7 @@ def serve(config: EngineConfig, opts: ServeOptions) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     tierset, tenants = tierset_for(config, opts)
     sock = _bind(opts.host, opts.port)  # before loading: a busy port fails in milliseconds
-    metrics = Metrics([t.name for t in tierset.tiers])
+    metrics = Metrics([t.name for t in tierset.tiers if t.lora_base is None])  # engine series: one per engine
     tiers: dict[str, Tier] = {}
     state = ServerState(tiers, tenants, tierset.default_tier, metrics, tierset.balanced_cost_weight,
                         allow_runtime_lora=opts.allow_runtime_lora,
