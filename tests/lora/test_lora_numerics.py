@@ -97,3 +97,15 @@ def test_offline_errors_are_clear(tiny_llama, llm, adapters, tmp_path):
         llm.generate([PROMPT], PARAMS, lora_request=LoRARequest("a0", 1, adapters[1][0].lora_path))
     with pytest.raises(ValueError, match="one per prompt"):
         llm.generate([PROMPT, PROMPT], PARAMS, lora_request=[None])
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "qwen2", "qwen3", "mistral"])
+def test_other_architectures_equal_peft_merged_models(tiny_checkpoint, tmp_path, arch):
+    """Gemma 3 (sliding layers, its norms), Qwen2 (q/k/v bias), Qwen3 (q/k norms), Mistral."""
+    path, hf = tiny_checkpoint(arch)
+    merged = make_adapter(hf, tmp_path / "a", seed=3, b_scale=2.0).merge_and_unload().eval()
+    llm = LLM(str(path), dtype="float32", enable_lora=True, max_lora_rank=8, kv_cache_gb=0.05)
+    lora = LoRARequest("a", 1, str(tmp_path / "a"))
+    got = llm.generate([{"prompt_token_ids": PROMPT}], PARAMS, lora_request=lora)[0].outputs[0].token_ids
+    assert got == _greedy_logprobs(merged, PROMPT, 12)[0]
+    assert got != llm.generate([{"prompt_token_ids": PROMPT}], PARAMS)[0].outputs[0].token_ids

@@ -67,16 +67,24 @@ def server(cache_dir):
     srv.stop()
 
 
-@pytest.fixture()
-def client(server):
+def openai_client(srv: ServerProcess, key: str = API_KEY):
     import openai
 
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+    return openai.OpenAI(base_url=f"{srv.url}/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def http_client(srv: ServerProcess, key: str = API_KEY) -> httpx.Client:
+    return httpx.Client(base_url=srv.url, headers={"Authorization": f"Bearer {key}"}, timeout=120)
+
+
+@pytest.fixture()
+def client(server):
+    return openai_client(server)
 
 
 @pytest.fixture()
 def http(server):
-    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120) as c:
+    with http_client(server) as c:
         yield c
 
 

@@ -15,7 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.lora.adapters import make_adapter, smollm2_skeleton
-from tests.server.conftest import API_KEY, ServerProcess
+from tests.server.conftest import API_KEY, ServerProcess, http_client, openai_client
 
 PROMPT = "The capital of France is"
 
@@ -44,12 +44,12 @@ def lora_server(cache_dir, adapter_dirs):
 
 @pytest.fixture()
 def lc(lora_server):
-    return openai.OpenAI(base_url=f"{lora_server.url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+    return openai_client(lora_server)
 
 
 @pytest.fixture()
 def lhttp(lora_server):
-    with httpx.Client(base_url=lora_server.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120) as c:
+    with http_client(lora_server) as c:
         yield c
 
 
@@ -162,8 +162,8 @@ def test_tierset_adapter_tier_and_operator_only_loading(cache_dir, adapter_dirs,
     cfg.write_text(TIERSET.format(a=adapter_dirs["a"]))
     srv = ServerProcess(cache_dir, "--config", str(cfg), "--allow-runtime-lora", model=None)
     try:
-        user = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="user-key", max_retries=0, timeout=120)
-        ops = httpx.Client(base_url=srv.url, headers={"Authorization": "Bearer ops-key"}, timeout=120)
+        user = openai_client(srv, "user-key")
+        ops = http_client(srv, "ops-key")
         listed = {m.id: m for m in user.models.list().data}
         assert set(listed) == {"support"} and listed["support"].parent == "small"
         assert _complete(user, "support")[0]

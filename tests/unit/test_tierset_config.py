@@ -99,15 +99,20 @@ def test_operators_and_prefix_cache_groups(tmp_path):
     (('quality = 1\n', 'quality = 1\nquality = 2\n'), 6, "invalid TOML"),
 ])
 def test_errors_name_file_line_and_key(tmp_path, edit, line, text):
-    bad = GOOD.replace(*edit)
-    assert bad != GOOD
+    message = load_error(tmp_path, GOOD, edit)
+    assert text in message, message
+    assert message.startswith(f"{tmp_path / 'tierlm.toml'}:{line}: "), message
+    assert "sk-hashed" not in message and "sk-acme" not in message
+
+
+def load_error(tmp_path, good: str, edit: tuple[str, str]) -> str:
+    """The one-line ConfigError of `good` with `edit` applied."""
+    bad = good.replace(*edit)
+    assert bad != good
     path = write(tmp_path, bad)
     with pytest.raises(ConfigError) as e:
         load(path, BASE)
-    message = str(e.value)
-    assert text in message, message
-    assert message.startswith(f"{path}:{line}: "), message
-    assert "sk-hashed" not in message and "sk-acme" not in message
+    return str(e.value)
 
 
 def test_engine_values_are_checked_with_the_tier_named(tmp_path):
@@ -157,10 +162,5 @@ def test_adapter_tiers_share_their_base_tiers_engine(tmp_path):
     (('base = "fast"\nquality = 3', 'base = "fast"\nmax_num_seqs = 4'), 15, "drop max_num_seqs"),
 ])
 def test_adapter_tier_errors(tmp_path, edit, line, text):
-    bad = ADAPTER_TIERS.replace(*edit)
-    assert bad != ADAPTER_TIERS
-    path = write(tmp_path, bad)
-    with pytest.raises(ConfigError) as e:
-        load(path, BASE)
-    assert text in str(e.value), str(e.value)
-    assert str(e.value).startswith(f"{path}:{line}: tiers.support: ")
+    message = load_error(tmp_path, ADAPTER_TIERS, edit)
+    assert text in message and message.startswith(f"{tmp_path / 'tierlm.toml'}:{line}: tiers.support: "), message
