@@ -95,12 +95,11 @@ def build_parts(config: EngineConfig, *, cache_dir: Path | None = None, progress
     scheduler = Scheduler(config.scheduler, kv, cfg.eos_token_ids, split_formats,
                           max_loras=lora.max_loras if lora.enabled else 0)
     structured = StructuredOutputs(loaded.tokenizer, cfg.vocab_size)
+    slots = LoRASlots(loaded.model, lora.max_loras, lora.max_lora_rank) if lora.enabled else None
     runner = ModelRunner(loaded.model, cfg, blocks, cache.block_size, dtype, config.deterministic,
-                         kernels=loaded.kernels, structured=structured)
+                         kernels=loaded.kernels, structured=structured, lora=slots)
     adapters = None
-    if lora.enabled:
-        slots = LoRASlots(loaded.model, lora.max_loras, lora.max_lora_rank)
-        runner.attach_lora(slots)
+    if slots is not None:
         adapters = AdapterRegistry(slots.where, lora.max_lora_rank)
         for name, path in lora.modules:
             adapters.add(name, path)

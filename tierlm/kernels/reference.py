@@ -353,7 +353,6 @@ def dequantize_rows(w: Packed, ids: torch.Tensor) -> torch.Tensor:
     return dequantize(sub)[inverse * R + ids % R]
 
 
-
 def lora_add(y: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, at: torch.Tensor, bt: torch.Tensor,
              ends: torch.Tensor, active: torch.Tensor) -> None:
     """csrc/lora.cpp `lora_add`, bit for bit: per row r whose slot s >= 0 is active,

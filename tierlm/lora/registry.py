@@ -35,7 +35,7 @@ class LoRARequest:
 
 class AdapterRegistry:
     def __init__(self, where: dict[str, Target], max_rank: int) -> None:
-        self.where = where  # the model's adaptable modules (lora/slots.py `targets`)
+        self.where = where  # the model's adaptable modules (lora/slots.py `LoRASlots.where`)
         self.max_rank = max_rank
         self.adapters: dict[str, LoRAAdapter] = {}
 

@@ -7,8 +7,8 @@ a part's (q, k or v; gate or up) A columns at p * R, zero-padded, the adapter's 
 folded into B. Loading an adapter into a slot writes these in place; the modules it does not
 target stay zero and its `active` flag is off for projections it does not touch. A step
 names each row's slot (`rows`, -1 for the base model); the layers read it while they run.
-`targets` describes which adapter modules a model takes and their shapes, so an adapter
-is checked against the model when it is registered, long before a slot loads it.
+`LoRASlots.where` describes which adapter modules the model takes and their shapes, so an
+adapter is checked against the model when it is registered, long before a slot loads it.
 """
 
 from __future__ import annotations
@@ -49,27 +49,19 @@ def _split(layer: Linear, parts: tuple[str, ...], model: nn.Module) -> list[int]
     return [cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim]
 
 
-def projections(model: nn.Module) -> dict[str, tuple[Linear, list[int]]]:
-    """Every projection an adapter may target: key -> (layer, its parts' output sizes).
-    Sparse MoE blocks have no fused gate/up and are left out."""
+def projections(model: nn.Module) -> dict[str, tuple[Linear, dict[str, Target]]]:
+    """Every projection an adapter may target: key -> (its layer, {adapter module name
+    ("layers.3.self_attn.q_proj"): where it lands} for its parts in order). Sparse MoE
+    blocks have no fused gate/up and are left out."""
     found = {}
     for i, layer in enumerate(model.layers):
         for owner, attr, parts in _PROJECTIONS:
             lin = getattr(getattr(layer, owner, None), attr, None)
             if isinstance(lin, Linear):
-                found[f"layers.{i}.{owner}.{attr}"] = (lin, _split(lin, parts, model))
+                key = f"layers.{i}.{owner}.{attr}"
+                found[key] = (lin, {f"layers.{i}.{owner}.{name}": Target(key, part, n, lin.in_features)
+                                    for part, (name, n) in enumerate(zip(parts, _split(lin, parts, model)))})
     return found
-
-
-def targets(model: nn.Module) -> dict[str, Target]:
-    """Adapter module name ("layers.3.self_attn.q_proj") -> where it lands in `model`."""
-    out = {}
-    for key, (lin, sizes) in projections(model).items():
-        prefix, _, attr = key.rpartition(".")
-        parts = next(p for _, a, p in _PROJECTIONS if a == attr)
-        for part, (name, n) in enumerate(zip(parts, sizes)):
-            out[f"{prefix}.{name}"] = Target(key, part, n, lin.in_features)
-    return out
 
 
 def check(adapter: LoRAAdapter, where: dict[str, Target]) -> None:
@@ -110,11 +102,12 @@ class LoRASlots:
     def __init__(self, model: nn.Module, max_loras: int, max_rank: int) -> None:
         # Slots are a multiple of 8 wide: the kernel's blocks (zero columns add exact zeros).
         self.rank = -(-max_rank // 8) * 8
-        self.where = targets(model)
-        self.projections = {key: SlotProjection(self, lin, sizes, max_loras, self.rank)
-                            for key, (lin, sizes) in projections(model).items()}
-        for key, (lin, _) in projections(model).items():
-            lin.lora = self.projections[key]
+        found = projections(model)
+        self.where = {name: t for _, parts in found.values() for name, t in parts.items()}
+        self.projections = {}
+        for key, (lin, parts) in found.items():
+            sizes = [t.out_features for t in parts.values()]
+            self.projections[key] = lin.lora = SlotProjection(self, lin, sizes, max_loras, self.rank)
         self.rows: torch.Tensor | None = None  # this step's slot per row (int32 [T]); None: no adapter rows
 
     def load(self, slot: int, adapter: LoRAAdapter) -> None:

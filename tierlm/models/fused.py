@@ -66,9 +66,10 @@ class _Layer:
 
 class FusedDecoder:
     def __init__(self, model: nn.Module, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-                 layer_group: list[int]) -> None:
+                 layer_group: list[int], lora=None) -> None:
         """`kv_caches[i]` is layer i's (K, V) pages, `layer_group[i]` its KV group (the
-        index of its attention inputs in a step)."""
+        index of its attention inputs in a step); `lora` the model's adapter slots
+        (lora/slots.py `LoRASlots`), run after each base product they target."""
         cfg = model.config
         self.cfg = cfg
         self.gemma = hasattr(model, "embed_scale")
@@ -101,12 +102,12 @@ class FusedDecoder:
                                       layer.cos, layer.sin, layer.o.args, layer.post_attn, layer.pre_mlp,
                                       layer.gate_up.args, layer.down.args, layer.post_mlp, k_cache, v_cache, group)
             self.native.set_head(self.final_norm, self.head.args)
-        self.lora = None
+        self.lora = lora
+        if lora is not None:
+            self._attach(lora)
 
-    def attach_lora(self, slots) -> None:
-        """Run every row's adapter (lora/slots.py `LoRASlots`, already attached to the
-        model's layers) after each base product it targets."""
-        self.lora = slots
+    def _attach(self, slots) -> None:
+        """Each layer's adapter slots, in the Python loop and the C++ decoder."""
         for i, layer in enumerate(self.layers):
             projs = tuple(slots.projections.get(f"layers.{i}.{name}")
                           for name in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"))

@@ -45,8 +45,9 @@ class _RequestState:
 class ModelRunner:
     def __init__(self, model: nn.Module, cfg: ModelConfig, num_blocks: int, block_size: int,
                  dtype: torch.dtype, deterministic: bool = True, kernels: bool = False,
-                 structured: StructuredOutputs | None = None) -> None:
+                 structured: StructuredOutputs | None = None, lora: LoRASlots | None = None) -> None:
         self.model = model
+        self.lora = lora  # LoRA adapter slots over the model (None: LoRA not enabled)
         self.structured = structured  # grammar states of constrained requests (None: unconstrained only)
         self._requests: dict[str, _RequestState] = {}
         # Deterministic: a row's weight format follows its role (prompt rows dense, generated
@@ -67,17 +68,10 @@ class ModelRunner:
         self.layer_group = [group for group, _ in places]
         self._pages = [t for pair in slots for t in pair]  # every tensor a block id indexes
         # On the kernels, a whole step runs on the fused kernels where the model allows it.
-        self.fused = (FusedDecoder(model, self.kv_caches, self.layer_group)
+        self.fused = (FusedDecoder(model, self.kv_caches, self.layer_group, lora)
                       if kernels and FusedDecoder.supports(model) else None)
         # (layer index, block) of every sparse MoE block, for per-expert load statistics.
         self._moe = [(int(name.split(".")[1]), m) for name, m in model.named_modules() if isinstance(m, SparseMoE)]
-        self.lora: LoRASlots | None = None
-
-    def attach_lora(self, slots: LoRASlots) -> None:
-        """Serve LoRA adapters from `slots` (made over this runner's model)."""
-        self.lora = slots
-        if self.fused is not None:
-            self.fused.attach_lora(slots)
 
     def moe_expert_tokens(self) -> dict[int, list[int]]:
         """Tokens routed to each expert since load, per MoE layer (empty for dense models)."""
