@@ -30,7 +30,8 @@ def adapter_dirs(tmp_path_factory):
         dirs[name] = root / name
     make_adapter(base, root / "wide", seed=70, r=32)
     make_adapter(base, root / "head", seed=71, targets=("lm_head",))
-    return dirs | {"wide": root / "wide", "head": root / "head", "missing": root / "missing"}
+    return dirs | {"wide": root / "wide", "head": root / "head", "missing": root / "missing",
+                   "too_long": root / ("n" * 300)}
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +92,7 @@ def test_runtime_load_then_mixed_batch_equals_solo_runs(lc, lhttp, adapter_dirs)
 
 @pytest.mark.parametrize("body,status,param,match", [
     ({"lora_name": "x", "lora_path": "missing"}, 400, "lora_path", "not a directory"),
+    ({"lora_name": "x", "lora_path": "too_long"}, 400, "lora_path", "cannot be read (File name too long)"),
     ({"lora_name": "x", "lora_path": "wide"}, 400, "lora_path", "rank 32, over --max-lora-rank 16"),
     ({"lora_name": "x", "lora_path": "head"}, 400, "lora_path", "'lm_head' is not supported"),
     ({"lora_name": "a", "lora_path": "b"}, 400, "lora_name", "already served"),

@@ -82,3 +82,8 @@ def test_a_path_that_is_not_an_adapter_says_so(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "PREFIX_TUNING"}))
     with pytest.raises(LoRAError, match="PREFIX_TUNING"):
         load_adapter(tmp_path, "x")
+
+
+def test_an_unreadable_path_is_one_line(tmp_path):
+    with pytest.raises(LoRAError, match=r"cannot be read \(File name too long\)"):
+        load_adapter(tmp_path / ("n" * 300), "long")

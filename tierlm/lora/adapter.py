@@ -118,8 +118,16 @@ def _digest(*files: Path) -> str:
 
 
 def load_adapter(path: str | Path, name: str, max_rank: int | None = None) -> LoRAAdapter:
-    """Read and check a PEFT LoRA adapter; LoRAError (one line) for anything unsupported."""
+    """Read and check a PEFT LoRA adapter; LoRAError (one line) for anything unsupported
+    or unreadable (a name too long, no permission: the file system's own reason)."""
     path = Path(path)
+    try:
+        return _load(path, name, max_rank)
+    except OSError as e:
+        raise LoRAError(f"{path}: cannot be read ({e.strerror or type(e).__name__})") from None
+
+
+def _load(path: Path, name: str, max_rank: int | None) -> LoRAAdapter:
     if not path.is_dir():
         raise LoRAError(f"{path}: not a directory (a PEFT LoRA adapter directory is expected)")
     cfg = _config(path)
