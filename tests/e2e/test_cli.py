@@ -79,6 +79,8 @@ def test_models_lists_bundled():
     (["serve", "--enable-lora", "--lora-modules", "no-equals-sign"], "NAME=PATH"),
     (["serve", "--enable-lora", "--max-loras", "0"], "max_loras must be > 0"),
     (["serve", "--enable-lora", "--lora-modules", "a=/no/such/adapter", "--port", "0"], "not a directory"),
+    (["serve", "--enable-lora", "--max-loras", "100000", "--max-lora-rank", "512", "--port", "0"],
+     "lower --max-loras or --max-lora-rank"),
     pytest.param(["bench", "--workloads", "w9"], "invalid choice", marks=pytest.mark.slow),
     (["bench", "--url", "http://127.0.0.1:9", "--workloads", "w2", "--runs", "1", "--no-plots"], "127.0.0.1:9"),
 ])

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from tierlm import kernels
+from tierlm.config import ConfigError
 from tierlm.layers.linear import Linear
 from tierlm.lora.adapter import LoRAAdapter, LoRAError
 
@@ -104,10 +105,17 @@ class LoRASlots:
         self.rank = -(-max_rank // 8) * 8
         found = projections(model)
         self.where = {name: t for _, parts in found.values() for name, t in parts.items()}
+        # float32 A and B of every projection, per slot
+        self.nbytes = 4 * max_loras * self.rank * sum(lin.in_features * len(parts) + lin.out_features
+                                                      for lin, parts in found.values())
         self.projections = {}
-        for key, (lin, parts) in found.items():
-            sizes = [t.out_features for t in parts.values()]
-            self.projections[key] = lin.lora = SlotProjection(self, lin, sizes, max_loras, self.rank)
+        try:
+            for key, (lin, parts) in found.items():
+                sizes = [t.out_features for t in parts.values()]
+                self.projections[key] = lin.lora = SlotProjection(self, lin, sizes, max_loras, self.rank)
+        except RuntimeError as e:  # the allocator's refusal
+            raise ConfigError(f"{max_loras} LoRA slots of rank {self.rank} need {self.nbytes / 2**30:.1f} GiB: "
+                              f"{str(e).splitlines()[0]}; lower --max-loras or --max-lora-rank") from None
         self.rows: torch.Tensor | None = None  # this step's slot per row (int32 [T]); None: no adapter rows
 
     def load(self, slot: int, adapter: LoRAAdapter) -> None:
