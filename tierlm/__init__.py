@@ -12,8 +12,9 @@ os.environ.setdefault("MKL_CBWR", "AUTO")
 
 from tierlm.llm import LLM
 from tierlm.lora.registry import LoRARequest
-from tierlm.outputs import CompletionOutput, RequestOutput
+from tierlm.outputs import CompletionOutput, EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
 from tierlm.sampling_params import SamplingParams
 
-__all__ = ["LLM", "CompletionOutput", "LoRARequest", "RequestOutput", "SamplingParams"]
+__all__ = ["LLM", "CompletionOutput", "EmbeddingOutput", "EmbeddingRequestOutput", "LoRARequest", "RequestOutput",
+           "SamplingParams"]
 __version__ = "0.1.0"

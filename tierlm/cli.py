@@ -29,6 +29,12 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="bundled model name, .gguf file or HF directory "
                                                   "(default: smollm2-135m)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="compute dtype")
+    p.add_argument("--task", default="auto", choices=["auto", "generate", "embed"],
+                   help="generate text, or embed (/v1/embeddings); auto: embed for encoder models "
+                        "(all-minilm-l6-v2), generate otherwise")
+    p.add_argument("--pooling", default=None, choices=["last", "mean", "cls", "max", "mean_sqrt_len"],
+                   help="with --task embed: how hidden states become one vector (decoders: last by "
+                        "default; encoders: what their sentence-transformers config names)")
     p.add_argument("--quantization", default="auto", choices=["auto", "none", "int8", "int4", "q8_0", "q4_0"],
                    help="linear-layer weights: auto runs a GGUF file on tierlm's kernels over its own blocks "
                         "(Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q6_K; a file with other formats runs its 4-bit blocks as "
@@ -175,7 +181,8 @@ def _config(args) -> EngineConfig:
                                           kv_warm_gb=args.kv_warm_gb, kv_cold_dir=args.kv_cold_dir,
                                           kv_cold_gb=args.kv_cold_gb, session_ttl=args.session_ttl),
                         scheduler=SchedulerConfig(max_model_len=args.max_model_len, **sched),
-                        draft_model=args.draft_model, debug_invariants=args.debug_invariants)
+                        draft_model=args.draft_model, debug_invariants=args.debug_invariants,
+                        task=args.task, pooling=args.pooling)
 
 
 def _lora(args) -> LoRAConfig:
@@ -196,9 +203,14 @@ def _lora(args) -> LoRAConfig:
 
 
 def _engine(args):
-    from tierlm.engine.builder import build_engine
+    from tierlm.embed.builder import task_of
+    from tierlm.engine.builder import build_engine, default_cache_dir
 
-    return build_engine(_config(args), progress=sys.stderr.isatty())
+    config = _config(args)
+    if task_of(config, default_cache_dir()) == "embed":
+        raise CLIError(f"{config.model} runs as an embedding model: serve it (`tierlm serve --model {config.model}`, "
+                       "POST /v1/embeddings) or use LLM.embed")
+    return build_engine(config, progress=sys.stderr.isatty())
 
 
 def cmd_serve(args) -> None:

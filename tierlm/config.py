@@ -14,6 +14,8 @@ import torch
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 QUANTIZATIONS = ("auto", "none", "int8", "int4", "q8_0", "q4_0")
 DENSE_DTYPES = ("auto", "bfloat16", "float32")
+TASKS = ("auto", "generate", "embed")
+POOLINGS = ("last", "mean", "cls", "max", "mean_sqrt_len")
 
 
 class ConfigError(ValueError):
@@ -218,6 +220,10 @@ class EngineConfig:
     (a violation fails the step loudly instead of corrupting later ones); the test suite
     runs with it on (TIERLM_DEBUG_INVARIANTS=1 is the default of the CLI flag and of `LLM`).
     `lora` enables LoRA adapters over the model (LoRAConfig).
+    `task`: "generate" (text), "embed" (vectors: /v1/embeddings, LLM.embed) or "auto" (embed
+    for encoder models, which can do nothing else; generate for decoders). `pooling` makes a
+    vector of a decoder's last hidden states ("last" token by default, or "mean"); for an
+    encoder it overrides the pooling its sentence-transformers config names.
     """
 
     model: str = "smollm2-135m"
@@ -231,8 +237,14 @@ class EngineConfig:
     draft_model: str | None = None
     debug_invariants: bool = False
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    task: str = "auto"
+    pooling: str | None = None
 
     def __post_init__(self) -> None:
+        _require(self.task in TASKS, f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        _require(self.pooling is None or self.pooling in POOLINGS,
+                 f"pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
+        _require(self.pooling is None or self.task != "generate", "pooling applies to embedding models (task embed)")
         _require(self.dtype in _DTYPES, f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
         _require(self.quantization in QUANTIZATIONS,
                  f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")

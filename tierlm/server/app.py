@@ -19,16 +19,18 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from tierlm.server import chat, completions, errors, limits, lora_routes, schemas
+from tierlm.server import chat, completions, embeddings, errors, limits, lora_routes, schemas
 from tierlm.server.errors import envelope
 from tierlm.server.metrics import Metrics
-from tierlm.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from tierlm.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest,
+                                    TokenizeRequest)
 from tierlm.server.state import ServerState
 
 log = logging.getLogger("tierlm.server")
 
 
-POST_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"}) | lora_routes.ROUTES
+POST_ROUTES = (frozenset({"/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/tokenize", "/detokenize"})
+               | lora_routes.ROUTES)
 # Probes need no key; every other route (the API, tokenize, metrics, the schema) does
 # whenever a key is configured.
 OPEN_ROUTES = frozenset({"/health", "/ready"})
@@ -171,6 +173,10 @@ def create_app(state: ServerState, metrics: Metrics, max_body_bytes: int = limit
     async def _chat(request: Request, body: ChatCompletionRequest):
         return await chat.create(request, body, state)
 
+    @app.post("/v1/embeddings", response_model=schemas.EmbeddingResponse, responses=schemas.GENERATE_ERRORS)
+    async def _embeddings(request: Request, body: EmbeddingRequest):
+        return await embeddings.create(request, body, state)
+
     @app.get("/v1/models", response_model=schemas.ModelList, responses=schemas.errors(401))
     async def _models(request: Request):
         """The tiers and LoRA adapters this key may use (id = the name to send as `model`; an
@@ -191,6 +197,8 @@ def create_app(state: ServerState, metrics: Metrics, max_body_bytes: int = limit
     @app.post("/tokenize", response_model=schemas.TokenizeResponse, responses=schemas.TOKENIZE_ERRORS)
     async def _tokenize(body: TokenizeRequest):
         tier = state.default if body.model is None else state.resolve(body.model)
+        if body.messages is not None and tier.task == "embed":
+            raise errors.bad_request(f"'{tier.model_name}' is an embedding model: it has no chat template", "messages")
         if body.messages is not None:
             ids = await asyncio.to_thread(chat.render, tier, body.messages)  # off the event loop: CPU work
         elif body.prompt is not None:

@@ -8,6 +8,7 @@ token, tools rendered into the prompt). The body itself is capped by the app's g
 MAX_BODY_BYTES = 8 * 1024 * 1024
 MAX_N = 64  # n and best_of (SamplingParams caps best_of at the same value)
 MAX_PROMPTS = 256  # prompts in one completions request
+MAX_EMBED_INPUTS = 2048  # inputs in one embeddings request (OpenAI's limit)
 MAX_SEQUENCES = 256  # prompts x sequences per prompt: the engine requests one HTTP request may start
 MAX_LOGPROBS = 20  # logprobs / top_logprobs / prompt_logprobs alternatives per token
 MAX_STOPS = 16  # stop strings

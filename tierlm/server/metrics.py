@@ -67,6 +67,8 @@ class Metrics:
             self.healthy.labels(name).set(1)
         self.tier_selected = Counter("tierlm:tier_selected", "Requests routed to each tier, by why that tier "
                                      "(explicit, fixed, preferred, latency, cost)", ["tier", "reason"], registry=r)
+        self.embedding_inputs = Counter("tierlm:embedding_inputs", "Inputs embedded (/v1/embeddings)", lbl,
+                                        registry=r)
         self.tenant_tokens = Counter("tierlm:tenant_tokens", "Tokens served per tenant", ["tenant", "kind"],
                                      registry=r)
         self.tenant_rejected = Counter("tierlm:tenant_requests_rejected", "Requests refused per tenant",
@@ -152,6 +154,19 @@ class TierMetrics:
         if total > self._seen.get(key, 0):
             child.inc(total - self._seen.get(key, 0))
             self._seen[key] = total
+
+    def on_embed(self, tenant: str, prompt_tokens: int, inputs: int) -> None:
+        """An embeddings request served (its input tokens are prompt tokens)."""
+        self.g.tenant_tokens.labels(tenant, "prompt").inc(prompt_tokens)
+        self.g.prompt_tokens.labels(self.m).inc(prompt_tokens)
+        self.g.embedding_inputs.labels(self.m).inc(inputs)
+
+    def on_embed_step(self, s) -> None:
+        """An embedding engine's batch: its requests and what waits, and its step time."""
+        self.g.running.labels(self.m).set(s.running)
+        self.g.waiting.labels(self.m).set(s.waiting)
+        self.g.step_s.labels(self.m).set(s.step_s)
+        self.g.prefill_s.labels(self.m).set(s.prefill_s_per_token)
 
     def on_finish(self, f: FinishedRequest) -> None:
         t = f.timing

@@ -192,6 +192,18 @@ class TokenizeRequest(_Base):
     add_special_tokens: bool = True
 
 
+class EmbeddingRequest(_Base):
+    """OpenAI's embeddings request; `truncate_prompt_tokens` (vLLM's) cuts long inputs instead
+    of refusing them (-1: at the model's maximum)."""
+
+    model: str = Field(max_length=limits.MAX_NAME_CHARS)
+    input: str | list[str] | list[int] | list[list[int]]  # counts: embeddings.create
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Annotated[int, Field(ge=1, le=2**20)] | None = None
+    user: str | None = Field(None, max_length=limits.MAX_NAME_CHARS)
+    truncate_prompt_tokens: Annotated[int, Field(ge=-1, le=limits.MAX_TOKENS)] | None = None
+
+
 class LoadLoRAAdapterRequest(_Base):
     """vLLM's runtime adapter loading; `base_model_name` picks the tier (default: the default tier)."""
 

@@ -58,17 +58,27 @@ def tenant_of(request) -> Tenant:
     return request.state.tenant  # set by the app's Guard from the API key
 
 
-def _candidates(state: ServerState, tenant: Tenant, model: str) -> tuple[list[Tier], str | None]:
+def candidates(state: ServerState, tenant: Tenant, model: str, task: str = "generate"
+               ) -> tuple[list[Tier], str | None]:
+    """The tiers `model` may mean for this tenant and task (403/404/400 when none), and the
+    tier's name when `model` names one."""
     if model == "auto":
-        allowed = [t for t in state.routable() if tenant.may_use(t.model_name)]
+        allowed = [t for t in state.routable(task) if tenant.may_use(t.model_name)]
         if not allowed:
-            raise APIError(403, "this API key may not use any tier", param="model", code="tier_not_allowed",
-                           type="permission_error")
+            what = "an embedding" if task == "embed" else "a text generation"
+            raise APIError(403 if state.routable(task) else 400,
+                           f"this API key may not use any tier for this endpoint (none is {what} model it may use)",
+                           param="model", code="tier_not_allowed" if state.routable(task) else "model_not_supported",
+                           type="permission_error" if state.routable(task) else "invalid_request_error")
         return allowed, None
     tier = state.resolve(model)
     if not tenant.may_use(tier.model_name):
         raise APIError(403, f"this API key may not use tier '{tier.model_name}'", param="model",
                        code="tier_not_allowed", type="permission_error")
+    if tier.task != task:
+        served = "/v1/embeddings" if tier.task == "embed" else "/v1/completions and /v1/chat/completions"
+        raise bad_request(f"'{tier.model_name}' is {'an embedding' if tier.task == 'embed' else 'a text generation'} "
+                          f"model: it serves {served}", "model", "model_not_supported")
     return [tier], tier.model_name
 
 
@@ -77,7 +87,7 @@ async def choose(state: ServerState, tenant: Tenant, body, params: SamplingParam
     """The tier for this request, with its prompts tokenized for it (4xx if none fits).
     Tokenizing (and chat rendering) runs on a worker thread: a long prompt must not stall
     the event loop that serves every other client."""
-    tiers, fixed = _candidates(state, tenant, body.model)
+    tiers, fixed = candidates(state, tenant, body.model)
     if fixed is not None and body.tier_mode is not None:
         raise bad_request("tier_mode applies to model 'auto' only", "tier_mode")
     prompts = await asyncio.to_thread(lambda: {t.model_name: prompts_for(t) for t in tiers})
@@ -119,8 +129,12 @@ def reserve(state: ServerState, tenant: Tenant, routed: Routed, params: Sampling
     """Take the request's worst case from the tenant's quota (429/400 if it does not fit)."""
     tier = routed.tier
     lens = [len(p) for p in routed.prompts]
-    prompt = sum(lens)
     worst = params.num_sequences * sum(_max_output(tier, n, params) for n in lens)
+    return reserve_tokens(state, tenant, tier, sum(lens), worst)
+
+
+def reserve_tokens(state: ServerState, tenant: Tenant, tier: Tier, prompt: int, worst: int) -> Lease:
+    """Take `prompt` tokens and at most `worst` generated ones (and their price) from the quota."""
     try:
         r = tenant.quota.reserve(prompt + worst, tier.config.cost_usd(prompt, worst))
     except QuotaExceeded as e:

@@ -33,7 +33,9 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from tierlm.config import EngineConfig, TierConfig, TierSetConfig
 from tierlm.engine.async_engine import AsyncEngine, FinishedRequest
-from tierlm.engine.builder import build_engine
+from tierlm.embed.builder import build_embedder, task_of
+from tierlm.embed.engine import EmbeddingEngine
+from tierlm.engine.builder import build_engine, default_cache_dir
 from tierlm.sampling_params import SamplingParams
 from tierlm.server.app import create_app
 from tierlm.server.metrics import Metrics
@@ -182,6 +184,9 @@ class _Server(uvicorn.Server):
 
     async def _warm_up(self) -> None:
         for tier in self.state.tiers.values():  # one at a time: each measures its own step times
+            if tier.task == "embed":
+                await tier.engine.embed([tier.embedder.encode("Hello, world. " * 8)])
+                continue
             ids = tier.tokenizer.encode(" ".join(["Hello, world."] * 16))[:64]
             async for _ in tier.engine.generate(f"warmup-{tier.model_name}", ids,
                                                 SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)):
@@ -267,6 +272,8 @@ def serve(config: EngineConfig, opts: ServeOptions) -> None:
 def _add_adapters(state: ServerState, tierset: TierSetConfig) -> None:
     """Serve the adapters each engine loaded (--lora-modules) and the TierSet's adapter tiers."""
     for name, tier in list(state.tiers.items()):
+        if tier.task == "embed":  # embedding tiers take no adapters (refused at load)
+            continue
         registry = tier.engine.engine.adapters
         for adapter in registry.adapters.values() if registry is not None else ():
             if adapter.name in state.tiers:
@@ -282,6 +289,14 @@ def _add_adapters(state: ServerState, tierset: TierSetConfig) -> None:
 
 def _start_tier(tc: TierConfig, metrics: Metrics, opts: ServeOptions) -> Tier:
     tm = metrics.for_tier(tc.name)
+    if task_of(tc.engine, default_cache_dir()) == "embed":
+        embedding = EmbeddingEngine(lambda: build_embedder(tc.engine, progress=sys.stderr.isatty()),
+                                    max_queued_requests=opts.max_queued_requests,
+                                    max_batch_tokens=tc.engine.scheduler.max_num_batched_tokens,
+                                    on_step=tm.on_embed_step)
+        embedder = embedding.start()
+        return Tier(tc, embedding, embedder.tokenizer, embedder.spec.max_input_tokens, embedder.vocab_size, tm,
+                    task="embed", embedder=embedder)
 
     def on_finish(f: FinishedRequest) -> None:
         tm.on_finish(f)

@@ -113,6 +113,24 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class Embedding(BaseModel):
+    object: Literal["embedding"]
+    index: int
+    embedding: list[float] | str  # str: base64 of little-endian float32
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"]
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
+
+
 class TokenizeResponse(BaseModel):
     tokens: list[int]
     count: int
@@ -163,7 +181,7 @@ def install_openapi(app: FastAPI, model_names: list[str]) -> None:
             components = schema.get("components", {}).get("schemas", {})
             for name in ("HTTPValidationError", "ValidationError"):
                 components.pop(name, None)
-            for name in ("CompletionRequest", "ChatCompletionRequest"):
+            for name in ("CompletionRequest", "ChatCompletionRequest", "EmbeddingRequest"):
                 if name in components:
                     components[name]["properties"]["model"] = {"type": "string", "enum": model_names,
                                                               "title": "Model"}

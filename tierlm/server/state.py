@@ -36,6 +36,10 @@ class Tier:
     lora: LoRAAdapter | None = None
     parent: str | None = None
     routable: bool = True
+    # "generate" (chat, completions) or "embed" (/v1/embeddings: `engine` is then an
+    # EmbeddingEngine over `embedder`).
+    task: str = "generate"
+    embedder: object | None = None
 
     @property
     def model_name(self) -> str:  # what responses report as `model`
@@ -83,9 +87,10 @@ class ServerState:
         """Every tier and adapter clients may name."""
         return [*self.tiers.values(), *self.adapters.values()]
 
-    def routable(self) -> list[Tier]:
-        """What `auto` chooses among: the tiers and the TierSet's adapter tiers."""
-        return [*self.tiers.values(), *(t for t in self.adapters.values() if t.routable)]
+    def routable(self, task: str = "generate") -> list[Tier]:
+        """What `auto` chooses among for `task`: the tiers and the TierSet's adapter tiers."""
+        return [t for t in (*self.tiers.values(), *(t for t in self.adapters.values() if t.routable))
+                if t.task == task]
 
     def add_adapter(self, base: str, adapter: LoRAAdapter, config: TierConfig | None = None,
                     routable: bool = False) -> Tier:

@@ -51,10 +51,10 @@ def admit(tier: Tier, count: int = 1) -> None:
     try:
         tier.engine.check_admission(count)
     except (QueueFullError, EngineDeadError, EngineRestartingError) as e:
-        raise _engine_error(e) from None
+        raise engine_error(e) from None
 
 
-def _engine_error(e: Exception) -> APIError:
+def engine_error(e: Exception) -> APIError:
     if isinstance(e, QueueFullError):
         return APIError(503, f"the server is busy: {e}", type="server_error", code="queue_full",
                         headers={"Retry-After": "1"})
@@ -110,7 +110,7 @@ async def _one(tier: Tier, request_id: str, ids: list[int], *args) -> AsyncItera
         async for out in gen:
             yield 0, out
     except _ENGINE_ERRORS as e:
-        raise _engine_error(e) from None
+        raise engine_error(e) from None
     finally:
         await gen.aclose()  # now, not at garbage collection: an unfinished request is aborted
 
@@ -133,7 +133,7 @@ async def _fan_in(tier: Tier, request_id: str, prompts: list[list[int]],
         while remaining:
             i, item = await queue.get()
             if isinstance(item, Exception):
-                raise _engine_error(item) from None
+                raise engine_error(item) from None
             if item.finished:
                 remaining -= 1
             yield i, item
@@ -152,7 +152,7 @@ async def collect(request: Request, gen: AsyncIterator[tuple[int, RequestOutput]
             if out.finished:
                 finals[i] = out
 
-    consumer, watcher = asyncio.create_task(consume()), asyncio.create_task(_disconnected(request))
+    consumer, watcher = asyncio.create_task(consume()), asyncio.create_task(disconnected(request))
     try:
         done, _ = await asyncio.wait({consumer, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -167,7 +167,7 @@ async def collect(request: Request, gen: AsyncIterator[tuple[int, RequestOutput]
     return finals
 
 
-async def _disconnected(request: Request) -> None:
+async def disconnected(request: Request) -> None:
     """Return once the client has gone away."""
     while not await request.is_disconnected():
         await asyncio.sleep(_DISCONNECT_POLL_S)

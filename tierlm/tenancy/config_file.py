@@ -17,6 +17,10 @@ hashed (SHA-256) as they are read; the plain text is never kept.
     max_num_seqs = 32                     # + dtype, quantization, dense_dtype, deterministic,
                                           #   max_model_len, max_num_batched_tokens, kv_cache_gb, ...
 
+    [tiers.embed]
+    model = "all-minilm-l6-v2"            # an encoder: serves /v1/embeddings (task = "embed" and
+                                          #   pooling = "last" | "mean" make a decoder embed)
+
     [tenants.acme]
     api_keys = ["sk-acme-1"]              # or api_key_sha256 = ["<hex digest>"]
     tiers = ["fast", "deep"]              # allowed tiers (default: all)
@@ -73,6 +77,8 @@ class _Tier(_Strict):
     quality: float = 1.0
     prompt_price_per_mtok: float = Field(0.0, ge=0)
     completion_price_per_mtok: float = Field(0.0, ge=0)
+    task: Literal["auto", "generate", "embed"] | None = None  # embed: serves /v1/embeddings
+    pooling: Literal["last", "mean", "cls", "max", "mean_sqrt_len"] | None = None
     dtype: Literal["bfloat16", "float32"] | None = None
     quantization: Literal["auto", "none", "int8", "int4"] | None = None
     dense_dtype: Literal["auto", "bfloat16", "float32"] | None = None
@@ -229,7 +235,7 @@ def _tier(name: str, t: _Tier, base: EngineConfig, spec: _File) -> TierConfig:
         cache=dataclasses.replace(base.cache, **cache) if cache else base.cache,
         scheduler=dataclasses.replace(base.scheduler, **sched) if sched else base.scheduler,
         draft_model=t.draft_model,  # per tier only: a draft model must share its tier's vocabulary
-        lora=lora)
+        lora=lora, task=t.task or "auto", pooling=t.pooling)
     return TierConfig(name, engine, t.quality, t.prompt_price_per_mtok, t.completion_price_per_mtok)
 
 
