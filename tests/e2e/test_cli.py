@@ -81,6 +81,10 @@ def test_models_lists_bundled():
     (["serve", "--enable-lora", "--lora-modules", "a=/no/such/adapter", "--port", "0"], "not a directory"),
     (["serve", "--enable-lora", "--max-loras", "100000", "--max-lora-rank", "512", "--port", "0"],
      "lower --max-loras or --max-lora-rank"),
+    (["generate", "--model", "all-minilm-l6-v2", "hi"], "runs as an embedding model"),
+    (["generate", "--model", "all-minilm-l6-v2", "--task", "generate", "hi"], "it embeds (task embed)"),
+    (["generate", "--pooling", "mean", "hi"], "pooling applies to embedding models"),
+    (["serve", "--model", "all-minilm-l6-v2", "--enable-lora", "--port", "0"], "LoRA adapters are not supported"),
     pytest.param(["bench", "--workloads", "w9"], "invalid choice", marks=pytest.mark.slow),
     (["bench", "--url", "http://127.0.0.1:9", "--workloads", "w2", "--runs", "1", "--no-plots"], "127.0.0.1:9"),
 ])

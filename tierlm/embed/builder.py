@@ -18,7 +18,10 @@ def task_of(config: EngineConfig, cache_dir: Path) -> str:
     encoder = is_encoder(bundled.resolve(config.model, cache_dir))
     if encoder and config.task == "generate":
         raise ConfigError(f"{config.model} is an encoder model: it embeds (task embed) and cannot generate text")
-    return "embed" if encoder or config.task == "embed" else "generate"
+    task = "embed" if encoder or config.task == "embed" else "generate"
+    if task == "generate" and config.pooling is not None:
+        raise ConfigError("pooling applies to embedding models (task embed)")
+    return task
 
 
 def build_embedder(config: EngineConfig, *, cache_dir: Path | None = None,
