@@ -132,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--allow-runtime-lora", action="store_true",
                      help="allow POST /v1/load_lora_adapter and /v1/unload_lora_adapter (with tenants: operator "
                           "keys only)")
+    srv.add_argument("--reasoning-parser", default=None, choices=["deepseek_r1", "qwen3"],
+                     help="move a reasoning model's <think> block into reasoning_content (vLLM's names)")
     srv.add_argument("--config", default=None, metavar="FILE",
                      help="TOML file declaring tiers (models, prices, quality) and tenants (API keys, quotas, "
                           "weights); the engine flags above become every tier's defaults")
@@ -226,7 +228,8 @@ def cmd_serve(args) -> None:
 
         clash = [flag for flag, value in (("--model", args.model), ("--api-key", args.api_key),
                                           ("--served-model-name", args.served_model_name),
-                                          ("--lora-modules", args.lora_modules)) if value]
+                                          ("--lora-modules", args.lora_modules),
+                                          ("--reasoning-parser", args.reasoning_parser)) if value]
         if clash:
             raise CLIError(f"--config declares the tiers and tenants: drop {', '.join(clash)}")
         tierset = config_file.load(args.config, _config(args))
@@ -238,7 +241,8 @@ def cmd_serve(args) -> None:
                                       served_model_name=args.served_model_name, tierset=tierset,
                                       keep_alive_timeout=args.keep_alive_timeout, header_timeout=args.header_timeout,
                                       body_timeout=args.body_timeout, max_connections=args.max_connections,
-                                      allow_runtime_lora=args.allow_runtime_lora))
+                                      allow_runtime_lora=args.allow_runtime_lora,
+                                      reasoning_parser=args.reasoning_parser))
 
 
 def _params(args) -> SamplingParams:

@@ -16,6 +16,7 @@ QUANTIZATIONS = ("auto", "none", "int8", "int4", "q8_0", "q4_0")
 DENSE_DTYPES = ("auto", "bfloat16", "float32")
 TASKS = ("auto", "generate", "embed")
 POOLINGS = ("last", "mean", "cls", "max", "mean_sqrt_len")
+REASONING_PARSERS = ("deepseek_r1", "qwen3")  # vLLM's names (server/reasoning.py)
 
 
 class ConfigError(ValueError):
@@ -270,6 +271,7 @@ class TierConfig:
     answers, usually slower): `auto` routing prefers the best quality that fits a budget.
     A tier may be a LoRA adapter (`lora_path`) over tier `lora_base`'s engine: it then
     shares that engine (and its `engine` config) instead of loading a model of its own.
+    `reasoning_parser` moves a reasoning model's think block into `reasoning_content`.
     """
 
     name: str
@@ -279,8 +281,12 @@ class TierConfig:
     completion_price_per_mtok: float = 0.0
     lora_base: str | None = None
     lora_path: str | None = None
+    reasoning_parser: str | None = None
 
     def __post_init__(self) -> None:
+        _require(self.reasoning_parser in (None, *REASONING_PARSERS),
+                 f"tier {self.name!r}: reasoning_parser must be one of {', '.join(REASONING_PARSERS)}, "
+                 f"got {self.reasoning_parser!r}")
         _require(bool(self.name) and self.name != "auto", "tier names must be non-empty and not 'auto'")
         _require(self.prompt_price_per_mtok >= 0 and self.completion_price_per_mtok >= 0,
                  f"tier {self.name!r}: prices must be >= 0")

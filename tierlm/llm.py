@@ -121,12 +121,15 @@ class LLM:
 
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | None = None, use_tqdm: bool = False,
-             lora_request: LoRARequest | None = None) -> list[RequestOutput]:
-        """One conversation (list of messages) or a batch of them, rendered with the model's template."""
+             lora_request: LoRARequest | None = None, chat_template_kwargs: dict | None = None
+             ) -> list[RequestOutput]:
+        """One conversation (list of messages) or a batch of them, rendered with the model's
+        template (`chat_template_kwargs`: further template variables, e.g. enable_thinking)."""
         self._generating()
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [{"prompt_token_ids": self.tokenizer.encode(self.tokenizer.apply_chat_template(c),
-                                                             add_special_tokens=False)} for c in conversations]
+        prompts = [{"prompt_token_ids": self.tokenizer.encode(
+            self.tokenizer.apply_chat_template(c, extra=chat_template_kwargs), add_special_tokens=False)}
+            for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm, lora_request)
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:

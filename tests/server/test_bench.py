@@ -22,7 +22,7 @@ def test_bench_against_a_server_url_counts_what_the_server_served(server, http, 
     prompt_before = metric(http, "vllm:prompt_tokens_total")
     generated_before = metric(http, "vllm:generation_tokens_total")
     hits_before = metric(http, "vllm:prefix_cache_hits_total")
-    r = bench("--url", server.url, "--api-key", API_KEY, "--workloads", "w2", "--runs", "2", "--requests", "2",
+    r = bench("--url", server.url, "--api-key", API_KEY, "--workloads", "w2", "--runs", "2", "--requests", "1",
               "--concurrency", "2", "1", "--no-plots", "--out", str(tmp_path))
     assert r.returncode == 0, r.stderr
     doc = json.loads((tmp_path / "result.json").read_text())
@@ -31,14 +31,14 @@ def test_bench_against_a_server_url_counts_what_the_server_served(server, http, 
     for level in levels:
         assert len(level["runs"]) == 2
         for run in level["runs"]:
-            assert run["requests"] == 2 and run["output_tokens"] == 2 * 16
+            assert run["requests"] == 1 and run["output_tokens"] == 16
             assert 0 < run["ttft_p50_s"] <= run["ttft_p90_s"] and run["output_tok_per_s"] > 0
         s = level["summary"]["output_tok_per_s"]
         assert s["min"] <= s["median"] <= s["max"]
-    # Warm-up (16-token prompt, 4 tokens) + 8 requests of 1,000 prompt and 16 output tokens,
+    # Warm-up (16-token prompt, 4 tokens) + 4 requests of 1,000 prompt and 16 output tokens,
     # every prompt new to the server (levels and runs never reuse one: no prefix-cache help).
-    assert metric(http, "vllm:prompt_tokens_total") - prompt_before == 16 + 8 * 1000
-    assert metric(http, "vllm:generation_tokens_total") - generated_before == 4 + 8 * 16
+    assert metric(http, "vllm:prompt_tokens_total") - prompt_before == 16 + 4 * 1000
+    assert metric(http, "vllm:generation_tokens_total") - generated_before == 4 + 4 * 16
     assert metric(http, "vllm:prefix_cache_hits_total") == hits_before
     assert "w2" in r.stdout and "TTFT p90 ms" in r.stdout  # the table
 

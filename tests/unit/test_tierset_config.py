@@ -164,3 +164,17 @@ def test_adapter_tiers_share_their_base_tiers_engine(tmp_path):
 def test_adapter_tier_errors(tmp_path, edit, line, text):
     message = load_error(tmp_path, ADAPTER_TIERS, edit)
     assert text in message and message.startswith(f"{tmp_path / 'tierlm.toml'}:{line}: tiers.support: "), message
+
+
+def test_embedding_and_reasoning_tiers(tmp_path):
+    text = GOOD + ('\n[tiers.vectors]\nmodel = "all-minilm-l6-v2"\npooling = "cls"\n'
+                   '\n[tiers.think]\nmodel = "smollm2-135m"\nreasoning_parser = "qwen3"\n'
+                   '\n[tiers.decoder_vectors]\nmodel = "smollm2-135m"\ntask = "embed"\n')
+    tiers = {t.name: t for t in load(write(tmp_path, text), BASE).tiers}
+    assert tiers["vectors"].engine.pooling == "cls" and tiers["vectors"].engine.task == "auto"
+    assert tiers["decoder_vectors"].engine.task == "embed"
+    assert tiers["think"].reasoning_parser == "qwen3" and tiers["fast"].reasoning_parser is None
+    message = load_error(tmp_path, text, ('reasoning_parser = "qwen3"', 'reasoning_parser = "o1"'))
+    assert "reasoning_parser" in message and "deepseek_r1" in message
+    message = load_error(tmp_path, text, ('task = "embed"', 'task = "rerank"'))
+    assert "task" in message

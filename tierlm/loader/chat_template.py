@@ -76,10 +76,20 @@ def references(source: str, name: str) -> bool:
         return False
 
 
+# What render sets itself (and the globals templates call): a caller's extra variables may not.
+RESERVED = frozenset({"messages", "add_generation_prompt", "bos_token", "eos_token", "tools", "raise_exception",
+                      "strftime_now"})
+
+
 def render(source: str, messages: list[dict], *, add_generation_prompt: bool = True,
-           bos_token: str = "", eos_token: str = "", tools: list[dict] | None = None) -> str:
+           bos_token: str = "", eos_token: str = "", tools: list[dict] | None = None,
+           extra: dict | None = None) -> str:
+    """The template's text; `extra` are further template variables (e.g. `enable_thinking`)."""
+    clash = sorted(set(extra or ()) & RESERVED)
+    if clash:
+        raise ChatTemplateError(f"chat_template_kwargs may not set {clash[0]!r} (set by the server)")
     try:
-        return _compile(source).render(messages=messages, add_generation_prompt=add_generation_prompt,
+        return _compile(source).render(**(extra or {}), messages=messages, add_generation_prompt=add_generation_prompt,
                                        bos_token=bos_token, eos_token=eos_token, tools=tools)
     except ChatTemplateError:
         raise

@@ -95,20 +95,27 @@ class TextTokenizer:
     def id_to_token(self, token_id: int) -> str | None:
         return self._tok.id_to_token(token_id)
 
+    def single_token(self, text: str) -> int | None:
+        """The id of the one token that `text` is in this vocabulary, else None."""
+        ids = self.encode(text, add_special_tokens=False)
+        return ids[0] if len(ids) == 1 else None
+
     def token_text(self, token_id: int) -> str:
         """The text of one token as it would print (special tokens included)."""
         with _no_panic("decode"):
             return self._tok.decode([token_id], skip_special_tokens=False)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
-                            tools: list[dict] | None = None) -> str:
+                            tools: list[dict] | None = None, extra: dict | None = None) -> str:
+        """The conversation as the model's template renders it; `extra`: further template
+        variables (chat_template_kwargs, e.g. enable_thinking)."""
         def name(i: int | None) -> str:
             return (self._tok.id_to_token(i) or "") if i is not None else ""
 
         return chat_template.render(
             self.chat_template_source, messages, add_generation_prompt=add_generation_prompt,
             bos_token=name(self.bos_token_id), eos_token=name(self.eos_token_ids[0] if self.eos_token_ids else None),
-            tools=tools)
+            tools=tools, extra=extra)
 
 
 def _build_bpe(g: GGUFFile) -> Tokenizer:

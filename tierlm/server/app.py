@@ -200,7 +200,8 @@ def create_app(state: ServerState, metrics: Metrics, max_body_bytes: int = limit
         if body.messages is not None and tier.task == "embed":
             raise errors.bad_request(f"'{tier.model_name}' is an embedding model: it has no chat template", "messages")
         if body.messages is not None:
-            ids = await asyncio.to_thread(chat.render, tier, body.messages)  # off the event loop: CPU work
+            ids = await asyncio.to_thread(chat.render, tier, body.messages,  # off the event loop: CPU work
+                                          template_kwargs=body.chat_template_kwargs)
         elif body.prompt is not None:
             ids = await asyncio.to_thread(tier.tokenizer.encode, body.prompt, body.add_special_tokens)
         else:

@@ -1,9 +1,13 @@
-"""POST /v1/chat/completions: the model's chat template, n, logprobs + top_logprobs, tool
-calls (request side in `tools`, reading them back in `tool_parser`), streaming deltas
-(role first, then content or tool calls) with optional usage chunk."""
+"""POST /v1/chat/completions: the model's chat template (with `chat_template_kwargs`), n,
+logprobs + top_logprobs, tool calls (request side in `tools`, reading them back in
+`tool_parser`), reasoning output (a tier's reasoning parser moves the think block into
+`reasoning_content`; tool calls and structured output then apply to the content after
+it), streaming deltas (role first, then reasoning, content or tool calls) with optional
+usage chunk."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator
 
 from fastapi import Request
@@ -11,25 +15,27 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from tierlm.loader.chat_template import ChatTemplateError, references
 from tierlm.outputs import CompletionOutput, RequestOutput, TokenLogprob
-from tierlm.server import fields, route, streaming, tool_parser, tools
+from tierlm.server import fields, reasoning, route, streaming, tool_parser, tools
 from tierlm.server.errors import APIError, bad_request
 from tierlm.server.protocol import ChatCompletionRequest, ChatMessage
 from tierlm.server.state import ServerState, Tier
 from tierlm.server.streaming import sse
 from tierlm.server.tool_parser import ChoiceStream
 from tierlm.server.tools import ToolPlan
+from tierlm.structured.spec import GuidedSpec
 
 
 def render(tier: Tier, messages: list[ChatMessage], add_generation_prompt: bool = True,
-           tool_plan: ToolPlan = tools.NO_TOOLS) -> list[int]:
+           tool_plan: ToolPlan = tools.NO_TOOLS, template_kwargs: dict | None = None) -> list[int]:
     if not messages:
         raise bad_request("messages must not be empty", "messages")
     native = references(tier.tokenizer.chat_template_source, "tools")
     plain, shown = tools.template_input(messages, tool_plan, native)
     try:
-        text = tier.tokenizer.apply_chat_template(plain, add_generation_prompt=add_generation_prompt, tools=shown)
+        text = tier.tokenizer.apply_chat_template(plain, add_generation_prompt=add_generation_prompt, tools=shown,
+                                                  extra=template_kwargs)
     except ChatTemplateError as e:
-        raise bad_request(str(e), "messages") from None
+        raise bad_request(str(e), "chat_template_kwargs" if "chat_template_kwargs" in str(e) else "messages") from None
     return tier.tokenizer.encode(text, add_special_tokens=False)
 
 
@@ -66,8 +72,12 @@ async def create(request: Request, req: ChatCompletionRequest, state: ServerStat
         params.guided = tools.guided(tool_plan)
     tenant = route.tenant_of(request)
     routed = await route.choose(state, tenant, req, params,
-                                lambda t: [render(t, req.messages, req.add_generation_prompt, tool_plan)])
+                                lambda t: [render(t, req.messages, req.add_generation_prompt, tool_plan,
+                                                  req.chat_template_kwargs)])
     tier, ids = routed.tier, routed.prompts[0]
+    fmt = reasoning.PARSERS.get(tier.config.reasoning_parser or "")
+    if fmt is not None and params.guided is not None:
+        params.guided = _after_reasoning(tier, params.guided)
     try:
         await streaming.validate(tier, ids, params)
     except APIError as e:
@@ -81,14 +91,14 @@ async def create(request: Request, req: ChatCompletionRequest, state: ServerStat
     base = {"id": rid, "object": "chat.completion", "created": streaming.now(), "model": tier.model_name}
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        events = _stream(tier, req, tool_plan, gen, {**base, "object": "chat.completion.chunk"}, len(ids),
+        events = _stream(tier, req, tool_plan, fmt, gen, {**base, "object": "chat.completion.chunk"}, len(ids),
                          include_usage)
         body = streaming.framed(events, gen)
         return StreamingResponse(body, media_type="text/event-stream",
                                  headers=lease.headers())
     out = (await streaming.collect(request, gen))[0]
     as_ids = req.return_tokens_as_token_ids
-    choices = [{"index": c.index, **_reply(tool_plan, c),
+    choices = [{"index": c.index, **_reply(tool_plan, c, fmt),
                 "logprobs": _logprobs(tier, c.token_ids, c.logprobs or [], as_ids) if req.logprobs else None,
                 "stop_reason": c.stop_reason} for c in out.outputs]
     completion_tokens = sum(len(c.token_ids) for c in out.outputs)
@@ -114,22 +124,48 @@ def _prompt_logprobs(tier: Tier, ids: list[int], lps: list[TokenLogprob | None])
     return out
 
 
-def _reply(p: ToolPlan, c: CompletionOutput) -> dict:
-    """A choice's message and finish_reason, with any tool calls read out of its text."""
+def _after_reasoning(tier: Tier, guided: GuidedSpec) -> GuidedSpec:
+    """The constraint, starting once the model has closed its reasoning (it shapes the content only)."""
+    end = tier.tokenizer.single_token(reasoning.END)
+    if end is None:
+        raise bad_request(f"structured output with the {tier.config.reasoning_parser} reasoning parser needs "
+                          f"{reasoning.END} to be one token of this model's vocabulary", "response_format")
+    return dataclasses.replace(guided, after_token=end)
+
+
+def _reply(p: ToolPlan, c: CompletionOutput, fmt: reasoning.ReasoningFormat | None) -> dict:
+    """A choice's message and finish_reason: the reasoning moved out, any tool calls read out
+    of the content."""
+    thought, text = reasoning.split(c.text, fmt) if fmt is not None else (None, c.text)
+    extra = {"reasoning_content": thought} if fmt is not None else {}
     if p.mode == "none":
-        return {"message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason}
-    if p.mode == "named":  # the grammar made the whole output the arguments object
-        parsed = tool_parser.Parsed(None, [tool_parser.Call(p.function, c.text)])
+        return {"message": {"role": "assistant", "content": text, **extra}, "finish_reason": c.finish_reason}
+    if p.mode == "named":  # the grammar made the whole content the arguments object
+        parsed = tool_parser.Parsed(None, [tool_parser.Call(p.function, text or "")])
     else:
-        parsed = tool_parser.parse(c.text, p.names, p.parallel)
-    return {"message": tool_parser.message(parsed.content, parsed.calls),
+        parsed = tool_parser.parse(text or "", p.names, p.parallel)
+    return {"message": {**tool_parser.message(parsed.content, parsed.calls), **extra},
             "finish_reason": tool_parser.finish_reason(c.finish_reason, bool(parsed.calls))}
 
 
-async def _stream(tier: Tier, req: ChatCompletionRequest, p: ToolPlan,
+def _deltas(view: ChoiceStream, thinking: reasoning.ReasoningStream | None, text: str, final: bool) -> list[dict]:
+    """A choice's chat deltas for new output text: reasoning first, then content or tool calls."""
+    if thinking is None:
+        return view.feed(text, final=final)
+    out, content = [], ""
+    for kind, piece in thinking.feed(text, final):
+        if kind == "reasoning":
+            out.append({"reasoning_content": piece})
+        else:
+            content += piece
+    return out + view.feed(content, final=final)
+
+
+async def _stream(tier: Tier, req: ChatCompletionRequest, p: ToolPlan, fmt: reasoning.ReasoningFormat | None,
                   gen: AsyncIterator[tuple[int, RequestOutput]], base: dict, prompt_tokens: int, include_usage: bool):
     completion_tokens = cached = 0
     views = [ChoiceStream(p.mode, p.names, p.function, p.parallel) for _ in range(req.n)]
+    thinking = [reasoning.ReasoningStream(fmt) if fmt is not None else None for _ in range(req.n)]
     for k in range(req.n):
         # With tools the reply may be calls only, whose content is null, not "".
         first = {"role": "assistant", "content": "" if p.mode == "none" else None}
@@ -144,10 +180,10 @@ async def _stream(tier: Tier, req: ChatCompletionRequest, p: ToolPlan,
                 lp = _logprobs(tier, c.delta_token_ids, c.logprobs[len(c.logprobs) - len(c.delta_token_ids):],
                                req.return_tokens_as_token_ids)
             view = views[c.index]
-            deltas = view.feed(c.delta_text, final=c.finish_reason is not None)
+            deltas = _deltas(view, thinking[c.index], c.delta_text, final=c.finish_reason is not None)
             finish = tool_parser.finish_reason(c.finish_reason, view.called)
-            if not deltas and lp is None and finish is None and p.mode != "none":
-                continue  # text held back while it may be a tool call
+            if not deltas and lp is None and finish is None and (p.mode != "none" or fmt is not None):
+                continue  # text held back while it may be a tool call or a think marker
             deltas = deltas or [{}]
             for j, delta in enumerate(deltas):
                 yield sse({**base, "choices": [{"index": c.index, "delta": delta, "logprobs": lp if j == 0 else None,

@@ -10,7 +10,7 @@ the sampling knobs live in SamplingParams, shared with the offline API.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
@@ -183,6 +183,7 @@ class ChatCompletionRequest(_SamplingFields):
     add_generation_prompt: bool = True
     prompt_logprobs: Annotated[int, Field(ge=0, le=limits.MAX_LOGPROBS)] | None = None  # extension: logprob
     # (+ top-N) of each prompt token
+    chat_template_kwargs: dict[str, Any] | None = None  # extra template variables, e.g. enable_thinking
 
 
 class TokenizeRequest(_Base):
@@ -190,6 +191,7 @@ class TokenizeRequest(_Base):
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(None, max_length=limits.MAX_MESSAGES)
     add_special_tokens: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 class EmbeddingRequest(_Base):

@@ -70,6 +70,7 @@ class ServeOptions:
     body_timeout: float = 30.0  # seconds for a request body to arrive
     max_connections: int = 1024  # open connections (and in-flight requests) before 503
     allow_runtime_lora: bool = False  # POST /v1/load_lora_adapter, /v1/unload_lora_adapter
+    reasoning_parser: str | None = None  # --reasoning-parser (one tier; a --config gives it per tier)
 
     def __post_init__(self) -> None:
         for name in ("keep_alive_timeout", "header_timeout", "body_timeout"):
@@ -231,7 +232,8 @@ def tierset_for(config: EngineConfig, opts: ServeOptions) -> tuple[TierSetConfig
     name = opts.served_model_name or config.model
     tenants = (Tenants.with_keys(opts.api_keys, opts.metrics_api_keys) if opts.api_keys
                else Tenants.open(opts.metrics_api_keys))
-    return TierSetConfig((TierConfig(name, config),), tenants.configs, name), tenants
+    return TierSetConfig((TierConfig(name, config, reasoning_parser=opts.reasoning_parser),), tenants.configs,
+                         name), tenants
 
 
 def serve(config: EngineConfig, opts: ServeOptions) -> None:

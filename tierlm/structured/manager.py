@@ -4,12 +4,14 @@ grammar state of every constrained request, keyed by request id.
 
 The model runner owns the states: it starts one when a constrained request first runs,
 masks that request's logits with it, feeds it every token sampled, reports when the
-grammar is complete, and forgets it when the scheduler says the request finished. The
-grammar engine (llguidance) is built on the first constrained request.
+grammar is complete, and forgets it when the scheduler says the request finished. A spec
+with `after_token` waits, unmasked, until that token is sampled, and only then starts
+its grammar. The grammar engine (llguidance) is built on the first constrained request.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -26,9 +28,11 @@ class StructuredOutputs:
         self._compiler: GrammarCompiler | None = None
         self._lock = threading.Lock()
         self._states: dict[str, GrammarState] = {}  # engine thread only
+        self._waiting: dict[str, GuidedSpec] = {}  # constrained once their spec's after_token is sampled
         self._worker: ThreadPoolExecutor | None = None
 
     def _state_for(self, spec: GuidedSpec) -> GrammarState:
+        spec = dataclasses.replace(spec, after_token=None)  # one compiled grammar, however it starts
         with self._lock:
             if self._compiler is None:  # the grammar engine's view of the tokenizer, built once
                 from tierlm.structured.llguidance_backend import LLGuidanceBackend
@@ -41,13 +45,17 @@ class StructuredOutputs:
         self._state_for(spec)
 
     def start(self, request_id: str, spec: GuidedSpec) -> None:
-        self._states[request_id] = self._state_for(spec)
+        if spec.after_token is not None:
+            self._waiting[request_id] = spec
+        else:
+            self._states[request_id] = self._state_for(spec)
 
     def forget(self, request_id: str) -> None:
         self._states.pop(request_id, None)
+        self._waiting.pop(request_id, None)
 
     def constrained(self, request_id: str) -> bool:
-        return request_id in self._states
+        return request_id in self._states or request_id in self._waiting
 
     def masks(self, request_ids: list[str]) -> Future | None:
         """Start computing the token masks ({row: bool [V]}) of the rows whose request is
@@ -68,6 +76,12 @@ class StructuredOutputs:
     def accept(self, request_id: str, token_id: int) -> bool:
         """Advance a constrained request's grammar by a sampled token (the mask offered only
         tokens it allows); True when the grammar is complete (nothing may follow)."""
+        waiting = self._waiting.get(request_id)
+        if waiting is not None:
+            if token_id == waiting.after_token:
+                del self._waiting[request_id]
+                self._states[request_id] = self._state_for(waiting)
+            return False
         state = self._states[request_id]
         state.accept(token_id)
         return state.is_finished()

@@ -12,6 +12,9 @@ KINDS = ("json", "regex", "choice", "grammar")
 class GuidedSpec:
     kind: str  # one of KINDS
     source: str  # JSON schema (JSON text), regex, JSON list of choices, or Lark grammar
+    # The constraint starts after the output's first occurrence of this token (a reasoning
+    # model's `</think>`: its thinking is free, its answer constrained); None: from the start.
+    after_token: int | None = None
 
     @staticmethod
     def json_schema(schema: dict | bool | None) -> GuidedSpec:

@@ -15,6 +15,7 @@ hashed (SHA-256) as they are read; the plain text is never kept.
     prompt_price_per_mtok = 0.02          # USD per million prompt tokens
     completion_price_per_mtok = 0.08
     max_num_seqs = 32                     # + dtype, quantization, dense_dtype, deterministic,
+                                          #   reasoning_parser ("deepseek_r1" | "qwen3"),
                                           #   max_model_len, max_num_batched_tokens, kv_cache_gb, ...
 
     [tiers.embed]
@@ -78,6 +79,7 @@ class _Tier(_Strict):
     prompt_price_per_mtok: float = Field(0.0, ge=0)
     completion_price_per_mtok: float = Field(0.0, ge=0)
     task: Literal["auto", "generate", "embed"] | None = None  # embed: serves /v1/embeddings
+    reasoning_parser: Literal["deepseek_r1", "qwen3"] | None = None
     pooling: Literal["last", "mean", "cls", "max", "mean_sqrt_len"] | None = None
     dtype: Literal["bfloat16", "float32"] | None = None
     quantization: Literal["auto", "none", "int8", "int4"] | None = None
@@ -206,7 +208,8 @@ def _adapter_tier(name: str, t: _Tier, spec: _File, base: EngineConfig) -> TierC
         raise ConfigError(f"base {t.base!r} is not a model tier (tiers: {', '.join(spec.tiers)})")
     path = Path(t.adapter).expanduser()
     return TierConfig(name, _tier(t.base, parent, base, spec).engine, t.quality, t.prompt_price_per_mtok,
-                      t.completion_price_per_mtok, lora_base=t.base, lora_path=str(path))
+                      t.completion_price_per_mtok, lora_base=t.base, lora_path=str(path),
+                      reasoning_parser=t.reasoning_parser or parent.reasoning_parser)
 
 
 def _tier(name: str, t: _Tier, base: EngineConfig, spec: _File) -> TierConfig:
@@ -236,7 +239,8 @@ def _tier(name: str, t: _Tier, base: EngineConfig, spec: _File) -> TierConfig:
         scheduler=dataclasses.replace(base.scheduler, **sched) if sched else base.scheduler,
         draft_model=t.draft_model,  # per tier only: a draft model must share its tier's vocabulary
         lora=lora, task=t.task or "auto", pooling=t.pooling)
-    return TierConfig(name, engine, t.quality, t.prompt_price_per_mtok, t.completion_price_per_mtok)
+    return TierConfig(name, engine, t.quality, t.prompt_price_per_mtok, t.completion_price_per_mtok,
+                      reasoning_parser=t.reasoning_parser)
 
 
 def _located(path: Path, text: str, loc: tuple, message: str) -> ConfigError:
