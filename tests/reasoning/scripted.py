@@ -8,6 +8,7 @@ block in the prompt."""
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import torch
@@ -61,7 +62,7 @@ def make_scripted_qwen3(out_dir):
         emb, head = model.model.embed_tokens.weight, model.lm_head.weight
         emb.normal_(0, 0.02)
         head.zero_()
-        for i, (t, nxt) in enumerate(zip(chain, chain[1:])):
+        for i, (t, nxt) in enumerate(itertools.pairwise(chain)):
             emb[t] = 0
             emb[t, i] = 1.0
             head[nxt, i] = 10.0

@@ -91,15 +91,15 @@ def test_concurrent_requests_equal_each_alone(srv):
 
 def test_refusals_are_envelopes_and_the_server_keeps_serving(srv):
     client = openai_client(srv, "key-ops")
-    cases = [(dict(model="embed", input=""), 400, "input"),
-             (dict(model="embed", input=[]), 400, "input"),
-             (dict(model="embed", input="word " * 300), 400, "input"),
-             (dict(model="embed", input=[[101, 40000, 102]]), 400, "input"),
-             (dict(model="embed", input="x", dimensions=64), 400, "dimensions"),
-             (dict(model="embed", input=["x"] * 2049), 400, "input"),
-             (dict(model="embed", input="x", extra_body={"truncate_prompt_tokens": 0}), 400, None),
-             (dict(model="text", input="x"), 400, "model"),
-             (dict(model="nope", input="x"), 404, "model")]
+    cases = [({"model": "embed", "input": ""}, 400, "input"),
+             ({"model": "embed", "input": []}, 400, "input"),
+             ({"model": "embed", "input": "word " * 300}, 400, "input"),
+             ({"model": "embed", "input": [[101, 40000, 102]]}, 400, "input"),
+             ({"model": "embed", "input": "x", "dimensions": 64}, 400, "dimensions"),
+             ({"model": "embed", "input": ["x"] * 2049}, 400, "input"),
+             ({"model": "embed", "input": "x", "extra_body": {"truncate_prompt_tokens": 0}}, 400, None),
+             ({"model": "text", "input": "x"}, 400, "model"),
+             ({"model": "nope", "input": "x"}, 404, "model")]
     for kwargs, status, param in cases:
         with pytest.raises(openai.APIStatusError) as e:
             client.embeddings.create(encoding_format="float", **kwargs)

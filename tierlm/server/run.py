@@ -32,9 +32,9 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from tierlm.config import EngineConfig, TierConfig, TierSetConfig
-from tierlm.engine.async_engine import AsyncEngine, FinishedRequest
 from tierlm.embed.builder import build_embedder, task_of
 from tierlm.embed.engine import EmbeddingEngine
+from tierlm.engine.async_engine import AsyncEngine, FinishedRequest
 from tierlm.engine.builder import build_engine, default_cache_dir
 from tierlm.sampling_params import SamplingParams
 from tierlm.server.app import create_app
