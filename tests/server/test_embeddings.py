@@ -110,7 +110,7 @@ def test_refusals_are_envelopes_and_the_server_keeps_serving(srv):
         client.chat.completions.create(model="embed", messages=[{"role": "user", "content": "hi"}])
     with pytest.raises(openai.PermissionDeniedError):
         openai_client(srv, "key-text").embeddings.create(model="embed", input="x")
-    with pytest.raises(openai.PermissionDeniedError, match="none is an embedding model it may use"):
+    with pytest.raises(openai.PermissionDeniedError, match="may not use any tier that is an embedding model"):
         openai_client(srv, "key-text").embeddings.create(model="auto", input="x")
     # Long input cut instead of refused on request; text tier still answers.
     cut = client.embeddings.create(model="embed", input="word " * 300, encoding_format="float",
@@ -144,7 +144,7 @@ def test_metrics_count_embedding_inputs_and_tokens(srv):
 
 def test_a_text_only_server_refuses_embeddings(server):
     client = openai_client(server)
-    with pytest.raises(openai.BadRequestError, match="none is an embedding model"):
+    with pytest.raises(openai.BadRequestError, match="no tier of this server is an embedding model"):
         client.embeddings.create(model="auto", input="x")
     with pytest.raises(openai.BadRequestError, match="text generation model"):
         client.embeddings.create(model="smollm2-135m", input="x")

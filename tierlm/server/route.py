@@ -63,13 +63,14 @@ def candidates(state: ServerState, tenant: Tenant, model: str, task: str = "gene
     """The tiers `model` may mean for this tenant and task (403/404/400 when none), and the
     tier's name when `model` names one."""
     if model == "auto":
-        allowed = [t for t in state.routable(task) if tenant.may_use(t.model_name)]
+        served = state.routable(task)
+        allowed = [t for t in served if tenant.may_use(t.model_name)]
+        what = "an embedding" if task == "embed" else "a text generation"
+        if not served:
+            raise bad_request(f"no tier of this server is {what} model", "model", "model_not_supported")
         if not allowed:
-            what = "an embedding" if task == "embed" else "a text generation"
-            raise APIError(403 if state.routable(task) else 400,
-                           f"this API key may not use any tier for this endpoint (none is {what} model it may use)",
-                           param="model", code="tier_not_allowed" if state.routable(task) else "model_not_supported",
-                           type="permission_error" if state.routable(task) else "invalid_request_error")
+            raise APIError(403, f"this API key may not use any tier that is {what} model", param="model",
+                           code="tier_not_allowed", type="permission_error")
         return allowed, None
     tier = state.resolve(model)
     if not tenant.may_use(tier.model_name):
