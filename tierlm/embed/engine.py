@@ -127,7 +127,7 @@ class EmbeddingEngine:
         with self._lock:
             jobs = list(self._queue)
             self._queue.clear()
-            self._backlog_tokens = 0
+            self._backlog_tokens -= sum(job.tokens for job in jobs)  # a running batch's are its own
         for job in jobs:
             job.resolve(ShuttingDownError(message))
 
