@@ -140,6 +140,9 @@ def test_metrics_count_embedding_inputs_and_tokens(srv):
     assert sample("tierlm:tenant_tokens_total", tenant="ops", kind="prompt") == tenant0 + resp.usage.prompt_tokens
     models = {m.id for m in client.models.list().data}
     assert {"text", "embed"} <= models
+    schemas = http.get("/openapi.json").json()["components"]["schemas"]
+    assert schemas["EmbeddingRequest"]["properties"]["model"]["enum"] == ["embed", "all-minilm-l6-v2", "auto"]
+    assert schemas["ChatCompletionRequest"]["properties"]["model"]["enum"] == ["text", "smollm2-135m", "auto"]
 
 
 def test_a_text_only_server_refuses_embeddings(server):

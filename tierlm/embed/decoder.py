@@ -4,8 +4,8 @@ pooled (last token or mean) and normalized, as vLLM's embedding mode of decoders
 The model keeps its layers and loses its output layer (embed/head.py), so
 the engine's scoring forward (`LLMEngine.prompt_logits`: one paged pass over a whole
 input, blocks borrowed and returned) yields hidden states instead of logits, on every
-compute path the model has. Each input runs alone, so its vector never depends on the
-others in a request.
+compute path the model has. Inputs share forwards up to the step's token budget; the
+kernels make each input's rows the same bits as alone.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from tierlm.embed import pooling
-from tierlm.embed.encoder import EmbeddingSpec
+from tierlm.embed.encoder import EmbeddingSpec, check_input
 from tierlm.engine.llm_engine import InvalidRequest, LLMEngine
 
 
@@ -36,25 +36,27 @@ class DecoderEncoder:
         return self.tokenizer.encode(text)[:truncate]
 
     def check(self, ids: list[int]) -> None:
-        if not ids:
-            raise ValueError("an input is empty")
-        if len(ids) > self.spec.max_input_tokens:
-            raise ValueError(f"an input has {len(ids)} tokens; this model embeds at most {self.spec.max_input_tokens}")
-        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
-        if bad is not None:
-            raise ValueError(f"token id {bad} is outside the vocabulary (0..{self.vocab_size - 1})")
+        check_input(ids, self.spec.max_input_tokens, self.vocab_size)
 
     @torch.inference_mode()
     def embed(self, inputs: list[list[int]], max_batch_tokens: int = 0) -> torch.Tensor:
+        """Vectors of `inputs`, run in forwards of up to `max_batch_tokens` tokens (the
+        scheduler's step budget by default; a longer input runs alone)."""
         for ids in inputs:
             self.check(ids)
-        vectors = []
-        for ids in inputs:
-            try:
-                hidden = self.engine.prompt_logits(ids)
-            except InvalidRequest as e:
-                raise ValueError(str(e)) from None
-            vectors.append(pooling.pool(hidden, [len(ids)], self.spec.pooling))
+        budget = max_batch_tokens or self.engine.scheduler.config.max_num_batched_tokens
+        vectors, batch, tokens = [], [], 0
+        for ids in [*inputs, None]:
+            if batch and (ids is None or tokens + len(ids) > budget):
+                try:
+                    hidden = self.engine.many_prompt_logits(batch)
+                except InvalidRequest as e:
+                    raise ValueError(str(e)) from None
+                vectors += [pooling.pool(h, [len(h)], self.spec.pooling) for h in hidden]
+                batch, tokens = [], 0
+            if ids is not None:
+                batch.append(ids)
+                tokens += len(ids)
         if not vectors:
             return torch.empty(0, self.spec.dimensions)
         return pooling.normalize(torch.cat(vectors))

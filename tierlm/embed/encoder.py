@@ -40,6 +40,18 @@ class EmbeddingSpec:
     matryoshka: bool = False  # trained so that leading components are embeddings too (`dimensions` allowed)
 
 
+def check_input(ids: list[int], max_tokens: int, vocab_size: int) -> None:
+    """ValueError for an input an embedding model cannot take: empty, too long, or a token id
+    outside its vocabulary."""
+    if not ids:
+        raise ValueError("an input is empty")
+    if len(ids) > max_tokens:
+        raise ValueError(f"an input has {len(ids)} tokens; this model embeds at most {max_tokens}")
+    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise ValueError(f"token id {bad} is outside the vocabulary (0..{vocab_size - 1})")
+
+
 def is_encoder(path: Path) -> bool:
     """Whether `path` is a checkpoint directory of an encoder architecture tierlm embeds with."""
     config = path / "config.json"
@@ -129,14 +141,7 @@ class Encoder:
 
     def check(self, ids: list[int]) -> None:
         """ValueError for an input the model cannot embed."""
-        if not ids:
-            raise ValueError("an input is empty")
-        if len(ids) > self.spec.max_input_tokens:
-            raise ValueError(f"an input has {len(ids)} tokens; this model embeds at most "
-                             f"{self.spec.max_input_tokens}")
-        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
-        if bad is not None:
-            raise ValueError(f"token id {bad} is outside the vocabulary (0..{self.vocab_size - 1})")
+        check_input(ids, self.spec.max_input_tokens, self.vocab_size)
 
     @torch.inference_mode()
     def embed(self, inputs: list[list[int]], max_batch_tokens: int = 8192) -> torch.Tensor:

@@ -184,15 +184,24 @@ class LLMEngine:
         Positions from `prompt_len` on are computed as generated tokens (their weight
         format), so scoring a request's prompt + output repeats the numbers it was sampled from.
         """
-        probe = f"__score-{self._seq}"
-        self.validate(ids, SamplingParams(max_tokens=1))
-        if not self.kv.allocate(probe, len(ids)):
-            raise InvalidRequest("not enough free KV cache to score this prompt now")
-        self._carry_out_transfers()  # blocks it evicted keep their pages
+        return self.many_prompt_logits([ids], prompt_len)[0]
+
+    def many_prompt_logits(self, seqs: list[list[int]], prompt_len: int | None = None) -> list[torch.Tensor]:
+        """prompt_logits of several sequences in one forward (an embedding model's batch)."""
+        probes = []
         try:
-            return self.runner.all_logits(ids, self.kv.block_tables(probe), prompt_len)
+            for ids in seqs:
+                self.validate(ids, SamplingParams(max_tokens=1))
+                probe = f"__score-{self._seq}-{len(probes)}"
+                if not self.kv.allocate(probe, len(ids)):
+                    raise InvalidRequest("not enough free KV cache to score this prompt now")
+                probes.append(probe)
+            self._carry_out_transfers()  # blocks it evicted keep their pages
+            cut = [len(ids) if prompt_len is None else prompt_len for ids in seqs]
+            return self.runner.many_logits([(ids, self.kv.block_tables(p), c) for ids, p, c in zip(seqs, probes, cut)])
         finally:
-            self.kv.free(probe)
+            for probe in probes:
+                self.kv.free(probe)
 
     def close(self) -> None:
         """Flush cached KV to the cold tier (if configured) so a restart finds it."""

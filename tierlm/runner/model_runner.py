@@ -106,11 +106,19 @@ class ModelRunner:
         """Logits [len(ids), vocab] for a whole sequence computed from position 0, the
         positions from `prompt_len` on as generated tokens."""
         cut = len(ids) if prompt_len is None else prompt_len
-        sched = ScheduledRequest("score", ids, 0, block_tables, False, cut)
-        batch = self._build(SchedulerOutput([sched]))
+        return self.many_logits([(ids, block_tables, cut)])[0]
+
+    @torch.inference_mode()
+    def many_logits(self, seqs: list[tuple[list[int], list[list[int]], int]]) -> list[torch.Tensor]:
+        """all_logits for several sequences (ids, block tables, prompt length) in one forward;
+        each sequence's rows are what it would get alone (the batch-invariant kernels)."""
+        scheds = [ScheduledRequest(f"score-{k}", ids, 0, tables, False, cut)
+                  for k, (ids, tables, cut) in enumerate(seqs)]
+        batch = self._build(SchedulerOutput(scheds))
         if self.lora is not None:
             self.lora.set_rows(None)  # scoring runs the base model
-        return self._forward(batch, torch.arange(len(ids)))
+        total = sum(len(ids) for ids, _, _ in seqs)
+        return list(self._forward(batch, torch.arange(total)).split([len(ids) for ids, _, _ in seqs]))
 
     def transfer(self, saves: list[BlockSave], loads: list[BlockLoad]) -> dict:
         """Carry out KV tier traffic: read the saved blocks' pages first (nothing has written

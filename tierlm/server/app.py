@@ -22,8 +22,13 @@ from fastapi.responses import JSONResponse, Response
 from tierlm.server import chat, completions, embeddings, errors, limits, lora_routes, schemas
 from tierlm.server.errors import envelope
 from tierlm.server.metrics import Metrics
-from tierlm.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest,
-                                    TokenizeRequest)
+from tierlm.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    EmbeddingRequest,
+    TokenizeRequest,
+)
 from tierlm.server.state import ServerState
 
 log = logging.getLogger("tierlm.server")
@@ -158,6 +163,15 @@ def _is_panic(e: BaseException) -> bool:
     return type(e).__name__ == "PanicException"
 
 
+def _names(state: ServerState, task: str) -> list[str]:
+    """What `model` may be on `task`'s endpoints: its tiers' and adapters' names, the models
+    they serve, and `auto` when the server has several tiers."""
+    served = [t for t in state.served() if t.task == task]
+    names = [t.model_name for t in served]
+    models = sorted({t.config.engine.model for t in served if t.lora is None} - set(state.tiers) - set(state.adapters))
+    return names + models + (["auto"] if len(state.tiers) > 1 and served else [])
+
+
 def create_app(state: ServerState, metrics: Metrics, max_body_bytes: int = limits.MAX_BODY_BYTES,
                body_timeout_s: float = 30.0):
     app = FastAPI(title="tierlm", docs_url=None, redoc_url=None)
@@ -254,7 +268,5 @@ def create_app(state: ServerState, metrics: Metrics, max_body_bytes: int = limit
                         media_type="text/plain; version=0.0.4; charset=utf-8")
 
     lora_routes.install(app, state)
-    names = [*state.tiers, *state.adapters,
-             *{t.config.engine.model for t in state.tiers.values()} - set(state.tiers)]
-    schemas.install_openapi(app, names + (["auto"] if len(state.tiers) > 1 else []))
+    schemas.install_openapi(app, {"generate": _names(state, "generate"), "embed": _names(state, "embed")})
     return Guard(app, state, max_body_bytes, body_timeout_s)

@@ -168,9 +168,10 @@ def streamed(model: type[BaseModel]) -> dict[int | str, dict]:
                   "description": "the result; with `stream: true`, SSE chunks ending in `data: [DONE]`"}}
 
 
-def install_openapi(app: FastAPI, model_names: list[str]) -> None:
+def install_openapi(app: FastAPI, model_names: dict[str, list[str]]) -> None:
     """Serve the document with validation errors as the 400s they are (FastAPI lists 422,
-    which this server never sends) and `model` restricted to `model_names`."""
+    which this server never sends) and `model` restricted to what each endpoint serves
+    (`model_names` by task: "generate" for completions and chat, "embed" for embeddings)."""
 
     def build() -> dict:
         if app.openapi_schema is None:
@@ -181,9 +182,10 @@ def install_openapi(app: FastAPI, model_names: list[str]) -> None:
             components = schema.get("components", {}).get("schemas", {})
             for name in ("HTTPValidationError", "ValidationError"):
                 components.pop(name, None)
-            for name in ("CompletionRequest", "ChatCompletionRequest", "EmbeddingRequest"):
-                if name in components:
-                    components[name]["properties"]["model"] = {"type": "string", "enum": model_names,
+            for name, task in (("CompletionRequest", "generate"), ("ChatCompletionRequest", "generate"),
+                               ("EmbeddingRequest", "embed")):
+                if name in components and model_names[task]:  # none served: any name is a 4xx
+                    components[name]["properties"]["model"] = {"type": "string", "enum": model_names[task],
                                                               "title": "Model"}
             app.openapi_schema = schema
         return app.openapi_schema
