@@ -18,7 +18,7 @@ from tierlm.embed import pooling
 from tierlm.embed.builder import build_embedder, task_of
 from tierlm.embed.decoder import DecoderEncoder
 from tierlm.embed.encoder import Encoder
-from tierlm.embed.inputs import check_dimensions, token_lists
+from tierlm.embed.inputs import check_dimensions, token_lists, truncation
 from tierlm.engine.builder import build_engine, default_cache_dir
 from tierlm.engine.llm_engine import LLMEngine, Prompt
 from tierlm.lora.registry import LoRARequest
@@ -84,7 +84,7 @@ class LLM:
         if self.embedder is None:
             raise ValueError(f"{self._model} runs as a text model: start it with task='embed' to embed")
         check_dimensions(self.embedder.spec, dimensions)
-        ids = token_lists(self.embedder, prompts, truncate_prompt_tokens)
+        ids = token_lists(self.embedder, prompts, truncation(self.embedder, truncate_prompt_tokens))
         vectors = pooling.shorten(self.embedder.embed(ids), dimensions, self.embedder.spec.normalize)
         outs = []
         for i, v in zip(ids, vectors):

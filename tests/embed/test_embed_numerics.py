@@ -163,6 +163,12 @@ def test_decoder_embeddings_match_transformers_hidden_states(tiny_checkpoint, po
         assert F.cosine_similarity(ours[i], ref, dim=0) >= 0.9999
     alone = torch.cat([vectors(llm.embed([ids])) for ids in inputs])
     assert torch.equal(alone, ours)
+    # Several sequences in one scoring forward, some rows generated: each gets its own rows
+    # (the tiled layout puts every prompt row first).
+    engine = LLM(str(path), dtype="float32").engine
+    many = engine.many_prompt_logits(inputs[:2], prompt_len=4)
+    for ids, got in zip(inputs[:2], many):
+        assert torch.equal(got, engine.prompt_logits(ids, prompt_len=4))
     with pytest.raises(ValueError, match="task='embed'"):
         LLM(str(path), dtype="float32").embed("hello")
 

@@ -2,8 +2,8 @@
 pooled (last token or mean) and normalized, as vLLM's embedding mode of decoders does.
 
 The model keeps its layers and loses its output layer (embed/head.py), so
-the engine's scoring forward (`LLMEngine.prompt_logits`: one paged pass over a whole
-input, blocks borrowed and returned) yields hidden states instead of logits, on every
+the engine's scoring forward (`LLMEngine.many_prompt_logits`: one paged pass over whole
+inputs, blocks borrowed and returned) yields hidden states instead of logits, on every
 compute path the model has. Inputs share forwards up to the step's token budget; the
 kernels make each input's rows the same bits as alone.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from tierlm.embed import pooling
-from tierlm.embed.encoder import EmbeddingSpec, check_input
+from tierlm.embed.encoder import EmbeddingSpec, check_input, token_batches
 from tierlm.engine.llm_engine import InvalidRequest, LLMEngine
 
 
@@ -45,18 +45,13 @@ class DecoderEncoder:
         for ids in inputs:
             self.check(ids)
         budget = max_batch_tokens or self.engine.scheduler.config.max_num_batched_tokens
-        vectors, batch, tokens = [], [], 0
-        for ids in [*inputs, None]:
-            if batch and (ids is None or tokens + len(ids) > budget):
-                try:
-                    hidden = self.engine.many_prompt_logits(batch)
-                except InvalidRequest as e:
-                    raise ValueError(str(e)) from None
-                vectors += [pooling.pool(h, [len(h)], self.spec.pooling) for h in hidden]
-                batch, tokens = [], 0
-            if ids is not None:
-                batch.append(ids)
-                tokens += len(ids)
+        vectors = []
+        for batch in token_batches(inputs, budget):
+            try:
+                hidden = self.engine.many_prompt_logits(batch)
+            except InvalidRequest as e:
+                raise ValueError(str(e)) from None
+            vectors.append(pooling.pool(torch.cat(hidden), [len(ids) for ids in batch], self.spec.pooling))
         if not vectors:
             return torch.empty(0, self.spec.dimensions)
         return pooling.normalize(torch.cat(vectors))

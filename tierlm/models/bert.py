@@ -4,8 +4,8 @@ Post-norm blocks of bidirectional attention and a GELU MLP over absolute positio
 token-type embeddings. Plain PyTorch over a flat batch like the decoders: every input's
 tokens are one [T] row of ids, and each input attends only to itself in its own
 attention call, so there is no padding, no mask, and no KV cache (an encoder reads its
-whole input at once). Projections run on the batch-invariant `Linear`, norms and
-activations are per row, so an input's embedding has the same bits in any batch.
+whole input at once). Projections run on the batch-invariant `Linear`, norms are per
+row and activations run in row tiles, so an input's embedding has the same bits in any batch.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tierlm.config import ConfigError
+from tierlm.layers.activation import row_tiled
 from tierlm.layers.linear import Linear
 
 _ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu,
@@ -81,7 +82,10 @@ class BertLayer(nn.Module):
             outs.append(o.transpose(0, 1).reshape(n, h))
             start += n
         x = self.attn_norm(x + self.attn_out(torch.cat(outs)))
-        return self.out_norm(x + self.down(self.act(self.up(x))))
+        up = self.up(x)
+        # Row tiles: an elementwise kernel split across threads by tensor size gives the
+        # elements at a split other last bits (layers/activation.py).
+        return self.out_norm(x + self.down(row_tiled(self.act, up, up.shape[-1])))
 
 
 class BertEncoder(nn.Module):

@@ -117,8 +117,15 @@ class ModelRunner:
         batch = self._build(SchedulerOutput(scheds))
         if self.lora is not None:
             self.lora.set_rows(None)  # scoring runs the base model
-        total = sum(len(ids) for ids, _, _ in seqs)
-        return list(self._forward(batch, torch.arange(total)).split([len(ids) for ids, _, _ in seqs]))
+        logits = self._forward(batch, torch.arange(len(batch.input_ids)))
+        if len(seqs) == 1:
+            return [logits]
+        if batch.row_request is None:
+            raise RuntimeError(f"the {self.attention.name} batch layout does not give rows' requests")
+        # A layout may put every prompt row before the generated ones: gather each sequence's
+        # rows (its prompt rows, then its generated ones: position order).
+        owner = batch.row_request.long()
+        return [logits[owner == k] for k in range(len(seqs))]
 
     def transfer(self, saves: list[BlockSave], loads: list[BlockLoad]) -> dict:
         """Carry out KV tier traffic: read the saved blocks' pages first (nothing has written

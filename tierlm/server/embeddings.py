@@ -18,7 +18,8 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from tierlm.embed import pooling
-from tierlm.embed.inputs import check_dimensions, token_lists
+from tierlm.embed.encoder import InputTooLong
+from tierlm.embed.inputs import check_dimensions, token_lists, truncation
 from tierlm.engine.async_engine import EngineDeadError, QueueFullError, ShuttingDownError
 from tierlm.server import limits, route, streaming
 from tierlm.server.errors import ClientDisconnected, bad_request
@@ -50,11 +51,16 @@ async def create(request: Request, req: EmbeddingRequest, state: ServerState):
         check_dimensions(embedder.spec, req.dimensions)
     except ValueError as e:
         raise bad_request(str(e), "dimensions") from None
-    try:  # tokenizing a large request is CPU work: off the event loop
-        ids = await asyncio.to_thread(token_lists, embedder, req.input, req.truncate_prompt_tokens)
+    try:
+        limit = truncation(embedder, req.truncate_prompt_tokens)
     except ValueError as e:
-        param = "truncate_prompt_tokens" if "truncate_prompt_tokens" in str(e) else "input"
-        raise bad_request(str(e), param, "context_length_exceeded" if "at most" in str(e) else None) from None
+        raise bad_request(str(e), "truncate_prompt_tokens") from None
+    try:  # tokenizing a large request is CPU work: off the event loop
+        ids = await asyncio.to_thread(token_lists, embedder, req.input, limit)
+    except InputTooLong as e:
+        raise bad_request(str(e), "input", "context_length_exceeded") from None
+    except ValueError as e:
+        raise bad_request(str(e), "input") from None
     streaming.admit(tier)
     prompt_tokens = sum(len(i) for i in ids)
     lease = route.reserve_tokens(state, tenant, tier, prompt_tokens, 0)
