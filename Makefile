@@ -7,7 +7,7 @@ KERNELS := $(VENV)/.kernels
 MODEL   ?= smollm2-135m
 PORT    ?= 8000
 
-.PHONY: install serve test check bench clean
+.PHONY: install serve test check bench clean proto
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -41,6 +41,10 @@ test: $(STAMP) $(KERNELS)
 # load tests (marked slow).
 check: $(STAMP) $(KERNELS)
 	$(BIN)/python -m pytest -q -x -m 'not slow'
+
+# The gRPC modules from tierlm/rpc/proto/*.proto (committed; a test checks they match).
+proto: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. tierlm/rpc/proto/*.proto
 
 clean:
 	rm -rf $(VENV) *.egg-info build tierlm/_kernels*.so

@@ -134,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "keys only)")
     srv.add_argument("--reasoning-parser", default=None, choices=["deepseek_r1", "qwen3"],
                      help="move a reasoning model's <think> block into reasoning_content (vLLM's names)")
+    srv.add_argument("--grpc-port", type=int, default=None, metavar="PORT",
+                     help="also serve gRPC on this port: KServe's Open Inference Protocol v2 "
+                          "(inference.GRPCInferenceService) and streaming tierlm.v1.Generation; same keys, "
+                          "tenants and quotas as HTTP")
     srv.add_argument("--config", default=None, metavar="FILE",
                      help="TOML file declaring tiers (models, prices, quality) and tenants (API keys, quotas, "
                           "weights); the engine flags above become every tier's defaults")
@@ -242,7 +246,7 @@ def cmd_serve(args) -> None:
                                       keep_alive_timeout=args.keep_alive_timeout, header_timeout=args.header_timeout,
                                       body_timeout=args.body_timeout, max_connections=args.max_connections,
                                       allow_runtime_lora=args.allow_runtime_lora,
-                                      reasoning_parser=args.reasoning_parser))
+                                      reasoning_parser=args.reasoning_parser, grpc_port=args.grpc_port))
 
 
 def _params(args) -> SamplingParams:

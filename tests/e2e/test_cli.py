@@ -85,6 +85,7 @@ def test_models_lists_bundled():
     (["generate", "--model", "all-minilm-l6-v2", "--task", "generate", "hi"], "it embeds (task embed)"),
     (["generate", "--pooling", "mean", "hi"], "pooling applies to embedding models"),
     (["serve", "--model", "all-minilm-l6-v2", "--enable-lora", "--port", "0"], "LoRA adapters are not supported"),
+    (["serve", "--port", "8123", "--grpc-port", "8123"], "--grpc-port must be a port in [1, 65535] other than"),
     pytest.param(["bench", "--workloads", "w9"], "invalid choice", marks=pytest.mark.slow),
     (["bench", "--url", "http://127.0.0.1:9", "--workloads", "w2", "--runs", "1", "--no-plots"], "127.0.0.1:9"),
 ])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+from collections.abc import Awaitable, Callable
 
 import torch
 from fastapi import Request
@@ -24,7 +25,9 @@ from tierlm.engine.async_engine import EngineDeadError, QueueFullError, Shutting
 from tierlm.server import limits, route, streaming
 from tierlm.server.errors import ClientDisconnected, bad_request
 from tierlm.server.protocol import EmbeddingRequest
-from tierlm.server.state import ServerState
+from tierlm.server.route import Lease
+from tierlm.server.state import ServerState, Tier
+from tierlm.tenancy.tenants import Tenant
 
 
 def _count(req: EmbeddingRequest) -> None:
@@ -61,25 +64,38 @@ async def create(request: Request, req: EmbeddingRequest, state: ServerState):
         raise bad_request(str(e), "input", "context_length_exceeded") from None
     except ValueError as e:
         raise bad_request(str(e), "input") from None
-    streaming.admit(tier)
-    prompt_tokens = sum(len(i) for i in ids)
-    lease = route.reserve_tokens(state, tenant, tier, prompt_tokens, 0)
-    try:
-        vectors = await _run(request, tier, ids)
-    finally:
-        lease.settle()
-    tier.metrics.on_embed(tenant.name, prompt_tokens, len(ids))
+    vectors, lease = await charged(state, tenant, tier, ids, lambda work: _until_disconnect(request, work))
     vectors = pooling.shorten(vectors, req.dimensions, embedder.spec.normalize)
     data = [{"object": "embedding", "index": i, "embedding": _encode(v, req.encoding_format)}
             for i, v in enumerate(vectors)]
+    prompt_tokens = sum(len(i) for i in ids)
     return JSONResponse({"object": "list", "data": data, "model": tier.model_name,
                          "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}},
                         headers=lease.headers())
 
 
-async def _run(request: Request, tier, ids: list[list[int]]) -> torch.Tensor:
+async def charged(state: ServerState, tenant: Tenant, tier: Tier, ids: list[list[int]],
+                  wait: Callable[[Awaitable], Awaitable] | None = None) -> tuple[torch.Tensor, Lease]:
+    """Vectors for checked inputs: admitted (503 when full), the input tokens charged to the
+    tenant's quota (429), counted in the metrics. `wait` awaits the engine's work (the HTTP
+    API's also watches for the client leaving)."""
+    streaming.admit(tier)
+    prompt_tokens = sum(len(i) for i in ids)
+    lease = route.reserve_tokens(state, tenant, tier, prompt_tokens, 0)
+    try:
+        work = tier.engine.embed(ids)
+        vectors = await (wait(work) if wait is not None else work)
+    except (QueueFullError, EngineDeadError, ShuttingDownError) as e:
+        raise streaming.engine_error(e) from None
+    finally:
+        lease.settle()
+    tier.metrics.on_embed(tenant.name, prompt_tokens, len(ids))
+    return vectors, lease
+
+
+async def _until_disconnect(request: Request, coro: Awaitable) -> torch.Tensor:
     """The vectors, or ClientDisconnected (the queued work dropped) if the client leaves first."""
-    work = asyncio.ensure_future(tier.engine.embed(ids))
+    work = asyncio.ensure_future(coro)
     watcher = asyncio.ensure_future(streaming.disconnected(request))
     try:
         await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
@@ -88,7 +104,4 @@ async def _run(request: Request, tier, ids: list[list[int]]) -> torch.Tensor:
     if not work.done():
         work.cancel()
         raise ClientDisconnected
-    try:
-        return work.result()
-    except (QueueFullError, EngineDeadError, ShuttingDownError) as e:
-        raise streaming.engine_error(e) from None
+    return work.result()

@@ -63,14 +63,19 @@ def _real_path(error: dict, body) -> list[str]:
     return path
 
 
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    errors = exc.errors()
+def invalid_body(errors: list[dict], body) -> APIError:
+    """The 400 for a body that failed validation (pydantic's `errors`), naming the field as
+    the client wrote it."""
+    message, param = _validation_message(errors, body)
+    return bad_request(message, param)
+
+
+def _validation_message(errors: list[dict], body) -> tuple[str, str | None]:
     if not errors:
         return "invalid request", None
     first = errors[0]
     if first.get("type") == "json_invalid":
         return "the request body is not valid JSON", None
-    body = getattr(exc, "body", None)
     loc = _real_path(first, body)
     if first.get("type") == "lone_surrogate":  # the validator saw the whole field: point inside it
         loc += [str(p) for p in first.get("ctx", {}).get("path", ())]
@@ -96,8 +101,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
-        message, param = _validation_message(exc)
-        return error_response(bad_request(message, param))
+        return error_response(invalid_body(exc.errors(), getattr(exc, "body", None)))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):

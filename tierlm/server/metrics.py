@@ -65,6 +65,8 @@ class Metrics:
         self.healthy = Gauge("tierlm:engine_healthy", "1 while the engine thread is healthy", lbl, registry=r)
         for name in model_names:
             self.healthy.labels(name).set(1)
+        self.grpc_requests = Counter("tierlm:grpc_requests", "gRPC calls finished, by method and status code",
+                                     ["method", "code"], registry=r)
         self.tier_selected = Counter("tierlm:tier_selected", "Requests routed to each tier, by why that tier "
                                      "(explicit, fixed, preferred, latency, cost)", ["tier", "reason"], registry=r)
         self.embedding_inputs = Counter("tierlm:embedding_inputs", "Inputs embedded (/v1/embeddings)", lbl,

@@ -71,6 +71,7 @@ class ServeOptions:
     max_connections: int = 1024  # open connections (and in-flight requests) before 503
     allow_runtime_lora: bool = False  # POST /v1/load_lora_adapter, /v1/unload_lora_adapter
     reasoning_parser: str | None = None  # --reasoning-parser (one tier; a --config gives it per tier)
+    grpc_port: int | None = None  # --grpc-port: the gRPC services beside HTTP (tierlm/rpc)
 
     def __post_init__(self) -> None:
         for name in ("keep_alive_timeout", "header_timeout", "body_timeout"):
@@ -78,6 +79,8 @@ class ServeOptions:
                 raise StartupError(f"--{name.replace('_', '-')} must be > 0")
         if self.max_connections < 1:
             raise StartupError("--max-connections must be >= 1")
+        if self.grpc_port is not None and not (1 <= self.grpc_port <= 65535 and self.grpc_port != self.port):
+            raise StartupError("--grpc-port must be a port in [1, 65535] other than --port")
 
 
 def _log_request(tier: str, f: FinishedRequest) -> None:
@@ -145,16 +148,33 @@ def _timed_protocol(header_timeout: float) -> type[H11Protocol]:
 
 
 class _Server(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, state: ServerState, drain_timeout: float) -> None:
+    def __init__(self, config: uvicorn.Config, state: ServerState, drain_timeout: float,
+                 grpc_port: int | None = None) -> None:
         super().__init__(config)
-        self.state, self.drain_timeout = state, drain_timeout
+        self.state, self.drain_timeout, self.grpc_port = state, drain_timeout, grpc_port
         self._tasks: set[asyncio.Task] = set()
         self.failure: str | None = None  # why an engine died, when it made the server exit
+        self.grpc_error: str | None = None  # the gRPC port could not be bound after all
+        self._grpc = None
 
     async def startup(self, sockets=None) -> None:
         await super().startup(sockets=sockets)
+        if self.grpc_port is not None:
+            from tierlm.rpc import server as rpc  # grpcio only when asked for
+
+            try:
+                self._grpc = await rpc.start(self.state, self.config.host, self.grpc_port)
+            except rpc.BindError as e:
+                self.grpc_error = str(e)
+                self.should_exit = True
+                return
         self._spawn(self._warm_up())
         self._spawn(self._watch_engines())
+
+    async def shutdown(self, sockets=None) -> None:
+        if self._grpc is not None:  # in-flight calls ended with the drain; stop the rest
+            await self._grpc.stop(grace=1)
+        await super().shutdown(sockets=sockets)
 
     async def _watch_engines(self) -> None:
         """Exit (non-zero, see serve) once an engine is dead for good: answering 5xx to
@@ -196,7 +216,8 @@ class _Server(uvicorn.Server):
         self.state.ready = True
         host, port = self.config.host, self.config.port
         names = ", ".join(self.state.tiers)
-        print(f"tierlm: serving {names} on http://{host}:{port} (ready)", file=sys.stderr, flush=True)
+        grpc = f" and grpc://{host}:{self.grpc_port}" if self.grpc_port is not None else ""
+        print(f"tierlm: serving {names} on http://{host}:{port}{grpc} (ready)", file=sys.stderr, flush=True)
 
     async def _drain(self) -> None:
         """In-flight requests finish until the drain timeout; those still running then end
@@ -240,6 +261,8 @@ def serve(config: EngineConfig, opts: ServeOptions) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     tierset, tenants = tierset_for(config, opts)
     sock = _bind(opts.host, opts.port)  # before loading: a busy port fails in milliseconds
+    if opts.grpc_port is not None:
+        _bind(opts.host, opts.grpc_port).close()  # the same for gRPC's (bound again once serving)
     metrics = Metrics([t.name for t in tierset.tiers if t.lora_base is None])  # engine series: one per engine
     tiers: dict[str, Tier] = {}
     state = ServerState(tiers, tenants, tierset.default_tier, metrics, tierset.balanced_cost_weight,
@@ -260,13 +283,15 @@ def serve(config: EngineConfig, opts: ServeOptions) -> None:
     uv_config = uvicorn.Config(app, host=opts.host, port=opts.port, log_level="warning", access_log=False,
                                timeout_graceful_shutdown=2, lifespan="off", http=_timed_protocol(opts.header_timeout),
                                timeout_keep_alive=opts.keep_alive_timeout, limit_concurrency=opts.max_connections)
-    server = _Server(uv_config, state, opts.shutdown_timeout)
+    server = _Server(uv_config, state, opts.shutdown_timeout, opts.grpc_port)
     try:
         server.run(sockets=[sock])
     finally:
         for t in tiers.values():
             t.engine.shutdown()
         sock.close()
+    if server.grpc_error is not None:
+        raise StartupError(server.grpc_error)
     if server.failure is not None:
         raise EngineFailed(f"the engine failed: {server.failure}")
 
