@@ -35,7 +35,7 @@ serve: $(STAMP) $(KERNELS)
 
 # The whole suite (what CI runs), the tests marked slow included.
 test: $(STAMP) $(KERNELS)
-	$(BIN)/python -m pytest -q -m ''
+	$(BIN)/python -m pytest -q -m '' --durations=15
 
 # The fast gate: every feature end to end at least once, without the long numerics and
 # load tests (marked slow).

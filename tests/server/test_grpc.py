@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import filecmp
+import signal
 import socket
 import struct
 import subprocess
@@ -133,11 +134,16 @@ def test_chat_messages_use_the_template(srv, generation):
     assert "".join(r.text for r in picked) in ("apple", "pear")
 
 
-def test_initial_metadata_names_the_tier_and_quota(generation):
+def test_initial_metadata_names_the_tier_and_quota(generation, inference):
     call = generation.Generate(gen.GenerateRequest(model="text", text="Hi", max_tokens=2), metadata=OPS)
     headers = dict(call.initial_metadata())
     list(call)
     assert headers["x-tierlm-tier"] == "text"
+    small = (("authorization", "Bearer key-small"),)
+    _, call = inference.ModelInfer.with_call(infer_request("embed", ["Hi there"]), metadata=small)
+    headers = dict(call.initial_metadata())
+    assert headers["x-tierlm-tier"] == "embed"
+    assert int(headers["x-ratelimit-remaining-tokens"]) < 60  # the tenant's bucket, charged the input tokens
 
 
 def test_concurrent_streams_equal_each_alone(generation):
@@ -343,3 +349,26 @@ def test_generated_modules_match_the_protos(tmp_path):
     assert len(generated) == 3 * len(protos)
     for rel in generated:
         assert filecmp.cmp(tmp_path / rel, root / rel, shallow=False), f"{rel} is stale: run `make proto`"
+
+
+def test_drain_refuses_new_calls_and_finishes_running_ones(cache_dir):
+    port = free_port()
+    s = ServerProcess(cache_dir, "--grpc-port", str(port), "--shutdown-timeout", "60")
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = gen_grpc.GenerationStub(ch)
+            running = stub.Generate(gen.GenerateRequest(model="smollm2-135m", text="Once", max_tokens=150,
+                                                        ignore_eos=True))
+            first = next(running)
+            s.proc.send_signal(signal.SIGTERM)
+            ready = oip_grpc.GRPCInferenceServiceStub(ch)
+            wait_for(lambda: not ready.ServerReady(oip.ServerReadyRequest()).ready, timeout=10)
+            code, _, trailers = refusal(lambda: list(stub.Generate(
+                gen.GenerateRequest(model="smollm2-135m", text="x", max_tokens=2))))
+            assert code == grpc.StatusCode.UNAVAILABLE and trailers["tierlm-error-code"] == "shutting_down"
+            rest = list(running)
+        assert len(first.token_ids) + sum(len(r.token_ids) for r in rest) == 150
+        assert rest[-1].finish_reason == "length"
+        assert s.proc.wait(timeout=30) == 0
+    finally:
+        s.stop()

@@ -17,6 +17,7 @@ import grpc
 from pydantic import BaseModel, ValidationError
 
 from tierlm.server.errors import APIError, invalid_body
+from tierlm.server.route import Lease
 from tierlm.server.state import ServerState
 from tierlm.tenancy.tenants import Tenant
 
@@ -64,6 +65,11 @@ def authenticate(state: ServerState, context: grpc.aio.ServicerContext) -> Tenan
     if tenant is None:
         raise APIError(401, "missing or invalid API key", code="invalid_api_key")
     return tenant
+
+
+async def send_headers(context: grpc.aio.ServicerContext, lease: Lease) -> None:
+    """The HTTP response's headers (tier, quota state) as the call's initial metadata."""
+    await context.send_initial_metadata(tuple((k.lower(), v) for k, v in lease.headers().items()))
 
 
 def refuse_if_draining(state: ServerState) -> None:

@@ -84,7 +84,7 @@ class Generation(generate_pb2_grpc.GenerationServicer):
         await streaming.validate(tier, ids, params)
         streaming.admit(tier)
         lease = route.reserve(state, tenant, routed, params)
-        await context.send_initial_metadata(tuple((k.lower(), v) for k, v in lease.headers().items()))
+        await calls.send_headers(context, lease)
         rid = streaming.new_id("gen")
         gen = streaming.merged(tier, rid, [ids], params, req.priority, req.cache_salt, req.session_id, lease)
         try:

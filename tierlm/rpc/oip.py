@@ -158,10 +158,10 @@ class InferenceService(oip_v2_pb2_grpc.GRPCInferenceServiceServicer):
         task = "embed" if request.model_name != "auto" and self._model(request.model_name, "").task == "embed" \
             else "generate"
         if task == "embed":
-            return await self._embed(tenant, request)
-        return await self._generate(tenant, request)
+            return await self._embed(tenant, request, context)
+        return await self._generate(tenant, request, context)
 
-    async def _embed(self, tenant: Tenant, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+    async def _embed(self, tenant: Tenant, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
         tier = route.candidates(self.state, tenant, request.model_name, task="embed")[0][0]
         if request.parameters:
             raise bad_request("an embedding model takes no parameters", next(iter(request.parameters)))
@@ -173,7 +173,8 @@ class InferenceService(oip_v2_pb2_grpc.GRPCInferenceServiceServicer):
             raise bad_request(str(e), INPUT, "context_length_exceeded") from None
         except ValueError as e:
             raise bad_request(str(e), INPUT) from None
-        vectors, _ = await charged(self.state, tenant, tier, ids)
+        vectors, lease = await charged(self.state, tenant, tier, ids)
+        await calls.send_headers(context, lease)
         reply = self._reply(request, tier, sum(len(i) for i in ids))
         array = vectors.float().contiguous().numpy().astype("<f4")
         for name in wanted:
@@ -181,7 +182,7 @@ class InferenceService(oip_v2_pb2_grpc.GRPCInferenceServiceServicer):
             reply.raw_output_contents.append(array.tobytes())
         return reply
 
-    async def _generate(self, tenant: Tenant, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+    async def _generate(self, tenant: Tenant, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
         prompts = texts(request, limits.MAX_PROMPTS)
         body = {"model": request.model_name, "prompt": prompts, **parameters(request)}
         req = calls.validated(CompletionRequest, body)
@@ -196,6 +197,7 @@ class InferenceService(oip_v2_pb2_grpc.GRPCInferenceServiceServicer):
             await streaming.validate(tier, p, params)
         streaming.admit(tier, len(ids))
         lease = route.reserve(self.state, tenant, routed, params)
+        await calls.send_headers(context, lease)
         gen = streaming.merged(tier, request.id or streaming.new_id("infer"), ids, params, req.priority,
                                lease=lease)
         finals = {}

@@ -1,6 +1,6 @@
 """The gRPC server: both services on the HTTP server's event loop, bound to `--grpc-port`.
 
-Messages are capped at the HTTP body limit. The port is exclusive (gRPC's default
+Requests are capped at the HTTP body limit, replies at 128 MiB (2,048 vectors of 16k floats). The port is exclusive (gRPC's default
 SO_REUSEPORT would let a second server share it silently).
 """
 
@@ -19,10 +19,12 @@ class BindError(RuntimeError):
     pass
 
 
-async def start(state: ServerState, host: str, port: int) -> grpc.aio.Server:
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0),
+async def start(state: ServerState, host: str, port: int, max_calls: int) -> grpc.aio.Server:
+    """Both services listening on host:port; past `max_calls` calls at once (the HTTP
+    server's --max-connections) new ones get RESOURCE_EXHAUSTED."""
+    server = grpc.aio.server(maximum_concurrent_rpcs=max_calls, options=[("grpc.so_reuseport", 0),
                                       ("grpc.max_receive_message_length", limits.MAX_BODY_BYTES),
-                                      ("grpc.max_send_message_length", 64 * limits.MAX_BODY_BYTES)])
+                                      ("grpc.max_send_message_length", 128 * 2**20)])
     oip_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(state), server)
     generate_pb2_grpc.add_GenerationServicer_to_server(Generation(state), server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

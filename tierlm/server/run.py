@@ -163,7 +163,8 @@ class _Server(uvicorn.Server):
             from tierlm.rpc import server as rpc  # grpcio only when asked for
 
             try:
-                self._grpc = await rpc.start(self.state, self.config.host, self.grpc_port)
+                self._grpc = await rpc.start(self.state, self.config.host, self.grpc_port,
+                                             self.config.limit_concurrency)
             except rpc.BindError as e:
                 self.grpc_error = str(e)
                 self.should_exit = True
