@@ -65,6 +65,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cold-dir", default=None,
                    help="directory for a disk tier of cached KV blocks (kept across restarts)")
     p.add_argument("--kv-cold-gb", type=float, default=4.0, help="size limit of --kv-cold-dir (GiB)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"],
+                   help="KV cache storage: auto (the model's dtype) or int8 (per-token, per-head scales; about "
+                        "twice the tokens in the same --kv-cache-gb, warm and cold tiers included)")
     p.add_argument("--admission", default="past_future", choices=["past_future", "greedy"],
                    help="when a waiting request joins the batch: past_future if its predicted peak KV use "
                         "fits the cache (fewer preemptions), greedy whenever its first blocks are free")
@@ -185,7 +188,8 @@ def _config(args) -> EngineConfig:
                         cache=CacheConfig(kv_cache_gb=args.kv_cache_gb,
                                           enable_prefix_caching=not args.no_prefix_caching,
                                           kv_warm_gb=args.kv_warm_gb, kv_cold_dir=args.kv_cold_dir,
-                                          kv_cold_gb=args.kv_cold_gb, session_ttl=args.session_ttl),
+                                          kv_cold_gb=args.kv_cold_gb, session_ttl=args.session_ttl,
+                                          kv_cache_dtype=args.kv_cache_dtype),
                         scheduler=SchedulerConfig(max_model_len=args.max_model_len, **sched),
                         draft_model=args.draft_model, debug_invariants=args.debug_invariants,
                         task=args.task, pooling=args.pooling)

@@ -110,6 +110,9 @@ class ModelConfig:
         return self.moe is not None and (self.moe.sparse_layers is None or layer in self.moe.sparse_layers)
 
 
+KV_CACHE_DTYPES = ("auto", "int8")
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     """Paged KV cache geometry. `num_blocks=None` sizes the pool from `kv_cache_gb`.
@@ -126,6 +129,9 @@ class CacheConfig:
     kv_cold_dir: str | None = None  # disk tier for warm evictions; survives restarts
     kv_cold_gb: float = 4.0
     session_ttl: float = 600.0  # seconds a finished session request's KV stays pinned in warm
+    # "auto": K/V in the model's compute dtype; "int8": per-token, per-head int8 with a
+    # float32 scale each (about twice the tokens in the same memory; kv_cache/sizing.py).
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         _require(self.block_size > 0 and self.block_size & (self.block_size - 1) == 0,
@@ -135,6 +141,8 @@ class CacheConfig:
         _require(self.kv_warm_gb >= 0, "cache config: kv_warm_gb must be >= 0")
         _require(self.kv_cold_gb > 0, "cache config: kv_cold_gb must be > 0")
         _require(self.session_ttl >= 0, "cache config: session_ttl must be >= 0")
+        _require(self.kv_cache_dtype in KV_CACHE_DTYPES,
+                 f"cache config: kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}")
 
 
 @dataclass(frozen=True)

@@ -221,6 +221,54 @@ def test_kv_write_places_keys_transposed_per_block():
         assert torch.equal(vc[s // 16, s % 16], v[i].to(torch.bfloat16))
 
 
+def int8_paged(seed: int, heads=(9, 3), d=64, bs=16, blocks=48):
+    """`paged`, with int8 caches (values and scales) written by the reference from random K/V."""
+    q, kc, vc, tables = paged(seed, torch.float32, heads, d, bs, blocks)
+    hkv = heads[1]
+    k8 = torch.zeros(blocks, hkv, ref.kv_width(d), bs, dtype=torch.int8)
+    v8 = torch.zeros(blocks, bs, hkv, ref.kv_width(d), dtype=torch.int8)
+    slots = torch.arange(blocks * bs)
+    ref.kv_write(kc.permute(0, 3, 1, 2).reshape(-1, hkv, d), vc.reshape(-1, hkv, d), k8, v8, slots)
+    return q, k8, v8, tables
+
+
+def test_int8_kv_write_quantizes_per_token_and_head_as_the_reference():
+    gen = torch.Generator().manual_seed(21)
+    k, v = torch.randn(6, 3, 64, generator=gen) * 3, torch.randn(6, 3, 64, generator=gen)
+    k[2, 1] = 0.0  # an all-zero head: scale 0, values 0
+    slots = torch.tensor([0, 17, 18, 100, 767, 5])
+    for path in PATHS:
+        kc = torch.zeros(48, 3, ref.kv_width(64), 16, dtype=torch.int8)
+        vc = torch.zeros(48, 16, 3, ref.kv_width(64), dtype=torch.int8)
+        with forced(path):
+            kernels.kv_write(k, v, kc, vc, slots)
+        for i, s in enumerate(slots.tolist()):
+            stored_k, stored_v = kc[s // 16, :, :, s % 16], vc[s // 16, s % 16]
+            assert torch.equal(stored_k, ref.quantize_kv(k[i])) and torch.equal(stored_v, ref.quantize_kv(v[i])), path
+            for x, stored in ((k[i], stored_k), (v[i], stored_v)):
+                # Half a step of the head's range / 255 (it has one group of 64), and the
+                # float16 rounding of its parameters.
+                step = (x.amax(-1, keepdim=True) - x.amin(-1, keepdim=True)) / 255
+                bound = step * 0.51 + x.abs().amax(-1, keepdim=True) * 2**-11
+                assert ((ref.dequantize_kv(stored) - x).abs() <= bound).all(), path
+        assert torch.equal(ref.dequantize_kv(kc[18 // 16, 1, :, 18 % 16]), torch.zeros(64))
+
+
+@pytest.mark.parametrize("window,heads,d", [(0, (9, 3), 64), (37, (9, 3), 64), (0, (4, 1), 256), (0, (4, 2), 80)])
+def test_int8_attention_paths_agree_bitwise_and_match_the_reference(window, heads, d):
+    """Head sizes of one group (64), several (256, Gemma-3's) and a short last group (80)."""
+    q, kc, vc, tables = int8_paged(22, heads=heads, d=d)
+    q = q[: len(SEQ)]
+    want = kernels.attention(q, kc, vc, tables, SEQ, POS, window, 0.125, path="reference").double()
+    outs = [kernels.attention(q, kc, vc, tables, SEQ, POS, window, 0.125, path=p) for p in PATHS[1:]]
+    for path, out in zip(PATHS[1:], outs):
+        assert torch.equal(out, outs[0]), path
+        assert torch.allclose(out.double(), want, atol=2e-6, rtol=2e-6), path  # float32 rounding only
+        alone = torch.cat([kernels.attention(q[i : i + 1], kc, vc, tables, SEQ[i : i + 1], POS[i : i + 1], window,
+                                             0.125, path=path) for i in range(len(SEQ))])
+        assert torch.equal(alone, out), path
+
+
 # ---- fused step kernels ---------------------------------------------------------------
 def native_paths():
     return [p for p in PATHS if p != "reference"]
@@ -286,7 +334,16 @@ def test_multi_part_linear_equals_one_gemm_per_part(bundled_tensors):
 
 @pytest.mark.parametrize("norms", [False, True])
 def test_rope_attention_matches_reference(norms):
-    q, kc0, vc0, tables = paged(11, torch.bfloat16, heads=(4, 2), d=64)
+    _, kc0, vc0, tables = paged(11, torch.bfloat16, heads=(4, 2), d=64)
+    _rope_attention_case(norms, kc0, vc0, tables)
+
+
+def test_rope_attention_writes_int8_kv_as_the_reference():
+    _, kc0, vc0, tables = int8_paged(11, heads=(4, 2), d=64)
+    _rope_attention_case(True, kc0, vc0, tables)
+
+
+def _rope_attention_case(norms, kc0, vc0, tables):
     gen = torch.Generator().manual_seed(12)
     t, h, hkv, d = len(SEQ), 4, 2, 64
     qkv = torch.randn(t, (h + 2 * hkv) * d, generator=gen)
@@ -302,8 +359,13 @@ def test_rope_attention_matches_reference(norms):
 
     (out, kc, vc), (want, want_kc, want_vc) = on_every_path(run)
     assert torch.equal(vc, want_vc)
-    assert (kc.float() - want_kc.float()).abs().max() <= 2 ** -6  # bf16 K after fp32 RoPE
-    assert torch.allclose(out, want, atol=2e-2, rtol=2e-2)  # queries vs bf16 keys rounded apart
+    if kc.dtype == torch.int8:  # K after fp32 RoPE, each way: about one quantization step apart
+        got_k, ref_k = ref.dequantize_kv(kc.transpose(2, 3)), ref.dequantize_kv(want_kc.transpose(2, 3))
+        step = (ref_k.amax(-1, keepdim=True) - ref_k.amin(-1, keepdim=True)) / 255
+        assert ((got_k - ref_k).abs() <= step * 1.5).all()
+    else:
+        assert (kc.float() - want_kc.float()).abs().max() <= 2 ** -6  # bf16 K after fp32 RoPE
+    assert torch.allclose(out, want, atol=2e-2, rtol=2e-2)  # queries vs keys rounded apart
 
 
 @pytest.mark.parametrize("ggml_type", ref.FORMATS)

@@ -97,6 +97,7 @@ def test_operators_and_prefix_cache_groups(tmp_path):
     (('"sk-acme"', '"sk-hashed"'), 21, "uses an API key of tenant 'acme'"),
     (('prompt_price_per_mtok = 0.02', 'prompt_price_per_mtok = -1'), 6, "greater than or equal to 0"),
     (('quality = 1\n', 'quality = 1\nquality = 2\n'), 6, "invalid TOML"),
+    (('max_num_seqs = 8', 'kv_cache_dtype = "fp8"'), 12, "tiers.deep.kv_cache_dtype: Input should be 'auto' or 'int8'"),
 ])
 def test_errors_name_file_line_and_key(tmp_path, edit, line, text):
     message = load_error(tmp_path, GOOD, edit)
@@ -117,8 +118,10 @@ def load_error(tmp_path, good: str, edit: tuple[str, str]) -> str:
 
 def test_engine_values_are_checked_with_the_tier_named(tmp_path):
     path = write(tmp_path, GOOD.replace("max_num_seqs = 8", "max_num_seqs = 8\nlong_prefill_chunk = 0\n"
-                                        "kv_warm_gb = 0"))
-    assert load(path, BASE).tiers[1].engine.cache.kv_warm_gb == 0
+                                        "kv_warm_gb = 0\nkv_cache_dtype = \"int8\""))
+    tiers = load(path, BASE).tiers
+    assert tiers[1].engine.cache.kv_warm_gb == 0 and tiers[1].engine.cache.kv_cache_dtype == "int8"
+    assert tiers[0].engine.cache.kv_cache_dtype == "auto"
     with pytest.raises(ConfigError, match="cannot read config"):
         load(tmp_path / "missing.toml", BASE)
 

@@ -96,7 +96,9 @@ class AttentionBackend(Protocol):
 
     name: str
 
-    def k_cache_shape(self, num_blocks: int) -> tuple[int, ...]: ...
+    def k_cache_shape(self, num_blocks: int, width: int) -> tuple[int, ...]:
+        """`width`: a KV head's elements per token (kv_cache/sizing.py `head_width`)."""
+        ...
 
     def prepare(self, dtype: torch.dtype, deterministic: bool) -> None:
         """One-off checks and probes for this KV dtype, at startup (ConfigError if unusable)."""
@@ -111,7 +113,8 @@ class AttentionBackend(Protocol):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
-        """q [T, H, D], k/v [T, Hkv, D]; caches as `k_cache_shape` (V: [num_blocks, block_size, Hkv, D]).
+        """q [T, H, D], k/v [T, Hkv, D]; caches as `k_cache_shape` (V: [num_blocks, block_size, Hkv, width]),
+        in the compute dtype or int8 (codes and their parameters, see kv_cache/sizing.py).
 
         Writes k/v into the cache at `meta.slot_mapping`, then returns [T, H * D].
         """

@@ -28,8 +28,8 @@ class KernelPagedAttention:
         self.scale = scale
         self.block_size = block_size
 
-    def k_cache_shape(self, num_blocks: int) -> tuple[int, ...]:
-        return num_blocks, self.hkv, self.d, self.block_size  # K transposed per block
+    def k_cache_shape(self, num_blocks: int, width: int) -> tuple[int, ...]:
+        return num_blocks, self.hkv, width, self.block_size  # K transposed per block
 
     def prepare(self, dtype: torch.dtype, deterministic: bool) -> None:
         pass  # every row runs the same arithmetic whatever its role or batch: nothing to probe

@@ -36,6 +36,7 @@ from tierlm.attention import tiled_batch
 from tierlm.attention.base import AttentionMetadata, ForwardBatch, QueryTiles
 from tierlm.attention.tiled_batch import KEY_TILE, PROMPT_TILE
 from tierlm.config import ConfigError
+from tierlm.kernels.reference import dequantize_kv, quantize_kv
 from tierlm.layers.activation import vector_path
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -107,8 +108,8 @@ class TorchPagedAttention:
         self.block_size = block_size
         self.decode_layout = (1, True)  # set by prepare()
 
-    def k_cache_shape(self, num_blocks: int) -> tuple[int, ...]:
-        return num_blocks, self.block_size, self.hkv, self.d
+    def k_cache_shape(self, num_blocks: int, width: int) -> tuple[int, ...]:
+        return num_blocks, self.block_size, self.hkv, width
 
     def prepare(self, dtype: torch.dtype, deterministic: bool) -> None:
         """Probe this machine's kernel for batch-invariant decode tiles (deterministic), or
@@ -122,8 +123,10 @@ class TorchPagedAttention:
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
-        flat_k = k_cache.view(-1, self.hkv, self.d)
-        flat_v = v_cache.view(-1, self.hkv, self.d)
+        if k_cache.dtype == torch.int8:  # codes and their parameters, per token and head (kernels/reference.py)
+            k, v = quantize_kv(k), quantize_kv(v)
+        flat_k = k_cache.view(-1, self.hkv, k_cache.shape[-1])
+        flat_v = v_cache.view(-1, self.hkv, v_cache.shape[-1])
         flat_k.index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
         flat_v.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
         outs = [self._attend(q, k_cache, v_cache, tiles) for tiles in meta.tiles]
@@ -138,8 +141,10 @@ class TorchPagedAttention:
         # Queries [N, Tq, Hkv, G, D] -> [N, Hkv, Tq * G, D]: q head h reads kv head h // G.
         # index_select, not q[rows]: advanced indexing costs several times more per call here.
         qi = q.index_select(0, tiles.item_rows.view(-1)).view(n, tq, hkv, g, d).permute(0, 2, 1, 3, 4)
-        qi = qi.reshape(n, hkv, tq * g, d).to(k_cache.dtype)
-        keys, values = self._spans(k_cache, tiles.item_blocks), self._spans(v_cache, tiles.item_blocks)
+        compute = k_cache.dtype if k_cache.is_floating_point() else q.dtype  # int8 caches: q's dtype
+        qi = qi.reshape(n, hkv, tq * g, d).to(compute)
+        keys = self._spans(k_cache, tiles.item_blocks, compute)
+        values = self._spans(v_cache, tiles.item_blocks, compute)
         out, lse = _flash(qi, keys, values, attn_mask=tiles.key_bias, scale=self.scale)
         if tiles.combine is not None:
             out = self._combine(out, lse, tiles)
@@ -165,8 +170,11 @@ class TorchPagedAttention:
             denom = denom + weights[:, j]
         return acc / denom
 
-    def _spans(self, cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-        """Blocks [N, nb] -> [N, Hkv, nb * block_size, D]: one gather, then a view."""
+    def _spans(self, cache: torch.Tensor, blocks: torch.Tensor, compute: torch.dtype) -> torch.Tensor:
+        """Blocks [N, nb] -> [N, Hkv, nb * block_size, D]: one gather, then a view (an int8
+        cache's values dequantized to `compute`)."""
         n, nb = blocks.shape
         gathered = cache.index_select(0, blocks.view(-1))
+        if cache.dtype == torch.int8:
+            gathered = dequantize_kv(gathered).to(compute)
         return gathered.view(n, nb * self.block_size, self.hkv, self.d).transpose(1, 2)

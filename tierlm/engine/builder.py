@@ -18,7 +18,7 @@ from tierlm.config import CacheConfig, EngineConfig, ModelConfig
 from tierlm.embed.head import strip_head
 from tierlm.kv_cache.cold_store import ColdStore
 from tierlm.kv_cache.manager import KVCacheManager
-from tierlm.kv_cache.sizing import kv_block_bytes, kv_page_shape, layout_for, num_kv_blocks
+from tierlm.kv_cache.sizing import kv_block_bytes, kv_dtype, kv_page_shape, layout_for, num_kv_blocks
 from tierlm.kv_cache.tiers import KVTiers
 from tierlm.loader import model_loader
 from tierlm.lora.registry import AdapterRegistry
@@ -53,20 +53,22 @@ def default_cache_dir() -> Path:
 
 def model_key(path: Path, config: EngineConfig, dense_dtype: torch.dtype, on_kernels: bool = False) -> str:
     """What a block's KV depends on besides its tokens: the weights (files by name, size
-    and mtime), the compute dtypes and the kernel mode. Part of every prefix-cache hash."""
+    and mtime), the compute dtypes, the KV cache's dtype and the kernel mode. Part of every
+    prefix-cache hash (and so of the cold store's directory)."""
     files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
     stamp = ";".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
     return (f"{path.resolve()}|{stamp}|{config.dtype}|quantization={config.quantization}"
             f"|dense={str(dense_dtype).removeprefix('torch.')}|deterministic={config.deterministic}"
+            + ("|kv=int8" if config.cache.kv_cache_dtype == "int8" else "")
             # every compiled path computes the same bits; the PyTorch reference does not
             + (f"|kernels={'reference' if kernels.isa() == 'reference' else 'compiled'}" if on_kernels else ""))
 
 
 def kv_tiers(cfg: ModelConfig, cache: CacheConfig, dtype: torch.dtype, key: str) -> KVTiers:
-    """The warm (and, with a directory, cold) tiers behind the prefix cache."""
+    """The warm (and, with a directory, cold) tiers behind the prefix cache; `dtype`: the cache's."""
     cold = None
     if cache.kv_cold_dir:
-        cold = ColdStore(Path(cache.kv_cold_dir), key, kv_page_shape(cfg, cache.block_size), dtype,
+        cold = ColdStore(Path(cache.kv_cold_dir), key, kv_page_shape(cfg, cache.block_size, dtype), dtype,
                          int(cache.kv_cold_gb * 2**30))
     return KVTiers(kv_block_bytes(cfg, cache.block_size, dtype), int(cache.kv_warm_gb * 2**30), cold)
 
@@ -87,9 +89,10 @@ def build_parts(config: EngineConfig, *, cache_dir: Path | None = None, progress
         kernel_probe.ensure_probed(loaded.model, cache_dir)
     load_seconds = time.perf_counter() - t0
     cfg, cache, dtype = loaded.config, config.cache, config.torch_dtype
-    blocks = num_kv_blocks(cfg, cache, dtype)
+    kv_type = kv_dtype(cache, dtype)
+    blocks = num_kv_blocks(cfg, cache, kv_type)
     key = model_key(loaded.path, config, loaded.dense_dtype, loaded.kernels)
-    tiers = kv_tiers(cfg, cache, dtype, key) if cache.enable_prefix_caching else None
+    tiers = kv_tiers(cfg, cache, kv_type, key) if cache.enable_prefix_caching else None
     kv = KVCacheManager(blocks, cache.block_size, layout_for(cfg).windows,
                         enable_caching=cache.enable_prefix_caching, tiers=tiers, session_ttl=cache.session_ttl)
     # Prompt and generated rows on different weight formats: their blocks are hashed apart.
@@ -100,7 +103,7 @@ def build_parts(config: EngineConfig, *, cache_dir: Path | None = None, progress
     structured = StructuredOutputs(loaded.tokenizer, cfg.vocab_size)
     slots = LoRASlots(loaded.model, lora.max_loras, lora.max_lora_rank) if lora.enabled else None
     runner = ModelRunner(loaded.model, cfg, blocks, cache.block_size, dtype, config.deterministic,
-                         kernels=loaded.kernels, structured=structured, lora=slots)
+                         kernels=loaded.kernels, structured=structured, lora=slots, kv_dtype=kv_type)
     adapters = None
     if slots is not None:
         adapters = AdapterRegistry(slots.where, lora.max_lora_rank)

@@ -271,11 +271,53 @@ def gemm(qx: torch.Tensor, dx: torch.Tensor, sx: torch.Tensor, w: Packed) -> tor
     return acc
 
 
+SCALE_BYTES = 4  # an int8 cache's (scale, min) float16 pair per group of a head, after its codes
+KV_GROUP = 64  # dimensions sharing one (scale, min)
+_HALF_MAX = 65504.0
+
+
+def kv_width(head_dim: int) -> int:
+    """Elements of one token's head in an int8 cache: codes, then 4 bytes per group."""
+    return head_dim + SCALE_BYTES * -(-head_dim // KV_GROUP)
+
+
+def quantize_kv(x: torch.Tensor) -> torch.Tensor:
+    """[..., D] -> int8 [..., kv_width(D)] (csrc/attention.cpp has the rule): per group of 64
+    dimensions, m = f16(min), s = f16((max - m) / 255), codes round-half-even((x - m) / s) in
+    [0, 255] (uint8 bits; 0 where s is 0); the codes, then each group's s and m as
+    little-endian halves."""
+    codes, params = [], []
+    for g in x.float().split(KV_GROUP, dim=-1):
+        lo = g.amin(-1, keepdim=True).clamp(-_HALF_MAX, _HALF_MAX)
+        hi = g.amax(-1, keepdim=True).clamp(-_HALF_MAX, _HALF_MAX)
+        m = lo.half().float()
+        s = ((hi - m) / 255).clamp(0, _HALF_MAX).half().float()
+        codes.append(torch.where(s > 0, torch.round((g - m) / s), torch.zeros_like(g)).clamp(0, 255).to(torch.uint8))
+        params.append(torch.cat([s.half(), m.half()], dim=-1).view(torch.uint8))
+    return torch.cat([*codes, *params], dim=-1).view(torch.int8)
+
+
+def dequantize_kv(stored: torch.Tensor) -> torch.Tensor:
+    """int8 [..., kv_width(D)] -> float32 [..., D]: codes * s + m, each group's own parameters."""
+    u = stored.view(torch.uint8)
+    groups = u.shape[-1] // (KV_GROUP + SCALE_BYTES) + (u.shape[-1] % (KV_GROUP + SCALE_BYTES) > 0)
+    d = u.shape[-1] - SCALE_BYTES * groups
+    p = u[..., d:].contiguous().view(torch.float16).float()  # [..., 2 * groups]: s, m per group
+    values = [c.float() * p[..., 2 * i:2 * i + 1] + p[..., 2 * i + 1:2 * i + 2]
+              for i, c in enumerate(u[..., :d].split(KV_GROUP, dim=-1))]
+    return torch.cat(values, dim=-1)
+
+
+def _kv_values(x: torch.Tensor) -> torch.Tensor:
+    """Cache rows [..., width] as float64 values [..., D] (int8 rows dequantized first)."""
+    return (dequantize_kv(x) if x.dtype == torch.int8 else x).double()
+
+
 def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
               seq: torch.Tensor, pos: torch.Tensor, window: int, scale: float) -> torch.Tensor:
     """The kernels' paged attention (csrc/attention.cpp) in float64, row by row: the oracle
     its results match to float32 rounding. K [blocks, kv_heads, D, block_size], V [blocks,
-    block_size, kv_heads, D]; returns [T, H * D] in q's dtype."""
+    block_size, kv_heads, D] (int8: D + 4, values and scale); returns [T, H * D] in q's dtype."""
     t, h, d = q.shape
     hkv, bs = k_cache.shape[1], k_cache.shape[3]
     out = torch.empty(t, h, d, dtype=torch.float64)
@@ -284,8 +326,8 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tab
         lo = max(0, p - window + 1) if window > 0 else 0
         keys = torch.arange(lo, p + 1)
         blocks = tables[int(seq[i])].long()[keys // bs]
-        k = k_cache[blocks, :, :, keys % bs].double()  # [n, kv_heads, D]
-        v = v_cache[blocks, keys % bs].double()
+        k = _kv_values(k_cache[blocks, :, :, keys % bs])  # [n, kv_heads, D]
+        v = _kv_values(v_cache[blocks, keys % bs])
         for head in range(h):
             kv = head // (h // hkv)
             w = torch.softmax((k[:, kv] @ q[i, head].double()) * scale, dim=0)
@@ -295,9 +337,12 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tab
 
 def kv_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slots: torch.Tensor) -> None:
-    """k, v [T, kv_heads, D] into the caches at flat slots (K transposed per block)."""
+    """k, v [T, kv_heads, D] into the caches at flat slots (K transposed per block; an int8
+    cache gets each head's values and scale)."""
     bs = k_cache.shape[3]
     blocks, offsets = slots // bs, slots % bs
+    if k_cache.dtype == torch.int8:
+        k, v = quantize_kv(k), quantize_kv(v)
     k_cache[blocks, :, :, offsets] = k.to(k_cache.dtype)
     v_cache[blocks, offsets] = v.to(v_cache.dtype)
 
@@ -333,7 +378,8 @@ def rope_attention(qkv: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.
                    eps: float, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
                    seq: torch.Tensor, pos: torch.Tensor, window: int, scale: float) -> torch.Tensor:
     """csrc/attention.cpp `rope_attention`: norms, RoPE, K/V write, attention."""
-    t, (hkv, d, bs) = qkv.shape[0], k_cache.shape[1:]
+    t, hkv, bs = qkv.shape[0], k_cache.shape[1], k_cache.shape[3]
+    d = qkv.shape[1] // (heads + 2 * hkv)
     q, k, v = qkv.float().split([heads * d, hkv * d, hkv * d], dim=-1)
     q, k, v = q.view(t, heads, d), k.view(t, hkv, d), v.view(t, hkv, d)
     if q_norm is not None:

@@ -1,6 +1,12 @@
 """KV cache sizing: a model's KV groups (kv_cache/layout.py), the bytes and page shape of
 one block, how many blocks a memory budget holds, and the pool tensors themselves
-(committed page by page as they are written)."""
+(committed page by page as they are written).
+
+An int8 cache (`kv_cache_dtype = "int8"`) stores each token's K and V per KV head as
+head_dim 8-bit codes plus 4 bytes of parameters per 64 dimensions, inside the same page
+(the rule and layout are in kernels/csrc/attention.cpp): a head is `head_width` elements
+(17/16 of head_dim for multiples of 64), and block copies (warm tier, cold store) move the parameters
+with the codes."""
 
 from __future__ import annotations
 
@@ -10,7 +16,18 @@ import mmap
 import torch
 
 from tierlm.config import CacheConfig, ModelConfig
+from tierlm.kernels.reference import kv_width
 from tierlm.kv_cache import layout as kv_layout
+
+
+def kv_dtype(cache: CacheConfig, compute: torch.dtype) -> torch.dtype:
+    """The cache tensors' dtype: the model's compute dtype, or int8."""
+    return torch.int8 if cache.kv_cache_dtype == "int8" else compute
+
+
+def head_width(head_dim: int, dtype: torch.dtype) -> int:
+    """Elements a KV head takes per token in a cache of `dtype` (an int8 cache's codes and parameters)."""
+    return kv_width(head_dim) if dtype == torch.int8 else head_dim
 
 
 def layout_for(cfg: ModelConfig) -> kv_layout.KVLayout:
@@ -20,12 +37,12 @@ def layout_for(cfg: ModelConfig) -> kv_layout.KVLayout:
 def kv_block_bytes(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
     """Bytes of K and V for one block: one page in each slot of a KV group."""
     elem = torch.empty((), dtype=dtype).element_size()
-    return 2 * layout_for(cfg).group_size * block_size * cfg.num_kv_heads * cfg.head_dim * elem
+    return 2 * layout_for(cfg).group_size * block_size * cfg.num_kv_heads * head_width(cfg.head_dim, dtype) * elem
 
 
-def kv_page_shape(cfg: ModelConfig, block_size: int) -> tuple[int, int]:
+def kv_page_shape(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> tuple[int, int]:
     """Shape of one block's pages as `read_block` returns them: [2 * group_size, page elements]."""
-    return 2 * layout_for(cfg).group_size, block_size * cfg.num_kv_heads * cfg.head_dim
+    return 2 * layout_for(cfg).group_size, block_size * cfg.num_kv_heads * head_width(cfg.head_dim, dtype)
 
 
 def num_kv_blocks(cfg: ModelConfig, cache: CacheConfig, dtype: torch.dtype) -> int:

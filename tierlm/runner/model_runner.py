@@ -18,7 +18,7 @@ from torch import nn
 from tierlm.attention.base import ForwardBatch
 from tierlm.config import ModelConfig
 from tierlm.kv_cache.block_pool import NULL_BLOCK
-from tierlm.kv_cache.sizing import layout_for, lazily_zeroed
+from tierlm.kv_cache.sizing import head_width, layout_for, lazily_zeroed
 from tierlm.kv_cache.transfers import BlockLoad, BlockSave
 from tierlm.layers.moe import SparseMoE
 from tierlm.lora.slots import LoRASlots
@@ -45,7 +45,8 @@ class _RequestState:
 class ModelRunner:
     def __init__(self, model: nn.Module, cfg: ModelConfig, num_blocks: int, block_size: int,
                  dtype: torch.dtype, deterministic: bool = True, kernels: bool = False,
-                 structured: StructuredOutputs | None = None, lora: LoRASlots | None = None) -> None:
+                 structured: StructuredOutputs | None = None, lora: LoRASlots | None = None,
+                 kv_dtype: torch.dtype | None = None) -> None:
         self.model = model
         self.lora = lora  # LoRA adapter slots over the model (None: LoRA not enabled)
         self.structured = structured  # grammar states of constrained requests (None: unconstrained only)
@@ -60,9 +61,13 @@ class ModelRunner:
         self.layout = layout_for(cfg)
         self.attention = model.attention  # the model's backend (attention/registry.py) lays out its batches
         self.attention.prepare(dtype, deterministic)  # its one-off probes: a failure is a startup error
-        shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
-        k_shape = self.attention.k_cache_shape(num_blocks)
-        slots = [(lazily_zeroed(k_shape, dtype), lazily_zeroed(shape, dtype)) for _ in range(self.layout.group_size)]
+        self.compute_dtype = dtype
+        kv_dtype = kv_dtype or dtype  # int8: values and their scales (kv_cache/sizing.py)
+        width = head_width(cfg.head_dim, kv_dtype)
+        shape = (num_blocks, block_size, cfg.num_kv_heads, width)
+        k_shape = self.attention.k_cache_shape(num_blocks, width)
+        slots = [(lazily_zeroed(k_shape, kv_dtype), lazily_zeroed(shape, kv_dtype))
+                 for _ in range(self.layout.group_size)]
         places = [self.layout.place(i) for i in range(cfg.num_layers)]
         self.kv_caches = [slots[slot] for _, slot in places]
         self.layer_group = [group for group, _ in places]
@@ -86,7 +91,7 @@ class ModelRunner:
             t[block].copy_(page.view(t[block].shape))
 
     def _build(self, out: SchedulerOutput) -> ForwardBatch:
-        return self.attention.build_batch(out, self.layout.windows, self.kv_caches[0][1].dtype, self.deterministic)
+        return self.attention.build_batch(out, self.layout.windows, self.compute_dtype, self.deterministic)
 
     def _forward(self, batch: ForwardBatch, logits_indices: torch.Tensor) -> torch.Tensor:
         if self.fused is not None:

@@ -16,7 +16,8 @@ hashed (SHA-256) as they are read; the plain text is never kept.
     completion_price_per_mtok = 0.08
     max_num_seqs = 32                     # + dtype, quantization, dense_dtype, deterministic,
                                           #   reasoning_parser ("deepseek_r1" | "qwen3"),
-                                          #   max_model_len, max_num_batched_tokens, kv_cache_gb, ...
+                                          #   max_model_len, max_num_batched_tokens, kv_cache_gb,
+                                          #   kv_cache_dtype ("auto" | "int8"), ...
 
     [tiers.embed]
     model = "all-minilm-l6-v2"            # an encoder: serves /v1/embeddings (task = "embed" and
@@ -60,7 +61,7 @@ from tierlm.config import (
     TierSetConfig,
 )
 
-_CACHE_KEYS = ("kv_cache_gb", "kv_warm_gb", "kv_cold_dir", "kv_cold_gb", "session_ttl")
+_CACHE_KEYS = ("kv_cache_gb", "kv_warm_gb", "kv_cold_dir", "kv_cold_gb", "session_ttl", "kv_cache_dtype")
 _SCHED_KEYS = ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "long_prefill_chunk",
                "num_speculative_tokens")
 
@@ -97,6 +98,7 @@ class _Tier(_Strict):
     kv_cold_dir: str | None = None
     kv_cold_gb: float | None = Field(None, gt=0)
     session_ttl: float | None = Field(None, ge=0)
+    kv_cache_dtype: Literal["auto", "int8"] | None = None
 
 
 class _Tenant(_Strict):

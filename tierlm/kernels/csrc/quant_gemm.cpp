@@ -23,6 +23,7 @@
 #include "bind.h"
 #include "isa.h"
 #include "ops.h"
+#include "half.h"
 #include "pool.h"
 
 #include <immintrin.h>
@@ -44,30 +45,6 @@ using tierlm::AVX512_VNNI;
 using tierlm::Isa;
 using tierlm::SCALAR;
 enum Format { FMT_Q4_1 = 0, FMT_Q8_0 = 1, FMT_Q5_0 = 2, FMT_Q4_K = 3, FMT_Q6_K = 4, FMT_Q4_0 = 5, FMT_Q5_1 = 6 };
-
-inline float f16_to_f32(uint16_t h) {
-    const uint32_t sign = (uint32_t)(h & 0x8000) << 16;
-    uint32_t exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
-    if (exp == 0) {
-        if (man == 0) {
-            bits = sign;
-        } else {  // subnormal: normalise
-            exp = 127 - 15 + 1;
-            while (!(man & 0x400)) {
-                man <<= 1;
-                exp--;
-            }
-            bits = sign | (exp << 23) | ((man & 0x3ff) << 13);
-        }
-    } else if (exp == 31) {
-        bits = sign | 0x7f800000 | (man << 13);
-    } else {
-        bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
-    }
-    float f;
-    std::memcpy(&f, &bits, 4);
-    return f;
-}
 
 // ---- activation quantization ----------------------------------------------------------
 void quantize_row_scalar(const float* x, int64_t k, int8_t* q, float* d, float* s, int32_t* sq, int32_t* sq16) {
