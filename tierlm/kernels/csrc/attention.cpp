@@ -57,7 +57,7 @@ struct Args {
     void* out;
     const int32_t *tables, *seq;
     const int64_t* pos;
-    int64_t H, Hkv, D, Ds, BS, MB, window;  // Ds: a head's stored width (D, or D + 4 for int8)
+    int64_t H, Hkv, D, Ds, BS, MB, window;  // Ds: a head's stored width (D, or int8 codes + parameters)
     float scale;
     bool q_bf16;
     int kv;  // KVKind
