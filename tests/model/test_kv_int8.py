@@ -1,5 +1,5 @@
 """The int8 KV cache (`kv_cache_dtype="int8"`): next-token distributions close to the
-default cache's on the bundled models (512 tokens of a fixed text), 1.88x the blocks in the
+default cache's on the bundled models (256 tokens of a fixed text), 1.88x the blocks in the
 same memory, outputs batch-invariant and reproducible, its pages (values with their scales)
 restored bit for bit from the warm and cold tiers, and the PyTorch attention path (models
 off the kernels) reading the same quantized values."""
@@ -23,20 +23,20 @@ GREEDY = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
     pytest.param("gemma3-270m", 256, marks=pytest.mark.slow),
 ])
 def test_next_token_distributions_stay_close_in_about_half_the_memory(model, head_dim, cache_dir):
-    """512 tokens of a fixed text scored with each cache: the int8 cache's next-token
-    distributions stay close to the default's (mean KL measured 0.008 on SmolLM2, 0.005 on
-    Gemma-3; top-1 equal at 96-97% of positions). The perplexity target (within 1% over the
+    """256 tokens of a fixed text scored with each cache: the int8 cache's next-token
+    distributions stay close to the default's (mean KL measured 0.012 on SmolLM2, 0.005 on
+    Gemma-3; top-1 equal at 97% of positions). The perplexity target (within 1% over the
     whole text, where one window alone moves by more either way) is benchmarks/kv_int8.py's."""
     logits, blocks = {}, {}
     for kind in ("auto", "int8"):
-        llm = LLM(model, cache_dir=cache_dir, kv_cache_dtype=kind, kv_cache_gb=0.25, max_num_batched_tokens=512)
-        ids = llm.tokenizer.encode(TEXT)[:512]
+        llm = LLM(model, cache_dir=cache_dir, kv_cache_dtype=kind, kv_cache_gb=0.25, max_num_batched_tokens=256)
+        ids = llm.tokenizer.encode(TEXT)[:256]
         logits[kind] = llm.engine.prompt_logits(ids)
         blocks[kind] = llm.engine.kv.pool.num_blocks
         llm.close()
     p, q = (torch.log_softmax(logits[k].float(), dim=-1) for k in ("auto", "int8"))
     kl = (p.exp() * (p - q)).sum(-1)
-    assert kl.mean() <= 0.02, float(kl.mean())
+    assert kl.mean() <= 0.03, float(kl.mean())
     assert (p.argmax(-1) == q.argmax(-1)).float().mean() >= 0.93
     # bf16 head: 2 * head_dim bytes; int8: head_dim codes + 4 bytes per 64 dimensions.
     assert abs(blocks["int8"] / blocks["auto"] - 2 * head_dim / ref.kv_width(head_dim)) < 0.01, blocks

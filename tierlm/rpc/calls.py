@@ -82,6 +82,24 @@ def _count(state: ServerState, method: str, code: grpc.StatusCode) -> None:
     state.metrics.grpc_requests.labels(method, code.name).inc()
 
 
+async def _end(state: ServerState, method: str, context, e: BaseException) -> None:
+    """End a call that raised `e`: counted, and an APIError (or anything unexpected, as
+    INTERNAL) turned into its status and trailers. Cancellation (the client cancelled or went
+    away) propagates, so gRPC finishes the call."""
+    if isinstance(e, APIError):
+        _count(state, method, code_for(e.status))
+        context.set_trailing_metadata(trailers(e))
+        await context.abort(code_for(e.status), e.message)
+    if isinstance(e, asyncio.CancelledError):
+        _count(state, method, grpc.StatusCode.CANCELLED)
+        raise e
+    if not isinstance(e, Exception):
+        raise e
+    log.error("unhandled error in gRPC %s", method, exc_info=e)
+    _count(state, method, grpc.StatusCode.INTERNAL)
+    await context.abort(grpc.StatusCode.INTERNAL, "internal server error")
+
+
 def unary(method):
     """An RPC handler whose APIErrors end the call with the mapped status and trailers."""
 
@@ -89,17 +107,8 @@ def unary(method):
     async def handler(self, request, context):
         try:
             reply = await method(self, request, context)
-        except asyncio.CancelledError:  # the client cancelled or went away
-            _count(self.state, method.__name__, grpc.StatusCode.CANCELLED)
-            raise
-        except APIError as e:
-            _count(self.state, method.__name__, code_for(e.status))
-            context.set_trailing_metadata(trailers(e))
-            await context.abort(code_for(e.status), e.message)
-        except Exception:
-            log.exception("unhandled error in gRPC %s", method.__name__)
-            _count(self.state, method.__name__, grpc.StatusCode.INTERNAL)
-            await context.abort(grpc.StatusCode.INTERNAL, "internal server error")
+        except BaseException as e:  # noqa: BLE001 - _end re-raises what is not ours to answer
+            await _end(self.state, method.__name__, context, e)
         _count(self.state, method.__name__, grpc.StatusCode.OK)
         return reply
 
@@ -115,17 +124,8 @@ def streamed(method):
         try:
             async for reply in method(self, request, context):
                 yield reply
-        except asyncio.CancelledError:  # the client cancelled or went away
-            _count(self.state, method.__name__, grpc.StatusCode.CANCELLED)
-            raise
-        except APIError as e:
-            _count(self.state, method.__name__, code_for(e.status))
-            context.set_trailing_metadata(trailers(e))
-            await context.abort(code_for(e.status), e.message)
-        except Exception:
-            log.exception("unhandled error in gRPC %s", method.__name__)
-            _count(self.state, method.__name__, grpc.StatusCode.INTERNAL)
-            await context.abort(grpc.StatusCode.INTERNAL, "internal server error")
+        except BaseException as e:  # noqa: BLE001 - _end re-raises what is not ours to answer
+            await _end(self.state, method.__name__, context, e)
         _count(self.state, method.__name__, grpc.StatusCode.OK)
 
     return handler
