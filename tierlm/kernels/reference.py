@@ -317,7 +317,8 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tab
               seq: torch.Tensor, pos: torch.Tensor, window: int, scale: float) -> torch.Tensor:
     """The kernels' paged attention (csrc/attention.cpp) in float64, row by row: the oracle
     its results match to float32 rounding. K [blocks, kv_heads, D, block_size], V [blocks,
-    block_size, kv_heads, D] (int8: D + 4, values and scale); returns [T, H * D] in q's dtype."""
+    block_size, kv_heads, D] (int8: kv_width(D), codes and their parameters); returns [T, H * D]
+    in q's dtype."""
     t, h, d = q.shape
     hkv, bs = k_cache.shape[1], k_cache.shape[3]
     out = torch.empty(t, h, d, dtype=torch.float64)
@@ -338,7 +339,7 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tab
 def kv_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slots: torch.Tensor) -> None:
     """k, v [T, kv_heads, D] into the caches at flat slots (K transposed per block; an int8
-    cache gets each head's values and scale)."""
+    cache gets each head's codes and their parameters, `quantize_kv`)."""
     bs = k_cache.shape[3]
     blocks, offsets = slots // bs, slots % bs
     if k_cache.dtype == torch.int8:

@@ -113,24 +113,19 @@ class InferenceService(oip_v2_pb2_grpc.GRPCInferenceServiceServicer):
     def __init__(self, state: ServerState) -> None:
         self.state = state
 
-    @property
-    def _ready(self) -> bool:
-        s = self.state
-        return s.ready and not s.draining and s.healthy and not s.restarting
-
     @calls.unary
     async def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=True)
 
     @calls.unary
     async def ServerReady(self, request, context):
-        return pb.ServerReadyResponse(ready=self._ready)
+        return pb.ServerReadyResponse(ready=self.state.serving)
 
     @calls.unary
     async def ModelReady(self, request, context):
         tier = self._model(request.name, request.version)
         engine = self.state.tiers[tier.parent or tier.model_name].engine
-        return pb.ModelReadyResponse(ready=self._ready and engine.healthy)
+        return pb.ModelReadyResponse(ready=self.state.serving and engine.healthy)
 
     @calls.unary
     async def ServerMetadata(self, request, context):
@@ -140,7 +135,7 @@ class InferenceService(oip_v2_pb2_grpc.GRPCInferenceServiceServicer):
     @calls.unary
     async def ModelMetadata(self, request, context):
         tenant = calls.authenticate(self.state, context)
-        tier = self._allowed(tenant, self._model(request.name, request.version))
+        tier = route.permitted(tenant, self._model(request.name, request.version))
         if tier.task == "embed":
             outputs = [_tensor("embedding", "FP32", [-1, tier.embedder.spec.dimensions])]
         else:
@@ -232,11 +227,4 @@ class InferenceService(oip_v2_pb2_grpc.GRPCInferenceServiceServicer):
     def _no_version(name: str) -> APIError:
         return APIError(404, f"model '{name}' has one version: leave version empty", param="model_version",
                         code="model_not_found", type="not_found_error")
-
-    @staticmethod
-    def _allowed(tenant: Tenant, tier: Tier) -> Tier:
-        if not tenant.may_use(tier.model_name):
-            raise APIError(403, f"this API key may not use tier '{tier.model_name}'", param="model",
-                           code="tier_not_allowed", type="permission_error")
-        return tier
 

@@ -62,7 +62,7 @@ class ModelRunner:
         self.attention = model.attention  # the model's backend (attention/registry.py) lays out its batches
         self.attention.prepare(dtype, deterministic)  # its one-off probes: a failure is a startup error
         self.compute_dtype = dtype
-        kv_dtype = kv_dtype or dtype  # int8: values and their scales (kv_cache/sizing.py)
+        kv_dtype = kv_dtype or dtype  # int8: codes and their parameters (kv_cache/sizing.py)
         width = head_width(cfg.head_dim, kv_dtype)
         shape = (num_blocks, block_size, cfg.num_kv_heads, width)
         k_shape = self.attention.k_cache_shape(num_blocks, width)

@@ -248,7 +248,7 @@ def create_app(state: ServerState, metrics: Metrics, max_body_bytes: int = limit
     @app.get("/ready", response_model=schemas.Status, response_model_exclude_none=True,
              responses={503: {"model": schemas.Status}})
     async def _ready():
-        if state.ready and not state.draining and state.healthy and not state.restarting:
+        if state.serving:
             return {"status": "ready"}
         why = ("draining" if state.draining else "unhealthy" if not state.healthy
                else "restarting" if state.restarting else "loading")

@@ -72,15 +72,20 @@ def candidates(state: ServerState, tenant: Tenant, model: str, task: str = "gene
             raise APIError(403, f"this API key may not use any tier that is {what} model", param="model",
                            code="tier_not_allowed", type="permission_error")
         return allowed, None
-    tier = state.resolve(model)
-    if not tenant.may_use(tier.model_name):
-        raise APIError(403, f"this API key may not use tier '{tier.model_name}'", param="model",
-                       code="tier_not_allowed", type="permission_error")
+    tier = permitted(tenant, state.resolve(model))
     if tier.task != task:
         served = "/v1/embeddings" if tier.task == "embed" else "/v1/completions and /v1/chat/completions"
         raise bad_request(f"'{tier.model_name}' is {'an embedding' if tier.task == 'embed' else 'a text generation'} "
                           f"model: it serves {served}", "model", "model_not_supported")
     return [tier], tier.model_name
+
+
+def permitted(tenant: Tenant, tier: Tier) -> Tier:
+    """`tier`, or 403 when this tenant may not use it."""
+    if not tenant.may_use(tier.model_name):
+        raise APIError(403, f"this API key may not use tier '{tier.model_name}'", param="model",
+                       code="tier_not_allowed", type="permission_error")
+    return tier
 
 
 async def choose(state: ServerState, tenant: Tenant, body, params: SamplingParams,

@@ -80,6 +80,11 @@ class ServerState:
         return any(t.engine.restarting for t in self.tiers.values())
 
     @property
+    def serving(self) -> bool:
+        """Ready for requests: loaded and warmed, healthy, not draining nor rebuilding an engine."""
+        return self.ready and not self.draining and self.healthy and not self.restarting
+
+    @property
     def num_inflight(self) -> int:
         return sum(t.engine.num_inflight for t in self.tiers.values())
 
