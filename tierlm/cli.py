@@ -141,6 +141,21 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also serve gRPC on this port: KServe's Open Inference Protocol v2 "
                           "(inference.GRPCInferenceService) and streaming tierlm.v1.Generation; same keys, "
                           "tenants and quotas as HTTP")
+    srv.add_argument("--data-parallel-size", type=int, default=1, metavar="N",
+                     help="run N engine replicas per model (Ray actors; a local Ray instance unless "
+                          "--ray-address) behind this one endpoint, routed by cached prefix (default 1)")
+    srv.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                     help="run the replicas on this Ray cluster (auto, or ray://HOST:PORT) instead of a local "
+                          "instance; its nodes need tierlm and the model files")
+    srv.add_argument("--replica-threads", type=int, default=None, metavar="T",
+                     help="kernel threads per replica (default: this machine's cores / N)")
+    srv.add_argument("--dp-routing", default="prefix", choices=["prefix", "round_robin"],
+                     help="how requests pick a replica: prefix (session, then the longest cached prefix unless "
+                          "overloaded, then the least loaded) or round_robin (default prefix)")
+    srv.add_argument("--dp-overload-tokens", type=int, default=2048, metavar="TOKENS",
+                     help="prefix routing passes over the holder of a prefix once its outstanding tokens "
+                          "(prompt + max_tokens of unfinished requests) exceed the least loaded replica's by "
+                          "more than this (default 2048)")
     srv.add_argument("--config", default=None, metavar="FILE",
                      help="TOML file declaring tiers (models, prices, quality) and tenants (API keys, quotas, "
                           "weights); the engine flags above become every tier's defaults")
@@ -250,7 +265,10 @@ def cmd_serve(args) -> None:
                                       keep_alive_timeout=args.keep_alive_timeout, header_timeout=args.header_timeout,
                                       body_timeout=args.body_timeout, max_connections=args.max_connections,
                                       allow_runtime_lora=args.allow_runtime_lora,
-                                      reasoning_parser=args.reasoning_parser, grpc_port=args.grpc_port))
+                                      reasoning_parser=args.reasoning_parser, grpc_port=args.grpc_port,
+                                      data_parallel_size=args.data_parallel_size, ray_address=args.ray_address,
+                                      replica_threads=args.replica_threads, dp_routing=args.dp_routing,
+                                      dp_overload_tokens=args.dp_overload_tokens))
 
 
 def _params(args) -> SamplingParams:

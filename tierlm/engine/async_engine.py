@@ -49,6 +49,10 @@ class EngineRestartingError(RuntimeError):
     """The engine failed and is being rebuilt; retry shortly."""
 
 
+class ReplicaLostError(RuntimeError):
+    """The replica running this request died after it had produced output; retry."""
+
+
 class RequestFailedError(RuntimeError):
     """This request failed inside a step; the engine serves everyone else."""
 
@@ -124,6 +128,14 @@ class _CancelAll:
 
 
 @dataclass
+class _Call:
+    """Run `fn(engine)` on the engine thread between steps; its result goes to `future`."""
+
+    fn: Callable[[LLMEngine], object]
+    future: asyncio.Future
+
+
+@dataclass
 class FinishedRequest:
     """Handed to `on_finish` once per request (for metrics and request logs)."""
 
@@ -193,6 +205,16 @@ class AsyncEngine:
         self._thread.join(timeout=60)  # the engine thread may be flushing KV to the cold tier
 
     # ---- caller side (event loop) -------------------------------------------------------
+    async def call(self, fn: Callable[[LLMEngine], object]) -> object:
+        """`fn(engine)` run on the engine thread between two steps (engine state has one
+        owner); its result, or its exception, here."""
+        if not self.healthy:
+            raise EngineDeadError(self.error or "the engine is not running")
+        future = asyncio.get_running_loop().create_future()
+        self._commands.put((_Call(fn, future), None))
+        self._wake.set()
+        return await future
+
     def prepare(self, ids: list[int], params: SamplingParams) -> None:
         """Validate a request against the model without touching engine state (thread-safe):
         limits, and its output constraint (compiled here, once, so errors are a 400 up front)."""
@@ -321,6 +343,8 @@ class AsyncEngine:
                     _put(stream, e)
                     continue
                 self._streams[cmd.request_id] = stream
+            elif isinstance(cmd, _Call):
+                _settle(cmd.future, cmd.fn, self.engine)
             elif isinstance(cmd, _CancelAll):
                 for request_id in list(self._streams):
                     self.engine.abort_request(request_id)
@@ -400,6 +424,24 @@ def _lora_stats(sched) -> dict:
 
     return {"max_lora": len(slots.held), "lora_running": names(sched.running), "lora_waiting": names(sched.waiting),
             "lora_loads": slots.loads_total}
+
+
+def _settle(future: asyncio.Future, fn: Callable, engine: LLMEngine) -> None:
+    """Run `fn(engine)` here (the engine thread) and resolve `future` on its own loop."""
+    try:
+        result, error = fn(engine), None
+    except Exception as e:  # noqa: BLE001 - the caller's to handle
+        result, error = None, e
+    loop = future.get_loop()
+
+    def resolve() -> None:
+        if not future.done():
+            future.set_exception(error) if error is not None else future.set_result(result)
+
+    try:
+        loop.call_soon_threadsafe(resolve)
+    except RuntimeError:  # the loop is closed: nobody is waiting any more
+        pass
 
 
 def _put(stream: _Stream, item) -> None:

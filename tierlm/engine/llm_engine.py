@@ -66,6 +66,11 @@ class LLMEngine:
         self.debug_invariants = config.debug_invariants
 
     # ---- requests --------------------------------------------------------------------
+    @property
+    def model_key(self) -> str:
+        """The model's identity in prefix hashes and cold-store names (weights, format, KV dtype)."""
+        return self._model_key
+
     def tokenize_prompt(self, prompt: Prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:

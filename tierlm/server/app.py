@@ -248,11 +248,16 @@ def create_app(state: ServerState, metrics: Metrics, max_body_bytes: int = limit
     @app.get("/ready", response_model=schemas.Status, response_model_exclude_none=True,
              responses={503: {"model": schemas.Status}})
     async def _ready():
+        """Ready or not (503); with replicas, how many of each tier's serve (fewer than
+        configured while one is being replaced: reduced capacity, still ready)."""
+        capacity = {t.model_name: dict(zip(("serving", "configured"), t.engine.capacity()))
+                    for t in state.tiers.values() if hasattr(t.engine, "capacity")}
+        extra = {"replicas": capacity} if capacity else {}
         if state.serving:
-            return {"status": "ready"}
+            return {"status": "ready", **extra}
         why = ("draining" if state.draining else "unhealthy" if not state.healthy
                else "restarting" if state.restarting else "loading")
-        return JSONResponse({"status": why}, status_code=503, headers={"Retry-After": "1"})
+        return JSONResponse({"status": why, **extra}, status_code=503, headers={"Retry-After": "1"})
 
     @app.get("/metrics", response_class=Response,
              responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},

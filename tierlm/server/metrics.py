@@ -87,14 +87,86 @@ class Metrics:
         self.lora_tokens = Counter("tierlm:lora_tokens", "Tokens served per LoRA adapter",
                                    lbl + ["lora_name", "kind"], registry=r)
 
+        # Data-parallel replicas (tierlm/scale): per replica, and the router's decisions.
+        rl = lbl + ["replica"]
+        self.replica_up = Gauge("tierlm:replica_up", "1 while the replica serves", rl, registry=r)
+        self.replica_running = Gauge("tierlm:replica_requests_running", "Requests running on the replica", rl,
+                                     registry=r)
+        self.replica_waiting = Gauge("tierlm:replica_requests_waiting", "Requests waiting on the replica", rl,
+                                     registry=r)
+        self.replica_kv_usage = Gauge("tierlm:replica_kv_cache_usage_perc", "Fraction of the replica's KV "
+                                      "blocks in use (0-1)", rl, registry=r)
+        self.replica_outstanding = Gauge("tierlm:replica_outstanding_tokens", "Prompt + max_tokens of the "
+                                         "requests routed to the replica and not finished", rl, registry=r)
+        self.replica_routed = Counter("tierlm:replica_routed", "Requests routed to each replica, by why "
+                                      "(session, prefix, balance, round_robin)", rl + ["reason"], registry=r)
+        self.replica_prefix_hits = Counter("tierlm:replica_prefix_cache_hits", "Prompt tokens found in the "
+                                           "replica's prefix cache", rl, registry=r)
+        self.replica_transfers = Counter("tierlm:replica_kv_transfers", "KV prefix pulls into the replica, by "
+                                         "outcome (done, skipped: prefill faster, failed)", rl + ["outcome"],
+                                         registry=r)
+        self.replica_transfer_bytes = Counter("tierlm:replica_kv_transfer_bytes", "KV bytes pulled into the "
+                                              "replica from others", rl, registry=r)
+        self.replica_restarts = Counter("tierlm:replica_restarts", "Replacements started after the replica "
+                                        "died", rl, registry=r)
+        self.replica_requeued = Counter("tierlm:replica_requests_requeued", "Requests sent again elsewhere: "
+                                        "their replica died before they produced output", rl, registry=r)
+        self.replica_lost = Counter("tierlm:replica_requests_lost", "Requests ended with an error: their "
+                                    "replica died while they streamed", rl, registry=r)
+
     def for_tier(self, name: str) -> TierMetrics:
         return TierMetrics(self, name)
+
+    def for_replicas(self, name: str) -> ReplicaMetrics:
+        return ReplicaMetrics(self, name)
 
     def render(self, tenant: str | None = None) -> bytes:
         """The exposition; with `tenant`, samples labelled with another tenant are left out."""
         if tenant is None:
             return generate_latest(self.registry)
         return generate_latest(_OneTenant(self.registry, tenant))
+
+
+class ReplicaMetrics:
+    """One tier's replicas (tierlm/scale/replica_set.py): series labelled with the tier and
+    the replica's index (a replacement keeps its slot's index)."""
+
+    def __init__(self, metrics: Metrics, name: str) -> None:
+        self.g, self.m = metrics, name
+        self._hits: dict[str, float] = {}  # engine running totals counted, per replica (0 again on replacement)
+
+    def up(self, replica: int, live: bool) -> None:
+        self.g.replica_up.labels(self.m, str(replica)).set(1 if live else 0)
+        if not live:
+            self._hits[str(replica)] = 0
+
+    def observe(self, replica: int, s: EngineStats, outstanding: int) -> None:
+        r = str(replica)
+        self.g.replica_running.labels(self.m, r).set(s.running)
+        self.g.replica_waiting.labels(self.m, r).set(s.waiting)
+        self.g.replica_kv_usage.labels(self.m, r).set(s.kv_usage)
+        self.g.replica_outstanding.labels(self.m, r).set(outstanding)
+        seen = self._hits.get(r, 0)
+        self.g.replica_prefix_hits.labels(self.m, r)  # exported from the first sight, at 0
+        if s.prefix_hits > seen:
+            self.g.replica_prefix_hits.labels(self.m, r).inc(s.prefix_hits - seen)
+            self._hits[r] = s.prefix_hits
+
+    def routed(self, replica: int, reason: str) -> None:
+        self.g.replica_routed.labels(self.m, str(replica), reason).inc()
+
+    def transfer(self, replica: int, outcome: str, nbytes: int = 0) -> None:
+        self.g.replica_transfers.labels(self.m, str(replica), outcome).inc()
+        self.g.replica_transfer_bytes.labels(self.m, str(replica)).inc(nbytes)
+
+    def restarted(self, replica: int) -> None:
+        self.g.replica_restarts.labels(self.m, str(replica)).inc()
+
+    def requeued(self, replica: int) -> None:
+        self.g.replica_requeued.labels(self.m, str(replica)).inc()
+
+    def lost(self, replica: int) -> None:
+        self.g.replica_lost.labels(self.m, str(replica)).inc()
 
 
 class _OneTenant:

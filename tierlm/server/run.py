@@ -72,6 +72,16 @@ class ServeOptions:
     allow_runtime_lora: bool = False  # POST /v1/load_lora_adapter, /v1/unload_lora_adapter
     reasoning_parser: str | None = None  # --reasoning-parser (one tier; a --config gives it per tier)
     grpc_port: int | None = None  # --grpc-port: the gRPC services beside HTTP (tierlm/rpc)
+    # Data-parallel replicas (tierlm/scale): per generation tier, on Ray.
+    data_parallel_size: int = 1
+    ray_address: str | None = None  # an existing cluster; None: a local instance when replicas are asked for
+    replica_threads: int | None = None  # None: cores / data_parallel_size
+    dp_routing: str = "prefix"
+    dp_overload_tokens: int = 2048
+
+    @property
+    def replicated(self) -> bool:
+        return self.data_parallel_size > 1 or self.ray_address is not None
 
     def __post_init__(self) -> None:
         for name in ("keep_alive_timeout", "header_timeout", "body_timeout"):
@@ -81,6 +91,12 @@ class ServeOptions:
             raise StartupError("--max-connections must be >= 1")
         if self.grpc_port is not None and not (1 <= self.grpc_port <= 65535 and self.grpc_port != self.port):
             raise StartupError("--grpc-port must be a port in [1, 65535] other than --port")
+        if self.data_parallel_size < 1:
+            raise StartupError("--data-parallel-size must be >= 1")
+        if self.replica_threads is not None and self.replica_threads < 1:
+            raise StartupError("--replica-threads must be >= 1")
+        if self.dp_overload_tokens < 0:
+            raise StartupError("--dp-overload-tokens must be >= 0")
 
 
 def _log_request(tier: str, f: FinishedRequest) -> None:
@@ -171,6 +187,9 @@ class _Server(uvicorn.Server):
                 return
         self._spawn(self._warm_up())
         self._spawn(self._watch_engines())
+        for tier in self.state.tiers.values():
+            if hasattr(tier.engine, "supervise"):  # replicas: liveness and stats polling
+                self._spawn(tier.engine.supervise())
 
     async def shutdown(self, sockets=None) -> None:
         if self._grpc is not None:  # in-flight calls ended with the drain; stop the rest
@@ -265,6 +284,8 @@ def serve(config: EngineConfig, opts: ServeOptions) -> None:
     if opts.grpc_port is not None:
         _bind(opts.host, opts.grpc_port).close()  # the same for gRPC's (bound again once serving)
     metrics = Metrics([t.name for t in tierset.tiers if t.lora_base is None])  # engine series: one per engine
+    if opts.replicated:
+        _start_ray(tierset, opts)
     tiers: dict[str, Tier] = {}
     state = ServerState(tiers, tenants, tierset.default_tier, metrics, tierset.balanced_cost_weight,
                         allow_runtime_lora=opts.allow_runtime_lora,
@@ -278,6 +299,10 @@ def serve(config: EngineConfig, opts: ServeOptions) -> None:
         for t in tiers.values():
             t.engine.shutdown()
         sock.close()
+        if opts.replicated:
+            from tierlm.scale import cluster
+
+            cluster.disconnect()
         raise
     log.info("scheduling policy: %s", ", ".join(sorted({t.engine.scheduler.policy for t in tierset.tiers})))
     app = create_app(state, metrics, body_timeout_s=opts.body_timeout)
@@ -291,6 +316,10 @@ def serve(config: EngineConfig, opts: ServeOptions) -> None:
         for t in tiers.values():
             t.engine.shutdown()
         sock.close()
+        if opts.replicated:
+            from tierlm.scale import cluster
+
+            cluster.disconnect()
     if server.grpc_error is not None:
         raise StartupError(server.grpc_error)
     if server.failure is not None:
@@ -300,7 +329,7 @@ def serve(config: EngineConfig, opts: ServeOptions) -> None:
 def _add_adapters(state: ServerState, tierset: TierSetConfig) -> None:
     """Serve the adapters each engine loaded (--lora-modules) and the TierSet's adapter tiers."""
     for name, tier in list(state.tiers.items()):
-        if tier.task == "embed":  # embedding tiers take no adapters (refused at load)
+        if tier.task == "embed" or tier.engine.engine is None:  # embedding tiers, replicas: no adapters
             continue
         registry = tier.engine.engine.adapters
         for adapter in registry.adapters.values() if registry is not None else ():
@@ -330,7 +359,41 @@ def _start_tier(tc: TierConfig, metrics: Metrics, opts: ServeOptions) -> Tier:
         tm.on_finish(f)
         _log_request(tc.name, f)
 
+    if opts.replicated:
+        return _start_replicas(tc, tm, on_finish, opts)
     engine = AsyncEngine(lambda: build_engine(tc.engine, progress=sys.stderr.isatty()),
                          max_queued_requests=opts.max_queued_requests, on_finish=on_finish, on_step=tm.on_step)
     llm = engine.start()
     return Tier(tc, engine, llm.tokenizer, llm.max_model_len, llm.model_config.vocab_size, tm)
+
+
+def _replica_threads(opts: ServeOptions) -> int:
+    from tierlm.scale import cluster
+
+    return opts.replica_threads or max(1, cluster.local_cpus() // opts.data_parallel_size)
+
+
+def _start_ray(tierset: TierSetConfig, opts: ServeOptions) -> None:
+    """Connect to (or start) Ray for the replicas; LoRA is not served over replicas yet."""
+    from tierlm.scale import cluster
+
+    lora = [t.name for t in tierset.tiers if t.lora_base is not None or t.engine.lora.enabled]
+    if lora:
+        raise StartupError(f"LoRA adapters are not served over replicas (--data-parallel-size): {', '.join(lora)}")
+    cores = cluster.local_cpus()
+    try:
+        cluster.connect(opts.ray_address, max(cores, opts.data_parallel_size * _replica_threads(opts)))
+    except cluster.RayUnavailable as e:
+        raise StartupError(str(e)) from None
+
+
+def _start_replicas(tc: TierConfig, tm, on_finish, opts: ServeOptions) -> Tier:
+    from tierlm.scale.replica_set import ReplicaSet
+
+    replicas = ReplicaSet(tc.engine, size=opts.data_parallel_size, threads=_replica_threads(opts),
+                          routing=opts.dp_routing, overload_tokens=opts.dp_overload_tokens,
+                          max_queued_requests=opts.max_queued_requests, on_finish=on_finish, on_step=tm.on_step,
+                          metrics=tm.g.for_replicas(tc.name))
+    info = replicas.start()
+    log.info("%s: %d replicas x %d threads", tc.name, opts.data_parallel_size, replicas.threads)
+    return Tier(tc, replicas, info["tokenizer"], info["max_model_len"], info["vocab_size"], tm)

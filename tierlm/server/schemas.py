@@ -141,9 +141,15 @@ class DetokenizeResponse(BaseModel):
     prompt: str
 
 
+class Capacity(BaseModel):
+    serving: int  # replicas in routing now
+    configured: int  # --data-parallel-size
+
+
 class Status(BaseModel):
     status: str
     error: str | None = None
+    replicas: dict[str, Capacity] | None = None  # per tier served by replicas
 
 
 _MESSAGES = {400: "invalid request (the envelope's param names the field)", 401: "missing or invalid API key",

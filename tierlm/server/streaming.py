@@ -16,6 +16,7 @@ from tierlm.engine.async_engine import (
     EngineDeadError,
     EngineRestartingError,
     QueueFullError,
+    ReplicaLostError,
     RequestFailedError,
     ShuttingDownError,
 )
@@ -37,7 +38,7 @@ async def validate(tier: Tier, ids: list[int], params: SamplingParams) -> None:
     """400 unless the engine can serve this. An output constraint is compiled here (once
     per distinct spec), on a worker thread: a large schema must not stall the event loop."""
     try:
-        if params.guided is None:
+        if params.guided is None and not getattr(tier.engine, "remote", False):
             tier.engine.prepare(ids, params)
         else:
             await asyncio.to_thread(tier.engine.prepare, ids, params)
@@ -65,6 +66,9 @@ def engine_error(e: Exception) -> APIError:
     if isinstance(e, ShuttingDownError):
         return APIError(503, f"the server is shutting down: {e}", type="server_error", code="shutting_down",
                         headers={"Retry-After": "5"})
+    if isinstance(e, ReplicaLostError):
+        return APIError(503, f"this request was lost with its replica: {e}", type="server_error",
+                        code="replica_lost", headers={"Retry-After": "1"})
     if isinstance(e, RequestFailedError):
         return APIError(500, f"this request failed: {e}", type="internal_error", code="request_failed")
     if isinstance(e, InvalidRequest):
@@ -73,7 +77,7 @@ def engine_error(e: Exception) -> APIError:
 
 
 _ENGINE_ERRORS = (QueueFullError, EngineDeadError, EngineRestartingError, RequestFailedError, ShuttingDownError,
-                  InvalidRequest)
+                  InvalidRequest, ReplicaLostError)
 
 
 async def merged(tier: Tier, request_id: str, prompts: list[list[int]], params: SamplingParams,
