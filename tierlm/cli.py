@@ -29,6 +29,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="bundled model name, .gguf file or HF directory "
                                                   "(default: smollm2-135m)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="compute dtype")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                   help="shard the model over N processes (torch.distributed, gloo): dense weights, each rank "
+                        "on cores / N threads, prefix cache hot only (default 1)")
     p.add_argument("--task", default="auto", choices=["auto", "generate", "embed"],
                    help="generate text, or embed (/v1/embeddings); auto: embed for encoder models "
                         "(all-minilm-l6-v2), generate otherwise")
@@ -207,7 +210,7 @@ def _config(args) -> EngineConfig:
                                           kv_cache_dtype=args.kv_cache_dtype),
                         scheduler=SchedulerConfig(max_model_len=args.max_model_len, **sched),
                         draft_model=args.draft_model, debug_invariants=args.debug_invariants,
-                        task=args.task, pooling=args.pooling)
+                        task=args.task, pooling=args.pooling, tensor_parallel_size=args.tensor_parallel_size)
 
 
 def _lora(args) -> LoRAConfig:

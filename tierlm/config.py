@@ -248,8 +248,10 @@ class EngineConfig:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     task: str = "auto"
     pooling: str | None = None
+    tensor_parallel_size: int = 1  # ranks sharing the model (parallel/): worker processes, torch.distributed
 
     def __post_init__(self) -> None:
+        self._check_tensor_parallel()
         _require(self.task in TASKS, f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
         _require(self.pooling is None or self.pooling in POOLINGS,
                  f"pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
@@ -265,6 +267,17 @@ class EngineConfig:
                  "dense_dtype bfloat16 needs dtype bfloat16 (it would round float32 activations)")
         _require(self.draft_model is None or self.scheduler.num_speculative_tokens > 0,
                  "a draft model needs num_speculative_tokens > 0")
+
+    def _check_tensor_parallel(self) -> None:
+        tp = self.tensor_parallel_size
+        _require(tp >= 1, f"tensor_parallel_size must be >= 1, got {tp}")
+        if tp == 1:
+            return
+        _require(self.quantization in ("auto", "none"),
+                 "tensor parallelism shards dense weights: quantization must be auto or none")
+        _require(not self.lora.enabled, "LoRA adapters are not served with tensor parallelism")
+        _require(self.task != "embed", "tensor parallelism serves text generation (task generate)")
+        _require(self.cache.kv_cold_dir is None, "the cold KV tier is not supported with tensor parallelism")
 
     @property
     def torch_dtype(self) -> torch.dtype:

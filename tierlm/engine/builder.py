@@ -60,6 +60,7 @@ def model_key(path: Path, config: EngineConfig, dense_dtype: torch.dtype, on_ker
     return (f"{path.resolve()}|{stamp}|{config.dtype}|quantization={config.quantization}"
             f"|dense={str(dense_dtype).removeprefix('torch.')}|deterministic={config.deterministic}"
             + ("|kv=int8" if config.cache.kv_cache_dtype == "int8" else "")
+            + (f"|tp={config.tensor_parallel_size}" if config.tensor_parallel_size > 1 else "")
             # every compiled path computes the same bits; the PyTorch reference does not
             + (f"|kernels={'reference' if kernels.isa() == 'reference' else 'compiled'}" if on_kernels else ""))
 
@@ -80,9 +81,10 @@ def build_parts(config: EngineConfig, *, cache_dir: Path | None = None, progress
     def probe() -> torch.dtype:  # asked only for a model off the kernels (they have no dense products)
         return kernel_probe.dense_dtype(config.dense_dtype, config.torch_dtype, cache_dir)
 
+    tp = _tensor_group(config)
     loaded = model_loader.load(config.model, dtype=config.torch_dtype, block_size=config.cache.block_size,
                                deterministic=config.deterministic, cache_dir=cache_dir, progress=progress,
-                               quantization=config.quantization, dense_dtype=probe)
+                               quantization="none" if tp else config.quantization, dense_dtype=probe)
     if config.task == "embed":  # its output is its last hidden states, not logits (embed/decoder.py)
         strip_head(loaded.model)
     if config.deterministic and not loaded.kernels:
@@ -90,9 +92,12 @@ def build_parts(config: EngineConfig, *, cache_dir: Path | None = None, progress
     load_seconds = time.perf_counter() - t0
     cfg, cache, dtype = loaded.config, config.cache, config.torch_dtype
     kv_type = kv_dtype(cache, dtype)
-    blocks = num_kv_blocks(cfg, cache, kv_type)
+    # Under tensor parallelism rank 0 holds the most KV heads: its pool size fits every rank.
+    local = _shard(loaded.model, cfg, 0, config) if tp else cfg
+    blocks = num_kv_blocks(local, cache, kv_type)
     key = model_key(loaded.path, config, loaded.dense_dtype, loaded.kernels)
-    tiers = kv_tiers(cfg, cache, kv_type, key) if cache.enable_prefix_caching else None
+    # A rank's warm/cold copies would hold only its heads' pages: hot prefix caching only.
+    tiers = kv_tiers(cfg, cache, kv_type, key) if cache.enable_prefix_caching and not tp else None
     kv = KVCacheManager(blocks, cache.block_size, layout_for(cfg).windows,
                         enable_caching=cache.enable_prefix_caching, tiers=tiers, session_ttl=cache.session_ttl)
     # Prompt and generated rows on different weight formats: their blocks are hashed apart.
@@ -102,8 +107,10 @@ def build_parts(config: EngineConfig, *, cache_dir: Path | None = None, progress
                           max_loras=lora.max_loras if lora.enabled else 0)
     structured = StructuredOutputs(loaded.tokenizer, cfg.vocab_size)
     slots = LoRASlots(loaded.model, lora.max_loras, lora.max_lora_rank) if lora.enabled else None
-    runner = ModelRunner(loaded.model, cfg, blocks, cache.block_size, dtype, config.deterministic,
-                         kernels=loaded.kernels, structured=structured, lora=slots, kv_dtype=kv_type)
+    if tp:
+        tp.send("start", blocks)  # the workers build their runners on their shards meanwhile
+    runner = ModelRunner(loaded.model, local, blocks, cache.block_size, dtype, config.deterministic,
+                         kernels=loaded.kernels, structured=structured, lora=slots, kv_dtype=kv_type, tp=tp)
     adapters = None
     if slots is not None:
         adapters = AdapterRegistry(slots.where, lora.max_lora_rank)
@@ -116,6 +123,52 @@ def build_parts(config: EngineConfig, *, cache_dir: Path | None = None, progress
                                       cache_dir=cache_dir, quantization=config.quantization,
                                       dense_dtype=loaded.dense_dtype)
     return EngineParts(loaded, key, kv, scheduler, runner, structured, proposer, load_seconds, adapters)
+
+
+def _tensor_group(config: EngineConfig):
+    """Start the tensor-parallel workers (None without tensor parallelism); each rank,
+    this one included, runs on cores / size threads."""
+    if config.tensor_parallel_size == 1:
+        return None
+    from tierlm.parallel.group import TensorGroup
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return TensorGroup(config, max(1, cores // config.tensor_parallel_size))
+
+
+def _shard(model, cfg: ModelConfig, rank: int, config: EngineConfig) -> ModelConfig:
+    """Keep rank `rank`'s part of `model`; returns its local config (heads, KV heads)."""
+    from tierlm.attention import registry
+    from tierlm.parallel import shard
+
+    p = shard.plan(cfg, rank, config.tensor_parallel_size)
+    local = shard.local_config(cfg, p)
+    attention = registry.make(registry.choose(on_kernels=False), local, config.cache.block_size)
+    return shard.shard_model(model, cfg, p, attention)
+
+
+def load_shard(config: EngineConfig, rank: int, cache_dir: Path | None = None):
+    """A tensor-parallel worker's model: loaded whole (dense), then cut to rank `rank`'s part."""
+    cache_dir = cache_dir or default_cache_dir()
+
+    def probe() -> torch.dtype:
+        return kernel_probe.dense_dtype(config.dense_dtype, config.torch_dtype, cache_dir)
+
+    loaded = model_loader.load(config.model, dtype=config.torch_dtype, block_size=config.cache.block_size,
+                               deterministic=config.deterministic, cache_dir=cache_dir, quantization="none",
+                               dense_dtype=probe)
+    if config.deterministic:
+        kernel_probe.ensure_probed(loaded.model, cache_dir)
+    return loaded.model, _shard(loaded.model, loaded.config, rank, config)
+
+
+def shard_runner(config: EngineConfig, model, local: ModelConfig, num_blocks: int) -> ModelRunner:
+    """A worker's runner: its shard and KV cache, stepping on rank 0's contracts, never sampling."""
+    kv_type = kv_dtype(config.cache, config.torch_dtype)
+    runner = ModelRunner(model, local, num_blocks, config.cache.block_size, config.torch_dtype,
+                         config.deterministic, kv_dtype=kv_type)
+    runner.samples = False
+    return runner
 
 
 def build_engine(config: EngineConfig, *, cache_dir: Path | None = None, progress: bool = False):

@@ -209,10 +209,12 @@ class LLMEngine:
                 self.kv.free(probe)
 
     def close(self) -> None:
-        """Flush cached KV to the cold tier (if configured) so a restart finds it."""
+        """Flush cached KV to the cold tier (if configured) so a restart finds it; stop the
+        tensor-parallel workers."""
         if self.kv.tiers is not None:
             self._carry_out_transfers()  # saves planned after the last step
             self.kv.tiers.flush_to_cold(dict(self.kv.pool.cached), self.runner.read_block)
+        self.runner.close()
 
     def _carry_out_transfers(self) -> None:
         """KV tier saves and loads planned outside a step (allocations there evict too)."""

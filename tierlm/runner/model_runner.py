@@ -46,8 +46,12 @@ class ModelRunner:
     def __init__(self, model: nn.Module, cfg: ModelConfig, num_blocks: int, block_size: int,
                  dtype: torch.dtype, deterministic: bool = True, kernels: bool = False,
                  structured: StructuredOutputs | None = None, lora: LoRASlots | None = None,
-                 kv_dtype: torch.dtype | None = None) -> None:
+                 kv_dtype: torch.dtype | None = None, tp=None) -> None:
         self.model = model
+        # Tensor parallelism (parallel/group.py): rank 0's runner hands each call to the
+        # workers first; a worker's runner makes the same calls and never samples.
+        self.tp = tp
+        self.samples = True
         self.lora = lora  # LoRA adapter slots over the model (None: LoRA not enabled)
         self.structured = structured  # grammar states of constrained requests (None: unconstrained only)
         self._requests: dict[str, _RequestState] = {}
@@ -117,6 +121,8 @@ class ModelRunner:
     def many_logits(self, seqs: list[tuple[list[int], list[list[int]], int]]) -> list[torch.Tensor]:
         """all_logits for several sequences (ids, block tables, prompt length) in one forward;
         each sequence's rows are what it would get alone (the batch-invariant kernels)."""
+        if self.tp is not None:
+            self.tp.send("many_logits", seqs)
         scheds = [ScheduledRequest(f"score-{k}", ids, 0, tables, False, cut)
                   for k, (ids, tables, cut) in enumerate(seqs)]
         batch = self._build(SchedulerOutput(scheds))
@@ -131,6 +137,12 @@ class ModelRunner:
         # rows (its prompt rows, then its generated ones: position order).
         owner = batch.row_request.long()
         return [logits[owner == k] for k in range(len(seqs))]
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any."""
+        if self.tp is not None:
+            self.tp.close()
+            self.tp = None
 
     def transfer(self, saves: list[BlockSave], loads: list[BlockLoad]) -> dict:
         """Carry out KV tier traffic: read the saved blocks' pages first (nothing has written
@@ -184,26 +196,48 @@ class ModelRunner:
     def _start(self, new: NewRequest) -> None:
         p = new.sampling_params
         self._requests[new.request_id] = _RequestState(new.prompt_token_ids, list(new.output_token_ids), p, new.seed)
-        if p.guided is not None:
+        if p.guided is not None and self.samples:
             if self.structured is None:
                 raise RuntimeError("a constrained request reached a runner without structured outputs")
             self.structured.start(new.request_id, p.guided)
 
-    @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> StepResult:
+    def _prepare(self, out: SchedulerOutput) -> tuple[SchedulerOutput, dict, ForwardBatch | None]:
+        """A step's bookkeeping before its forward: request state, KV tier traffic, block
+        copies, the batch (None when nothing is scheduled)."""
         out = self._track(out)
         saved = self.transfer(out.block_saves, out.block_loads)
         self.copy_blocks(out.block_copies)  # before the forward writes either block
         if not out.scheduled:
-            return StepResult(saved_blocks=saved)
+            return out, saved, None
         batch = self._build(out)
         if self.lora is not None:
             self._lora_rows(out, batch)
+        return out, saved, batch
+
+    def _rows_wanted(self, out: SchedulerOutput, batch: ForwardBatch) -> tuple[torch.Tensor, list]:
+        """The rows whose logits a step needs: sampled rows, then prompt-scoring rows."""
+        score_rows, targets = _prompt_scoring_rows(out, batch.prompt_row_starts, self._requests)
+        return torch.cat([batch.logits_indices, torch.tensor(score_rows, dtype=torch.long)]), targets
+
+    @torch.inference_mode()
+    def forward_step(self, out: SchedulerOutput) -> None:
+        """A tensor-parallel worker's share of `execute`: the same state and forward, no sampling."""
+        out, _, batch = self._prepare(out)
+        if batch is not None:
+            self._forward(batch, self._rows_wanted(out, batch)[0])
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> StepResult:
+        if self.tp is not None:
+            self.tp.send("forward_step", out)
+        out, saved, batch = self._prepare(out)
+        if batch is None:
+            return StepResult(saved_blocks=saved)
         ids = batch.sample_request_ids
         by_id = {s.request_id: s for s in out.scheduled}
         masks = self.structured.masks(ids) if self.structured is not None else None
-        score_rows, targets = _prompt_scoring_rows(out, batch.prompt_row_starts, self._requests)
-        logits = self._forward(batch, torch.cat([batch.logits_indices, torch.tensor(score_rows, dtype=torch.long)]))
+        rows_wanted, targets = self._rows_wanted(out, batch)
+        logits = self._forward(batch, rows_wanted)
         scored = _score_prompt(logits[len(ids):], targets)
         logits = logits[: len(ids)]
         allowed = masks.result() if masks is not None else {}
