@@ -380,6 +380,9 @@ def _start_ray(tierset: TierSetConfig, opts: ServeOptions) -> None:
     lora = [t.name for t in tierset.tiers if t.lora_base is not None or t.engine.lora.enabled]
     if lora:
         raise StartupError(f"LoRA adapters are not served over replicas (--data-parallel-size): {', '.join(lora)}")
+    if any(t.engine.tensor_parallel_size > 1 for t in tierset.tiers):
+        raise StartupError("replicas of a tensor-parallel model are not supported: use --data-parallel-size or "
+                           "--tensor-parallel-size")
     cores = cluster.local_cpus()
     try:
         cluster.connect(opts.ray_address, max(cores, opts.data_parallel_size * _replica_threads(opts)))
