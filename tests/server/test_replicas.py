@@ -148,6 +148,21 @@ def test_a_transfer_gives_cached_tokens_and_the_recomputed_output(server, ops):
     assert pulled["choices"][0]["text"] == fresh["choices"][0]["text"]
 
 
+def test_a_client_gone_mid_stream_aborts_on_its_replica(ops):
+    def running() -> float:
+        return sum(v for (n, _), v in _samples(ops).items() if n == "tierlm:replica_requests_running")
+
+    with ops.stream("POST", "/v1/completions", json={"model": "text", "prompt": "Count slowly:", "max_tokens": 400,
+                                                    "temperature": 0, "ignore_eos": True, "stream": True}) as r:
+        chunks = 0
+        for line in r.iter_lines():
+            chunks += line.startswith("data: {")
+            if chunks == 3:
+                break
+    # 400 tokens take a replica on one thread well over 10 s: stopping within 5 s is the abort.
+    wait_for(lambda: running() == 0, 5)
+
+
 def test_quota_is_one_across_replicas(server, ops):
     with http_client(server, "key-small") as small:
         before = _routed(_samples(ops))

@@ -317,6 +317,10 @@ class AsyncEngine:
         log.warning("rebuilding the engine (restart %d of at most %d in %.0f s)", len(self.restarts),
                     self.max_restarts, self.restart_window_s)
         try:
+            self.engine.close()  # what it holds outside this process (tensor-parallel workers) first
+        except Exception:  # noqa: BLE001 - it failed already; the rebuild is what matters
+            log.exception("closing the failed engine")
+        try:
             self.engine = self._factory()
         except BaseException as e:  # noqa: BLE001 - a rebuild that fails leaves the engine dead
             self.error = f"{failure}; rebuilding the engine failed: {type(e).__name__}: {e}"

@@ -78,10 +78,19 @@ def build_parts(config: EngineConfig, *, cache_dir: Path | None = None, progress
     t0 = time.perf_counter()
     cache_dir = cache_dir or default_cache_dir()
 
+    tp = _tensor_group(config)
+    try:
+        return _build_parts(config, tp, cache_dir, progress, t0)
+    except BaseException:
+        if tp is not None:  # the workers wait for orders: stop them
+            tp.close()
+        raise
+
+
+def _build_parts(config: EngineConfig, tp, cache_dir: Path, progress: bool, t0: float) -> EngineParts:
     def probe() -> torch.dtype:  # asked only for a model off the kernels (they have no dense products)
         return kernel_probe.dense_dtype(config.dense_dtype, config.torch_dtype, cache_dir)
 
-    tp = _tensor_group(config)
     loaded = model_loader.load(config.model, dtype=config.torch_dtype, block_size=config.cache.block_size,
                                deterministic=config.deterministic, cache_dir=cache_dir, progress=progress,
                                quantization="none" if tp else config.quantization, dense_dtype=probe)

@@ -151,9 +151,10 @@ class ReplicaSet:
             if slot.live:
                 self.metrics.observe(slot.index, slot.stats, self.router.outstanding(slot.index))
 
-    def _lose(self, slot: _Slot, why: str) -> None:
-        """Take a dead (or wedged) replica out of routing and start its replacement."""
-        if not slot.live:
+    def _lose(self, slot: _Slot, why: str, actor=None) -> None:
+        """Take a dead (or wedged) replica out of routing and start its replacement (`actor`:
+        the one that failed, when known: a stale failure never takes down its replacement)."""
+        if not slot.live or (actor is not None and actor is not slot.actor):
             return
         log.warning("replica %d (pid %d) is gone: %s", slot.index, slot.pid, why)
         slot.live = False
@@ -237,15 +238,16 @@ class ReplicaSet:
     def prepare(self, ids: list[int], params: SamplingParams) -> None:
         """Validate on a replica (limits and the output constraint are the model's): blocking,
         the server calls it on a worker thread."""
-        slot = next((s for s in self.slots if s.live), None)
-        if slot is None:
-            self.check_admission()
-        try:
-            ray.get(slot.actor.prepare.remote(ids, params))
-        except RayTaskError as e:
-            raise _cause(e) from None
-        except RayActorError:
-            pass  # the replica died meanwhile: admission and routing see to it
+        for slot in [s for s in self.slots if s.live]:
+            try:
+                ray.get(slot.actor.prepare.remote(ids, params))
+                return
+            except RayTaskError as e:
+                raise _cause(e) from None
+            except RayActorError:
+                continue  # it died meanwhile: ask another
+        self.check_admission()  # none left: the reason as an engine error
+        raise ReplicaLostError("no replica is serving")
 
     def check_admission(self, count: int = 1) -> None:
         if not self.healthy:
@@ -304,6 +306,7 @@ class ReplicaSet:
                 except ValueError:
                     raise ReplicaLostError("no replica is serving; replacements are starting") from None
                 slot = self.slots[decision.replica]
+                actor = slot.actor
                 self.router.routed(slot.index, hashes, budget, session_id)
                 if self.metrics is not None:
                     self.metrics.routed(slot.index, decision.reason)
@@ -326,7 +329,7 @@ class ReplicaSet:
                             self._learn(slot.index, ids, out, cache_salt)
                             return
                 except RayActorError:
-                    self._lose(slot, "it died while serving")
+                    self._lose(slot, "it died while serving", actor)
                     if last is not None:
                         if self.metrics is not None:
                             self.metrics.lost(slot.index)

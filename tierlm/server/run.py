@@ -1,6 +1,7 @@
 """`tierlm serve`: load the TierSet's models, bind, serve with uvicorn, warm up, drain on SIGTERM.
 
-Each tier runs its own engine thread. Under a tenant config the engines schedule with
+Each tier runs its own engine thread, or with --data-parallel-size N (or --ray-address)
+N engine replicas as Ray actors behind the same front end (tierlm/scale). Under a tenant config the engines schedule with
 the "fair" policy and the tenants' weights unless `--scheduling-policy` says
 otherwise. Warm-up runs one request per tier before
 the server reports ready; it also seeds each tier's step-time measurements.
