@@ -11,8 +11,8 @@ from tierlm.llm import LLM
 from tierlm.parallel.shard import plan, split
 from tierlm.sampling_params import SamplingParams
 
-PROMPTS = [list(range(100, 180)), list(range(2000, 2013)), list(range(500, 547))]
-GREEDY = SamplingParams(max_tokens=12, temperature=0, logprobs=2, ignore_eos=True)
+PROMPTS = [list(range(100, 164)), list(range(2000, 2013)), list(range(500, 531))]
+GREEDY = SamplingParams(max_tokens=6, temperature=0, logprobs=2, ignore_eos=True)
 
 
 def _run(llm: LLM, prompts: list[list[int]]) -> list[tuple[list[int], list]]:
@@ -55,9 +55,9 @@ def test_the_plan_splits_kv_heads_with_their_query_heads():
     cfg = ModelConfig("llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
                       num_heads=9, num_kv_heads=3, head_dim=64, max_position_embeddings=8192)
     a, b = plan(cfg, 0, 2), plan(cfg, 1, 2)
-    assert (a.kv_heads, a.heads, b.kv_heads, b.heads) == (range(0, 2), range(0, 6), range(2, 3), range(6, 9))
-    assert (a.intermediate, b.intermediate, a.vocab, b.vocab) == (range(0, 768), range(768, 1536),
-                                                                  range(0, 24576), range(24576, 49152))
+    assert (a.kv_heads, a.heads, b.kv_heads, b.heads) == (range(2), range(6), range(2, 3), range(6, 9))
+    assert (a.intermediate, b.intermediate, a.vocab, b.vocab) == (range(768), range(768, 1536),
+                                                                  range(24576), range(24576, 49152))
     assert [len(split(10, 3, r)) for r in range(3)] == [4, 3, 3]
     with pytest.raises(ConfigError, match="exceeds the model's 3 KV heads"):
         plan(cfg, 0, 4)

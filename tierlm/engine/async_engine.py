@@ -318,7 +318,7 @@ class AsyncEngine:
                     self.max_restarts, self.restart_window_s)
         try:
             self.engine.close()  # what it holds outside this process (tensor-parallel workers) first
-        except Exception:  # noqa: BLE001 - it failed already; the rebuild is what matters
+        except Exception:  # it failed already; the rebuild is what matters
             log.exception("closing the failed engine")
         try:
             self.engine = self._factory()
