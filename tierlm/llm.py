@@ -67,7 +67,8 @@ class LLM:
         self._model = config.model
 
     def close(self) -> None:
-        """Write cached KV to the cold tier (`kv_cold_dir`) so the next process can reuse it."""
+        """Write cached KV to the cold tier (`kv_cold_dir`) so the next process can reuse it, and
+        stop the tensor-parallel workers (`tensor_parallel_size` > 1)."""
         if self.engine is not None:
             self.engine.close()
 

@@ -25,7 +25,7 @@ def single():
     llm = LLM(dtype="float32", debug_invariants=False)
     logits = llm.engine.prompt_logits(PROMPTS[0])
     tokens = [t for t, _ in _run(llm, PROMPTS)]
-    llm.engine.close()
+    llm.close()
     return logits, tokens
 
 
@@ -33,7 +33,7 @@ def single():
 def tp2():
     llm = LLM(dtype="float32", tensor_parallel_size=2)  # debug invariants on: every step checked
     yield llm
-    llm.engine.close()
+    llm.close()
 
 
 def test_logits_match_one_process_within_1e4(single, tp2):

@@ -81,16 +81,16 @@ def test_transfer_pays_when_the_prefill_takes_longer():
 
 
 def test_replica_totals_stay_monotonic_when_a_replica_is_replaced():
-    from tierlm.scale.replica_set import _add_totals, _combined
+    from tierlm.scale.stats import add_totals, combined
 
     a = EngineStats(running=2, prefix_hits=100, kv_usage=0.5, kv_tiers={"hits": {"warm": 3}, "usage": {"hot": 10}})
     b = EngineStats(running=1, prefix_hits=40, kv_usage=0.1, kv_tiers={"hits": {"warm": 1}, "usage": {"hot": 4}})
-    both = _combined([a, b], EngineStats())
+    both = combined([a, b], EngineStats())
     assert (both.running, both.prefix_hits, both.kv_usage) == (3, 140, pytest.approx(0.3))
     assert both.kv_tiers == {"hits": {"warm": 4}, "moved": {}, "usage": {"hot": 14}}
     retired = EngineStats()
-    _add_totals(retired, b)  # b died; its replacement starts from zero
-    after = _combined([a, EngineStats()], retired)
+    add_totals(retired, b)  # b died; its replacement starts from zero
+    after = combined([a, EngineStats()], retired)
     assert (after.running, after.prefix_hits, after.kv_tiers["hits"]) == (2, 140, {"warm": 4})
 
 

@@ -34,12 +34,13 @@ from tierlm.engine.async_engine import (
     ReplicaLostError,
     RequestTiming,
 )
-from tierlm.kv_cache import prefix_hash
 from tierlm.outputs import RequestOutput
 from tierlm.sampling_params import SamplingParams
 from tierlm.scale.replica import EngineReplica
-from tierlm.scale.router import Decision, PrefixRouter
+from tierlm.scale.router import BlockKeys, Decision, PrefixRouter
+from tierlm.scale.stats import add_totals, combined
 from tierlm.scale.transfer import TransferModel
+from tierlm.server.metrics import ReplicaMetrics
 from tierlm.tenancy.routing import TierLoad
 
 log = logging.getLogger("tierlm.replicas")
@@ -47,6 +48,16 @@ log = logging.getLogger("tierlm.replicas")
 _POLL_S = 0.25  # replica stats and liveness
 _STATS_TIMEOUT_S = 30.0  # a replica silent this long (its loop wedged) is treated as dead
 _PROBE_BYTES = 16 << 20
+
+
+@dataclass
+class _Run:
+    """One request across the replicas it runs on (more than one only if one dies)."""
+
+    prompt_tokens: int
+    budget: int  # outstanding tokens it books: prompt + max_tokens per sequence
+    timing: RequestTiming
+    last: RequestOutput | None = None  # the last output handed to the caller
 
 
 @dataclass
@@ -68,18 +79,19 @@ class ReplicaSet:
     def __init__(self, config: EngineConfig, *, size: int, threads: int, routing: str = "prefix",
                  overload_tokens: int = 2048, max_queued_requests: int = 1024,
                  on_finish: Callable[[FinishedRequest], None] | None = None,
-                 on_step: Callable[[EngineStats], None] | None = None, metrics=None,
+                 on_step: Callable[[EngineStats], None] | None = None, metrics: ReplicaMetrics,
                  max_restarts: int = 3, restart_window_s: float = 300.0) -> None:
         self.config, self.size, self.threads = config, size, threads
         self.routing, self.overload_tokens = routing, overload_tokens
         self.max_queued = max_queued_requests
         self.on_finish = on_finish or (lambda f: None)
         self.on_step = on_step or (lambda s: None)
-        self.metrics = metrics  # server/metrics.py ReplicaMetrics, or None
+        self.metrics = metrics
         self.max_restarts, self.restart_window_s = max_restarts, restart_window_s
         self._actor_class = ray.remote(EngineReplica).options(num_cpus=threads, max_restarts=0)
         self.slots = [_Slot(i) for i in range(size)]
         self.router: PrefixRouter | None = None
+        self.keys: BlockKeys | None = None
         self.transfer: TransferModel | None = None
         self.info: dict = {}
         self._retired = EngineStats()  # running totals of replicas that died (counters stay monotonic)
@@ -99,6 +111,8 @@ class ReplicaSet:
         for slot, info in zip(self.slots, infos):
             slot.live, slot.pid = True, info["pid"]
         self.info = infos[0]
+        self.keys = BlockKeys(self.info["model_key"], self.info["block_size"], self.info["caching"],
+                              self.info["split_formats"])
         self.router = PrefixRouter(self.size, self.info["capacity_blocks"], routing=self.routing,
                                    overload_tokens=self.overload_tokens)
         if self.size > 1:
@@ -141,15 +155,14 @@ class ReplicaSet:
 
     def _publish(self) -> None:
         live = [s for s in self.slots if s.live]
-        self.on_step(_combined([s.stats for s in live], self._retired))
+        self.on_step(combined([s.stats for s in live], self._retired))
         for s in live:
             self._observe(s)
 
     def _observe(self, slot: _Slot) -> None:
-        if self.metrics is not None:
-            self.metrics.up(slot.index, slot.live)
-            if slot.live:
-                self.metrics.observe(slot.index, slot.stats, self.router.outstanding(slot.index))
+        self.metrics.up(slot.index, slot.live)
+        if slot.live:
+            self.metrics.observe(slot.index, slot.stats, self.router.outstanding(slot.index))
 
     def _lose(self, slot: _Slot, why: str, actor=None) -> None:
         """Take a dead (or wedged) replica out of routing and start its replacement (`actor`:
@@ -159,7 +172,7 @@ class ReplicaSet:
         log.warning("replica %d (pid %d) is gone: %s", slot.index, slot.pid, why)
         slot.live = False
         self.router.lost(slot.index)
-        _add_totals(self._retired, slot.stats)
+        add_totals(self._retired, slot.stats)
         slot.stats = EngineStats()
         self._observe(slot)
         _kill(slot.actor)
@@ -188,8 +201,7 @@ class ReplicaSet:
             return
         slot.live, slot.pid = True, info["pid"]
         self.router.joined(slot.index)
-        if self.metrics is not None:
-            self.metrics.restarted(slot.index)
+        self.metrics.restarted(slot.index)
         self._observe(slot)
         log.info("replica %d replaced (pid %d)", slot.index, slot.pid)
 
@@ -274,16 +286,6 @@ class ReplicaSet:
                 s.actor.cancel_all.remote(message)
 
     # ---- requests -----------------------------------------------------------------------
-    def _hashes(self, ids: list[int], cache_salt: str | None) -> list[bytes]:
-        if not self.info.get("caching"):
-            return []
-        hashes: list[bytes] = []
-        prefix_hash.extend(hashes, ids, self.info["block_size"], self._root(cache_salt))
-        return hashes
-
-    def _root(self, cache_salt: str | None) -> bytes:
-        return prefix_hash.root_hash(self.info["model_key"], cache_salt or "")
-
     async def generate(self, request_id: str, ids: list[int], params: SamplingParams, priority: int = 0,
                        cache_salt: str | None = None, session_id: str | None = None, tenant: str = "default",
                        lora: object | None = None) -> AsyncIterator[RequestOutput]:
@@ -292,60 +294,74 @@ class ReplicaSet:
         if lora is not None:
             raise EngineDeadError("LoRA adapters are not served over replicas")
         self.check_admission()
-        hashes = self._hashes(ids, cache_salt)
+        hashes = self.keys.of_prompt(ids, cache_salt)
         per_seq = params.max_tokens if params.max_tokens is not None else self.info["max_model_len"] - len(ids)
-        budget = len(ids) + per_seq * params.num_sequences
-        timing = RequestTiming(time.perf_counter())
+        run = _Run(len(ids), len(ids) + per_seq * params.num_sequences, RequestTiming(time.perf_counter()))
         self._inflight += 1
-        last: RequestOutput | None = None
         tried: set[int] = set()
         try:
             while True:
+                slot, actor = await self._route(hashes, session_id, run.budget, frozenset(tried))
                 try:
-                    decision = self.router.choose(hashes, session_id, frozenset(tried))
-                except ValueError:
-                    raise ReplicaLostError("no replica is serving; replacements are starting") from None
-                slot = self.slots[decision.replica]
-                actor = slot.actor
-                self.router.routed(slot.index, hashes, budget, session_id)
-                if self.metrics is not None:
-                    self.metrics.routed(slot.index, decision.reason)
-                if decision.holder is not None:
-                    await self._pull(decision, hashes)
-                done = 0  # of the budget
-                try:
-                    async for out in self._stream(slot, request_id, ids, params, priority, cache_salt, session_id,
-                                                  tenant):
-                        new = sum(len(c.delta_token_ids) for c in out.outputs)
-                        if new and timing.first_token is None:
-                            timing.first_token = time.perf_counter()
-                        timing.num_output_tokens += new
-                        step = new + (len(ids) if done == 0 else 0)  # the first output: the prompt is done
-                        done += step
-                        self.router.progressed(slot.index, step)
-                        last = out
-                        yield out
-                        if out.finished:
-                            self._learn(slot.index, ids, out, cache_salt)
-                            return
+                    # aclosing: a caller that leaves closes the replica's stream now (its abort), not at collection
+                    async with contextlib.aclosing(self._follow(slot, run, request_id, ids, params, priority,
+                                                                cache_salt, session_id, tenant)) as outs:
+                        async for out in outs:
+                            yield out
+                    return
                 except RayActorError:
                     self._lose(slot, "it died while serving", actor)
-                    if last is not None:
-                        if self.metrics is not None:
-                            self.metrics.lost(slot.index)
+                    if run.last is not None:  # the caller has part of it: it cannot run again unseen
+                        self.metrics.lost(slot.index)
                         raise ReplicaLostError(f"replica {slot.index} died") from None
-                    if self.metrics is not None:
-                        self.metrics.requeued(slot.index)
+                    self.metrics.requeued(slot.index)
                     tried.add(slot.index)
-                    continue
-                finally:
-                    self.router.progressed(slot.index, budget - done)
         finally:
             self._inflight -= 1
-            timing.finished = time.perf_counter()
-            finished = last is not None and last.finished
-            self.on_finish(FinishedRequest(request_id, len(ids), last if finished else None, timing,
+            run.timing.finished = time.perf_counter()
+            finished = run.last is not None and run.last.finished
+            self.on_finish(FinishedRequest(request_id, len(ids), run.last if finished else None, run.timing,
                                            aborted=not finished, tenant=tenant))
+
+    async def _route(self, hashes: list[bytes], session_id: str | None, budget: int,
+                     tried: frozenset[int]) -> tuple[_Slot, object]:
+        """Choose a replica (not one the request was lost on), book the request there, and pull
+        a longer cached prefix into it when that pays; (its slot, its actor now)."""
+        try:
+            decision = self.router.choose(hashes, session_id, tried)
+        except ValueError:
+            raise ReplicaLostError("no replica is serving; replacements are starting") from None
+        slot = self.slots[decision.replica]
+        self.router.routed(slot.index, hashes, budget, session_id)
+        self.metrics.routed(slot.index, decision.reason)
+        if decision.holder is not None:
+            await self._pull(decision, hashes)
+        return slot, slot.actor
+
+    async def _follow(self, slot: _Slot, run: _Run, request_id: str, ids: list[int], params: SamplingParams,
+                      priority: int, cache_salt: str | None, *args) -> AsyncIterator[RequestOutput]:
+        """The request's outputs from `slot`, keeping its timing and the replica's outstanding
+        tokens (whatever is left of its budget is released when this ends, however it ends)."""
+        done = 0
+        stream = self._stream(slot, request_id, ids, params, priority, cache_salt, *args)
+        try:
+            async for out in stream:
+                new = sum(len(c.delta_token_ids) for c in out.outputs)
+                if new and run.timing.first_token is None:
+                    run.timing.first_token = time.perf_counter()
+                run.timing.num_output_tokens += new
+                step = new + (run.prompt_tokens if done == 0 else 0)  # the first output: the prompt is done
+                done += step
+                self.router.progressed(slot.index, step)
+                run.last = out
+                yield out
+                if out.finished:
+                    if len(out.outputs) == 1:  # its output's full blocks are cached there too
+                        self.router.record(slot.index, self.keys.of_output(ids, out.outputs[0].token_ids, cache_salt))
+                    return
+        finally:
+            await stream.aclose()
+            self.router.progressed(slot.index, run.budget - done)
 
     async def _stream(self, slot: _Slot, request_id: str, ids: list[int], params: SamplingParams,
                       *args) -> AsyncIterator[RequestOutput]:
@@ -366,16 +382,6 @@ class ReplicaSet:
                 with contextlib.suppress(Exception):  # the replica is gone or the task done
                     ray.cancel(gen)
 
-    def _learn(self, replica: int, ids: list[int], out: RequestOutput, cache_salt: str | None) -> None:
-        """A finished single-sequence request leaves its output's full blocks cached too."""
-        if len(out.outputs) != 1 or not self.info.get("caching"):
-            return
-        tokens = ids + list(out.outputs[0].token_ids)[:-1]  # the last token's KV is never computed
-        hashes: list[bytes] = []
-        generated_from = len(ids) if self.info.get("split_formats") else None
-        prefix_hash.extend(hashes, tokens, self.info["block_size"], self._root(cache_salt), generated_from)
-        self.router.record(replica, hashes)
-
     async def _pull(self, d: Decision, hashes: list[bytes]) -> None:
         """Bring the holder's longer prefix into the chosen replica when that beats prefill."""
         blocks = d.holder_matched - d.matched
@@ -383,8 +389,7 @@ class ReplicaSet:
         target, holder = self.slots[d.replica], self.slots[d.holder]
         prefill = target.stats.prefill_s_per_token
         if not self.transfer.worth_it(nbytes, blocks * self.info["block_size"], prefill):
-            if self.metrics is not None:
-                self.metrics.transfer(d.replica, "skipped")
+            self.metrics.transfer(d.replica, "skipped")
             return
         t0 = time.perf_counter()
         try:
@@ -392,14 +397,12 @@ class ReplicaSet:
             taken = await target.actor.import_prefix.remote(pages)
         except (RayActorError, RayTaskError) as e:
             log.warning("KV transfer %d -> %d failed: %s", d.holder, d.replica, _cause(e))
-            if self.metrics is not None:
-                self.metrics.transfer(d.replica, "failed")
+            self.metrics.transfer(d.replica, "failed")
             return
         moved = taken * self.info["block_bytes"]
         self.transfer.observe(moved, time.perf_counter() - t0)
         self.router.record(d.replica, hashes[:d.holder_matched])
-        if self.metrics is not None:
-            self.metrics.transfer(d.replica, "done", moved)
+        self.metrics.transfer(d.replica, "done", moved)
 
 
 def _kill(actor) -> None:
@@ -411,37 +414,3 @@ def _cause(e: BaseException) -> BaseException:
     """The exception a replica raised (Ray wraps it), or `e` itself."""
     cause = getattr(e, "cause", None)
     return cause if isinstance(cause, Exception) else e
-
-
-_COUNTERS = ("preemptions", "prefix_queries", "prefix_hits", "kv_evictions", "spec_draft_tokens",
-             "spec_accepted_tokens")
-
-
-def _add_totals(into: EngineStats, s: EngineStats) -> None:
-    """Add `s`'s running totals (counters, KV tier hits and bytes moved) to `into`."""
-    for name in _COUNTERS:
-        setattr(into, name, getattr(into, name) + getattr(s, name))
-    for group in ("hits", "moved"):
-        mine = into.kv_tiers.setdefault(group, {})
-        for k, v in s.kv_tiers.get(group, {}).items():
-            mine[k] = mine.get(k, 0) + v
-
-
-def _combined(live: list[EngineStats], retired: EngineStats) -> EngineStats:
-    """The tier's stats: live replicas' gauges summed (KV usage and step times averaged),
-    running totals over every replica that ever served."""
-    n = max(1, len(live))
-    out = EngineStats(running=sum(s.running for s in live), waiting=sum(s.waiting for s in live),
-                      backlog_tokens=sum(s.backlog_tokens for s in live),
-                      kv_usage=sum(s.kv_usage for s in live) / n, step_s=sum(s.step_s for s in live) / n,
-                      idle_step_s=sum(s.idle_step_s for s in live) / n,
-                      prefill_s_per_token=sum(s.prefill_s_per_token for s in live) / n)
-    for s in [*live, retired]:
-        _add_totals(out, s)
-    usage: dict[str, int] = {}
-    for s in live:
-        for k, v in s.kv_tiers.get("usage", {}).items():
-            usage[k] = usage.get(k, 0) + v
-    if usage:
-        out.kv_tiers["usage"] = usage
-    return out

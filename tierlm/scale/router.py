@@ -1,5 +1,6 @@
 """Which replica runs a request: session stickiness, then the longest cached prefix unless
-that replica is overloaded, else the least loaded. Pure bookkeeping, no I/O.
+that replica is overloaded, else the least loaded. Pure bookkeeping, no I/O (the block
+hashes come from BlockKeys, the prefix cache's own chain).
 
 What each replica holds is tracked here, not asked of it: the block hashes of every prompt
 (and, once it finishes, every computed output block) sent to a replica are recorded
@@ -23,7 +24,35 @@ import itertools
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from tierlm.kv_cache import prefix_hash
+
 ROUTINGS = ("prefix", "round_robin")
+
+
+@dataclass(frozen=True)
+class BlockKeys:
+    """A replica model's prefix-cache block hashes, computed here exactly as its engine does
+    (kv_cache/prefix_hash.py: the chain starts from the model key and the request's salt)."""
+
+    model_key: str
+    block_size: int
+    caching: bool  # prefix caching on: otherwise nothing is ever held
+    split_formats: bool  # generated blocks hashed apart (prefix_hash.extend)
+
+    def of_prompt(self, ids: list[int], cache_salt: str | None) -> list[bytes]:
+        return self._chain(ids, cache_salt, None)
+
+    def of_output(self, ids: list[int], output_ids, cache_salt: str | None) -> list[bytes]:
+        """The blocks a finished request leaves cached: prompt and output but the last token
+        (its KV is never computed)."""
+        return self._chain(ids + list(output_ids)[:-1], cache_salt, len(ids) if self.split_formats else None)
+
+    def _chain(self, tokens: list[int], cache_salt: str | None, generated_from: int | None) -> list[bytes]:
+        hashes: list[bytes] = []
+        if self.caching:
+            root = prefix_hash.root_hash(self.model_key, cache_salt or "")
+            prefix_hash.extend(hashes, tokens, self.block_size, root, generated_from)
+        return hashes
 
 
 @dataclass(frozen=True)

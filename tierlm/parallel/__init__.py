@@ -1,0 +1,1 @@
+"""Tensor parallelism: one model sharded over worker processes (torch.distributed)."""
