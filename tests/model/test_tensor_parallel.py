@@ -5,6 +5,7 @@ N=2 reproducible and batch-invariant; the shard plan and the refusals."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tierlm.config import ConfigError, EngineConfig, ModelConfig
 from tierlm.llm import LLM
@@ -36,6 +37,22 @@ def tp2():
     llm.close()
 
 
+@pytest.mark.parametrize(("arch", "size"), [("qwen2", 2), ("gemma3", 2), ("gemma3", 4)])
+def test_other_architectures_match_transformers(arch, size, tiny_checkpoint):
+    """q/k/v bias and tied embeddings (Qwen2); q/k norms, sliding windows, soft-capping (Gemma 3);
+    4 ranks over 2 KV heads: each KV head copied on the two ranks of its query heads."""
+    path, hf = tiny_checkpoint(arch)
+    ids = torch.randint(3, 320, (80,), generator=torch.Generator().manual_seed(7)).tolist()
+    # before the module's TP=2 engine opens (one tensor-parallel engine per process)
+    llm = LLM(str(path), dtype="float32", tensor_parallel_size=size, max_num_batched_tokens=256)
+    try:
+        with torch.no_grad():
+            ref = hf(torch.tensor([ids])).logits[0]
+        assert (llm.engine.prompt_logits(ids) - ref).abs().max().item() <= 1e-4
+    finally:
+        llm.close()
+
+
 def test_logits_match_one_process_within_1e4(single, tp2):
     logits, tokens = single
     sharded = tp2.engine.prompt_logits(PROMPTS[0])
@@ -47,8 +64,7 @@ def test_logits_match_one_process_within_1e4(single, tp2):
 def test_reproducible_and_batch_invariant(tp2):
     together = _run(tp2, PROMPTS)
     assert _run(tp2, PROMPTS) == together  # run to run: bit for bit (logprobs as floats)
-    for i, prompt in enumerate(PROMPTS):
-        assert _run(tp2, [prompt]) == [together[i]]  # alone == batched
+    assert _run(tp2, [PROMPTS[1]]) == [together[1]]  # alone == batched (with a longer and a shorter one)
 
 
 def test_the_plan_splits_kv_heads_with_their_query_heads():
@@ -59,8 +75,13 @@ def test_the_plan_splits_kv_heads_with_their_query_heads():
     assert (a.intermediate, b.intermediate, a.vocab, b.vocab) == (range(768), range(768, 1536),
                                                                   range(24576), range(24576, 49152))
     assert [len(split(10, 3, r)) for r in range(3)] == [4, 3, 3]
-    with pytest.raises(ConfigError, match="exceeds the model's 3 KV heads"):
+    with pytest.raises(ConfigError, match="does not divide the model's 9 attention heads over its 3 KV heads"):
         plan(cfg, 0, 4)
+    # More ranks than KV heads: each KV head copied where its query heads go (Gemma-3-270M: 4 heads, 1 KV head).
+    gemma = ModelConfig("gemma3", vocab_size=262144, hidden_size=640, intermediate_size=2048, num_layers=18,
+                        num_heads=4, num_kv_heads=1, head_dim=256, max_position_embeddings=32768)
+    assert [(plan(gemma, r, 2).heads, plan(gemma, r, 2).kv_heads) for r in range(2)] == [(range(2), range(1)),
+                                                                                         (range(2, 4), range(1))]
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
@@ -71,3 +92,8 @@ def test_the_plan_splits_kv_heads_with_their_query_heads():
 def test_bad_tensor_parallel_configs_are_refused(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         EngineConfig(**kwargs)
+
+
+def test_a_second_tensor_parallel_engine_in_one_process_is_refused(tp2):
+    with pytest.raises(ConfigError, match="one tensor-parallel engine per process"):
+        LLM(dtype="float32", tensor_parallel_size=2)

@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 
 import httpx
@@ -227,12 +226,3 @@ def test_a_replica_killed_under_load_loses_no_queued_request(server, ops):
     # The slot is filled again and serves.
     wait_for(lambda: httpx.get(f"{server.url}/ready").json()["replicas"]["text"]["serving"] == 2, 120)
     assert sum(v for (n, _), v in _samples(ops).items() if n == "tierlm:replica_restarts_total") == 1
-
-
-def test_lora_over_replicas_is_refused_in_one_line(cache_dir):
-    env = dict(os.environ, HOME=str(cache_dir), TIERLM_CACHE_DIR=str(cache_dir))
-    r = subprocess.run([sys.executable, "-m", "tierlm.cli", "serve", "--port", "0", "--data-parallel-size", "2",
-                        "--enable-lora"], capture_output=True, text=True, env=env, timeout=60, check=False)
-    assert r.returncode != 0
-    assert "LoRA adapters are not served over replicas" in r.stderr, r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -100,3 +100,17 @@ def test_replica_totals_stay_monotonic_when_a_replica_is_replaced():
 def test_replica_options_are_checked(field, value, flag):
     with pytest.raises(StartupError, match=flag):
         ServeOptions(**{field: value})
+
+
+def test_lora_and_tensor_parallel_tiers_are_refused_before_ray_starts():
+    from tierlm.config import EngineConfig, LoRAConfig, TierConfig, TierSetConfig
+    from tierlm.server.run import _start_ray
+
+    def tierset(engine: EngineConfig) -> TierSetConfig:
+        return TierSetConfig((TierConfig("t", engine),), (), "t")
+
+    opts = ServeOptions(data_parallel_size=2)
+    with pytest.raises(StartupError, match="LoRA adapters are not served over replicas"):
+        _start_ray(tierset(EngineConfig(lora=LoRAConfig(enabled=True))), opts)
+    with pytest.raises(StartupError, match="replicas of a tensor-parallel model"):
+        _start_ray(tierset(EngineConfig(dtype="float32", tensor_parallel_size=2)), opts)

@@ -26,6 +26,10 @@ CANDIDATE_TILES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 # outputs per candidate so such a difference shows with overwhelming probability.
 _PROBE_ELEMENTS = 1 << 18
 _PROBE_PERIOD = 4096
+# Tiles of a vocabulary-sized product stop at this many output elements (64 rows of a
+# 262k vocabulary): taller ones save nothing there (few rows ask for logits) and probing
+# them cost Gemma 3's output layer ~30 s of padded products at load.
+MAX_TILE_ELEMENTS = 1 << 24
 
 
 def _tiled(x: torch.Tensor, w_t: torch.Tensor, h: int) -> torch.Tensor:
@@ -66,7 +70,7 @@ def probe_tiles(k: int, n: int, dtype: torch.dtype) -> tuple[int, ...]:
     rows = min(512, max(8, -(-_PROBE_ELEMENTS // n)))
     x = torch.randn(rows, k, generator=gen).to(dtype)
     groups: list[tuple[torch.Tensor, list[int]]] = []
-    for h in CANDIDATE_TILES:
+    for h in (h for h in CANDIDATE_TILES if h == 1 or h * n <= MAX_TILE_ELEMENTS):
         y = _tiled(x, w_t, h)
         match = next((heights for ref, heights in groups if torch.equal(y, ref)), None)
         if match is None:

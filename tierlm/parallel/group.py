@@ -21,7 +21,7 @@ import traceback
 import torch
 import torch.distributed as dist
 
-from tierlm.config import EngineConfig
+from tierlm.config import ConfigError, EngineConfig
 
 log = logging.getLogger("tierlm.parallel")
 
@@ -38,6 +38,8 @@ class TensorGroup:
     """Rank 0's handle on the group: start the workers, broadcast calls, stop."""
 
     def __init__(self, config: EngineConfig, threads: int) -> None:
+        if dist.is_initialized():  # torch.distributed has one default group per process
+            raise ConfigError("one tensor-parallel engine per process: close the other one first (LLM.close())")
         self.size = config.tensor_parallel_size
         self._threads_before = torch.get_num_threads()  # this process's, given back at close
         torch.set_num_threads(threads)

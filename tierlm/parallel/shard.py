@@ -9,7 +9,8 @@ Megatron's split, done on the loaded model's modules (layers stay plain PyTorch)
   slice of the vocabulary; embedding rows outside it are zero before the all-reduce (one
   rank contributes each row, so the sum is exact), and the logits slices are all-gathered.
 KV heads are split as evenly as they go (SmolLM2's 3 over 2 ranks: 2 and 1), each with
-its query heads, so a rank's attention and KV cache cover only its own heads. Every rank
+its query heads, so a rank's attention and KV cache cover only its own heads; with more
+ranks than KV heads, a KV head is copied on the ranks sharing its query heads. Every rank
 runs the same products in the same order on every step: results are reproducible and a
 row's logits do not depend on its batch (the dense kernels are batch-invariant per shape).
 """
@@ -47,15 +48,25 @@ class ShardPlan:
 
 
 def plan(cfg: ModelConfig, rank: int, size: int) -> ShardPlan:
-    if size > cfg.num_kv_heads:
-        raise ConfigError(f"tensor parallel size {size} exceeds the model's {cfg.num_kv_heads} KV heads")
+    """Rank `rank`'s heads, intermediate slice and vocabulary slice. Up to one rank per KV
+    head, the KV heads are split (each with its query heads); beyond, each KV head is copied
+    on the ranks sharing its query heads (Gemma-3-270M's one KV head over 2 ranks), which
+    needs whole, equal query-head parts within one KV group each."""
     if cfg.moe is not None:
         raise ConfigError("tensor parallelism does not split mixture-of-experts layers")
-    kv = split(cfg.num_kv_heads, size, rank)
     group = cfg.num_heads // cfg.num_kv_heads
-    return ShardPlan(rank, size, kv, range(kv.start * group, kv.stop * group),
-                     split(cfg.intermediate_size, size, rank), split(cfg.vocab_size, size, rank),
-                     -(-cfg.vocab_size // size))
+    if size <= cfg.num_kv_heads:
+        kv = split(cfg.num_kv_heads, size, rank)
+        heads = range(kv.start * group, kv.stop * group)
+    elif size % cfg.num_kv_heads == 0 and cfg.num_heads % size == 0:
+        heads = split(cfg.num_heads, size, rank)
+        kv = range(heads.start // group, heads.start // group + 1)
+    else:
+        raise ConfigError(f"tensor parallel size {size} does not divide the model's {cfg.num_heads} attention "
+                          f"heads over its {cfg.num_kv_heads} KV heads (up to {cfg.num_kv_heads} ranks, or a "
+                          f"multiple of it that divides {cfg.num_heads})")
+    return ShardPlan(rank, size, kv, heads, split(cfg.intermediate_size, size, rank),
+                     split(cfg.vocab_size, size, rank), -(-cfg.vocab_size // size))
 
 
 def local_config(cfg: ModelConfig, p: ShardPlan) -> ModelConfig:

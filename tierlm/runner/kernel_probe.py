@@ -31,7 +31,8 @@ def fingerprint() -> str:
     except OSError:
         pass
     isa = torch.backends.cpu.get_cpu_capability()
-    tiles = ",".join(map(str, linear.CANDIDATE_TILES))  # a new candidate list is probed afresh
+    # a new candidate list (or cap) is probed afresh
+    tiles = ",".join(map(str, linear.CANDIDATE_TILES)) + f"<{linear.MAX_TILE_ELEMENTS}"
     # MKL's reproducibility mode changes its GEMM paths (tierlm/__init__.py sets it).
     cbwr = os.environ.get("MKL_CBWR", "")
     return (f"torch={torch.__version__}|threads={torch.get_num_threads()}|isa={isa}|cpu={cpu}|tiles={tiles}"
