@@ -87,17 +87,24 @@ def build_parts(config: EngineConfig, *, cache_dir: Path | None = None, progress
         raise
 
 
-def _build_parts(config: EngineConfig, tp, cache_dir: Path, progress: bool, t0: float) -> EngineParts:
+def _load(config: EngineConfig, cache_dir: Path, progress: bool = False) -> model_loader.LoadedModel:
+    """The model with its one-off probes; tensor parallelism shards dense weights."""
     def probe() -> torch.dtype:  # asked only for a model off the kernels (they have no dense products)
         return kernel_probe.dense_dtype(config.dense_dtype, config.torch_dtype, cache_dir)
 
+    quantization = "none" if config.tensor_parallel_size > 1 else config.quantization
     loaded = model_loader.load(config.model, dtype=config.torch_dtype, block_size=config.cache.block_size,
                                deterministic=config.deterministic, cache_dir=cache_dir, progress=progress,
-                               quantization="none" if tp else config.quantization, dense_dtype=probe)
+                               quantization=quantization, dense_dtype=probe)
     if config.task == "embed":  # its output is its last hidden states, not logits (embed/decoder.py)
         strip_head(loaded.model)
     if config.deterministic and not loaded.kernels:
         kernel_probe.ensure_probed(loaded.model, cache_dir)
+    return loaded
+
+
+def _build_parts(config: EngineConfig, tp, cache_dir: Path, progress: bool, t0: float) -> EngineParts:
+    loaded = _load(config, cache_dir, progress)
     load_seconds = time.perf_counter() - t0
     cfg, cache, dtype = loaded.config, config.cache, config.torch_dtype
     kv_type = kv_dtype(cache, dtype)
@@ -141,8 +148,7 @@ def _tensor_group(config: EngineConfig):
         return None
     from tierlm.parallel.group import TensorGroup
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return TensorGroup(config, max(1, cores // config.tensor_parallel_size))
+    return TensorGroup(config, max(1, kernels.usable_cpus() // config.tensor_parallel_size))
 
 
 def _shard(model, cfg: ModelConfig, rank: int, config: EngineConfig) -> ModelConfig:
@@ -158,26 +164,15 @@ def _shard(model, cfg: ModelConfig, rank: int, config: EngineConfig) -> ModelCon
 
 def load_shard(config: EngineConfig, rank: int, cache_dir: Path | None = None):
     """A tensor-parallel worker's model: loaded whole (dense), then cut to rank `rank`'s part."""
-    cache_dir = cache_dir or default_cache_dir()
-
-    def probe() -> torch.dtype:
-        return kernel_probe.dense_dtype(config.dense_dtype, config.torch_dtype, cache_dir)
-
-    loaded = model_loader.load(config.model, dtype=config.torch_dtype, block_size=config.cache.block_size,
-                               deterministic=config.deterministic, cache_dir=cache_dir, quantization="none",
-                               dense_dtype=probe)
-    if config.deterministic:
-        kernel_probe.ensure_probed(loaded.model, cache_dir)
+    loaded = _load(config, cache_dir or default_cache_dir())
     return loaded.model, _shard(loaded.model, loaded.config, rank, config)
 
 
 def shard_runner(config: EngineConfig, model, local: ModelConfig, num_blocks: int) -> ModelRunner:
     """A worker's runner: its shard and KV cache, stepping on rank 0's contracts, never sampling."""
     kv_type = kv_dtype(config.cache, config.torch_dtype)
-    runner = ModelRunner(model, local, num_blocks, config.cache.block_size, config.torch_dtype,
-                         config.deterministic, kv_dtype=kv_type)
-    runner.samples = False
-    return runner
+    return ModelRunner(model, local, num_blocks, config.cache.block_size, config.torch_dtype,
+                       config.deterministic, kv_dtype=kv_type, samples=False)
 
 
 def build_engine(config: EngineConfig, *, cache_dir: Path | None = None, progress: bool = False):

@@ -39,6 +39,11 @@ class LoadTracker:
             self.prefill_s_per_token = self._ewma(self.prefill_s_per_token, seconds / tokens)
 
     def load(self, running: int, backlog_tokens: int) -> TierLoad:
-        """The tier's load now: an idle tier steps at its idle pace, not at the last busy one."""
-        return TierLoad(self.step_s if running else self.idle_step_s, self.idle_step_s,
-                        self.prefill_s_per_token, backlog_tokens, busy=running > 0)
+        return load_of(self.step_s, self.idle_step_s, self.prefill_s_per_token, running, backlog_tokens)
+
+
+def load_of(step_s: float, idle_step_s: float, prefill_s_per_token: float, running: int,
+            backlog_tokens: int) -> TierLoad:
+    """An engine's load now: an idle engine steps at its idle pace, not at the last busy one."""
+    return TierLoad(step_s if running else idle_step_s, idle_step_s, prefill_s_per_token, backlog_tokens,
+                    busy=running > 0)

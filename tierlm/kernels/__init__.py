@@ -76,6 +76,11 @@ def spin_us() -> int:
     return int(raw)
 
 
+def usable_cpus() -> int:
+    """The cores this process may run on (its affinity, e.g. a container's CPU set)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def use_threads(threads: int | None = None) -> int:
     """Run the kernels on `threads` threads (default: torch's intra-op count before this
     first call) and set torch's own intra-op threads to 1, so one pool does the parallel

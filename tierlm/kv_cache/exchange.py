@@ -30,11 +30,6 @@ class PrefixPages:
     dtype: str
     shape: tuple[int, ...]
     data: np.ndarray  # uint8
-    blocks: int  # leading hashes covered (blocks of the full-attention groups)
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.data.nbytes)
 
 
 def _held(kv: KVCacheManager, read_block, key: CacheKey) -> torch.Tensor | None:
@@ -45,6 +40,18 @@ def _held(kv: KVCacheManager, read_block, key: CacheKey) -> torch.Tensor | None:
     return data if isinstance(data, torch.Tensor) else None  # a pending save has no pages yet
 
 
+def _held_blocks(kv: KVCacheManager, read_block, h: bytes) -> list[tuple[CacheKey, torch.Tensor]] | None:
+    """Every KV group's block of hash `h` that is held; None when a full-attention group lacks it."""
+    found = []
+    for g, window in enumerate(kv.windows):
+        data = _held(kv, read_block, (g, h))
+        if data is not None:
+            found.append(((g, h), data))
+        elif window is None:
+            return None
+    return found
+
+
 def export_prefix(kv: KVCacheManager, read_block, hashes: list[bytes]) -> PrefixPages | None:
     """What `kv` holds of the chain `hashes`: every group's block for each leading hash,
     up to the first one a full-attention group lacks (sliding-window groups may lack early
@@ -53,26 +60,17 @@ def export_prefix(kv: KVCacheManager, read_block, hashes: list[bytes]) -> Prefix
         return None
     keys: list[CacheKey] = []
     pages: list[torch.Tensor] = []
-    covered = 0
     for h in hashes:
-        found = []
-        for g, window in enumerate(kv.windows):
-            data = _held(kv, read_block, (g, h))
-            if data is None and window is None:
-                break
-            if data is not None:
-                found.append(((g, h), data))
-        else:
-            keys += [k for k, _ in found]
-            pages += [d for _, d in found]
-            covered += 1
-            continue
-        break
-    if not covered:
+        found = _held_blocks(kv, read_block, h)
+        if found is None:
+            break
+        keys += [k for k, _ in found]
+        pages += [d for _, d in found]
+    if not keys:
         return None
     flat = torch.stack(pages).contiguous()
     return PrefixPages(keys, str(flat.dtype).removeprefix("torch."), tuple(flat.shape[1:]),
-                       flat.view(torch.uint8).reshape(-1).numpy(), covered)
+                       flat.view(torch.uint8).reshape(-1).numpy())
 
 
 def import_prefix(kv: KVCacheManager, pages: PrefixPages, shape: tuple[int, ...], dtype: torch.dtype) -> int:

@@ -12,7 +12,6 @@ and never sample. A worker that fails takes the group down: its peers' collectiv
 from __future__ import annotations
 
 import datetime
-import logging
 import multiprocessing
 import os
 import socket
@@ -22,8 +21,6 @@ import torch
 import torch.distributed as dist
 
 from tierlm.config import ConfigError, EngineConfig
-
-log = logging.getLogger("tierlm.parallel")
 
 _TIMEOUT = datetime.timedelta(seconds=120)  # a collective waits this long for a silent rank
 

@@ -140,15 +140,16 @@ class VocabParallelHead(nn.Module):
 
     def __init__(self, inner: Linear, p: ShardPlan, vocab_size: int) -> None:
         super().__init__()
-        self.inner, self.part, self.vocab_size, self.size = inner, p.vocab_part, vocab_size, p.size
+        self.inner, self.part = inner, p.vocab_part
+        self.widths = [len(split(vocab_size, p.size, r)) for r in range(p.size)]  # each rank's slice
 
     def forward(self, x: torch.Tensor, dense_rows: int | None = 0) -> torch.Tensor:
         y = self.inner(x, dense_rows).float()
         if y.shape[1] < self.part:
             y = torch.cat([y, y.new_zeros(y.shape[0], self.part - y.shape[1])], dim=1)
-        parts = [torch.empty_like(y) for _ in range(self.size)]
+        parts = [torch.empty_like(y) for _ in self.widths]
         dist.all_gather(parts, y.contiguous())
-        return torch.cat([parts[r][:, : len(split(self.vocab_size, self.size, r))] for r in range(self.size)], dim=1)
+        return torch.cat([part[:, :width] for part, width in zip(parts, self.widths)], dim=1)
 
 
 def shard_model(model: nn.Module, cfg: ModelConfig, p: ShardPlan, attention) -> ModelConfig:

@@ -46,12 +46,12 @@ class ModelRunner:
     def __init__(self, model: nn.Module, cfg: ModelConfig, num_blocks: int, block_size: int,
                  dtype: torch.dtype, deterministic: bool = True, kernels: bool = False,
                  structured: StructuredOutputs | None = None, lora: LoRASlots | None = None,
-                 kv_dtype: torch.dtype | None = None, tp=None) -> None:
+                 kv_dtype: torch.dtype | None = None, tp=None, samples: bool = True) -> None:
         self.model = model
         # Tensor parallelism (parallel/group.py): rank 0's runner hands each call to the
-        # workers first; a worker's runner makes the same calls and never samples.
+        # workers first; a worker's runner (`samples` False) makes the same calls and never samples.
         self.tp = tp
-        self.samples = True
+        self.samples = samples
         self.lora = lora  # LoRA adapter slots over the model (None: LoRA not enabled)
         self.structured = structured  # grammar states of constrained requests (None: unconstrained only)
         self._requests: dict[str, _RequestState] = {}

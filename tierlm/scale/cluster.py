@@ -4,7 +4,6 @@ it), or an existing cluster (`--ray-address auto` or `ray://host:port`), left ru
 from __future__ import annotations
 
 import logging
-import os
 
 _OBJECT_STORE_BYTES = 1 << 30  # local instance: KV transfers and outputs in flight, not a cache
 
@@ -38,6 +37,3 @@ def disconnect() -> None:
     if ray.is_initialized():
         ray.shutdown()
 
-
-def local_cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -34,6 +34,7 @@ from tierlm.engine.async_engine import (
     ReplicaLostError,
     RequestTiming,
 )
+from tierlm.engine.load import load_of
 from tierlm.outputs import RequestOutput
 from tierlm.sampling_params import SamplingParams
 from tierlm.scale.replica import EngineReplica
@@ -277,8 +278,7 @@ class ReplicaSet:
         if not live:
             return TierLoad(1.0, 1.0, 0.01, 0, busy=True)
         s = min(live, key=lambda s: (self.router.outstanding(s.index), s.index)).stats
-        return TierLoad(s.step_s if s.running else s.idle_step_s, s.idle_step_s, s.prefill_s_per_token,
-                        s.backlog_tokens, busy=s.running > 0)
+        return load_of(s.step_s, s.idle_step_s, s.prefill_s_per_token, s.running, s.backlog_tokens)
 
     def cancel_all(self, message: str) -> None:
         for s in self.slots:

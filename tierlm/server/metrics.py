@@ -146,11 +146,7 @@ class ReplicaMetrics:
         self.g.replica_waiting.labels(self.m, r).set(s.waiting)
         self.g.replica_kv_usage.labels(self.m, r).set(s.kv_usage)
         self.g.replica_outstanding.labels(self.m, r).set(outstanding)
-        seen = self._hits.get(r, 0)
-        self.g.replica_prefix_hits.labels(self.m, r)  # exported from the first sight, at 0
-        if s.prefix_hits > seen:
-            self.g.replica_prefix_hits.labels(self.m, r).inc(s.prefix_hits - seen)
-            self._hits[r] = s.prefix_hits
+        _advance(self._hits, r, self.g.replica_prefix_hits.labels(self.m, r), s.prefix_hits)
 
     def routed(self, replica: int, reason: str) -> None:
         self.g.replica_routed.labels(self.m, str(replica), reason).inc()
@@ -222,12 +218,7 @@ class TierMetrics:
                 self._follow(self.g.moe_tokens, (str(layer), str(expert)), total)
 
     def _follow(self, counter: Counter, labels: tuple[str, ...], total: float) -> None:
-        """Advance a counter to an engine running total (the series exists from its first sight)."""
-        key = (counter, labels)
-        child = counter.labels(self.m, *labels)
-        if total > self._seen.get(key, 0):
-            child.inc(total - self._seen.get(key, 0))
-            self._seen[key] = total
+        _advance(self._seen, (counter, labels), counter.labels(self.m, *labels), total)
 
     def on_embed(self, tenant: str, prompt_tokens: int, inputs: int) -> None:
         """An embeddings request served (its input tokens are prompt tokens)."""
@@ -263,3 +254,10 @@ class TierMetrics:
                 self.g.tpot.labels(self.m).observe((t.finished - t.first_token) / (t.num_output_tokens - 1))
         self.g.e2e.labels(self.m).observe(t.finished - t.arrival)
 
+
+def _advance(seen: dict, key, child, total: float) -> None:
+    """Advance a counter's child to an engine running total (`seen`: the totals counted so
+    far; the series exists from its first sight, at 0)."""
+    if total > seen.get(key, 0):
+        child.inc(total - seen.get(key, 0))
+        seen[key] = total

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from tierlm import kernels
 from tierlm.config import EngineConfig, TierConfig, TierSetConfig
 from tierlm.embed.builder import build_embedder, task_of
 from tierlm.embed.engine import EmbeddingEngine
@@ -369,9 +370,7 @@ def _start_tier(tc: TierConfig, metrics: Metrics, opts: ServeOptions) -> Tier:
 
 
 def _replica_threads(opts: ServeOptions) -> int:
-    from tierlm.scale import cluster
-
-    return opts.replica_threads or max(1, cluster.local_cpus() // opts.data_parallel_size)
+    return opts.replica_threads or max(1, kernels.usable_cpus() // opts.data_parallel_size)
 
 
 def _start_ray(tierset: TierSetConfig, opts: ServeOptions) -> None:
@@ -384,7 +383,7 @@ def _start_ray(tierset: TierSetConfig, opts: ServeOptions) -> None:
     if any(t.engine.tensor_parallel_size > 1 for t in tierset.tiers):
         raise StartupError("replicas of a tensor-parallel model are not supported: use --data-parallel-size or "
                            "--tensor-parallel-size")
-    cores = cluster.local_cpus()
+    cores = kernels.usable_cpus()
     try:
         cluster.connect(opts.ray_address, max(cores, opts.data_parallel_size * _replica_threads(opts)))
     except cluster.RayUnavailable as e:
