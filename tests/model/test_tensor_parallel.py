@@ -53,6 +53,12 @@ def test_other_architectures_match_transformers(arch, size, tiny_checkpoint):
         llm.close()
 
 
+def test_an_impossible_split_is_refused_before_any_worker_starts():
+    with pytest.raises(ConfigError, match="does not divide the model's 9 attention heads"):
+        LLM(dtype="float32", tensor_parallel_size=4)
+    assert not torch.distributed.is_initialized()  # no group, no worker started
+
+
 def test_logits_match_one_process_within_1e4(single, tp2):
     logits, tokens = single
     sharded = tp2.engine.prompt_logits(PROMPTS[0])

@@ -78,7 +78,7 @@ def build_parts(config: EngineConfig, *, cache_dir: Path | None = None, progress
     t0 = time.perf_counter()
     cache_dir = cache_dir or default_cache_dir()
 
-    tp = _tensor_group(config)
+    tp = _tensor_group(config, cache_dir)
     try:
         return _build_parts(config, tp, cache_dir, progress, t0)
     except BaseException:
@@ -141,12 +141,16 @@ def _build_parts(config: EngineConfig, tp, cache_dir: Path, progress: bool, t0: 
     return EngineParts(loaded, key, kv, scheduler, runner, structured, proposer, load_seconds, adapters)
 
 
-def _tensor_group(config: EngineConfig):
+def _tensor_group(config: EngineConfig, cache_dir: Path):
     """Start the tensor-parallel workers (None without tensor parallelism); each rank,
-    this one included, runs on cores / size threads."""
+    this one included, runs on cores / size threads. A size the model cannot be split by
+    is refused before any worker starts."""
     if config.tensor_parallel_size == 1:
         return None
+    from tierlm.parallel import shard
     from tierlm.parallel.group import TensorGroup
+
+    shard.plan(model_loader.load_config(config.model, cache_dir), 0, config.tensor_parallel_size)
 
     return TensorGroup(config, max(1, kernels.usable_cpus() // config.tensor_parallel_size))
 

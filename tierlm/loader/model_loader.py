@@ -177,6 +177,12 @@ def load_tokenizer(model: str, cache_dir: Path) -> tokenizer.TextTokenizer:
     return tokenizer.from_hf_dir(path, cfg.eos_token_ids, cfg.bos_token_id)
 
 
+def load_config(model: str, cache_dir: Path) -> ModelConfig:
+    """Only the architecture of a model argument (name, .gguf or HF dir), as `load` reads it."""
+    path = bundled.resolve(model, cache_dir)
+    return configs.gguf_config(GGUFFile(path)) if path.is_file() else configs.hf_config(path)
+
+
 def load(model: str, *, dtype: torch.dtype, block_size: int, deterministic: bool,
          cache_dir: Path, progress: bool = False, quantization: str = "auto",
          dense_dtype: torch.dtype | Callable[[], torch.dtype] | None = None) -> LoadedModel:
