@@ -29,6 +29,17 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="bundled model name, .gguf file or HF directory "
                                                   "(default: smollm2-135m)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="compute dtype")
+    p.add_argument("--device", default="auto", metavar="auto|cpu|cuda|cuda:N",
+                   help="where the model runs: auto is CUDA when PyTorch sees a GPU and the options run there "
+                        "(else the CPU, saying why), cuda without one is an error (default auto)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9, metavar="F",
+                   help="on CUDA: the share of the GPU's memory to use; the KV cache gets what remains after "
+                        "the weights and a profiled peak step (--kv-cache-gb is then ignored; default 0.9)")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="on CUDA: run decode steps op by op instead of replaying CUDA graphs captured at start")
+    p.add_argument("--attention-backend", default="auto", choices=["auto", "paged"],
+                   help="auto: the device's and weights' choice; paged: the device-neutral paged attention "
+                        "CUDA runs (on the CPU too, for models off tierlm's kernels)")
     p.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
                    help="shard the model over N processes (torch.distributed, gloo): dense weights, each rank "
                         "on cores / N threads, prefix cache hot only (default 1)")
@@ -210,7 +221,9 @@ def _config(args) -> EngineConfig:
                                           kv_cache_dtype=args.kv_cache_dtype),
                         scheduler=SchedulerConfig(max_model_len=args.max_model_len, **sched),
                         draft_model=args.draft_model, debug_invariants=args.debug_invariants,
-                        task=args.task, pooling=args.pooling, tensor_parallel_size=args.tensor_parallel_size)
+                        task=args.task, pooling=args.pooling, tensor_parallel_size=args.tensor_parallel_size,
+                        device=args.device, gpu_memory_utilization=args.gpu_memory_utilization,
+                        enforce_eager=args.enforce_eager, attention_backend=args.attention_backend)
 
 
 def _lora(args) -> LoRAConfig:

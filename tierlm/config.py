@@ -7,6 +7,7 @@ whatever changes behaviour is a field here, validated in `__post_init__`.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -15,6 +16,8 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 QUANTIZATIONS = ("auto", "none", "int8", "int4", "q8_0", "q4_0")
 DENSE_DTYPES = ("auto", "bfloat16", "float32")
 TASKS = ("auto", "generate", "embed")
+ATTENTION_BACKENDS = ("auto", "paged")
+DEVICE_SPEC = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")  # tierlm/device.py resolves it
 POOLINGS = ("last", "mean", "cls", "max", "mean_sqrt_len")
 REASONING_PARSERS = ("deepseek_r1", "qwen3")  # vLLM's names (server/reasoning.py)
 
@@ -233,6 +236,13 @@ class EngineConfig:
     for encoder models, which can do nothing else; generate for decoders). `pooling` makes a
     vector of a decoder's last hidden states ("last" token by default, or "mean"); for an
     encoder it overrides the pooling its sentence-transformers config names.
+    `device`: auto (CUDA when PyTorch sees one), cpu, cuda or cuda:N (tierlm/device.py).
+    On CUDA, `gpu_memory_utilization` is the share of the GPU's memory the engine may use:
+    the KV pool gets what is left of it after the weights and a profiled peak step
+    (kv_cache_gb is then ignored); `enforce_eager` runs decode steps op by op instead of
+    replaying CUDA graphs captured at start. `attention_backend`: auto (the device's and
+    weights' choice, attention/registry.py) or paged (the device-neutral paged attention
+    that CUDA runs, also on the CPU for models off tierlm's kernels).
     """
 
     model: str = "smollm2-135m"
@@ -249,9 +259,19 @@ class EngineConfig:
     task: str = "auto"
     pooling: str | None = None
     tensor_parallel_size: int = 1  # ranks sharing the model (parallel/): worker processes, torch.distributed
+    device: str = "auto"
+    gpu_memory_utilization: float = 0.9
+    enforce_eager: bool = False
+    attention_backend: str = "auto"
 
     def __post_init__(self) -> None:
         self._check_tensor_parallel()
+        _require(bool(DEVICE_SPEC.match(self.device)),
+                 f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        _require(0 < self.gpu_memory_utilization <= 1,
+                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        _require(self.attention_backend in ATTENTION_BACKENDS,
+                 f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention_backend!r}")
         _require(self.task in TASKS, f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
         _require(self.pooling is None or self.pooling in POOLINGS,
                  f"pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")

@@ -37,7 +37,9 @@ class LLM:
                  cache_dir: str | Path | None = None, progress: bool = False,
                  debug_invariants: bool | None = None, enable_lora: bool = False, max_loras: int = 1,
                  max_lora_rank: int = 16, task: str = "auto", pooling: str | None = None,
-                 tensor_parallel_size: int = 1, config: EngineConfig | None = None) -> None:
+                 tensor_parallel_size: int = 1, device: str = "auto", gpu_memory_utilization: float = 0.9,
+                 enforce_eager: bool = False, attention_backend: str = "auto",
+                 config: EngineConfig | None = None) -> None:
         if config is None:
             config = EngineConfig(
                 model=model, dtype=dtype, quantization=quantization, dense_dtype=dense_dtype,
@@ -52,7 +54,9 @@ class LLM:
                 draft_model=draft_model,
                 lora=LoRAConfig(enabled=enable_lora, max_loras=max_loras, max_lora_rank=max_lora_rank),
                 debug_invariants=debug_invariants_default() if debug_invariants is None else debug_invariants,
-                task=task, pooling=pooling, tensor_parallel_size=tensor_parallel_size)
+                task=task, pooling=pooling, tensor_parallel_size=tensor_parallel_size, device=device,
+                gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
+                attention_backend=attention_backend)
         cache = Path(cache_dir) if cache_dir else default_cache_dir()
         self.task = task_of(config, cache)
         self.engine: LLMEngine | None = None  # generate

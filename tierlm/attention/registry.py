@@ -2,25 +2,30 @@
 
 "kernels": tierlm's own paged attention (attention/kernel.py), for models whose weights
 run on the kernels (one numeric path for every row); "torch": PyTorch's CPU flash kernel
-in batch-invariant tiles (attention/torch_ref.py), for every other model. A new backend
-(a GPU one) registers here and is chosen from the device and config; model files only
-receive the backend in their constructor.
+in batch-invariant tiles (attention/torch_ref.py), for every other model on the CPU;
+"paged": the device-neutral paged attention (attention/paged.py), a Triton kernel on CUDA,
+chosen on the CPU only when asked. Model files only receive the backend in their constructor.
 """
 
 from __future__ import annotations
 
 from tierlm.attention.base import AttentionBackend
 from tierlm.attention.kernel import KernelPagedAttention
+from tierlm.attention.paged import PagedAttention
 from tierlm.attention.torch_ref import TorchPagedAttention
 from tierlm.config import ModelConfig
 
-BACKENDS: dict[str, type] = {"torch": TorchPagedAttention, "kernels": KernelPagedAttention}
+BACKENDS: dict[str, type] = {"torch": TorchPagedAttention, "kernels": KernelPagedAttention,
+                              "paged": PagedAttention}
 
 
-def choose(*, on_kernels: bool, device: str = "cpu") -> str:
-    """The backend for a model on `device` whose weights do (or do not) run on the kernels."""
+def choose(*, on_kernels: bool, device: str = "cpu", asked: str = "auto") -> str:
+    """The backend for a model on `device` (a torch device type) whose weights do (or do
+    not) run on the kernels; `asked`: EngineConfig.attention_backend."""
+    if device == "cuda" or asked == "paged":
+        return "paged"  # the loader keeps such a model off the kernels
     if device != "cpu":
-        raise ValueError(f"no attention backend for device {device!r} (this build runs on the CPU)")
+        raise ValueError(f"no attention backend for device {device!r}")
     return "kernels" if on_kernels else "torch"
 
 

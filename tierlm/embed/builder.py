@@ -7,6 +7,7 @@ import dataclasses
 from pathlib import Path
 
 from tierlm.config import ConfigError, EngineConfig
+from tierlm.device import engine_device
 from tierlm.embed.decoder import DecoderEncoder
 from tierlm.embed.encoder import Encoder, is_encoder
 from tierlm.loader import bundled
@@ -33,6 +34,7 @@ def build_embedder(config: EngineConfig, *, cache_dir: Path | None = None,
     path = bundled.resolve(config.model, cache_dir)
     if config.lora.enabled:
         raise ConfigError("LoRA adapters are not supported on an embedding model")
+    engine_device(dataclasses.replace(config, task="embed"))  # embeddings run on the CPU: cuda is refused
     if is_encoder(path):
         enc = Encoder(path, config.deterministic)
         if config.pooling is not None:

@@ -15,6 +15,7 @@ import torch
 
 from tierlm import kernels
 from tierlm.config import CacheConfig, EngineConfig, ModelConfig
+from tierlm.device import CPU, engine_device
 from tierlm.embed.head import strip_head
 from tierlm.kv_cache.cold_store import ColdStore
 from tierlm.kv_cache.manager import KVCacheManager
@@ -23,7 +24,7 @@ from tierlm.kv_cache.tiers import KVTiers
 from tierlm.loader import model_loader
 from tierlm.lora.registry import AdapterRegistry
 from tierlm.lora.slots import LoRASlots
-from tierlm.runner import kernel_probe
+from tierlm.runner import gpu_memory, kernel_probe
 from tierlm.runner.model_runner import ModelRunner
 from tierlm.scheduler.scheduler import Scheduler
 from tierlm.spec.draft import DraftModelProposer
@@ -42,6 +43,7 @@ class EngineParts:
     proposer: Proposer | None
     load_seconds: float
     adapters: AdapterRegistry | None = None  # LoRA adapters by name (None: LoRA not enabled)
+    device: torch.device = CPU
 
 
 def default_cache_dir() -> Path:
@@ -51,16 +53,20 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "tierlm"
 
 
-def model_key(path: Path, config: EngineConfig, dense_dtype: torch.dtype, on_kernels: bool = False) -> str:
+def model_key(path: Path, config: EngineConfig, dense_dtype: torch.dtype, on_kernels: bool = False,
+              device: torch.device = CPU) -> str:
     """What a block's KV depends on besides its tokens: the weights (files by name, size
-    and mtime), the compute dtypes, the KV cache's dtype and the kernel mode. Part of every
-    prefix-cache hash (and so of the cold store's directory)."""
+    and mtime), the compute dtypes, the KV cache's dtype, the kernel mode, the attention
+    backend and the device type (a GPU's KV differs in its last bits from the CPU's). Part of
+    every prefix-cache hash (and so of the cold store's directory)."""
     files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
     stamp = ";".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
     return (f"{path.resolve()}|{stamp}|{config.dtype}|quantization={config.quantization}"
             f"|dense={str(dense_dtype).removeprefix('torch.')}|deterministic={config.deterministic}"
             + ("|kv=int8" if config.cache.kv_cache_dtype == "int8" else "")
             + (f"|tp={config.tensor_parallel_size}" if config.tensor_parallel_size > 1 else "")
+            + (f"|device={device.type}" if device.type != "cpu" else "")
+            + ("|attention=paged" if config.attention_backend == "paged" else "")
             # every compiled path computes the same bits; the PyTorch reference does not
             + (f"|kernels={'reference' if kernels.isa() == 'reference' else 'compiled'}" if on_kernels else ""))
 
@@ -87,31 +93,40 @@ def build_parts(config: EngineConfig, *, cache_dir: Path | None = None, progress
         raise
 
 
-def _load(config: EngineConfig, cache_dir: Path, progress: bool = False) -> model_loader.LoadedModel:
-    """The model with its one-off probes; tensor parallelism shards dense weights."""
+def _load(config: EngineConfig, cache_dir: Path, progress: bool = False,
+          device: torch.device = CPU) -> model_loader.LoadedModel:
+    """The model with its one-off probes (CPU GEMMs only); tensor parallelism shards dense weights."""
     def probe() -> torch.dtype:  # asked only for a model off the kernels (they have no dense products)
+        if device.type != "cpu":
+            return config.torch_dtype
         return kernel_probe.dense_dtype(config.dense_dtype, config.torch_dtype, cache_dir)
 
     quantization = "none" if config.tensor_parallel_size > 1 else config.quantization
     loaded = model_loader.load(config.model, dtype=config.torch_dtype, block_size=config.cache.block_size,
                                deterministic=config.deterministic, cache_dir=cache_dir, progress=progress,
-                               quantization=quantization, dense_dtype=probe)
+                               quantization=quantization, dense_dtype=probe, device=device,
+                               attention_backend=config.attention_backend)
     if config.task == "embed":  # its output is its last hidden states, not logits (embed/decoder.py)
         strip_head(loaded.model)
-    if config.deterministic and not loaded.kernels:
+    if config.deterministic and not loaded.kernels and device.type == "cpu":
         kernel_probe.ensure_probed(loaded.model, cache_dir)
     return loaded
 
 
 def _build_parts(config: EngineConfig, tp, cache_dir: Path, progress: bool, t0: float) -> EngineParts:
-    loaded = _load(config, cache_dir, progress)
+    device = engine_device(config)
+    loaded = _load(config, cache_dir, progress, device)
     load_seconds = time.perf_counter() - t0
     cfg, cache, dtype = loaded.config, config.cache, config.torch_dtype
     kv_type = kv_dtype(cache, dtype)
     # Under tensor parallelism rank 0 holds the most KV heads: its pool size fits every rank.
     local = _shard(loaded.model, cfg, 0, config) if tp else cfg
-    blocks = num_kv_blocks(local, cache, kv_type)
-    key = model_key(loaded.path, config, loaded.dense_dtype, loaded.kernels)
+    graphs = _graph_shape(config, cfg, device)
+    if device.type == "cuda" and cache.num_blocks is None:
+        blocks = _gpu_kv_blocks(config, loaded, kv_type, device, graphs is not None)
+    else:
+        blocks = num_kv_blocks(local, cache, kv_type)
+    key = model_key(loaded.path, config, loaded.dense_dtype, loaded.kernels, device)
     # A rank's warm/cold copies would hold only its heads' pages: hot prefix caching only.
     tiers = kv_tiers(cfg, cache, kv_type, key) if cache.enable_prefix_caching and not tp else None
     kv = KVCacheManager(blocks, cache.block_size, layout_for(cfg).windows,
@@ -126,7 +141,8 @@ def _build_parts(config: EngineConfig, tp, cache_dir: Path, progress: bool, t0: 
     if tp:
         tp.send("start", blocks)  # the workers build their runners on their shards meanwhile
     runner = ModelRunner(loaded.model, local, blocks, cache.block_size, dtype, config.deterministic,
-                         kernels=loaded.kernels, structured=structured, lora=slots, kv_dtype=kv_type, tp=tp)
+                         kernels=loaded.kernels, structured=structured, lora=slots, kv_dtype=kv_type, tp=tp,
+                         device=device, graphs=graphs)
     adapters = None
     if slots is not None:
         adapters = AdapterRegistry(slots.where, lora.max_lora_rank)
@@ -138,7 +154,28 @@ def _build_parts(config: EngineConfig, tp, cache_dir: Path, progress: bool, t0: 
                                       block_size=cache.block_size, kv_cache_gb=cache.kv_cache_gb / 4,
                                       cache_dir=cache_dir, quantization=config.quantization,
                                       dense_dtype=loaded.dense_dtype)
-    return EngineParts(loaded, key, kv, scheduler, runner, structured, proposer, load_seconds, adapters)
+    return EngineParts(loaded, key, kv, scheduler, runner, structured, proposer, load_seconds, adapters, device)
+
+
+def _graph_shape(config: EngineConfig, cfg: ModelConfig, device: torch.device) -> tuple[int, int] | None:
+    """(largest decode batch, widest block table) to capture CUDA graphs for; None: eager."""
+    if device.type != "cuda" or config.enforce_eager:
+        return None
+    ctx = min(config.scheduler.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+    return config.scheduler.max_num_seqs, -(-ctx // config.cache.block_size)
+
+
+def _gpu_kv_blocks(config: EngineConfig, loaded, kv_type: torch.dtype, device: torch.device, graphs: bool) -> int:
+    """The KV pool's blocks on a GPU: `gpu_memory_utilization` after a profiled peak step."""
+    cfg, cache = loaded.config, config.cache
+
+    def throwaway(num_blocks: int) -> ModelRunner:
+        return ModelRunner(loaded.model, cfg, num_blocks, cache.block_size, config.torch_dtype, config.deterministic,
+                           kv_dtype=kv_type, device=device)
+
+    profile = gpu_memory.profile_step(throwaway, cache.block_size, config.scheduler.max_num_batched_tokens, device)
+    return gpu_memory.kv_budget(profile, config.gpu_memory_utilization, kv_block_bytes(cfg, cache.block_size, kv_type),
+                                profile.activations if graphs else 0)
 
 
 def _tensor_group(config: EngineConfig, cache_dir: Path):

@@ -145,6 +145,42 @@ class Int4Weight:
         return self.packed.numel() + self.scales_zeros.numel() * 2
 
 
+class CudaInt4Weight:
+    """A Q4 packed for PyTorch's CUDA int4 kernel (`_weight_int4pack_mm`, tinygemm): the same
+    affine map per 32-element group as Int4Weight, codes packed two per byte on the GPU."""
+
+    bits = 4
+
+    def __init__(self, q: Q4, device: torch.device) -> None:
+        self.out_features, self.in_features = n, k = q.shape
+        if not cuda_int4_fits(n, k):
+            raise ValueError(f"the CUDA int4 kernel needs outputs % 8 and inputs % 32, got {n} x {k}")
+        codes = q.codes.to(device=device, dtype=torch.int32)
+        pairs = ((codes[:, ::2] << 4) | codes[:, 1::2]).to(torch.uint8)  # [N, K / 2], first code high
+        self.packed = torch.ops.aten._convert_weight_to_int4pack(pairs, inner_k_tiles(k))
+        self.scales_zeros = torch.stack([q.scale.t(), q.zero.t()], dim=-1).to(torch.bfloat16).contiguous().to(device)
+
+    def mm(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm(x.to(torch.bfloat16).contiguous(), self.packed, GROUP,
+                                                  self.scales_zeros)
+
+    def dequantize(self) -> torch.Tensor:
+        eye = torch.eye(self.in_features, dtype=torch.bfloat16, device=self.packed.device)
+        return self.mm(eye).float().t().contiguous()
+
+    def nbytes(self) -> int:
+        return self.packed.numel() * self.packed.element_size() + self.scales_zeros.numel() * 2
+
+
+def cuda_int4_fits(out_features: int, in_features: int) -> bool:
+    return out_features % 8 == 0 and in_features % GROUP == 0
+
+
+def inner_k_tiles(k: int) -> int:
+    """tinygemm's K tiling: inner tiles of 16, 2, 4 or 8 per outer tile, K a multiple of their product."""
+    return next(t for t in (8, 4, 2) if k % (16 * t) == 0)
+
+
 class Int8Weight:
     """Symmetric int8 per output channel for `_weight_int8pack_mm`: y = (x W_q^T) * scale.
 
@@ -182,4 +218,4 @@ class Int8Weight:
         return self.qweight.numel() + self.scale.numel() * 2
 
 
-QuantizedWeight = Int4Weight | Int8Weight
+QuantizedWeight = Int4Weight | CudaInt4Weight | Int8Weight

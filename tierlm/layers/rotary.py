@@ -53,6 +53,10 @@ class RotaryEmbedding(torch.nn.Module):
         # Every layer of a step rotates by the same positions tensor: look them up once.
         self._step: tuple[torch.Tensor, torch.dtype, torch.Tensor, torch.Tensor] | None = None
 
+    def forget_step(self) -> None:
+        """Drop the step's cached lookup (CUDA graph capture must record the lookup itself)."""
+        self._step = None
+
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q [T, Hq, D], k [T, Hk, D] rotated by their absolute positions [T]."""
         step = self._step

@@ -13,6 +13,7 @@ from torch import nn
 from tierlm import kernels
 from tierlm.attention import registry
 from tierlm.config import ConfigError, ModelConfig
+from tierlm.device import CPU
 from tierlm.kernels import BlockEmbedding, Blocks, BlockWeight
 from tierlm.kernels.reference import FORMATS as kernel_formats
 from tierlm.layers import quant
@@ -67,8 +68,8 @@ def _join(parts: list) -> torch.Tensor | Q4 | list[Blocks]:
     return torch.cat([p.dequantize() if isinstance(p, Q4) else p for p in parts])
 
 
-def _quantized(layer: Linear, t: torch.Tensor | Q4, quantization: str, lossy: bool
-               ) -> tuple[quant.QuantizedWeight, torch.Tensor] | None:
+def _quantized(layer: Linear, t: torch.Tensor | Q4, quantization: str, lossy: bool, device: torch.device
+               ) -> tuple[quant.QuantizedWeight, torch.Tensor | None] | None:
     """The layer's decode-time weight format for checkpoint tensor `t` and its weight as
     that kernel sees it (float32, the prompt rows' dense copy), or None for dense.
 
@@ -79,6 +80,8 @@ def _quantized(layer: Linear, t: torch.Tensor | Q4, quantization: str, lossy: bo
     GEMM of K rows per layer (~5 s for SmolLM2 on AVX2, on the first request)."""
     if isinstance(t, (Blocks, list)):  # the file's own blocks, run by tierlm.kernels for every row
         return BlockWeight(t if isinstance(t, list) else [t]), None
+    if device.type == "cuda":
+        return _cuda_quantized(layer, t, quantization, device)
     fits = quant.int4_fits(layer.out_features, layer.in_features)
     q4 = None
     if isinstance(t, Q4) and fits:
@@ -93,10 +96,26 @@ def _quantized(layer: Linear, t: torch.Tensor | Q4, quantization: str, lossy: bo
     return quant.Int4Weight(q4), quant.Int4Weight.kernel_view(q4)
 
 
+def _cuda_quantized(layer: Linear, t: torch.Tensor | Q4, quantization: str, device: torch.device
+                    ) -> tuple[quant.QuantizedWeight, None] | None:
+    """On CUDA: 4-bit blocks (and `int4`'s quantized dense weights) on PyTorch's int4 kernel,
+    everything else dense in the compute dtype (no CUDA kernel reads GGUF's other blocks).
+    No dense copy is kept: deterministic steps run every row on the int4 kernel, others
+    build the copy on first use."""
+    if not quant.cuda_int4_fits(layer.out_features, layer.in_features):
+        return None
+    if isinstance(t, Q4) and quantization != "none":
+        return quant.CudaInt4Weight(t, device), None
+    if quantization == "int4":
+        return quant.CudaInt4Weight(quant.quantize_q4(t), device), None
+    return None
+
+
 def _fill(model: nn.Module, tensors, dtype: torch.dtype, progress: bool, total: int,
-          quantization: str, lossy: set[str]) -> dict[str, int]:
+          quantization: str, lossy: set[str], device: torch.device) -> dict[str, int]:
     """Put every checkpoint tensor in its place; returns layer counts per weight format.
-    `lossy`: names of the tensors the file stores quantized."""
+    `lossy`: names of the tensors the file stores quantized; `device`: where quantized
+    kernels run (dense tensors are placed on the CPU and moved with the model)."""
     params = dict(model.named_parameters())
     modules = dict(model.named_modules())
     pending: dict[str, dict[int, torch.Tensor | Q4]] = {}
@@ -132,7 +151,7 @@ def _fill(model: nn.Module, tensors, dtype: torch.dtype, progress: bool, total: 
         if isinstance(owner, Linear) and name.endswith(".weight") and quantization != "none":
             # int8 for the output layer even under int4: it is the most sensitive one.
             mode = "int8" if quantization == "int4" and name == "lm_head.weight" else quantization
-            q = _quantized(owner, t, mode, name in lossy)
+            q = _quantized(owner, t, mode, name in lossy, device)
         if name == "embed_tokens.weight" and isinstance(t, Blocks):
             # The table stays the file's blocks (looked up row by row); a tied output layer shares them.
             head_blocks = BlockWeight([t])
@@ -155,7 +174,8 @@ def _fill(model: nn.Module, tensors, dtype: torch.dtype, progress: bool, total: 
         _count(formats, "gguf-blocks")
     elif tied:
         model.lm_head.tie(model.embed_tokens.weight)
-        quantize_head = quantization in ("int8", "int4") or (quantization == "auto" and "embed_tokens.weight" in lossy)
+        quantize_head = device.type == "cpu" and (
+            quantization in ("int8", "int4") or (quantization == "auto" and "embed_tokens.weight" in lossy))
         if quantize_head:  # int8 even under int4, as above
             model.lm_head.set_quantized(quant.Int8Weight(model.embed_tokens.weight))
             _count(formats, "int8" if quantize_head else "dense")
@@ -185,12 +205,16 @@ def load_config(model: str, cache_dir: Path) -> ModelConfig:
 
 def load(model: str, *, dtype: torch.dtype, block_size: int, deterministic: bool,
          cache_dir: Path, progress: bool = False, quantization: str = "auto",
-         dense_dtype: torch.dtype | Callable[[], torch.dtype] | None = None) -> LoadedModel:
+         dense_dtype: torch.dtype | Callable[[], torch.dtype] | None = None,
+         device: torch.device = CPU, attention_backend: str = "auto") -> LoadedModel:
     """`quantization`: see EngineConfig (the int4/int8 kernels need dtype bfloat16);
     `dense_dtype`: the dtype every Linear's dense products run in (None: `dtype`), or a
-    function giving it, called only for a model off the kernels (they have no dense products)."""
+    function giving it, called only for a model off the kernels (they have no dense products).
+    `device`: where the model runs (tierlm/device.py); off the CPU, or with the paged
+    attention backend asked for, a GGUF file runs on PyTorch's ops, not tierlm's kernels."""
     path = bundled.resolve(model, cache_dir)
     lossy: set[str] = set()
+    kernel_device = device.type == "cpu" and attention_backend == "auto"
     if dtype != torch.bfloat16 and quantization == "auto":
         quantization = "none"  # float32 asks for precision: dense throughout
     if path.is_file() and quantization in weights.BLOCK_QUANTIZATIONS:
@@ -201,7 +225,7 @@ def load(model: str, *, dtype: torch.dtype, block_size: int, deterministic: bool
         cls = model_class(g.architecture)
         cfg = configs.gguf_config(g)
         tok = tokenizer.from_gguf(g, cache_dir)
-        blocks = quantization == "auto" and on_kernels(g, block_size)
+        blocks = quantization == "auto" and kernel_device and on_kernels(g, block_size)
         tensors = weights.gguf_weights(g, cfg, keep_q4=quantization != "none", lossy=lossy, keep_blocks=blocks)
         if blocks:
             kernels.use_threads()
@@ -212,6 +236,9 @@ def load(model: str, *, dtype: torch.dtype, block_size: int, deterministic: bool
         tok = tokenizer.from_hf_dir(path, cfg.eos_token_ids, cfg.bos_token_id)
         tensors, total = weights.hf_weights(path), None
         blocks = quantization in weights.BLOCK_QUANTIZATIONS
+        if blocks and not kernel_device:
+            raise ConfigError(f"quantization {quantization} runs on tierlm's CPU kernels, not on device "
+                              f"{device.type} or the paged attention backend (use int4 or none)")
         if blocks:
             if block_size % 16:
                 raise ConfigError(f"quantization {quantization} runs on tierlm's kernels, whose attention "
@@ -225,12 +252,15 @@ def load(model: str, *, dtype: torch.dtype, block_size: int, deterministic: bool
         cfg = replace(cfg, eos_token_ids=stops)
     if callable(dense_dtype):
         dense_dtype = dtype if blocks else dense_dtype()
-    attention = registry.make(registry.choose(on_kernels=blocks), cfg, block_size)
-    net = cls(cfg, attention, deterministic=deterministic)
+    attention = registry.make(registry.choose(on_kernels=blocks, device=device.type, asked=attention_backend),
+                              cfg, block_size)
+    # Batch-invariant tiled GEMMs are probed for the CPU's BLAS; on CUDA, cuBLAS runs as it is (README "GPU").
+    net = cls(cfg, attention, deterministic=deterministic and device.type == "cpu")
     for m in net.modules():
         if isinstance(m, Linear):
             m.dense_dtype = dense_dtype
-    formats = _fill(net, tensors, dtype, progress, total, quantization, lossy)
+    formats = _fill(net, tensors, dtype, progress, total, quantization, lossy, device)
+    net.to(device)
     net.eval()
     _return_freed_memory()
     # The GGUF memory map is not kept: every weight now lives in our own tensors, and its

@@ -17,6 +17,7 @@ from torch import nn
 
 from tierlm.attention.base import ForwardBatch
 from tierlm.config import ModelConfig
+from tierlm.device import CPU
 from tierlm.kv_cache.block_pool import NULL_BLOCK
 from tierlm.kv_cache.sizing import head_width, layout_for, lazily_zeroed
 from tierlm.kv_cache.transfers import BlockLoad, BlockSave
@@ -24,6 +25,7 @@ from tierlm.layers.moe import SparseMoE
 from tierlm.lora.slots import LoRASlots
 from tierlm.models.fused import FusedDecoder
 from tierlm.outputs import SampledToken, StepResult, TokenLogprob
+from tierlm.runner.cuda_graphs import DecodeGraphs
 from tierlm.sampling import sampler
 from tierlm.sampling_params import SamplingParams
 from tierlm.scheduler.output import NewRequest, ScheduledRequest, SchedulerOutput
@@ -46,8 +48,12 @@ class ModelRunner:
     def __init__(self, model: nn.Module, cfg: ModelConfig, num_blocks: int, block_size: int,
                  dtype: torch.dtype, deterministic: bool = True, kernels: bool = False,
                  structured: StructuredOutputs | None = None, lora: LoRASlots | None = None,
-                 kv_dtype: torch.dtype | None = None, tp=None, samples: bool = True) -> None:
+                 kv_dtype: torch.dtype | None = None, tp=None, samples: bool = True,
+                 device: torch.device = CPU, graphs: tuple[int, int] | None = None) -> None:
         self.model = model
+        # Where the model and its KV pool live; batches are built on the CPU and moved there,
+        # logits come back to the CPU for sampling (float32 [rows, vocab]: small next to a step).
+        self.device = device
         # Tensor parallelism (parallel/group.py): rank 0's runner hands each call to the
         # workers first; a worker's runner (`samples` False) makes the same calls and never samples.
         self.tp = tp
@@ -70,7 +76,7 @@ class ModelRunner:
         width = head_width(cfg.head_dim, kv_dtype)
         shape = (num_blocks, block_size, cfg.num_kv_heads, width)
         k_shape = self.attention.k_cache_shape(num_blocks, width)
-        slots = [(lazily_zeroed(k_shape, kv_dtype), lazily_zeroed(shape, kv_dtype))
+        slots = [(_pool(k_shape, kv_dtype, device), _pool(shape, kv_dtype, device))
                  for _ in range(self.layout.group_size)]
         places = [self.layout.place(i) for i in range(cfg.num_layers)]
         self.kv_caches = [slots[slot] for _, slot in places]
@@ -81,14 +87,25 @@ class ModelRunner:
                       if kernels and FusedDecoder.supports(model) else None)
         # (layer index, block) of every sparse MoE block, for per-expert load statistics.
         self._moe = [(int(name.split(".")[1]), m) for name, m in model.named_modules() if isinstance(m, SparseMoE)]
+        # Decode steps replayed from CUDA graphs (runner/cuda_graphs.py) captured for `graphs`
+        # = (largest batch, widest block table); MoE routing syncs with the host: eager.
+        self.graphs = None
+        if graphs is not None and device.type == "cuda" and not self._moe:
+            self.graphs = DecodeGraphs(model, self.kv_caches, self.layer_group, self.layout.windows, *graphs,
+                                       dense_rows=0 if kernels or deterministic else None, device=device)
 
     def moe_expert_tokens(self) -> dict[int, list[int]]:
         """Tokens routed to each expert since load, per MoE layer (empty for dense models)."""
         return {layer: m.expert_tokens.tolist() for layer, m in self._moe}
 
     def read_block(self, block: int) -> torch.Tensor:
-        """A copy of one block's K/V pages, flat: [2 * group_size, page elements]."""
-        return torch.stack([t[block].reshape(-1) for t in self._pages])
+        """A host copy of one block's K/V pages, flat: [2 * group_size, page elements]
+        (pinned memory when the pool is on a GPU: the warm tier's copies load back by DMA)."""
+        if self.device.type == "cpu":
+            return torch.stack([t[block].reshape(-1) for t in self._pages])
+        pages = torch.stack([t[block].reshape(-1) for t in self._pages])
+        host = torch.empty(pages.shape, dtype=pages.dtype, pin_memory=True)
+        return host.copy_(pages)
 
     def write_block(self, block: int, data: torch.Tensor) -> None:
         for t, page in zip(self._pages, data):
@@ -98,11 +115,17 @@ class ModelRunner:
         return self.attention.build_batch(out, self.layout.windows, self.compute_dtype, self.deterministic)
 
     def _forward(self, batch: ForwardBatch, logits_indices: torch.Tensor) -> torch.Tensor:
+        """Float32 logits on the CPU of the rows `logits_indices` names."""
         if self.fused is not None:
             return self.fused.forward(batch.input_ids, batch.attn, logits_indices)
-        metas = [batch.attn[g] for g in self.layer_group]
         dense_rows = 0 if self.kernels else batch.prompt_rows if self.deterministic else None
-        return self.model(batch.input_ids, batch.positions, self.kv_caches, metas, logits_indices, dense_rows)
+        if self.graphs is not None and self.graphs.runs(batch, logits_indices, dense_rows):
+            return self.graphs.replay(batch).cpu()
+        if self.device.type != "cpu":
+            batch, logits_indices = on_device(batch, self.device), logits_indices.to(self.device)
+        metas = [batch.attn[g] for g in self.layer_group]
+        logits = self.model(batch.input_ids, batch.positions, self.kv_caches, metas, logits_indices, dense_rows)
+        return logits.cpu()
 
     @torch.inference_mode()
     def compute_logits(self, out: SchedulerOutput) -> tuple[torch.Tensor, list[str]]:
@@ -270,6 +293,22 @@ class ModelRunner:
             except Exception as e:  # noqa: BLE001 - one request's own state failed
                 failed[tok.request_id] = e
         return complete, failed
+
+
+def _pool(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A KV pool tensor: committed page by page on the CPU, allocated whole on a GPU."""
+    return lazily_zeroed(shape, dtype) if device.type == "cpu" else torch.zeros(shape, dtype=dtype, device=device)
+
+
+def on_device(batch: ForwardBatch, device: torch.device) -> ForwardBatch:
+    """The step's tensors moved to `device` (built on the CPU from the scheduler's lists)."""
+    def move(t):
+        return None if t is None else t.to(device, non_blocking=True)
+
+    metas = tuple(dataclasses.replace(m, slot_mapping=move(m.slot_mapping), tables=move(m.tables), seq=move(m.seq),
+                                      positions=move(m.positions)) for m in batch.attn)
+    return dataclasses.replace(batch, input_ids=move(batch.input_ids), positions=move(batch.positions), attn=metas,
+                               logits_indices=move(batch.logits_indices), row_request=move(batch.row_request))
 
 
 def _apply_blocks(st: _RequestState, delta) -> None:
