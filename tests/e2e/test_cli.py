@@ -86,6 +86,9 @@ def test_models_lists_bundled():
     (["generate", "--pooling", "mean", "hi"], "pooling applies to embedding models"),
     (["serve", "--model", "all-minilm-l6-v2", "--enable-lora", "--port", "0"], "LoRA adapters are not supported"),
     (["serve", "--port", "8123", "--grpc-port", "8123"], "--grpc-port must be a port in [1, 65535] other than"),
+    (["generate", "--device", "cuda", "hi"], "device cuda: this PyTorch build has no CUDA (use --device cpu)"),
+    (["generate", "--device", "tpu", "hi"], "device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+    (["generate", "--gpu-memory-utilization", "1.5", "hi"], "gpu_memory_utilization must be in (0, 1]"),
     pytest.param(["bench", "--workloads", "w9"], "invalid choice", marks=pytest.mark.slow),
     (["bench", "--url", "http://127.0.0.1:9", "--workloads", "w2", "--runs", "1", "--no-plots"], "127.0.0.1:9"),
 ])

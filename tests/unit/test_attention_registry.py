@@ -36,5 +36,7 @@ def test_a_new_backend_serves_a_model_without_touching_its_file(tiny_llama, monk
 def test_the_choice_follows_the_weights_and_the_device():
     assert registry.BACKENDS[registry.choose(on_kernels=True)] is KernelPagedAttention
     assert registry.BACKENDS[registry.choose(on_kernels=False)] is TorchPagedAttention
-    with pytest.raises(ValueError, match="no attention backend for device 'cuda'"):
-        registry.choose(on_kernels=False, device="cuda")
+    assert registry.choose(on_kernels=False, device="cuda") == "paged"
+    assert registry.choose(on_kernels=True, asked="paged") == "paged"
+    with pytest.raises(ValueError, match="no attention backend for device 'mps'"):
+        registry.choose(on_kernels=False, device="mps")

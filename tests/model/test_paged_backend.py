@@ -1,0 +1,97 @@
+"""The device-neutral path CUDA runs (attention/paged.py, flat layout, runner/cuda_graphs.py
+padding), run on the CPU: tiny transformers checkpoints against transformers, batch
+invariance, and a padded decode batch giving its real rows the same bits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.model.test_hf_numerics import GREEDY, hf_greedy, random_ids
+from tierlm import LLM, SamplingParams
+from tierlm.attention.flat_batch import build_flat
+from tierlm.runner.cuda_graphs import is_decode, pad_decode
+from tierlm.scheduler.output import ScheduledRequest, SchedulerOutput
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gemma3"])
+def test_paged_backend_matches_transformers(arch, tiny_checkpoint):
+    """Logits within 1e-4 (fp32), greedy tokens equal alone and chunked in a batch of five;
+    Mistral and Gemma 3 have sliding windows shorter than the prompt, Qwen2 q/k/v biases."""
+    path, hf = tiny_checkpoint(arch)
+    ids = random_ids(80, 7)
+    llm = LLM(str(path), dtype="float32", attention_backend="paged", max_num_batched_tokens=256)
+    assert llm.engine.runner.attention.name == "paged"
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0]
+    diff = (llm.engine.prompt_logits(ids) - ref).abs().max().item()
+    assert diff <= 1e-4, f"max |logit diff| {diff}"
+    expected = hf_greedy(hf, ids, 32)
+    assert llm.generate({"prompt_token_ids": ids}, GREEDY)[0].outputs[0].token_ids == expected
+
+    chunked = LLM(str(path), dtype="float32", attention_backend="paged", max_num_batched_tokens=13)
+    others = [{"prompt_token_ids": random_ids(n, n)} for n in (5, 40, 17, 90)]
+    outs = chunked.generate(others[:2] + [{"prompt_token_ids": ids}] + others[2:], GREEDY)
+    assert outs[2].outputs[0].token_ids == expected
+    chunked.engine.scheduler.check_integrity()
+
+
+def test_paged_backend_is_batch_invariant(tiny_checkpoint):
+    """bf16: a request's sampled tokens and logprobs are the same bits alone and in a batch."""
+    path, _ = tiny_checkpoint("llama")
+    llm = LLM(str(path), attention_backend="paged", max_num_batched_tokens=32)
+    params = SamplingParams(temperature=0.8, seed=5, max_tokens=24, logprobs=2, ignore_eos=True)
+    ids = random_ids(50, 3)
+    alone = llm.generate({"prompt_token_ids": ids}, params)[0].outputs[0]
+    batch = [{"prompt_token_ids": random_ids(n, n)} for n in (9, 70, 33)]
+    together = llm.generate(batch[:1] + [{"prompt_token_ids": ids}] + batch[1:], params)[1].outputs[0]
+    assert together.token_ids == alone.token_ids
+    assert [lp.logprob for lp in together.logprobs] == [lp.logprob for lp in alone.logprobs]
+
+
+def test_padded_decode_batch_keeps_real_rows(tiny_checkpoint):
+    """The CUDA-graph padding (pad_decode) on the CPU: three decode rows padded to 8 rows and
+    a 6-block table give the three rows the same logits bits as the unpadded batch, and the
+    padded rows write nothing outside the null block."""
+    path, _ = tiny_checkpoint("gemma3")  # two KV groups: sliding-window and full layers
+    llm = LLM(str(path), dtype="float32", attention_backend="paged", num_kv_blocks=40)
+    runner = llm.engine.runner
+    groups = len(runner.layout.windows)  # each KV group its own blocks (kv_cache/layout.py)
+    prompts = [(random_ids(40, 1), [1, 2, 3]), (random_ids(17, 2), [4, 5]), (random_ids(33, 3), [6, 7, 8])]
+    prompts = [(ids, [[b + 8 * g for b in table] for g in range(groups)]) for ids, table in prompts]
+    prefill = [ScheduledRequest(f"r{i}", ids, 0, tables, False, len(ids)) for i, (ids, tables) in enumerate(prompts)]
+    runner.compute_logits(SchedulerOutput(prefill))  # writes the prompts' K/V
+    decode = [ScheduledRequest(f"r{i}", [11 + i], len(ids), tables, True, len(ids))
+              for i, (ids, tables) in enumerate(prompts)]
+    batch = build_flat(SchedulerOutput(decode), runner.block_size, runner.layout.windows)
+    assert is_decode(batch, batch.logits_indices)
+    live_before = [t[1:].clone() for t in runner._pages]
+
+    def run(b):
+        metas = [b.attn[g] for g in runner.layer_group]
+        with torch.inference_mode():
+            return runner.model(b.input_ids, b.positions, runner.kv_caches, metas, b.logits_indices, 0)
+
+    plain = run(batch)
+    live_after_plain = [t[1:].clone() for t in runner._pages]
+    padded = pad_decode(batch, 8, 6)
+    assert padded.input_ids.shape == (8,) and padded.attn[0].tables.shape == (8, 6)
+    out = run(padded)
+    assert torch.equal(out[:3], plain)
+    # Padded rows wrote nothing outside the null block.
+    assert all(torch.equal(t[1:], a) for t, a in zip(runner._pages, live_after_plain))
+    assert not all(torch.equal(t[1:], b) for t, b in zip(runner._pages, live_before))  # the decode rows wrote
+
+
+def test_prefill_and_decode_rows_agree(tiny_checkpoint):
+    """A generated token's KV is what the same token gives as a prompt token: the per-row
+    attention does not depend on the row's role, so a follow-up turn reusing the cached
+    blocks scores exactly as a fresh computation."""
+    path, _ = tiny_checkpoint("qwen2")
+    llm = LLM(str(path), attention_backend="paged")
+    ids = random_ids(30, 4)
+    out = llm.generate({"prompt_token_ids": ids}, GREEDY)[0].outputs[0].token_ids
+    seq = ids + out
+    as_prompt = llm.engine.prompt_logits(seq)
+    as_generated = llm.engine.prompt_logits(seq, prompt_len=len(ids))
+    assert torch.equal(as_prompt, as_generated)

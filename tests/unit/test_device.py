@@ -1,0 +1,85 @@
+"""Device choice and the CUDA path's device-neutral parts, on a machine without CUDA:
+`--device` resolution and refusals, the KV budget arithmetic of --gpu-memory-utilization,
+CUDA-graph batch sizes and decode-step recognition, the int4 kernel's K tiling."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from tierlm import LLM
+from tierlm.config import ConfigError, EngineConfig, LoRAConfig
+from tierlm.device import CPU, cuda_refusal, engine_device, resolve
+from tierlm.layers.quant import cuda_int4_fits, inner_k_tiles
+from tierlm.runner.cuda_graphs import capture_sizes
+from tierlm.runner.gpu_memory import MemoryProfile, kv_budget
+
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without CUDA")
+
+
+@no_cuda
+def test_auto_and_cpu_resolve_to_the_cpu_and_cuda_is_refused_in_one_line():
+    assert resolve("auto") == CPU and resolve("cpu") == CPU
+    assert engine_device(EngineConfig()) == CPU
+    for spec in ("cuda", "cuda:1"):
+        with pytest.raises(ConfigError) as e:
+            resolve(spec)
+        assert str(e.value) == f"device {spec}: this PyTorch build has no CUDA (use --device cpu)"
+    with pytest.raises(ConfigError, match="device must be auto, cpu, cuda or cuda:N, got 'cuda:x'"):
+        resolve("cuda:x")
+
+
+def test_config_validates_device_memory_share_and_backend():
+    for bad, msg in (({"device": "gpu"}, "device must be"), ({"gpu_memory_utilization": 0}, "in \\(0, 1\\]"),
+                     ({"gpu_memory_utilization": 1.01}, "in \\(0, 1\\]"), ({"attention_backend": "flash"}, "paged")):
+        with pytest.raises(ConfigError, match=msg):
+            EngineConfig(**bad)
+    assert EngineConfig(device="cuda:3", gpu_memory_utilization=1.0).device == "cuda:3"
+
+
+def test_options_cuda_does_not_run_are_named():
+    base = EngineConfig(device="cuda")
+    assert cuda_refusal(base) is None
+    cases = [({"tensor_parallel_size": 2, "quantization": "none"}, "--data-parallel-size"),
+             ({"lora": LoRAConfig(enabled=True)}, "LoRA"), ({"task": "embed"}, "embedding"),
+             ({"draft_model": "x", "scheduler": dataclasses.replace(base.scheduler, num_speculative_tokens=2)}, "draft"),
+             ({"quantization": "int8"}, "quantization int8 runs on CPU kernels"),
+             ({"quantization": "q4_0"}, "on CUDA use auto, int4 or none")]
+    for change, needle in cases:
+        assert needle in cuda_refusal(dataclasses.replace(base, **change))
+    int8_kv = dataclasses.replace(base, cache=dataclasses.replace(base.cache, kv_cache_dtype="int8"))
+    assert "int8 KV cache" in cuda_refusal(int8_kv)
+
+
+def test_kv_budget_is_what_the_share_leaves():
+    gib = 2**30
+    profile = MemoryProfile(total=80 * gib, peak=10 * gib, others=gib // 2, activations=2 * gib)
+    block = 4 * 2**20
+    # 0.9 * 80 = 72 GiB - 10 - 0.5 = 61.5 GiB of KV
+    assert kv_budget(profile, 0.9, block) == int(72 * gib - 10.5 * gib) // block
+    assert kv_budget(profile, 0.9, block, graph_reserve=profile.activations) == int(72 * gib - 12.5 * gib) // block
+    with pytest.raises(ConfigError, match="gpu_memory_utilization 0.1: 8.00 GiB leaves no room"):
+        kv_budget(profile, 0.1, block)
+
+
+def test_graph_sizes_cover_every_batch():
+    assert capture_sizes(1) == (1,)
+    assert capture_sizes(32) == (1, 2, 4, 8, 16, 32)
+    assert capture_sizes(48) == (1, 2, 4, 8, 16, 32, 48)
+    for top in (1, 7, 32, 48, 256):
+        sizes = capture_sizes(top)
+        assert all(any(s >= n for s in sizes) for n in range(1, top + 1)) and max(sizes) == top
+
+
+def test_int4_k_tiling():
+    assert inner_k_tiles(576) == 4 and inner_k_tiles(1536) == 8 and inner_k_tiles(640) == 8 and inner_k_tiles(96) == 2
+    assert cuda_int4_fits(576, 1536) and not cuda_int4_fits(100, 576) and not cuda_int4_fits(64, 48)
+
+
+def test_block_quantization_is_refused_off_the_kernels(tiny_checkpoint):
+    path, _ = tiny_checkpoint("llama")
+    with pytest.raises(ConfigError, match="quantization q8_0 runs on tierlm's CPU kernels, not on device cpu or "
+                                          "the paged attention backend"):
+        LLM(str(path), quantization="q8_0", attention_backend="paged")
