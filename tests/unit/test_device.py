@@ -83,3 +83,32 @@ def test_block_quantization_is_refused_off_the_kernels(tiny_checkpoint):
     with pytest.raises(ConfigError, match="quantization q8_0 runs on tierlm's CPU kernels, not on device cpu or "
                                           "the paged attention backend"):
         LLM(str(path), quantization="q8_0", attention_backend="paged")
+
+
+@no_cuda
+def test_replicas_take_one_gpu_each_on_cuda():
+    from tierlm.scale import cluster
+
+    assert cluster.gpus_per_replica(EngineConfig(device="cpu")) == 0
+    assert cluster.gpus_per_replica(EngineConfig()) == 0  # auto on a machine without CUDA
+    on_gpu = EngineConfig(device="cuda:1")
+    assert cluster.gpus_per_replica(on_gpu) == 1 and cluster.replica_config(on_gpu).device == "cuda"
+    assert cluster.replica_config(EngineConfig(device="cpu")).device == "cpu"
+    cluster.check_gpus(2, 2.0)
+    with pytest.raises(cluster.RayUnavailable, match="3 replicas on CUDA need 3 GPUs \\(one each\\); the Ray cluster has 2"):
+        cluster.check_gpus(3, 2.0)
+
+
+def test_batches_move_whole_to_the_device(tiny_checkpoint):
+    """Every tensor of a step reaches the model's device (the meta device stands in for a GPU)."""
+    from tierlm.attention.flat_batch import build_flat
+    from tierlm.runner.model_runner import on_device
+    from tierlm.scheduler.output import ScheduledRequest, SchedulerOutput
+
+    step = SchedulerOutput([ScheduledRequest("a", [5, 6, 7], 0, [[1]], True, 3),
+                            ScheduledRequest("b", [9], 20, [[2, 3]], True, 20)])
+    moved = on_device(build_flat(step, 16), torch.device("meta"))
+    tensors = [moved.input_ids, moved.positions, moved.logits_indices, moved.row_request]
+    for m in moved.attn:
+        tensors += [m.slot_mapping, m.tables, m.seq, m.positions]
+    assert all(t.device.type == "meta" for t in tensors)

@@ -50,5 +50,6 @@ CHECK = textwrap.dedent("""
 
 def test_kernel_matches_reference_in_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
-    done = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=600,
+                          check=False)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout + done.stderr

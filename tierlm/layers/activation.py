@@ -23,7 +23,7 @@ def row_tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, out_w
     enough that no tile is split across threads (or single rows, which all split alike)."""
     tokens = x.shape[0]
     rows = max(1, _MAX_TILE_ELEMENTS // out_width)
-    if tokens <= rows:
+    if tokens <= rows or x.is_cuda:  # a GPU computes every element alike: no split to avoid
         return fn(x)
     out = x.new_empty(tokens, out_width)
     for i in range(0, tokens, rows):

@@ -37,3 +37,32 @@ def disconnect() -> None:
     if ray.is_initialized():
         ray.shutdown()
 
+
+
+def gpus_per_replica(config) -> int:
+    """1 when an EngineConfig's replicas run on CUDA (an explicit cuda, or auto on a node that
+    has a GPU and options CUDA runs), else 0. Ray gives each such replica its own GPU."""
+    from tierlm.device import cuda_refusal
+
+    if config.device == "cpu":
+        return 0
+    if config.device == "auto":
+        import torch
+
+        return int(torch.cuda.is_available() and cuda_refusal(config) is None)
+    return 1
+
+
+def replica_config(config):
+    """The config a replica process runs: on its one visible GPU (Ray sets CUDA_VISIBLE_DEVICES),
+    so a `cuda:N` naming a device of the whole node becomes that replica's `cuda`."""
+    import dataclasses
+
+    return dataclasses.replace(config, device="cuda") if gpus_per_replica(config) else config
+
+
+def check_gpus(needed: int, available: float) -> None:
+    """Replicas wait for a free GPU forever: refuse at start when the cluster has too few."""
+    if needed > available:
+        raise RayUnavailable(f"{needed} replicas on CUDA need {needed} GPUs (one each); "
+                             f"the Ray cluster has {int(available)}")

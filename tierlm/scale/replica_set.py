@@ -37,6 +37,7 @@ from tierlm.engine.async_engine import (
 from tierlm.engine.load import load_of
 from tierlm.outputs import RequestOutput
 from tierlm.sampling_params import SamplingParams
+from tierlm.scale import cluster
 from tierlm.scale.replica import EngineReplica
 from tierlm.scale.router import BlockKeys, Decision, PrefixRouter
 from tierlm.scale.stats import add_totals, combined
@@ -89,7 +90,9 @@ class ReplicaSet:
         self.on_step = on_step or (lambda s: None)
         self.metrics = metrics
         self.max_restarts, self.restart_window_s = max_restarts, restart_window_s
-        self._actor_class = ray.remote(EngineReplica).options(num_cpus=threads, max_restarts=0)
+        gpus = cluster.gpus_per_replica(config)  # one GPU each on CUDA (Ray pins its device)
+        self.config = cluster.replica_config(config)
+        self._actor_class = ray.remote(EngineReplica).options(num_cpus=threads, num_gpus=gpus, max_restarts=0)
         self.slots = [_Slot(i) for i in range(size)]
         self.router: PrefixRouter | None = None
         self.keys: BlockKeys | None = None

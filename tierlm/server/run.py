@@ -384,9 +384,15 @@ def _start_ray(tierset: TierSetConfig, opts: ServeOptions) -> None:
         raise StartupError("replicas of a tensor-parallel model are not supported: use --data-parallel-size or "
                            "--tensor-parallel-size")
     cores = kernels.usable_cpus()
+    gpus = opts.data_parallel_size * sum(cluster.gpus_per_replica(t.engine) for t in tierset.tiers)
     try:
         cluster.connect(opts.ray_address, max(cores, opts.data_parallel_size * _replica_threads(opts)))
+        if gpus:
+            import ray
+
+            cluster.check_gpus(gpus, ray.cluster_resources().get("GPU", 0))
     except cluster.RayUnavailable as e:
+        cluster.disconnect()
         raise StartupError(str(e)) from None
 
 
