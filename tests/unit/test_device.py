@@ -102,7 +102,7 @@ def test_replicas_take_one_gpu_each_on_cuda():
 def test_batches_move_whole_to_the_device(tiny_checkpoint):
     """Every tensor of a step reaches the model's device (the meta device stands in for a GPU)."""
     from tierlm.attention.flat_batch import build_flat
-    from tierlm.runner.model_runner import on_device
+    from tierlm.runner.placement import on_device
     from tierlm.scheduler.output import ScheduledRequest, SchedulerOutput
 
     step = SchedulerOutput([ScheduledRequest("a", [5, 6, 7], 0, [[1]], True, 3),

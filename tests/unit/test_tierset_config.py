@@ -98,6 +98,9 @@ def test_operators_and_prefix_cache_groups(tmp_path):
     (('prompt_price_per_mtok = 0.02', 'prompt_price_per_mtok = -1'), 6, "greater than or equal to 0"),
     (('quality = 1\n', 'quality = 1\nquality = 2\n'), 6, "invalid TOML"),
     (('max_num_seqs = 8', 'kv_cache_dtype = "fp8"'), 12, "tiers.deep.kv_cache_dtype: Input should be 'auto' or 'int8'"),
+    (('max_num_seqs = 8', 'device = "gpu0"'), 12, "tiers.deep.device: String should match pattern"),
+    (('max_num_seqs = 8', 'gpu_memory_utilization = 1.2'), 12,
+     "tiers.deep.gpu_memory_utilization: Input should be less than or equal to 1"),
 ])
 def test_errors_name_file_line_and_key(tmp_path, edit, line, text):
     message = load_error(tmp_path, GOOD, edit)
@@ -124,6 +127,15 @@ def test_engine_values_are_checked_with_the_tier_named(tmp_path):
     assert tiers[0].engine.cache.kv_cache_dtype == "auto"
     with pytest.raises(ConfigError, match="cannot read config"):
         load(tmp_path / "missing.toml", BASE)
+
+
+def test_tiers_choose_their_devices(tmp_path):
+    """One TierSet may put a tier on a GPU and keep another on the CPU; the rest follow the flags."""
+    text = GOOD.replace("max_num_seqs = 8", 'max_num_seqs = 8\ndevice = "cuda:1"\ngpu_memory_utilization = 0.5\n'
+                                           "enforce_eager = true")
+    fast, deep = load(write(tmp_path, text), BASE).tiers
+    assert (deep.engine.device, deep.engine.gpu_memory_utilization, deep.engine.enforce_eager) == ("cuda:1", 0.5, True)
+    assert (fast.engine.device, fast.engine.gpu_memory_utilization, fast.engine.enforce_eager) == ("auto", 0.9, False)
 
 
 def test_a_tier_may_draft_with_its_own_draft_model(tmp_path):

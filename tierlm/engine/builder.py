@@ -6,6 +6,7 @@ proposer. `LLMEngine` receives them ready; nothing is wired by mutation afterwar
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ import torch
 
 from tierlm import kernels
 from tierlm.config import CacheConfig, EngineConfig, ModelConfig
-from tierlm.device import CPU, engine_device
+from tierlm.device import CPU, describe, engine_device
 from tierlm.embed.head import strip_head
 from tierlm.kv_cache.cold_store import ColdStore
 from tierlm.kv_cache.manager import KVCacheManager
@@ -30,6 +31,8 @@ from tierlm.scheduler.scheduler import Scheduler
 from tierlm.spec.draft import DraftModelProposer
 from tierlm.spec.proposer import NgramProposer, Proposer
 from tierlm.structured.manager import StructuredOutputs
+
+log = logging.getLogger("tierlm.engine")
 
 
 @dataclass(frozen=True)
@@ -143,6 +146,11 @@ def _build_parts(config: EngineConfig, tp, cache_dir: Path, progress: bool, t0: 
     runner = ModelRunner(loaded.model, local, blocks, cache.block_size, dtype, config.deterministic,
                          kernels=loaded.kernels, structured=structured, lora=slots, kv_dtype=kv_type, tp=tp,
                          device=device, graphs=graphs)
+    if device.type == "cuda":
+        graphs_note = (f"decode CUDA graphs for batch {', '.join(map(str, runner.graphs.sizes))} captured in "
+                       f"{runner.graphs.capture_seconds:.2f} s" if runner.graphs else "eager (no CUDA graphs)")
+        log.info("%s on %s: KV pool %d blocks (%.2f GiB), %s", loaded.path.name, describe(device), blocks,
+                 blocks * kv_block_bytes(cfg, cache.block_size, kv_type) / 2**30, graphs_note)
     adapters = None
     if slots is not None:
         adapters = AdapterRegistry(slots.where, lora.max_lora_rank)

@@ -217,7 +217,7 @@ class Linear(nn.Module):
 def rows_by_format(layer: Linear, x: torch.Tensor, dense: torch.Tensor, dense_rows: int | None) -> torch.Tensor:
     """`layer` over rows of `x` in any order, `dense` marking those that take the dense
     format: they go first, and the results come back in x's order."""
-    if dense_rows is None or layer.quantized is None:
+    if not dense_rows or layer.quantized is None:  # no dense rows: no count (a host sync on a GPU)
         return layer(x, dense_rows)
     n = int(dense.sum())
     if n in (0, x.shape[0]):

@@ -19,13 +19,14 @@ from tierlm.attention.base import ForwardBatch
 from tierlm.config import ModelConfig
 from tierlm.device import CPU
 from tierlm.kv_cache.block_pool import NULL_BLOCK
-from tierlm.kv_cache.sizing import head_width, layout_for, lazily_zeroed
+from tierlm.kv_cache.sizing import head_width, layout_for
 from tierlm.kv_cache.transfers import BlockLoad, BlockSave
 from tierlm.layers.moe import SparseMoE
 from tierlm.lora.slots import LoRASlots
 from tierlm.models.fused import FusedDecoder
 from tierlm.outputs import SampledToken, StepResult, TokenLogprob
 from tierlm.runner.cuda_graphs import DecodeGraphs
+from tierlm.runner.placement import kv_pool, on_device
 from tierlm.sampling import sampler
 from tierlm.sampling_params import SamplingParams
 from tierlm.scheduler.output import NewRequest, ScheduledRequest, SchedulerOutput
@@ -76,7 +77,7 @@ class ModelRunner:
         width = head_width(cfg.head_dim, kv_dtype)
         shape = (num_blocks, block_size, cfg.num_kv_heads, width)
         k_shape = self.attention.k_cache_shape(num_blocks, width)
-        slots = [(_pool(k_shape, kv_dtype, device), _pool(shape, kv_dtype, device))
+        slots = [(kv_pool(k_shape, kv_dtype, device), kv_pool(shape, kv_dtype, device))
                  for _ in range(self.layout.group_size)]
         places = [self.layout.place(i) for i in range(cfg.num_layers)]
         self.kv_caches = [slots[slot] for _, slot in places]
@@ -91,8 +92,9 @@ class ModelRunner:
         # = (largest batch, widest block table); MoE routing syncs with the host: eager.
         self.graphs = None
         if graphs is not None and device.type == "cuda" and not self._moe:
-            self.graphs = DecodeGraphs(model, self.kv_caches, self.layer_group, self.layout.windows, *graphs,
-                                       dense_rows=0 if kernels or deterministic else None, device=device)
+            with torch.cuda.device(device):
+                self.graphs = DecodeGraphs(model, self.kv_caches, self.layer_group, self.layout.windows, *graphs,
+                                           dense_rows=0 if kernels or deterministic else None, device=device)
 
     def moe_expert_tokens(self) -> dict[int, list[int]]:
         """Tokens routed to each expert since load, per MoE layer (empty for dense models)."""
@@ -101,11 +103,10 @@ class ModelRunner:
     def read_block(self, block: int) -> torch.Tensor:
         """A host copy of one block's K/V pages, flat: [2 * group_size, page elements]
         (pinned memory when the pool is on a GPU: the warm tier's copies load back by DMA)."""
-        if self.device.type == "cpu":
-            return torch.stack([t[block].reshape(-1) for t in self._pages])
         pages = torch.stack([t[block].reshape(-1) for t in self._pages])
-        host = torch.empty(pages.shape, dtype=pages.dtype, pin_memory=True)
-        return host.copy_(pages)
+        if self.device.type == "cpu":
+            return pages
+        return torch.empty(pages.shape, dtype=pages.dtype, pin_memory=True).copy_(pages)
 
     def write_block(self, block: int, data: torch.Tensor) -> None:
         for t, page in zip(self._pages, data):
@@ -119,13 +120,17 @@ class ModelRunner:
         if self.fused is not None:
             return self.fused.forward(batch.input_ids, batch.attn, logits_indices)
         dense_rows = 0 if self.kernels else batch.prompt_rows if self.deterministic else None
-        if self.graphs is not None and self.graphs.runs(batch, logits_indices, dense_rows):
-            return self.graphs.replay(batch).cpu()
-        if self.device.type != "cpu":
+        if self.device.type == "cpu":
+            metas = [batch.attn[g] for g in self.layer_group]
+            return self.model(batch.input_ids, batch.positions, self.kv_caches, metas, logits_indices, dense_rows)
+        # Triton launches on the thread's current device: make it this model's.
+        with torch.cuda.device(self.device):
+            if self.graphs is not None and self.graphs.runs(batch, logits_indices, dense_rows):
+                return self.graphs.replay(batch).cpu()
             batch, logits_indices = on_device(batch, self.device), logits_indices.to(self.device)
-        metas = [batch.attn[g] for g in self.layer_group]
-        logits = self.model(batch.input_ids, batch.positions, self.kv_caches, metas, logits_indices, dense_rows)
-        return logits.cpu()
+            metas = [batch.attn[g] for g in self.layer_group]
+            logits = self.model(batch.input_ids, batch.positions, self.kv_caches, metas, logits_indices, dense_rows)
+            return logits.cpu()
 
     @torch.inference_mode()
     def compute_logits(self, out: SchedulerOutput) -> tuple[torch.Tensor, list[str]]:
@@ -293,22 +298,6 @@ class ModelRunner:
             except Exception as e:  # noqa: BLE001 - one request's own state failed
                 failed[tok.request_id] = e
         return complete, failed
-
-
-def _pool(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A KV pool tensor: committed page by page on the CPU, allocated whole on a GPU."""
-    return lazily_zeroed(shape, dtype) if device.type == "cpu" else torch.zeros(shape, dtype=dtype, device=device)
-
-
-def on_device(batch: ForwardBatch, device: torch.device) -> ForwardBatch:
-    """The step's tensors moved to `device` (built on the CPU from the scheduler's lists)."""
-    def move(t):
-        return None if t is None else t.to(device, non_blocking=True)
-
-    metas = tuple(dataclasses.replace(m, slot_mapping=move(m.slot_mapping), tables=move(m.tables), seq=move(m.seq),
-                                      positions=move(m.positions)) for m in batch.attn)
-    return dataclasses.replace(batch, input_ids=move(batch.input_ids), positions=move(batch.positions), attn=metas,
-                               logits_indices=move(batch.logits_indices), row_request=move(batch.row_request))
 
 
 def _apply_blocks(st: _RequestState, delta) -> None:

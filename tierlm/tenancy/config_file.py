@@ -17,7 +17,8 @@ hashed (SHA-256) as they are read; the plain text is never kept.
     max_num_seqs = 32                     # + dtype, quantization, dense_dtype, deterministic,
                                           #   reasoning_parser ("deepseek_r1" | "qwen3"),
                                           #   max_model_len, max_num_batched_tokens, kv_cache_gb,
-                                          #   kv_cache_dtype ("auto" | "int8"), ...
+                                          #   kv_cache_dtype ("auto" | "int8"), device ("cpu" |
+                                          #   "cuda:1" | ...), gpu_memory_utilization, enforce_eager, ...
 
     [tiers.embed]
     model = "all-minilm-l6-v2"            # an encoder: serves /v1/embeddings (task = "embed" and
@@ -53,6 +54,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tierlm.config import (
+    DEVICE_SPEC,
     ConfigError,
     EngineConfig,
     QuotaLimits,
@@ -99,6 +101,11 @@ class _Tier(_Strict):
     kv_cold_gb: float | None = Field(None, gt=0)
     session_ttl: float | None = Field(None, ge=0)
     kv_cache_dtype: Literal["auto", "int8"] | None = None
+    # Tiers may sit on different devices; on one GPU the share is the process's: a later
+    # tier's KV pool gets what the earlier tiers left of it.
+    device: str | None = Field(None, pattern=DEVICE_SPEC.pattern)
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
+    enforce_eager: bool | None = None
 
 
 class _Tenant(_Strict):
@@ -240,7 +247,9 @@ def _tier(name: str, t: _Tier, base: EngineConfig, spec: _File) -> TierConfig:
         cache=dataclasses.replace(base.cache, **cache) if cache else base.cache,
         scheduler=dataclasses.replace(base.scheduler, **sched) if sched else base.scheduler,
         draft_model=t.draft_model,  # per tier only: a draft model must share its tier's vocabulary
-        lora=lora, task=t.task or "auto", pooling=t.pooling)
+        lora=lora, task=t.task or "auto", pooling=t.pooling, device=t.device or base.device,
+        gpu_memory_utilization=t.gpu_memory_utilization or base.gpu_memory_utilization,
+        enforce_eager=base.enforce_eager if t.enforce_eager is None else t.enforce_eager)
     return TierConfig(name, engine, t.quality, t.prompt_price_per_mtok, t.completion_price_per_mtok,
                       reasoning_parser=t.reasoning_parser)
 
