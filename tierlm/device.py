@@ -1,8 +1,9 @@
 """Which device an engine runs on: `--device auto|cpu|cuda|cuda:N` resolved to a torch.device.
 
-auto is CUDA when PyTorch sees a CUDA device, else the CPU. Asking for CUDA where there is
-none, or for a device index past the last one, is a ConfigError at startup, never a silent
-run on the CPU. What runs on CUDA (README "GPU"): dense or int4 weights on PyTorch's CUDA
+auto is CUDA when PyTorch sees a CUDA device and every option of the config runs there,
+else the CPU (with a log line saying why). Asking for CUDA where there is none, for a
+device index past the last one, or for an option CUDA does not run (`cuda_refusal`) is a
+ConfigError at startup, never a silent run on the CPU. What runs on CUDA (README "GPU"): dense or int4 weights on PyTorch's CUDA
 ops, paged attention on a Triton kernel (attention/paged.py), the hot KV pool in GPU memory,
 decode steps replayed from CUDA graphs (runner/cuda_graphs.py).
 """

@@ -46,7 +46,6 @@ class EngineParts:
     proposer: Proposer | None
     load_seconds: float
     adapters: AdapterRegistry | None = None  # LoRA adapters by name (None: LoRA not enabled)
-    device: torch.device = CPU
 
 
 def default_cache_dir() -> Path:
@@ -147,10 +146,7 @@ def _build_parts(config: EngineConfig, tp, cache_dir: Path, progress: bool, t0: 
                          kernels=loaded.kernels, structured=structured, lora=slots, kv_dtype=kv_type, tp=tp,
                          device=device, graphs=graphs)
     if device.type == "cuda":
-        graphs_note = (f"decode CUDA graphs for batch {', '.join(map(str, runner.graphs.sizes))} captured in "
-                       f"{runner.graphs.capture_seconds:.2f} s" if runner.graphs else "eager (no CUDA graphs)")
-        log.info("%s on %s: KV pool %d blocks (%.2f GiB), %s", loaded.path.name, describe(device), blocks,
-                 blocks * kv_block_bytes(cfg, cache.block_size, kv_type) / 2**30, graphs_note)
+        _announce(runner, loaded.path.name, blocks * kv_block_bytes(cfg, cache.block_size, kv_type))
     adapters = None
     if slots is not None:
         adapters = AdapterRegistry(slots.where, lora.max_lora_rank)
@@ -162,7 +158,15 @@ def _build_parts(config: EngineConfig, tp, cache_dir: Path, progress: bool, t0: 
                                       block_size=cache.block_size, kv_cache_gb=cache.kv_cache_gb / 4,
                                       cache_dir=cache_dir, quantization=config.quantization,
                                       dense_dtype=loaded.dense_dtype)
-    return EngineParts(loaded, key, kv, scheduler, runner, structured, proposer, load_seconds, adapters, device)
+    return EngineParts(loaded, key, kv, scheduler, runner, structured, proposer, load_seconds, adapters)
+
+
+def _announce(runner: ModelRunner, name: str, pool_bytes: int) -> None:
+    """One startup line for a model on a GPU: device, KV pool, graph capture time."""
+    graphs = runner.graphs
+    note = (f"decode CUDA graphs for batch {', '.join(map(str, graphs.sizes))} captured in "
+            f"{graphs.capture_seconds:.2f} s" if graphs else "eager (no CUDA graphs)")
+    log.info("%s on %s: KV pool %.2f GiB, %s", name, describe(runner.device), pool_bytes / 2**30, note)
 
 
 def _graph_shape(config: EngineConfig, cfg: ModelConfig, device: torch.device) -> tuple[int, int] | None:
