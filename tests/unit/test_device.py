@@ -112,3 +112,24 @@ def test_batches_move_whole_to_the_device(tiny_checkpoint):
     for m in moved.attn:
         tensors += [m.slot_mapping, m.tables, m.seq, m.positions]
     assert all(t.device.type == "meta" for t in tensors)
+
+
+def test_the_profiled_peak_step_runs(tiny_checkpoint):
+    """The step --gpu-memory-utilization profiles, run on the CPU on a throwaway pool of just
+    enough blocks: the largest prompt chunk the scheduler may send, in every KV group."""
+    from tierlm.kv_cache.sizing import kv_dtype
+    from tierlm.runner.gpu_memory import peak_step
+    from tierlm.runner.model_runner import ModelRunner
+
+    path, _ = tiny_checkpoint("gemma3")
+    llm = LLM(str(path), dtype="float32", attention_backend="paged")
+    eng = llm.engine
+    sizes = []
+
+    def throwaway(num_blocks: int) -> ModelRunner:
+        sizes.append(num_blocks)
+        return ModelRunner(eng.loaded.model, eng.model_config, num_blocks, 16, torch.float32,
+                           kv_dtype=kv_dtype(eng.config.cache, torch.float32))
+
+    logits = peak_step(throwaway, 16, 100)
+    assert sizes == [8] and logits.shape == (1, eng.model_config.vocab_size) and torch.isfinite(logits).all()

@@ -40,25 +40,29 @@ def kv_budget(profile: MemoryProfile, utilization: float, block_bytes: int, grap
     return blocks
 
 
-def profile_step(make_runner, block_size: int, tokens: int, device: torch.device) -> MemoryProfile:
-    """Run one `tokens`-token prompt step on `make_runner(num_blocks)`'s throwaway pool and
-    measure (the runner is dropped before returning)."""
+def peak_step(make_runner, block_size: int, tokens: int) -> torch.Tensor:
+    """The profiled step, device-neutral: one `tokens`-token prompt (sampling its last row) on
+    `make_runner(num_blocks)`'s throwaway pool of just enough blocks; returns its logits."""
     from tierlm.scheduler.output import ScheduledRequest, SchedulerOutput
 
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    weights = torch.cuda.memory_allocated(device)
     blocks = -(-tokens // block_size)
     runner = make_runner(blocks + 1)  # block 0 is the null block
     table = list(range(1, blocks + 1))
     groups = len(runner.layout.windows)
     step = ScheduledRequest("profile", [0] * tokens, 0, [table] * groups, True, tokens)
-    runner.compute_logits(SchedulerOutput([step]))
+    return runner.compute_logits(SchedulerOutput([step]))[0]
+
+
+def profile_step(make_runner, block_size: int, tokens: int, device: torch.device) -> MemoryProfile:
+    """Run `peak_step` on the GPU and measure it (the throwaway runner is gone on return)."""
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    weights = torch.cuda.memory_allocated(device)
+    peak_step(make_runner, block_size, tokens)
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device)
     free, total = torch.cuda.mem_get_info(device)
     others = max(0, (total - free) - torch.cuda.memory_reserved(device))
-    del runner
     torch.cuda.empty_cache()
     log.info("profiled a %d-token step: peak %.2f GiB of %.2f GiB, %.2f GiB held outside PyTorch",
              tokens, peak / 2**30, total / 2**30, others / 2**30)
