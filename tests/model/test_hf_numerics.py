@@ -28,9 +28,14 @@ def random_ids(n: int, seed: int) -> list[int]:
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_logits_and_greedy_match_transformers(arch, tiny_checkpoint):
-    path, hf = tiny_checkpoint(arch)
+    assert_matches_transformers(*tiny_checkpoint(arch))
+
+
+def assert_matches_transformers(path, hf, **engine) -> LLM:
+    """Logits within 1e-4 of transformers' (fp32), greedy tokens equal alone and chunked in a
+    batch of five; `engine`: further LLM arguments. Returns the first engine."""
     ids = random_ids(80, 7)  # longer than the sliding window
-    llm = LLM(str(path), dtype="float32", max_num_batched_tokens=256)
+    llm = LLM(str(path), dtype="float32", max_num_batched_tokens=256, **engine)
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits[0]
     diff = (llm.engine.prompt_logits(ids) - ref).abs().max().item()
@@ -40,11 +45,12 @@ def test_logits_and_greedy_match_transformers(arch, tiny_checkpoint):
     assert llm.generate({"prompt_token_ids": ids}, GREEDY)[0].outputs[0].token_ids == expected
 
     # Chunked prefill (13-token budget) inside a batch of five requests of varied lengths.
-    chunked = LLM(str(path), dtype="float32", max_num_batched_tokens=13)
+    chunked = LLM(str(path), dtype="float32", max_num_batched_tokens=13, **engine)
     others = [{"prompt_token_ids": random_ids(n, n)} for n in (5, 40, 17, 90)]
     outs = chunked.generate(others[:2] + [{"prompt_token_ids": ids}] + others[2:], GREEDY)
     assert outs[2].outputs[0].token_ids == expected
     chunked.engine.scheduler.check_integrity()
+    return llm
 
 
 @pytest.mark.parametrize("arch", ["mistral", "gemma3"])

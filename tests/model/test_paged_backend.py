@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.model.test_hf_numerics import GREEDY, hf_greedy, random_ids
+from tests.model.test_hf_numerics import GREEDY, assert_matches_transformers, random_ids
 from tierlm import LLM, SamplingParams
 from tierlm.attention.flat_batch import build_flat
 from tierlm.runner.cuda_graphs import is_decode, pad_decode
@@ -16,24 +16,9 @@ from tierlm.scheduler.output import ScheduledRequest, SchedulerOutput
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gemma3"])
 def test_paged_backend_matches_transformers(arch, tiny_checkpoint):
-    """Logits within 1e-4 (fp32), greedy tokens equal alone and chunked in a batch of five;
-    Mistral and Gemma 3 have sliding windows shorter than the prompt, Qwen2 q/k/v biases."""
-    path, hf = tiny_checkpoint(arch)
-    ids = random_ids(80, 7)
-    llm = LLM(str(path), dtype="float32", attention_backend="paged", max_num_batched_tokens=256)
+    """Mistral and Gemma 3 have sliding windows shorter than the prompt, Qwen2 q/k/v biases."""
+    llm = assert_matches_transformers(*tiny_checkpoint(arch), attention_backend="paged")
     assert llm.engine.runner.attention.name == "paged"
-    with torch.no_grad():
-        ref = hf(torch.tensor([ids])).logits[0]
-    diff = (llm.engine.prompt_logits(ids) - ref).abs().max().item()
-    assert diff <= 1e-4, f"max |logit diff| {diff}"
-    expected = hf_greedy(hf, ids, 32)
-    assert llm.generate({"prompt_token_ids": ids}, GREEDY)[0].outputs[0].token_ids == expected
-
-    chunked = LLM(str(path), dtype="float32", attention_backend="paged", max_num_batched_tokens=13)
-    others = [{"prompt_token_ids": random_ids(n, n)} for n in (5, 40, 17, 90)]
-    outs = chunked.generate(others[:2] + [{"prompt_token_ids": ids}] + others[2:], GREEDY)
-    assert outs[2].outputs[0].token_ids == expected
-    chunked.engine.scheduler.check_integrity()
 
 
 def test_paged_backend_is_batch_invariant(tiny_checkpoint):
