@@ -53,3 +53,29 @@ def test_kernel_matches_reference_in_the_interpreter():
     done = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=600,
                           check=False)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("capability", [80, 90])  # A100, H100
+def test_kernel_compiles_for_nvidia_gpus(capability):
+    """Ahead of time, without a GPU: Triton lowers the kernel to PTX and ptxas (shipped with
+    Triton) assembles it for the target, for each KV dtype and the bundled models' head shapes
+    (SmolLM2: 3 query heads per KV head of 64; Gemma-3-270M: 4 of 256)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from tierlm.attention import triton_paged
+
+    pointers = ("q_ptr", "k_ptr", "v_ptr", "out_ptr")
+    strides = ("stride_qt", "stride_qh", "stride_kb", "stride_ks", "stride_kh", "stride_vb", "stride_vs", "stride_vh",
+               "stride_tb", "stride_ot", "stride_oh")
+    for dtype, precision in (("bf16", "tf32"), ("fp16", "tf32"), ("fp32", "ieee")):
+        for group, dim in ((3, 64), (4, 256)):
+            consts = {"GROUP": group, "GROUP_PAD": 16, "HEAD_DIM": dim, "DIM_PAD": dim, "BLOCK": 16,
+                      "PRECISION": precision}
+            signature = {**{p: f"*{dtype}" for p in pointers}, "tables_ptr": "*i32", "seq_ptr": "*i32",
+                         "pos_ptr": "*i64", "scale": "fp32", "window": "i32", **dict.fromkeys(strides, "i32"),
+                         **dict.fromkeys(consts, "constexpr")}
+            source = ASTSource(fn=triton_paged._paged_attention, signature=signature, constexprs=consts)
+            compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32))
+            assert compiled.asm["cubin"] and ".entry _paged_attention" in compiled.asm["ptx"]
