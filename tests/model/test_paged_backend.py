@@ -4,13 +4,15 @@ invariance, and a padded decode batch giving its real rows the same bits."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from tests.model.test_hf_numerics import GREEDY, assert_matches_transformers, random_ids
 from tierlm import LLM, SamplingParams
 from tierlm.attention.flat_batch import build_flat
-from tierlm.runner.cuda_graphs import is_decode, pad_decode
+from tierlm.runner.cuda_graphs import DecodeGraphs, is_decode, pad_decode
 from tierlm.scheduler.output import ScheduledRequest, SchedulerOutput
 
 
@@ -34,38 +36,74 @@ def test_paged_backend_is_batch_invariant(tiny_checkpoint):
     assert [lp.logprob for lp in together.logprobs] == [lp.logprob for lp in alone.logprobs]
 
 
+class RerunGraphs(DecodeGraphs):
+    """DecodeGraphs whose "recording" runs the step again at each replay, writing the same
+    output tensor: a CPU stand-in for the CUDA graph, so what is under test is everything
+    around it (static buffers, padding, the size chosen, the rows returned)."""
+
+    def _record(self, step):
+        out = step()
+        return (lambda: out.copy_(step())), out
+
+
+def decoding(tiny_checkpoint, rows: int):
+    """A tiny Gemma 3 (two KV groups: sliding-window and full layers) on the paged backend with
+    `rows` prompts prefilled: (runner, the decode step of one token each, its batch)."""
+    path, _ = tiny_checkpoint("gemma3")
+    llm = LLM(str(path), dtype="float32", attention_backend="paged", num_kv_blocks=100)
+    runner = llm.engine.runner
+    groups = len(runner.layout.windows)  # each KV group its own blocks (kv_cache/layout.py)
+    assert groups <= 4
+    prompts = [(random_ids(20 + 7 * i, i), [[b + 4 * i + 24 * g for b in (1, 2, 3, 4)] for g in range(groups)])
+               for i in range(rows)]  # <= 49 tokens with the decode token: four blocks each
+    runner.compute_logits(SchedulerOutput([ScheduledRequest(f"r{i}", ids, 0, tables, False, len(ids))
+                                           for i, (ids, tables) in enumerate(prompts)]))
+    step = SchedulerOutput([ScheduledRequest(f"r{i}", [11 + i], len(ids), tables, True, len(ids))
+                            for i, (ids, tables) in enumerate(prompts)])
+    return runner, step, build_flat(step, runner.block_size, runner.layout.windows)
+
+
+def eager(runner, batch):
+    metas = [batch.attn[g] for g in runner.layer_group]
+    with torch.inference_mode():
+        return runner.model(batch.input_ids, batch.positions, runner.kv_caches, metas, batch.logits_indices, 0)
+
+
 def test_padded_decode_batch_keeps_real_rows(tiny_checkpoint):
     """The CUDA-graph padding (pad_decode) on the CPU: three decode rows padded to 8 rows and
     a 6-block table give the three rows the same logits bits as the unpadded batch, and the
     padded rows write nothing outside the null block."""
-    path, _ = tiny_checkpoint("gemma3")  # two KV groups: sliding-window and full layers
-    llm = LLM(str(path), dtype="float32", attention_backend="paged", num_kv_blocks=40)
-    runner = llm.engine.runner
-    groups = len(runner.layout.windows)  # each KV group its own blocks (kv_cache/layout.py)
-    prompts = [(random_ids(40, 1), [1, 2, 3]), (random_ids(17, 2), [4, 5]), (random_ids(33, 3), [6, 7, 8])]
-    prompts = [(ids, [[b + 8 * g for b in table] for g in range(groups)]) for ids, table in prompts]
-    prefill = [ScheduledRequest(f"r{i}", ids, 0, tables, False, len(ids)) for i, (ids, tables) in enumerate(prompts)]
-    runner.compute_logits(SchedulerOutput(prefill))  # writes the prompts' K/V
-    decode = [ScheduledRequest(f"r{i}", [11 + i], len(ids), tables, True, len(ids))
-              for i, (ids, tables) in enumerate(prompts)]
-    batch = build_flat(SchedulerOutput(decode), runner.block_size, runner.layout.windows)
+    runner, _, batch = decoding(tiny_checkpoint, 3)
     assert is_decode(batch, batch.logits_indices)
     live_before = [t[1:].clone() for t in runner._pages]
-
-    def run(b):
-        metas = [b.attn[g] for g in runner.layer_group]
-        with torch.inference_mode():
-            return runner.model(b.input_ids, b.positions, runner.kv_caches, metas, b.logits_indices, 0)
-
-    plain = run(batch)
+    plain = eager(runner, batch)
     live_after_plain = [t[1:].clone() for t in runner._pages]
     padded = pad_decode(batch, 8, 6)
     assert padded.input_ids.shape == (8,) and padded.attn[0].tables.shape == (8, 6)
-    out = run(padded)
-    assert torch.equal(out[:3], plain)
+    assert torch.equal(eager(runner, padded)[:3], plain)
     # Padded rows wrote nothing outside the null block.
     assert all(torch.equal(t[1:], a) for t, a in zip(runner._pages, live_after_plain))
     assert not all(torch.equal(t[1:], b) for t, b in zip(runner._pages, live_before))  # the decode rows wrote
+
+
+@pytest.mark.parametrize("rows", [1, 3, 5])
+def test_graph_replay_gives_the_eager_step(tiny_checkpoint, rows):
+    """Decode graphs for batches 1, 2, 4, 8 over static buffers: a step of `rows` rows is copied
+    into the smallest graph that holds it and returns the eager step's logits, bit for bit."""
+    runner, step, batch = decoding(tiny_checkpoint, rows)
+    with torch.inference_mode():
+        graphs = RerunGraphs(runner.model, runner.kv_caches, runner.layer_group, runner.layout.windows, 8, 6,
+                             dense_rows=0, device=torch.device("cpu"))
+    assert graphs.sizes == (1, 2, 4, 8)
+    assert graphs.runs(batch, batch.logits_indices, 0)
+    assert not graphs.runs(batch, batch.logits_indices, None)  # another weight-format mode
+    prefill = build_flat(SchedulerOutput([dataclasses.replace(s, token_ids=[3, 4], sample=True)
+                                          for s in step.scheduled]), runner.block_size, runner.layout.windows)
+    assert not graphs.runs(prefill, prefill.logits_indices, 0)
+    with torch.inference_mode():
+        replayed = graphs.replay(batch).clone()
+    assert replayed.shape == (rows, runner.cfg.vocab_size)
+    assert torch.equal(replayed, eager(runner, batch))
 
 
 def test_prefill_and_decode_rows_agree(tiny_checkpoint):

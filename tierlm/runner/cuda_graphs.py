@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -83,19 +84,19 @@ class DecodeGraphs:
         self.seq = torch.arange(top, dtype=torch.int32, device=device)
         self.slots = [torch.zeros(top, dtype=torch.long, device=device) for _ in windows]
         self.tables = [torch.zeros(top, max_blocks, dtype=torch.int32, device=device) for _ in windows]
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+        self.replays: dict[int, Callable[[], None]] = {}  # batch size -> re-launch its graph
+        self.outputs: dict[int, torch.Tensor] = {}  # batch size -> the logits its graph writes
+        self._pool = None  # the graphs' shared memory pool
         t0 = time.perf_counter()
-        pool = None
         for size in reversed(self.sizes):  # largest first: the smaller ones reuse its memory pool
-            pool = self._capture(model, kv_caches, layer_group, windows, size, pool)
-        torch.cuda.synchronize(device)
+            self._capture(model, kv_caches, layer_group, windows, size)
         self.capture_seconds = time.perf_counter() - t0
         log.info("captured %d decode CUDA graphs (batch %s) in %.2f s", len(self.sizes),
                  ", ".join(map(str, self.sizes)), self.capture_seconds)
 
     @torch.inference_mode()
-    def _capture(self, model, kv_caches, layer_group, windows, size: int, pool):
+    def _capture(self, model, kv_caches, layer_group, windows, size: int) -> None:
+        """The step of `size` rows over the static buffers, recorded."""
         metas = [AttentionMetadata(self.slots[g][:size], (), torch.empty(0, dtype=torch.long), window,
                                    self.tables[g][:size], self.seq[:size], self.positions[:size])
                  for g, window in enumerate(windows)]
@@ -108,16 +109,21 @@ class DecodeGraphs:
         def step() -> torch.Tensor:
             return model(self.ids[:size], self.positions[:size], kv_caches, per_layer, index, self.dense_rows)
 
+        self.replays[size], self.outputs[size] = self._record(step)
+
+    def _record(self, step: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]:
+        """Record `step` as a CUDA graph: (its replay, the output tensor it writes)."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # compiles the Triton kernels, creates cuBLAS handles
             step()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
-            self.outputs[size] = step()
-        self.graphs[size] = graph
-        return graph.pool()
+        with torch.cuda.graph(graph, pool=self._pool):
+            out = step()
+        torch.cuda.synchronize()
+        self._pool = graph.pool()
+        return graph.replay, out
 
     def runs(self, batch: ForwardBatch, logits_indices: torch.Tensor, dense_rows: int | None) -> bool:
         rows = batch.input_ids.shape[0]
@@ -134,5 +140,5 @@ class DecodeGraphs:
         for g, meta in enumerate(padded.attn):
             self.slots[g][:size].copy_(meta.slot_mapping, non_blocking=True)
             self.tables[g][:size].copy_(meta.tables, non_blocking=True)
-        self.graphs[size].replay()
+        self.replays[size]()
         return self.outputs[size][:n]
