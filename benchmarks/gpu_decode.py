@@ -98,6 +98,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--out", default=None, help="result file (default benchmarks/results/gpu_decode.json)")
     args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("gpu_decode: needs a CUDA device (torch.cuda.is_available() is False)")
     from tierlm import LLM
 
     model = args.model or str(synthetic_llama(Path(tempfile.mkdtemp())))
