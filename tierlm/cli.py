@@ -29,9 +29,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="bundled model name, .gguf file or HF directory "
                                                   "(default: smollm2-135m)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="compute dtype")
-    p.add_argument("--device", default="auto", metavar="auto|cpu|cuda|cuda:N",
-                   help="where the model runs: auto is CUDA when PyTorch sees a GPU and the options run there "
-                        "(else the CPU, saying why), cuda without one is an error (default auto)")
+    p.add_argument("--device", default="cpu", metavar="cpu|cuda|cuda:N|auto",
+                   help="where the model runs (default cpu: the CUDA path has not run on a GPU yet); auto is "
+                        "CUDA when PyTorch sees a GPU and the options run there (else the CPU, saying why); "
+                        "cuda without one is an error")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9, metavar="F",
                    help="on CUDA: the share of the GPU's memory to use; the KV cache gets what remains after "
                         "the weights and a profiled peak step (--kv-cache-gb is then ignored; default 0.9)")

@@ -236,7 +236,8 @@ class EngineConfig:
     for encoder models, which can do nothing else; generate for decoders). `pooling` makes a
     vector of a decoder's last hidden states ("last" token by default, or "mean"); for an
     encoder it overrides the pooling its sentence-transformers config names.
-    `device`: auto (CUDA when PyTorch sees one), cpu, cuda or cuda:N (tierlm/device.py).
+    `device`: cpu (the default until the CUDA path has run on a GPU), cuda, cuda:N or auto (CUDA
+    when PyTorch sees one and the config runs there; tierlm/device.py).
     On CUDA, `gpu_memory_utilization` is the share of the GPU's memory the engine may use:
     the KV pool gets what is left of it after the weights and a profiled peak step
     (kv_cache_gb is then ignored); `enforce_eager` runs decode steps op by op instead of
@@ -259,7 +260,7 @@ class EngineConfig:
     task: str = "auto"
     pooling: str | None = None
     tensor_parallel_size: int = 1  # ranks sharing the model (parallel/): worker processes, torch.distributed
-    device: str = "auto"
+    device: str = "cpu"  # auto once the CUDA path has run on a GPU (README "GPU")
     gpu_memory_utilization: float = 0.9
     enforce_eager: bool = False
     attention_backend: str = "auto"

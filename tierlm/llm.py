@@ -37,7 +37,7 @@ class LLM:
                  cache_dir: str | Path | None = None, progress: bool = False,
                  debug_invariants: bool | None = None, enable_lora: bool = False, max_loras: int = 1,
                  max_lora_rank: int = 16, task: str = "auto", pooling: str | None = None,
-                 tensor_parallel_size: int = 1, device: str = "auto", gpu_memory_utilization: float = 0.9,
+                 tensor_parallel_size: int = 1, device: str = "cpu", gpu_memory_utilization: float = 0.9,
                  enforce_eager: bool = False, attention_backend: str = "auto",
                  config: EngineConfig | None = None) -> None:
         if config is None:

@@ -22,7 +22,7 @@ no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behav
 @no_cuda
 def test_auto_and_cpu_resolve_to_the_cpu_and_cuda_is_refused_in_one_line():
     assert resolve("auto") == CPU and resolve("cpu") == CPU
-    assert engine_device(EngineConfig()) == CPU
+    assert engine_device(EngineConfig()) == CPU and engine_device(EngineConfig(device="auto")) == CPU
     for spec in ("cuda", "cuda:1"):
         with pytest.raises(ConfigError) as e:
             resolve(spec)
@@ -90,7 +90,7 @@ def test_replicas_take_one_gpu_each_on_cuda():
     from tierlm.scale import cluster
 
     assert cluster.gpus_per_replica(EngineConfig(device="cpu")) == 0
-    assert cluster.gpus_per_replica(EngineConfig()) == 0  # auto on a machine without CUDA
+    assert cluster.gpus_per_replica(EngineConfig(device="auto")) == 0  # on a machine without CUDA
     on_gpu = EngineConfig(device="cuda:1")
     assert cluster.gpus_per_replica(on_gpu) == 1 and cluster.replica_config(on_gpu).device == "cuda"
     assert cluster.replica_config(EngineConfig(device="cpu")).device == "cpu"

@@ -135,7 +135,7 @@ def test_tiers_choose_their_devices(tmp_path):
                                            "enforce_eager = true")
     fast, deep = load(write(tmp_path, text), BASE).tiers
     assert (deep.engine.device, deep.engine.gpu_memory_utilization, deep.engine.enforce_eager) == ("cuda:1", 0.5, True)
-    assert (fast.engine.device, fast.engine.gpu_memory_utilization, fast.engine.enforce_eager) == ("auto", 0.9, False)
+    assert (fast.engine.device, fast.engine.gpu_memory_utilization, fast.engine.enforce_eager) == ("cpu", 0.9, False)
 
 
 def test_a_tier_may_draft_with_its_own_draft_model(tmp_path):
