@@ -352,6 +352,27 @@ def test_generated_modules_match_the_protos(tmp_path):
         assert filecmp.cmp(tmp_path / rel, root / rel, shallow=False), f"{rel} is stale: run `make proto`"
 
 
+@pytest.mark.parametrize("method,body", [
+    # GenerateRequest.text (field 2) holding bytes that are not UTF-8: proto3 refuses to parse them.
+    ("/tierlm.v1.Generation/Generate", b"\x0a\x04text\x12\x02\xff\xfe"),
+    ("/inference.GRPCInferenceService/ModelInfer", b"\x0a\x02\xff\xfe"),  # ModelInferRequest.model_name
+    ("/inference.GRPCInferenceService/ServerReady", b"\xff\xff\xff"),  # not a message at all
+])
+def test_undecodable_requests_are_invalid_argument(channel, inference, method, body):
+    """Bytes that do not parse as the method's message are the caller's error, as malformed
+    JSON is on HTTP: INVALID_ARGUMENT with the parser's reason, and the server keeps serving."""
+    if method.endswith("Generate"):
+        call = channel.unary_stream(method, request_serializer=None, response_deserializer=gen.GenerateResponse.FromString)
+        run = lambda: list(call(body, metadata=OPS))
+    else:
+        call = channel.unary_unary(method, request_serializer=None, response_deserializer=lambda b: b)
+        run = lambda: call(body, metadata=OPS)
+    code, details, trailers = refusal(run)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, (code, details)
+    assert "not a valid" in details and trailers.get("tierlm-error-code") == "invalid_request", trailers
+    assert inference.ServerReady(oip.ServerReadyRequest()).ready
+
+
 def test_drain_refuses_new_calls_and_finishes_running_ones(srv, generation, inference):
     """Last in this file: it stops the module's server (SIGTERM, as a supervisor would)."""
     running = generation.Generate(gen.GenerateRequest(model="text", text="Once", max_tokens=150, ignore_eos=True),

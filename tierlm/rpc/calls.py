@@ -39,6 +39,26 @@ CODES = {
 }
 
 
+class Undecodable:
+    """A request whose bytes did not parse as its method's message (a proto3 string that is
+    not UTF-8, a corrupt wire format): server.py's deserializers return it instead of
+    raising, and the handlers below refuse it as the caller's error (INVALID_ARGUMENT), as
+    malformed JSON is on HTTP."""
+
+    def __init__(self, message_type: str, error: Exception) -> None:
+        self.message_type, self.error = message_type, error
+
+    def refusal(self) -> APIError:
+        return APIError(400, f"the request is not a valid {self.message_type} message: {self.error}",
+                        code="invalid_request")
+
+
+def _parsed(request):
+    if isinstance(request, Undecodable):
+        raise request.refusal()
+    return request
+
+
 def code_for(status: int) -> grpc.StatusCode:
     return CODES.get(status, grpc.StatusCode.INVALID_ARGUMENT if 400 <= status < 500 else grpc.StatusCode.INTERNAL)
 
@@ -106,7 +126,7 @@ def unary(method):
     @functools.wraps(method)
     async def handler(self, request, context):
         try:
-            reply = await method(self, request, context)
+            reply = await method(self, _parsed(request), context)
         except BaseException as e:  # noqa: BLE001 - _end re-raises what is not ours to answer
             await _end(self.state, method.__name__, context, e)
         _count(self.state, method.__name__, grpc.StatusCode.OK)
@@ -122,7 +142,7 @@ def streamed(method):
     @functools.wraps(method)
     async def handler(self, request, context):
         try:
-            async for reply in method(self, request, context):
+            async for reply in method(self, _parsed(request), context):
                 yield reply
         except BaseException as e:  # noqa: BLE001 - _end re-raises what is not ours to answer
             await _end(self.state, method.__name__, context, e)
