@@ -8,8 +8,8 @@ the step's. Padded rows are sequences of their own at position 0 whose table is 
 NULL_BLOCK: they write and read only the null block's first slot (never a live block),
 and attention computes each row alone (attention/paged.py), so they change no real row.
 Anything else (prefill chunks, drafts, a wider block table than captured) runs eagerly.
-`--enforce-eager` turns graphs off. The padding is pure (`pad_decode`) and runs on the
-CPU in the tests; capture and replay need CUDA.
+`--enforce-eager` turns graphs off. Only the recording itself (`_record`) needs CUDA: the
+padding, static buffers and replay run on the CPU in the tests, with a re-run standing in.
 """
 
 from __future__ import annotations
