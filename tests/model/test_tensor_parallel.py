@@ -59,6 +59,18 @@ def test_an_impossible_split_is_refused_before_any_worker_starts():
     assert not torch.distributed.is_initialized()  # no group, no worker started
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_missing_device_is_refused_before_any_worker_starts(monkeypatch):
+    from tierlm.parallel import group
+
+    def started(*args, **kwargs):
+        raise AssertionError("tensor-parallel workers were started")
+
+    monkeypatch.setattr(group.TensorGroup, "__init__", started)
+    with pytest.raises(ConfigError, match="device cuda: this PyTorch build has no CUDA"):
+        LLM(dtype="float32", tensor_parallel_size=2, device="cuda")
+
+
 def test_logits_match_one_process_within_1e4(single, tp2):
     logits, tokens = single
     sharded = tp2.engine.prompt_logits(PROMPTS[0])

@@ -85,10 +85,10 @@ def kv_tiers(cfg: ModelConfig, cache: CacheConfig, dtype: torch.dtype, key: str)
 def build_parts(config: EngineConfig, *, cache_dir: Path | None = None, progress: bool = False) -> EngineParts:
     t0 = time.perf_counter()
     cache_dir = cache_dir or default_cache_dir()
-
+    device = engine_device(config)  # a device that is not there is refused before any worker starts
     tp = _tensor_group(config, cache_dir)
     try:
-        return _build_parts(config, tp, cache_dir, progress, t0)
+        return _build_parts(config, device, tp, cache_dir, progress, t0)
     except BaseException:
         if tp is not None:  # the workers wait for orders: stop them
             tp.close()
@@ -115,8 +115,8 @@ def _load(config: EngineConfig, cache_dir: Path, progress: bool = False,
     return loaded
 
 
-def _build_parts(config: EngineConfig, tp, cache_dir: Path, progress: bool, t0: float) -> EngineParts:
-    device = engine_device(config)
+def _build_parts(config: EngineConfig, device: torch.device, tp, cache_dir: Path, progress: bool,
+                 t0: float) -> EngineParts:
     loaded = _load(config, cache_dir, progress, device)
     load_seconds = time.perf_counter() - t0
     cfg, cache, dtype = loaded.config, config.cache, config.torch_dtype
