@@ -273,6 +273,8 @@ class EngineConfig:
                  f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         _require(self.attention_backend in ATTENTION_BACKENDS,
                  f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention_backend!r}")
+        _require(self.attention_backend != "paged" or self.cache.kv_cache_dtype != "int8",
+                 "kv_cache_dtype int8 is not read by attention_backend paged (its K/V stay in the compute dtype)")
         _require(self.task in TASKS, f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
         _require(self.pooling is None or self.pooling in POOLINGS,
                  f"pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")

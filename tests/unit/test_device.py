@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tierlm import LLM
-from tierlm.config import ConfigError, EngineConfig, LoRAConfig
+from tierlm.config import CacheConfig, ConfigError, EngineConfig, LoRAConfig
 from tierlm.device import CPU, cuda_refusal, engine_device, resolve
 from tierlm.layers.quant import cuda_int4_fits, inner_k_tiles
 from tierlm.runner.cuda_graphs import capture_sizes
@@ -33,7 +33,10 @@ def test_auto_and_cpu_resolve_to_the_cpu_and_cuda_is_refused_in_one_line():
 
 def test_config_validates_device_memory_share_and_backend():
     for bad, msg in (({"device": "gpu"}, "device must be"), ({"gpu_memory_utilization": 0}, "in \\(0, 1\\]"),
-                     ({"gpu_memory_utilization": 1.01}, "in \\(0, 1\\]"), ({"attention_backend": "flash"}, "paged")):
+                     ({"gpu_memory_utilization": 1.01}, "in \\(0, 1\\]"), ({"attention_backend": "flash"}, "paged"),
+                     ({"gpu_memory_utilization": float("nan")}, "in \\(0, 1\\]"),
+                     ({"attention_backend": "paged", "cache": CacheConfig(kv_cache_dtype="int8")},
+                      "kv_cache_dtype int8 is not read by attention_backend paged")):
         with pytest.raises(ConfigError, match=msg):
             EngineConfig(**bad)
     assert EngineConfig(device="cuda:3", gpu_memory_utilization=1.0).device == "cuda:3"
