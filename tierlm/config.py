@@ -306,6 +306,11 @@ class EngineConfig:
     def torch_dtype(self) -> torch.dtype:
         return _DTYPES[self.dtype]
 
+    def max_model_len(self, model: ModelConfig) -> int:
+        """The longest sequence served: scheduler.max_model_len, capped at the model's context."""
+        ctx = model.max_position_embeddings
+        return min(self.scheduler.max_model_len or ctx, ctx)
+
 
 @dataclass(frozen=True)
 class TierConfig:

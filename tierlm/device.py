@@ -3,9 +3,10 @@
 auto is CUDA when PyTorch sees a CUDA device and every option of the config runs there,
 else the CPU (with a log line saying why). Asking for CUDA where there is none, for a
 device index past the last one, or for an option CUDA does not run (`cuda_refusal`) is a
-ConfigError at startup, never a silent run on the CPU. What runs on CUDA (README "GPU"): dense or int4 weights on PyTorch's CUDA
-ops, paged attention on a Triton kernel (attention/paged.py), the hot KV pool in GPU memory,
-decode steps replayed from CUDA graphs (runner/cuda_graphs.py).
+ConfigError at startup, never a silent run on the CPU. What runs on CUDA (README "GPU"):
+dense or int4 weights on PyTorch's CUDA ops, paged attention on a Triton kernel
+(attention/paged.py), the hot KV pool in GPU memory, decode steps replayed from CUDA
+graphs (runner/cuda_graphs.py).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def resolve(spec: str) -> torch.device:
     if not DEVICE_SPEC.match(spec):
         raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {spec!r}")
     if spec == "cpu" or (spec == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
+        return CPU
     if not torch.cuda.is_available():
         why = "this PyTorch build has no CUDA" if torch.version.cuda is None else "no CUDA device is visible"
         raise ConfigError(f"device {spec}: {why} (use --device cpu)")

@@ -173,8 +173,7 @@ def _graph_shape(config: EngineConfig, cfg: ModelConfig, device: torch.device) -
     """(largest decode batch, widest block table) to capture CUDA graphs for; None: eager."""
     if device.type != "cuda" or config.enforce_eager:
         return None
-    ctx = min(config.scheduler.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
-    return config.scheduler.max_num_seqs, -(-ctx // config.cache.block_size)
+    return config.scheduler.max_num_seqs, -(-config.max_model_len(cfg) // config.cache.block_size)
 
 
 def _gpu_kv_blocks(config: EngineConfig, loaded, kv_type: torch.dtype, device: torch.device, graphs: bool) -> int:

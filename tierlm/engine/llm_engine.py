@@ -53,8 +53,7 @@ class LLMEngine:
         self.load_seconds = parts.load_seconds
         self.model_config = parts.loaded.config
         self.tokenizer = parts.loaded.tokenizer
-        ctx = self.model_config.max_position_embeddings
-        self.max_model_len = min(config.scheduler.max_model_len or ctx, ctx)
+        self.max_model_len = config.max_model_len(self.model_config)
         self._model_key = parts.model_key
         self.kv, self.scheduler, self.runner = parts.kv, parts.scheduler, parts.runner
         self.structured, self.proposer = parts.structured, parts.proposer

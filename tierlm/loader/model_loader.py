@@ -104,7 +104,7 @@ def _cuda_quantized(layer: Linear, t: torch.Tensor | Q4, quantization: str, devi
     build the copy on first use."""
     if not quant.cuda_int4_fits(layer.out_features, layer.in_features):
         return None
-    if isinstance(t, Q4) and quantization != "none":
+    if isinstance(t, Q4):  # asked only when quantization is not none
         return quant.CudaInt4Weight(t, device), None
     if quantization == "int4":
         return quant.CudaInt4Weight(quant.quantize_q4(t), device), None

@@ -3,6 +3,7 @@ it), or an existing cluster (`--ray-address auto` or `ray://host:port`), left ru
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 _OBJECT_STORE_BYTES = 1 << 30  # local instance: KV transfers and outputs in flight, not a cache
@@ -56,8 +57,6 @@ def gpus_per_replica(config) -> int:
 def replica_config(config):
     """The config a replica process runs: on its one visible GPU (Ray sets CUDA_VISIBLE_DEVICES),
     so a `cuda:N` naming a device of the whole node becomes that replica's `cuda`."""
-    import dataclasses
-
     return dataclasses.replace(config, device="cuda") if gpus_per_replica(config) else config
 
 
